@@ -1,0 +1,97 @@
+"""One error tree for everything stapctl raises on purpose.
+
+Every error says what went wrong and what to do next. Third-party exceptions
+(paramiko, socket, yaml, jsonschema) are translated where they enter: the CLI
+prints ``StapctlError`` as one clean message and never shows a traceback for them.
+
+    StapctlError                 exit code
+    ├── ManifestError(issues)    2  manifest, inventory, template or CLI input is wrong
+    ├── PlanError                2  no host can be served / nothing to run
+    │   └── CompileError         2  stap could not build a module (stderr tail)
+    ├── LabError                 1  the local lab could not be built or booted
+    ├── ConnectError             -  a host cannot be reached (a HostOutcome, not fatal)
+    │   ├── AuthError
+    │   └── HostKeyError
+    ├── AgentError               -  the agent on a host broke (remote traceback as text)
+    └── RemoteTimeout            -  a host did not finish in time
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class StapctlError(Exception):
+    """Root of all errors stapctl raises on purpose; ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem found in user input, located as precisely as we can."""
+
+    file: str
+    line: int | None
+    column: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        key = f" {self.path}:" if self.path else ""
+        return f"{where}:{key} {self.message}"
+
+
+class ManifestError(StapctlError):
+    """Bad user input: every problem found, not just the first."""
+
+    exit_code = 2
+
+    def __init__(self, issues: list[Issue] | Issue) -> None:
+        self.issues = [issues] if isinstance(issues, Issue) else list(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+class PlanError(StapctlError):
+    exit_code = 2
+
+
+class CompileError(PlanError):
+    """stap failed; ``stderr`` is the tail of its output, already mapped to the user's file."""
+
+    def __init__(self, message: str, stderr: str = "") -> None:
+        self.stderr = stderr
+        super().__init__(message + (f"\n{stderr}" if stderr else ""))
+
+
+class LabError(StapctlError):
+    exit_code = 1
+
+
+class ConnectError(StapctlError):
+    pass
+
+
+class AuthError(ConnectError):
+    pass
+
+
+class HostKeyError(ConnectError):
+    pass
+
+
+class AgentError(StapctlError):
+    """The agent failed in a way it could not report as a result."""
+
+    def __init__(self, message: str, remote_traceback: str = "") -> None:
+        self.remote_traceback = remote_traceback
+        super().__init__(message)
+
+
+class RemoteTimeout(StapctlError):
+    pass

@@ -1,0 +1,109 @@
+"""The core types, shared by every stage: frozen, typed, plain data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+OutputFormat = Literal["prefix", "merged", "json"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe of a manifest, before rendering."""
+
+    name: str
+    template: str  # the script's jinja2 source
+    origin: str  # file the script text came from (manifest or `file:` path), for messages
+    first_line: int  # line in `origin` where the script text starts (1-based)
+    duration: float | None = None  # seconds
+    params: Mapping[str, str | int] = field(default_factory=dict)
+    stap_options: tuple[str, ...] = ()
+    guru: bool = False
+
+
+@dataclass(frozen=True)
+class Strategy:
+    forks: int = 50
+    serial: tuple[int | str, ...] = ("100%",)
+    max_fail_percentage: float = 100.0
+    connect_timeout: float = 10.0
+    timeout: float | None = None  # per host, seconds
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    format: OutputFormat = "prefix"
+    dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    name: str
+    probes: tuple[Probe, ...]
+    description: str = ""
+    inventory: Path | Mapping[str, Any] | None = None  # a file, an inline mapping, or none
+    hosts: str = "all"
+    vars: Mapping[str, Any] = field(default_factory=dict)
+    strategy: Strategy = Strategy()
+    become: bool = False
+    output: OutputSpec = OutputSpec()
+
+
+@dataclass(frozen=True)
+class Host:
+    """A target as the inventory describes it, with its merged variables."""
+
+    name: str
+    address: str
+    port: int = 22
+    user: str | None = None
+    key_file: str | None = None
+    become: bool | None = None  # None: the manifest decides
+    python: str = "python3"
+    known_hosts: str | None = None  # a known_hosts file to trust for this host (the lab sets it)
+    vars: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the agent reported about a target before anything was loaded."""
+
+    release: str
+    arch: str
+    python: str
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """Everything that changes a compiled module; ``key`` names it in the cache."""
+
+    script: str
+    release: str
+    arch: str
+    options: tuple[str, ...] = ()
+    stap_version: str = ""
+    runtime_fix: str = ""  # the name of a runtime fix applied, or ""
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps(
+            [self.script, self.release, self.arch, list(self.options), self.stap_version,
+             self.runtime_fix],
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ModuleArtifact:
+    key: str
+    path: Path
+    sha256: str
+    module_name: str  # the name embedded in the .ko (before any per-run rename)
