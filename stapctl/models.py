@@ -107,3 +107,61 @@ class ModuleArtifact:
     path: Path
     sha256: str
     module_name: str  # the name embedded in the .ko (before any per-run rename)
+
+
+EventKind = Literal[
+    "connected", "unreachable", "facts", "uploaded", "loaded", "started", "output",
+    "warning", "error", "stopping", "finished", "failed", "skipped",
+]
+OutcomeStatus = Literal["ok", "failed", "unreachable", "skipped"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened on one host, as it happened."""
+
+    host: str
+    kind: EventKind
+    probe: str = ""
+    text: str = ""
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class HostOutcome:
+    """How one probe ended on one host: data, never an exception."""
+
+    host: str
+    probe: str
+    status: OutcomeStatus
+    kind: str | None = None  # the failure taxonomy of docs/agent-protocol.md, or "unreachable"
+    message: str = ""
+    stats: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(frozen=True)
+class Run:
+    id: str
+    outcomes: tuple[HostOutcome, ...]
+    interrupted: bool = False
+
+    @property
+    def succeeded(self) -> tuple[HostOutcome, ...]:
+        return tuple(o for o in self.outcomes if o.ok)
+
+    @property
+    def failed(self) -> tuple[HostOutcome, ...]:
+        return tuple(o for o in self.outcomes if not o.ok)
+
+    @property
+    def exit_code(self) -> int:
+        """manifest-v1.md: 0 all ok, 1 all failed, 3 partial, 130 interrupted."""
+        if self.interrupted:
+            return 130
+        if not self.failed:
+            return 0
+        return 1 if not self.succeeded else 3

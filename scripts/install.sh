@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install everything stapctl and its lab need on a Debian/Ubuntu machine (idempotent).
+# Packages come from the apt sources and Python index configured on this machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  systemtap systemtap-runtime linux-headers-amd64 qemu-system-x86 busybox-static
+  dropbear-bin kmod cpio openssh-client openssh-server python3-venv
+)
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+    || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "stapctl: installing ${missing[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+echo "stapctl: installed ($(.venv/bin/stapctl --version))" >&2

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install what the tests need, then run every test this machine can run: unit, agent
+# (simulated control channel), integration (SSH servers on loopback) and end-to-end
+# (real kernels in lab guests, booted by the tests themselves).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh
+.venv/bin/ruff check stapctl runtime tests bench
+.venv/bin/mypy
+exec .venv/bin/python -m pytest -ra "$@"

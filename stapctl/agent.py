@@ -1,0 +1,168 @@
+"""The controller's side of the agent protocol (docs/agent-protocol.md).
+
+The agent file is shipped by content hash (uploaded only when ``agent-<sha256>.py`` is
+missing) and run as ``python3 -I PATH``; its request goes as JSON on stdin, never as
+shell arguments. The frames it sends back are decoded with the agent's own codec, so
+both ends share one definition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from stapctl.connection import Connection
+from stapctl.errors import AgentError, ConnectError
+from stapctl.runtime import stapctl_agent as wire
+
+PING_INTERVAL = 2.0  # seconds between keep-alives; the agent's dead-man waits much longer
+DEADMAN = 20.0  # seconds of silence after which the agent stops the probe by itself
+STOP_GRACE = 30.0  # seconds a stopped agent has to unload before the channel is cut
+
+
+def agent_source() -> bytes:
+    return resources.files("stapctl.runtime").joinpath("stapctl_agent.py").read_bytes()
+
+
+AGENT_SHA256 = hashlib.sha256(agent_source()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: str  # "hello" | "output" | "event" | "result"
+    data: bytes
+
+    def json(self) -> dict[str, Any]:
+        value = json.loads(self.data)
+        if not isinstance(value, dict):
+            raise AgentError(f"agent sent a non-object {self.kind} frame")
+        return value
+
+
+class AgentHost:
+    """The agent installed on one connected host."""
+
+    def __init__(self, connection: Connection, python: str = "python3") -> None:
+        self.connection = connection
+        self.python = python
+        self.workdir = connection.home().rstrip("/") + "/.cache/stapctl"
+        self.path = f"{self.workdir}/agent-{AGENT_SHA256[:16]}.py"
+
+    def install(self) -> None:
+        """Create the private work directory and upload the agent unless it is there."""
+        self.connection.ensure_private_dir(self.workdir)
+        source = agent_source()
+        if not self.connection.exists(self.path, len(source)):
+            local = Path(str(resources.files("stapctl.runtime").joinpath("stapctl_agent.py")))
+            self.connection.put(local, self.path)
+
+    def upload_module(self, local: Path, sha256: str) -> str:
+        """Upload a module unless the target already holds it; returns its remote path."""
+        remote = f"{self.workdir}/{sha256}.ko"
+        if not self.connection.exists(remote, local.stat().st_size):
+            self.connection.put(local, remote)
+        return remote
+
+    def call(
+        self,
+        request: Mapping[str, Any],
+        on_frame: Callable[[Frame], None] = lambda frame: None,
+        stop: threading.Event | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, Any]:
+        """Run one agent request to its RESULT frame.
+
+        ``stop`` asks the agent to stop cleanly (EXIT, drain, unload); past ``deadline``
+        (a time.monotonic() value) the same happens, and the result says timed-out.
+        """
+        process = self.connection.start([self.python, "-I", self.path])
+        full = {"protocol": wire.PROTOCOL_VERSION, "deadman": DEADMAN, **request}
+        process.send(json.dumps(full).encode() + b"\n")
+        stop = stop or threading.Event()
+        finished = threading.Event()
+        timed_out = threading.Event()
+
+        def keep_alive() -> None:
+            """Ping the dead-man; turn a stop or a deadline into one `stop` request."""
+            next_ping = time.monotonic() + PING_INTERVAL
+            cutoff: float | None = None
+            while not finished.wait(0.2):
+                now = time.monotonic()
+                if deadline is not None and now > deadline:
+                    timed_out.set()
+                if cutoff is None and (stop.is_set() or timed_out.is_set()):
+                    self._send(process, {"op": "stop"})
+                    cutoff = now + STOP_GRACE
+                if cutoff is not None and now > cutoff:
+                    process.kill()
+                    return
+                if now >= next_ping:
+                    self._send(process, {"op": "ping"})
+                    next_ping = now + PING_INTERVAL
+
+        pinger = threading.Thread(target=keep_alive, daemon=True)
+        pinger.start()
+        result: dict[str, Any] | None = None
+        try:
+            for frame in read_frames(process.recv):
+                if frame.kind == "result":
+                    result = frame.json()
+                    break
+                on_frame(frame)
+        finally:
+            finished.set()
+            process.close_stdin()
+        if result is None:
+            tail = process.stderr_tail().strip()
+            process.kill()
+            raise AgentError("the agent ended without a result" +
+                             (f": {tail.splitlines()[-1]}" if tail else ""), tail)
+        process.wait()
+        if timed_out.is_set() and result.get("kind") == "stopped":
+            result["kind"] = "timed-out"
+            result["message"] = "stopped: the host's timeout was reached"
+        return result
+
+    @staticmethod
+    def _send(process: Any, message: Mapping[str, str]) -> None:
+        try:
+            process.send(json.dumps(message).encode() + b"\n")
+        except ConnectError:
+            pass  # the read loop sees the same loss and reports it
+
+
+FRAME_KINDS = {
+    wire.FRAME_HELLO: "hello",
+    wire.FRAME_OUTPUT: "output",
+    wire.FRAME_EVENT: "event",
+    wire.FRAME_RESULT: "result",
+}
+
+
+def read_frames(recv: Callable[[int], bytes]) -> Any:
+    """Yield frames from a byte stream until EOF; garbage raises AgentError."""
+    buffer = bytearray()
+    header = wire.FRAME_HEADER
+    while True:
+        chunk = recv(65536)
+        if not chunk:
+            if buffer:
+                raise AgentError("the agent's stream ended in the middle of a frame")
+            return
+        buffer += chunk
+        while len(buffer) >= header.size:
+            kind, length = header.unpack_from(buffer)
+            if kind not in FRAME_KINDS or length > wire.MAX_FRAME:
+                raise AgentError(f"the agent sent an invalid frame (type {kind}, {length} bytes)")
+            if len(buffer) < header.size + length:
+                break
+            data = bytes(buffer[header.size:header.size + length])
+            del buffer[:header.size + length]
+            yield Frame(FRAME_KINDS[kind], data)

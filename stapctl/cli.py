@@ -1,0 +1,362 @@
+"""The command line: the only module that imports click and prints.
+
+Probe output goes to stdout; progress, warnings and the summary go to stderr.
+A StapctlError becomes one clean message and its exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from stapctl import lab, report
+from stapctl.build import Builder, list_cached, prune
+from stapctl.errors import Issue, ManifestError, StapctlError
+from stapctl.execute import Fleet, RunOptions
+from stapctl.inventory import load_inventory
+from stapctl.manifest import explain as explain_key
+from stapctl.manifest import load_manifest, parse_duration
+from stapctl.models import Event, Host, HostFacts, Manifest, Run
+from stapctl.plan import ModuleJob, Plan, build_plan, make_plan
+from stapctl.render import parse_extra_vars
+
+err = Console(stderr=True, highlight=False)
+T = TypeVar("T")
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("interrupted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except StapctlError as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+@click.group()
+@click.version_option(package_name="stapctl")
+def cli() -> None:
+    """Compile SystemTap probes once, run them on many hosts over SSH."""
+
+
+# -- shared steps ------------------------------------------------------------------------
+def resolve_hosts(manifest: Manifest, inventory: Path | None, limit: str | None,
+                  extra_vars: Mapping[str, Any]) -> list[Host]:
+    """The hosts to work on: -i, else the manifest's inventory, else the running lab's."""
+    source: Path | Mapping[str, Any]
+    if inventory is not None:
+        source, origin = inventory, inventory
+    elif manifest.inventory is not None:
+        source, origin = manifest.inventory, manifest.path
+    else:
+        status = lab.status()
+        if not any(guest.state == "running" for guest in status.guests):
+            raise ManifestError(Issue(str(manifest.path), None, None, "inventory",
+                                      "no inventory: pass -i INVENTORY, set `inventory:` in "
+                                      "the manifest, or start the lab with `stapctl lab up`"))
+        source, origin = status.inventory, status.inventory
+    loaded = load_inventory(source, origin)
+    return loaded.select(manifest.hosts, limit)
+
+
+def with_overrides(manifest: Manifest, forks: int | None, fmt: str | None) -> Manifest:
+    if forks is not None:
+        manifest = replace(manifest, strategy=replace(manifest.strategy, forks=forks))
+    if fmt is not None:
+        manifest = replace(manifest, output=replace(manifest.output, format=fmt))  # type: ignore[arg-type]
+    return manifest
+
+
+def in_background(work: Callable[[], T], events: queue.Queue[Event | None],
+                  on_event: Callable[[Event], None], fleet: Fleet) -> T:
+    """Run ``work`` in a thread while this thread renders its events.
+
+    The first Ctrl-C asks every host to stop cleanly (EXIT, drain, unload); the second
+    cuts the connections, and the agents' dead-man unloads on their own.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as exc:  # re-raised in the main thread
+            box["error"] = exc
+        finally:
+            events.put(None)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    interrupts = 0
+    while True:
+        try:
+            event = events.get(timeout=0.2)
+            if event is None:
+                break
+            on_event(event)
+        except queue.Empty:
+            continue
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts == 1:
+                err.print("[yellow]interrupt: stopping every probe cleanly "
+                          "(Ctrl-C again to cut connections)[/]")
+                fleet.stop.set()
+            else:
+                err.print("[red]second interrupt: cutting connections; "
+                          "the agents unload on their own[/]")
+                fleet.close()
+                break
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")  # type: ignore[no-any-return]
+
+
+def print_plan(plan: Plan, hosts: Mapping[str, tuple[Host, HostFacts]]) -> None:
+    table = Table(title="plan", title_justify="left")
+    for column in ("probe", "module", "kernel", "hosts", "state"):
+        table.add_column(column)
+    for job in plan.jobs:
+        state = "failed" if job.error else ("cached" if job.cached else "to build")
+        table.add_row(job.probe.name, job.spec.key[:12], job.spec.release,
+                      ",".join(job.hosts), state)
+    err.print(table)
+    for host, reason in plan.unservable.items():
+        err.print(f"[red]{host}: cannot be served:[/] {reason}")
+
+
+def build_with_progress(plan: Plan, builder: Builder) -> Plan:
+    todo = [job for job in plan.jobs if not job.cached]
+    if not todo:
+        return plan
+
+    def progress(job: ModuleJob, state: str) -> None:
+        err.print(f"build {job.probe.name} for {job.spec.release} "
+                  f"({len(job.hosts)} host{'s' * (len(job.hosts) != 1)}): {state}")
+
+    with err.status(f"compiling {len(todo)} module(s) with stap…"):
+        return build_plan(plan, builder, progress)
+
+
+# -- apply -------------------------------------------------------------------------------
+@cli.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("-i", "--inventory", type=click.Path(path_type=Path),
+              help="Inventory file; overrides the manifest's `inventory:`.")
+@click.option("--limit", help="Further limit the hosts (Ansible pattern).")
+@click.option("-e", "--extra-vars", "extra", multiple=True, metavar="KEY=VALUE",
+              help="Template variable; wins over every other source.")
+@click.option("--forks", type=click.IntRange(1, 10000), help="Hosts worked on at once.")
+@click.option("--duration", help="Override every probe's duration (e.g. 30s).")
+@click.option("--format", "fmt", type=click.Choice(["prefix", "merged", "json"]))
+@click.option("--check", is_flag=True,
+              help="Connect, upload and run the preflight; load nothing.")
+@click.option("--accept-new-host-keys", is_flag=True,
+              help="Trust hosts whose key is not yet known (a changed key still fails).")
+def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tuple[str, ...],
+          forks: int | None, duration: str | None, fmt: str | None, check: bool,
+          accept_new_host_keys: bool) -> None:
+    """Compile the manifest's probes and run them on its hosts."""
+    loaded = with_overrides(load_manifest(manifest), forks, fmt)
+    extra_vars = parse_extra_vars(list(extra))
+    hosts = resolve_hosts(loaded, inventory, limit, extra_vars)
+    options = RunOptions(
+        duration=parse_duration(duration, "--duration") if duration else None,
+        check=check, accept_new_host_keys=accept_new_host_keys)
+    run = execute(loaded, hosts, extra_vars, options)
+    sys.exit(run.exit_code)
+
+
+def execute(manifest: Manifest, hosts: list[Host], extra_vars: Mapping[str, Any],
+            options: RunOptions) -> Run:
+    builder = Builder()
+    events: queue.Queue[Event | None] = queue.Queue()
+    fleet = Fleet(manifest, options, events.put)
+    fmt = manifest.output.format
+    many = len(manifest.probes) > 1
+    seen: list[Event] = []
+
+    def on_event(event: Event) -> None:
+        seen.append(event)
+        if fmt == "json":
+            click.echo(report.event_json(event))
+        elif event.kind == "output":
+            if fmt == "prefix":
+                click.echo(report.output_prefix(event, many))
+        elif event.kind in ("warning", "error", "failed", "unreachable"):
+            color = "yellow" if event.kind == "warning" else "red"
+            err.print(f"[{color}]{event.host}: {event.kind}:[/] {event.text}", soft_wrap=True)
+        elif event.kind in ("connected", "started", "finished"):
+            err.print(f"[dim]{event.host}: {event.kind} {event.text}[/]", soft_wrap=True)
+
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + manifest.name + "-" + secrets.token_hex(2)
+    try:
+        with err.status(f"connecting to {len(hosts)} host(s)…"):
+            connected = in_background(lambda: fleet.connect(hosts), events, on_event, fleet)
+        if connected and not fleet.stop.is_set():
+            plan = make_plan(manifest, connected, builder, extra_vars)
+            plan = build_with_progress(plan, builder)
+            for host, reason in plan.unservable.items():
+                err.print(f"[red]{host}: cannot be served:[/] {reason}", soft_wrap=True)
+            events = queue.Queue()
+            fleet.emit = events.put
+            in_background(lambda: fleet.run(plan), events, on_event, fleet)
+    finally:
+        fleet.close()
+    run = Run(id=run_id, outcomes=tuple(fleet.outcomes), interrupted=fleet.stop.is_set())
+    if fmt == "merged":
+        for line in report.merged(seen, many):
+            click.echo(line)
+    if fmt == "json":
+        click.echo(report.summary_json(run))
+    print_summary(run)
+    return run
+
+
+def print_summary(run: Run) -> None:
+    if run.failed:
+        table = Table(title=f"run {run.id}", title_justify="left")
+        for column in ("host", "probe", "result", "detail"):
+            table.add_column(column, overflow="fold")
+        for row in report.summary_rows(run.outcomes):
+            table.add_row(*row)
+        err.print(table)
+    err.print(f"{report.summary_counts(run.outcomes)}  (run {run.id})")
+
+
+# -- validate / plan / explain -----------------------------------------------------------
+@cli.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+def validate(manifest: Path) -> None:
+    """Check a manifest, its inventory, templates and files; touch no host."""
+    loaded = load_manifest(manifest)
+    if loaded.inventory is not None:
+        load_inventory(loaded.inventory, loaded.path)
+    err.print(f"{manifest}: ok ({len(loaded.probes)} probe(s))")
+
+
+@cli.command(name="plan")
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("-i", "--inventory", type=click.Path(path_type=Path))
+@click.option("--limit")
+@click.option("-e", "--extra-vars", "extra", multiple=True, metavar="KEY=VALUE")
+@click.option("--build", is_flag=True, help="Also compile what is not cached.")
+@click.option("--accept-new-host-keys", is_flag=True)
+def plan_command(manifest: Path, inventory: Path | None, limit: str | None,
+                 extra: tuple[str, ...], build: bool, accept_new_host_keys: bool) -> None:
+    """Connect for facts and show which module each host gets; build only with --build."""
+    loaded = load_manifest(manifest)
+    extra_vars = parse_extra_vars(list(extra))
+    hosts = resolve_hosts(loaded, inventory, limit, extra_vars)
+    events: queue.Queue[Event | None] = queue.Queue()
+    fleet = Fleet(loaded, RunOptions(accept_new_host_keys=accept_new_host_keys), events.put)
+
+    def on_event(event: Event) -> None:
+        if event.kind in ("failed", "unreachable"):
+            err.print(f"[red]{event.host}: {event.text}[/]", soft_wrap=True)
+
+    try:
+        with err.status(f"gathering facts from {len(hosts)} host(s)…"):
+            connected = in_background(lambda: fleet.connect(hosts), events, on_event, fleet)
+    finally:
+        fleet.close()
+    builder = Builder()
+    planned = make_plan(loaded, connected, builder, extra_vars)
+    if build:
+        planned = build_with_progress(planned, builder)
+    print_plan(planned, connected)
+
+
+@cli.command()
+@click.argument("key")
+def explain(key: str) -> None:
+    """Describe a manifest key, e.g. `strategy.serial`."""
+    click.echo(explain_key(key))
+
+
+# -- cache -------------------------------------------------------------------------------
+@cli.group()
+def cache() -> None:
+    """The local module cache."""
+
+
+@cache.command(name="list")
+def cache_list() -> None:
+    table = Table()
+    for column in ("key", "module", "kernel", "size", "stap", "fix"):
+        table.add_column(column)
+    for row in list_cached():
+        table.add_row(str(row["key"])[:12], str(row["module_name"]), str(row["release"]),
+                      f"{int(str(row['size'])) // 1024} KiB", str(row["stap_version"]),
+                      str(row["runtime_fix"]))
+    Console().print(table)
+
+
+@cache.command(name="prune")
+@click.option("--keep", type=click.IntRange(0), default=0, help="Newest modules to keep.")
+def cache_prune(keep: int) -> None:
+    err.print(f"removed {prune(keep=keep)} module(s)")
+
+
+# -- lab ---------------------------------------------------------------------------------
+@cli.group(name="lab")
+def lab_group() -> None:
+    """Local qemu guests running real kernels, for trying stapctl and for its tests."""
+
+
+@lab_group.command()
+@click.option("--hosts", "count", type=click.IntRange(1, 16), default=1, show_default=True)
+def up(count: int) -> None:
+    """Build the guest image if needed and boot COUNT guests."""
+    with err.status("lab…") as status:
+        result = lab.up(count, progress=lambda text: status.update(text))
+    show_lab(result, as_json=False)
+
+
+@lab_group.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+def status(as_json: bool) -> None:
+    """Show each guest and the inventory path."""
+    show_lab(lab.status(), as_json)
+
+
+@lab_group.command()
+def down() -> None:
+    """Stop every guest the lab started."""
+    with err.status("stopping guests…") as status:
+        lab.down(progress=lambda text: status.update(text))
+    err.print("lab is down")
+
+
+def show_lab(result: lab.LabStatus, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({
+            "guests": [{"name": g.name, "host": g.host, "port": g.port, "user": g.user,
+                        "key": g.key, "release": g.release, "pid": g.pid, "state": g.state}
+                       for g in result.guests],
+            "inventory": str(result.inventory),
+        }))
+        return
+    table = Table()
+    for column in ("name", "ssh", "kernel", "pid", "state"):
+        table.add_column(column)
+    for g in result.guests:
+        table.add_row(g.name, f"{g.user}@{g.host}:{g.port}", g.release, str(g.pid), g.state)
+    Console().print(table)
+    click.echo(f"inventory: {result.inventory}")

@@ -1,0 +1,249 @@
+"""Fan-out: connect to every host, then run each host's modules under the rollout policy.
+
+Every host's fate is a HostOutcome; nothing a host does escapes as an exception. Work is
+done by a bounded thread pool (paramiko's transport is already a thread per host), and
+everything that happens is reported as an Event through one callback, which the CLI
+hands to a single consumer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from stapctl.agent import AgentHost, Frame
+from stapctl.connection import ConnectOptions, Connection, connect
+from stapctl.errors import AgentError, ConnectError, StapctlError
+from stapctl.models import (
+    Event,
+    EventKind,
+    Host,
+    HostFacts,
+    HostOutcome,
+    Manifest,
+    Strategy,
+)
+from stapctl.plan import ModuleJob, Plan
+
+Emit = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    duration: float | None = None  # overrides every probe's duration
+    check: bool = False  # connect, upload and preflight, but load nothing
+    accept_new_host_keys: bool = False
+    bufsize_mb: int = 0
+
+
+def batches(hosts: Sequence[str], serial: Sequence[int | str]) -> Iterator[list[str]]:
+    """Ansible's `serial`: batch sizes in order, the last one repeated until done."""
+    remaining = list(hosts)
+    sizes = list(serial) or ["100%"]
+    index = 0
+    while remaining:
+        size = sizes[min(index, len(sizes) - 1)]
+        if isinstance(size, str):
+            count = math.floor(len(hosts) * float(size.rstrip("%")) / 100)
+        else:
+            count = size
+        count = max(1, count)
+        yield remaining[:count]
+        remaining = remaining[count:]
+        index += 1
+
+
+@dataclass
+class _Session:
+    host: Host
+    connection: Connection
+    agent: AgentHost
+    facts: HostFacts
+
+
+@dataclass
+class Fleet:
+    """The connected hosts of one apply, and the policy to run them under."""
+
+    manifest: Manifest
+    options: RunOptions
+    emit: Emit
+    stop: threading.Event = field(default_factory=threading.Event)
+    sessions: dict[str, _Session] = field(default_factory=dict)
+    outcomes: list[HostOutcome] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.manifest.strategy
+
+    def _event(self, host: str, kind: EventKind, text: str = "", probe: str = "") -> None:
+        self.emit(Event(host=host, kind=kind, probe=probe, text=text, time=time.time()))
+
+    def _record(self, outcome: HostOutcome) -> None:
+        with self._lock:
+            self.outcomes.append(outcome)
+        kind: EventKind = "finished" if outcome.ok else (
+            "skipped" if outcome.status == "skipped" else "failed")
+        text = outcome.message if not outcome.kind else f"{outcome.kind}: {outcome.message}"
+        self._event(outcome.host, kind, text, outcome.probe)
+
+    # -- connect -------------------------------------------------------------------------
+    def connect(self, hosts: Sequence[Host]) -> dict[str, tuple[Host, HostFacts]]:
+        """Connect, ship the agent and gather facts on every host; the unreachable are
+        recorded as outcomes and left out of the result."""
+        with ThreadPoolExecutor(max_workers=max(1, self.strategy.forks)) as pool:
+            list(pool.map(self._connect_one, hosts))
+        return {name: (s.host, s.facts) for name, s in self.sessions.items()}
+
+    def _connect_one(self, host: Host) -> None:
+        if self.stop.is_set():
+            self._fail_all(host.name, "skipped", "skipped", "interrupted before connecting")
+            return
+        become = self.manifest.become if host.become is None else host.become
+        options = ConnectOptions(connect_timeout=self.strategy.connect_timeout,
+                                 accept_new_host_keys=self.options.accept_new_host_keys,
+                                 become=become)
+        try:
+            connection = connect(host, options)
+        except StapctlError as exc:
+            self._fail_all(host.name, "unreachable", "unreachable", str(exc))
+            return
+        try:
+            agent = AgentHost(connection, host.python)
+            agent.install()
+            result = agent.call({"action": "facts"})
+            raw = result.get("facts") or {}
+            facts = HostFacts(release=str(raw.get("release", "")), arch=str(raw.get("arch", "")),
+                              python=str(raw.get("python", "")), raw=raw)
+        except StapctlError as exc:
+            connection.close()
+            self._fail_all(host.name, "failed", "agent-error", str(exc))
+            return
+        with self._lock:
+            self.sessions[host.name] = _Session(host, connection, agent, facts)
+        self._event(host.name, "connected", f"{facts.release} {facts.arch}")
+
+    def _fail_all(self, host: str, status: str, kind: str, message: str) -> None:
+        for probe in self.manifest.probes:
+            self._record(HostOutcome(host=host, probe=probe.name, status=status,  # type: ignore[arg-type]
+                                     kind=kind, message=message))
+
+    # -- run -----------------------------------------------------------------------------
+    def run(self, plan: Plan) -> list[HostOutcome]:
+        """Run the plan batch by batch; stop starting batches past max_fail_percentage."""
+        names = [name for name in self.sessions]
+        total = len(names) or 1
+        with ThreadPoolExecutor(max_workers=max(1, self.strategy.forks)) as pool:
+            for batch in batches(names, self.strategy.serial):
+                if self.stop.is_set() or self._failed_percentage(total) > \
+                        self.strategy.max_fail_percentage:
+                    reason = ("interrupted" if self.stop.is_set()
+                              else f"max_fail_percentage ({self.strategy.max_fail_percentage:g}%)"
+                              " exceeded")
+                    for name in batch:
+                        self._fail_all(name, "skipped", "skipped", reason)
+                    continue
+                list(pool.map(lambda name: self._run_host(name, plan), batch))
+        return self.outcomes
+
+    def _failed_percentage(self, total: int) -> float:
+        with self._lock:
+            hosts = {o.host for o in self.outcomes if o.status in ("failed", "unreachable")}
+        return 100.0 * len(hosts & set(self.sessions)) / total
+
+    def _run_host(self, name: str, plan: Plan) -> None:
+        session = self.sessions[name]
+        deadline = (time.monotonic() + self.strategy.timeout) if self.strategy.timeout else None
+        jobs = plan.jobs_for(name)
+        threads = [threading.Thread(target=self._run_job, args=(session, job, deadline))
+                   for job in jobs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _run_job(self, session: _Session, job: ModuleJob, deadline: float | None) -> None:
+        host, probe = session.host.name, job.probe.name
+        if job.error or job.artifact is None:
+            self._record(HostOutcome(host=host, probe=probe, status="failed",
+                                     kind="compile-failed", message=job.error))
+            return
+        artifact = job.artifact
+        lines = _LineSplitter(lambda line: self._event(host, "output", line, probe))
+        try:
+            remote = session.agent.upload_module(artifact.path, artifact.sha256)
+            self._event(host, "uploaded", remote, probe)
+            duration = self.options.duration if self.options.duration is not None \
+                else job.probe.duration
+            request: dict[str, Any] = {
+                "action": "preflight" if self.options.check else "run",
+                "module": remote,
+                "sha256": artifact.sha256,
+                "module_name": artifact.module_name,
+                "params": dict(job.probe.params),
+                "bufsize_mb": self.options.bufsize_mb,
+                "duration": duration,
+                "exit_timeout": 10.0,
+            }
+
+            def on_frame(frame: Frame) -> None:
+                if frame.kind == "output":
+                    lines.feed(frame.data)
+                elif frame.kind == "event":
+                    self._agent_event(host, probe, frame.json())
+
+            result = session.agent.call(request, on_frame, self.stop, deadline)
+        except (AgentError, ConnectError) as exc:
+            lines.flush()
+            kind = "transport-lost" if isinstance(exc, ConnectError) else "agent-error"
+            self._record(HostOutcome(host=host, probe=probe, status="failed", kind=kind,
+                                     message=str(exc)))
+            return
+        lines.flush()
+        ok = result.get("status") == "ok"
+        self._record(HostOutcome(
+            host=host, probe=probe, status="ok" if ok else "failed",
+            kind=None if ok else str(result.get("kind") or "agent-error"),
+            message=str(result.get("message") or ""),
+            stats={k: int(v) for k, v in (result.get("stats") or {}).items()
+                   if isinstance(v, int)},
+        ))
+
+    def _agent_event(self, host: str, probe: str, event: Mapping[str, Any]) -> None:
+        name = str(event.get("event", ""))
+        text = str(event.get("text") or event.get("reason") or event.get("module") or "")
+        known: dict[str, EventKind] = {"loaded": "loaded", "started": "started",
+                                       "warning": "warning", "error": "error",
+                                       "stopping": "stopping"}
+        if name in known:
+            self._event(host, known[name], text, probe)
+
+    def close(self) -> None:
+        for session in self.sessions.values():
+            with contextlib.suppress(Exception):
+                session.connection.close()
+
+
+class _LineSplitter:
+    """Turns a byte stream into whole lines; a final partial line is flushed at the end."""
+
+    def __init__(self, emit_line: Callable[[str], None]) -> None:
+        self._emit = emit_line
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            self._emit(line.decode(errors="replace"))
+
+    def flush(self) -> None:
+        if self._partial:
+            self._emit(self._partial.decode(errors="replace"))
+            self._partial = b""

@@ -1,0 +1,106 @@
+"""Render every probe for every host and group the results into modules to build.
+
+Hosts whose rendered script, kernel release, arch and stap options agree share one
+ModuleSpec, hence one compile; a fleet of 1000 hosts on 3 kernels costs 3 compiles.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from stapctl.build import Builder
+from stapctl.errors import StapctlError
+from stapctl.models import Host, HostFacts, Manifest, ModuleArtifact, ModuleSpec, Probe
+from stapctl.render import render_script
+
+
+@dataclass(frozen=True)
+class ModuleJob:
+    """One module to build, and the hosts that will run it."""
+
+    probe: Probe
+    spec: ModuleSpec
+    hosts: tuple[str, ...]
+    artifact: ModuleArtifact | None = None
+    error: str = ""
+
+    @property
+    def cached(self) -> bool:
+        return self.artifact is not None and not self.error
+
+
+@dataclass(frozen=True)
+class Plan:
+    jobs: tuple[ModuleJob, ...]
+
+    @property
+    def unservable(self) -> dict[str, str]:
+        """Hosts for which a module could not be made, with stap's reason."""
+        return {host: job.error for job in self.jobs if job.error for host in job.hosts}
+
+    def jobs_for(self, host: str) -> tuple[ModuleJob, ...]:
+        return tuple(job for job in self.jobs if host in job.hosts)
+
+
+def template_vars(manifest: Manifest, host: Host, facts: HostFacts,
+                  extra_vars: Mapping[str, Any]) -> dict[str, Any]:
+    """Variables a probe template sees; later sources win (manifest-v1.md's order)."""
+    return {
+        **manifest.vars,
+        **host.vars,
+        **extra_vars,
+        "inventory_hostname": host.name,
+        "kernel_release": facts.release,
+        "arch": facts.arch,
+    }
+
+
+def make_plan(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
+              builder: Builder, extra_vars: Mapping[str, Any]) -> Plan:
+    """Group (probe, host) pairs by ModuleSpec; note which are already in the cache.
+
+    Template errors are user errors: render_script raises ManifestError for the run.
+    """
+    groups: dict[tuple[str, str], list[str]] = {}
+    specs: dict[tuple[str, str], tuple[Probe, ModuleSpec]] = {}
+    for probe in manifest.probes:
+        for name, (host, facts) in hosts.items():
+            script = render_script(probe, template_vars(manifest, host, facts, extra_vars))
+            spec = builder.spec(script, facts.release, facts.arch, probe.stap_options)
+            specs[(probe.name, spec.key)] = (probe, spec)
+            groups.setdefault((probe.name, spec.key), []).append(name)
+    jobs = tuple(
+        ModuleJob(probe=probe, spec=spec, hosts=tuple(groups[key]),
+                  artifact=builder.cached(spec))
+        for key, (probe, spec) in specs.items()
+    )
+    return Plan(jobs=jobs)
+
+
+def build_plan(plan: Plan, builder: Builder,
+               on_progress: Callable[[ModuleJob, str], None] = lambda job, state: None) -> Plan:
+    """Compile every module not yet cached, in parallel up to the machine's cores.
+
+    A failed compile is attached to its job (and so to its hosts) with stap's message;
+    the other jobs go on.
+    """
+
+    def build(job: ModuleJob) -> ModuleJob:
+        if job.cached:
+            return job
+        on_progress(job, "building")
+        try:
+            artifact = builder.build(job.spec, job.probe.origin, job.probe.first_line)
+        except StapctlError as exc:
+            on_progress(job, "failed")
+            return replace(job, error=str(exc))
+        on_progress(job, "built")
+        return replace(job, artifact=artifact)
+
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        jobs = tuple(pool.map(build, plan.jobs))
+    return replace(plan, jobs=jobs)

@@ -1,0 +1,73 @@
+"""Turn events and outcomes into what a person or a script reads.
+
+Pure functions: they return text and data; printing is the CLI's job. Probe output goes
+to stdout, everything about the run (progress, warnings, the summary) to stderr, so
+`stapctl apply x.yaml > out.txt` captures exactly what the probes printed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+
+from stapctl.models import Event, HostOutcome, Run
+
+JSON_SCHEMA_VERSION = 1
+
+
+def output_prefix(event: Event, many_probes: bool) -> str:
+    """`host: line`, or `host[probe]: line` when the manifest has several probes."""
+    label = f"{event.host}[{event.probe}]" if many_probes else event.host
+    return f"{label}: {event.text}"
+
+
+def event_json(event: Event) -> str:
+    """One JSON line per event (the `json` format; schema in the README)."""
+    return json.dumps({"v": JSON_SCHEMA_VERSION, "type": "event", **asdict(event)})
+
+
+def summary_json(run: Run) -> str:
+    return json.dumps({
+        "v": JSON_SCHEMA_VERSION, "type": "summary", "run": run.id,
+        "exit_code": run.exit_code, "interrupted": run.interrupted,
+        "outcomes": [asdict(o) for o in run.outcomes],
+    })
+
+
+def merged(events: Iterable[Event], many_probes: bool) -> list[str]:
+    """Identical output grouped under the hosts that produced it (like clubak -b)."""
+    per_host: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for event in events:
+        if event.kind == "output":
+            per_host[(event.probe, event.host)].append(event.text)
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = defaultdict(list)
+    for (probe, host), lines in per_host.items():
+        groups[(probe, tuple(lines))].append(host)
+    text: list[str] = []
+    for (probe, lines), hosts in sorted(groups.items(), key=lambda item: sorted(item[1])):
+        title = ",".join(sorted(hosts)) + (f" [{probe}]" if many_probes else "")
+        text += ["-" * 15, f"{title} ({len(hosts)})", "-" * 15, *lines]
+    return text
+
+
+def outcome_reason(outcome: HostOutcome) -> str:
+    return outcome.status if outcome.ok or not outcome.kind else outcome.kind
+
+
+def summary_rows(outcomes: Sequence[HostOutcome]) -> list[tuple[str, str, str, str]]:
+    """(host, probe, result, detail) rows for the final table, failures first."""
+    ordered = sorted(outcomes, key=lambda o: (o.ok, o.host, o.probe))
+    return [(o.host, o.probe, outcome_reason(o), first_line(o.message)) for o in ordered]
+
+
+def summary_counts(outcomes: Sequence[HostOutcome]) -> str:
+    counts = Counter(outcome_reason(o) for o in outcomes)
+    ok = counts.pop("ok", 0)
+    parts = [f"{ok} ok"] + [f"{n} {reason}" for reason, n in sorted(counts.items())]
+    return ", ".join(parts)
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""

@@ -1,0 +1,66 @@
+"""Rollout batches, exit codes and reports: pure code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stapctl import report
+from stapctl.execute import batches
+from stapctl.models import Event, HostOutcome, Run
+
+pytestmark = pytest.mark.unit
+
+HOSTS = [f"h{i}" for i in range(10)]
+
+
+@pytest.mark.parametrize(("serial", "sizes"), [
+    (["100%"], [10]),
+    ([1, "100%"], [1, 9]),
+    ([3], [3, 3, 3, 1]),
+    ([1, "25%", "100%"], [1, 2, 7]),
+    (["1%"], [1] * 10),
+    ([], [10]),
+])
+def test_serial_batches_follow_ansible(serial: list[int | str], sizes: list[int]) -> None:
+    got = list(batches(HOSTS, serial))
+    assert [len(b) for b in got] == sizes
+    assert [h for b in got for h in b] == HOSTS
+
+
+def outcome(host: str, status: str, kind: str | None = None) -> HostOutcome:
+    return HostOutcome(host=host, probe="p", status=status, kind=kind)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("outcomes", "interrupted", "code"), [
+    ([outcome("a", "ok"), outcome("b", "ok")], False, 0),
+    ([outcome("a", "ok"), outcome("b", "failed", "runtime-error")], False, 3),
+    ([outcome("a", "unreachable", "unreachable")], False, 1),
+    ([outcome("a", "ok")], True, 130),
+])
+def test_exit_codes(outcomes: list[HostOutcome], interrupted: bool, code: int) -> None:
+    assert Run("r", tuple(outcomes), interrupted).exit_code == code
+
+
+def test_merged_groups_identical_output() -> None:
+    events = [Event(h, "output", "p", line) for h in ("a", "b") for line in ("x", "y")]
+    events += [Event("c", "output", "p", "z"), Event("c", "started", "p")]
+    text = report.merged(events, many_probes=False)
+    assert "a,b (2)" in text and "c (1)" in text
+    assert text[text.index("a,b (2)") + 2:text.index("a,b (2)") + 4] == ["x", "y"]
+
+
+def test_json_lines_parse_and_carry_the_schema_version() -> None:
+    line = report.event_json(Event("a", "output", "p", "hello", 1.5))
+    assert json.loads(line) == {"v": 1, "type": "event", "host": "a", "kind": "output",
+                                "probe": "p", "text": "hello", "time": 1.5}
+    summary = json.loads(report.summary_json(Run("r", (outcome("a", "ok"),))))
+    assert summary["exit_code"] == 0 and summary["outcomes"][0]["host"] == "a"
+
+
+def test_summary_counts_by_reason() -> None:
+    outcomes = [outcome("a", "ok"), outcome("b", "failed", "runtime-error"),
+                outcome("c", "unreachable", "unreachable")]
+    assert report.summary_counts(outcomes) == "1 ok, 1 runtime-error, 1 unreachable"
+    assert report.summary_rows(outcomes)[-1][0] == "a"
