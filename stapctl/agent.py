@@ -8,17 +8,18 @@ both ends share one definition.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from stapctl.connection import Connection
+from stapctl.connection import Connection, Process
 from stapctl.errors import AgentError, ConnectError
 from stapctl.runtime import stapctl_agent as wire
 
@@ -131,11 +132,10 @@ class AgentHost:
         return result
 
     @staticmethod
-    def _send(process: Any, message: Mapping[str, str]) -> None:
-        try:
+    def _send(process: Process, message: Mapping[str, str]) -> None:
+        # a lost connection is seen and reported by the read loop
+        with contextlib.suppress(ConnectError):
             process.send(json.dumps(message).encode() + b"\n")
-        except ConnectError:
-            pass  # the read loop sees the same loss and reports it
 
 
 FRAME_KINDS = {
@@ -146,23 +146,15 @@ FRAME_KINDS = {
 }
 
 
-def read_frames(recv: Callable[[int], bytes]) -> Any:
+def read_frames(recv: Callable[[int], bytes]) -> Iterator[Frame]:
     """Yield frames from a byte stream until EOF; garbage raises AgentError."""
-    buffer = bytearray()
-    header = wire.FRAME_HEADER
-    while True:
-        chunk = recv(65536)
-        if not chunk:
-            if buffer:
-                raise AgentError("the agent's stream ended in the middle of a frame")
-            return
-        buffer += chunk
-        while len(buffer) >= header.size:
-            kind, length = header.unpack_from(buffer)
-            if kind not in FRAME_KINDS or length > wire.MAX_FRAME:
-                raise AgentError(f"the agent sent an invalid frame (type {kind}, {length} bytes)")
-            if len(buffer) < header.size + length:
-                break
-            data = bytes(buffer[header.size:header.size + length])
-            del buffer[:header.size + length]
-            yield Frame(FRAME_KINDS[kind], data)
+    reader = wire.FrameReader()
+    while chunk := recv(65536):
+        try:
+            frames = reader.feed(chunk)
+        except ValueError as exc:
+            raise AgentError(f"the agent's stream is corrupt: {exc}") from exc
+        for letter, data in frames:
+            yield Frame(FRAME_KINDS[letter], data)
+    if reader.pending:
+        raise AgentError("the agent's stream ended in the middle of a frame")

@@ -31,6 +31,7 @@ from stapctl.manifest import load_manifest, parse_duration
 from stapctl.models import Event, Host, HostFacts, Manifest, Run
 from stapctl.plan import ModuleJob, Plan, build_plan, make_plan
 from stapctl.render import parse_extra_vars
+from stapctl.store import RunRecorder, find_run, list_runs, safe_name
 
 err = Console(stderr=True, highlight=False)
 T = TypeVar("T")
@@ -192,7 +193,7 @@ def execute(manifest: Manifest, hosts: list[Host], extra_vars: Mapping[str, Any]
     many = len(manifest.probes) > 1
     seen: list[Event] = []
 
-    def on_event(event: Event) -> None:
+    def show(event: Event) -> None:
         seen.append(event)
         if fmt == "json":
             click.echo(report.event_json(event))
@@ -206,12 +207,19 @@ def execute(manifest: Manifest, hosts: list[Host], extra_vars: Mapping[str, Any]
             err.print(f"[dim]{event.host}: {event.kind} {event.text}[/]", soft_wrap=True)
 
     run_id = time.strftime("%Y%m%d-%H%M%S-") + manifest.name + "-" + secrets.token_hex(2)
+    recorder = RunRecorder(run_id, manifest)
+
+    def on_event(event: Event) -> None:
+        recorder.event(event)
+        show(event)
+
     try:
         with err.status(f"connecting to {len(hosts)} host(s)…"):
             connected = in_background(lambda: fleet.connect(hosts), events, on_event, fleet)
         if connected and not fleet.stop.is_set():
             plan = make_plan(manifest, connected, builder, extra_vars)
             plan = build_with_progress(plan, builder)
+            recorder.plan(plan)
             for host, reason in plan.unservable.items():
                 err.print(f"[red]{host}: cannot be served:[/] {reason}", soft_wrap=True)
             events = queue.Queue()
@@ -220,6 +228,7 @@ def execute(manifest: Manifest, hosts: list[Host], extra_vars: Mapping[str, Any]
     finally:
         fleet.close()
     run = Run(id=run_id, outcomes=tuple(fleet.outcomes), interrupted=fleet.stop.is_set())
+    recorder.finish(run)
     if fmt == "merged":
         for line in report.merged(seen, many):
             click.echo(line)
@@ -238,6 +247,50 @@ def print_summary(run: Run) -> None:
             table.add_row(*row)
         err.print(table)
     err.print(f"{report.summary_counts(run.outcomes)}  (run {run.id})")
+
+
+# -- runs --------------------------------------------------------------------------------
+@cli.group()
+def runs() -> None:
+    """Past applies: their outcomes and output."""
+
+
+@runs.command(name="list")
+@click.option("-n", "limit", type=click.IntRange(1), default=20, show_default=True)
+def runs_list(limit: int) -> None:
+    table = Table()
+    for column in ("run", "started", "exit", "hosts", "ok", "failed"):
+        table.add_column(column)
+    for row in list_runs(limit):
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["started"]))
+        table.add_row(row["id"], started, str(row["exit_code"]), str(row["hosts"]),
+                      str(row["ok"]), str(row["failed"]))
+    Console().print(table)
+
+
+@runs.command(name="show")
+@click.argument("run_id")
+@click.option("--host", help="Print this host's output.")
+def runs_show(run_id: str, host: str | None) -> None:
+    row = find_run(run_id)
+    folder = Path(row["dir"])
+    if host is not None:
+        log = folder / "hosts" / f"{safe_name(host)}.log"
+        if not log.exists():
+            raise StapctlError(f"run {row['id']} has no output from {host}")
+        click.echo(log.read_text(), nl=False)
+        return
+    summary = json.loads((folder / "summary.json").read_text()) \
+        if (folder / "summary.json").exists() else {"outcomes": [], "exit_code": None}
+    err.print(f"run {row['id']}  exit {summary['exit_code']}  folder {folder}")
+    table = Table()
+    for column in ("host", "probe", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    for outcome in summary["outcomes"]:
+        result = outcome["status"] if outcome["status"] == "ok" else outcome["kind"]
+        table.add_row(outcome["host"], outcome["probe"], result,
+                      report.first_line(outcome["message"]))
+    Console().print(table)
 
 
 # -- validate / plan / explain -----------------------------------------------------------

@@ -16,7 +16,7 @@ import stat
 import subprocess
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +33,41 @@ class ConnectOptions:
     connect_timeout: float = 10.0
     accept_new_host_keys: bool = False  # like OpenSSH's StrictHostKeyChecking=accept-new
     become: bool = False  # use `sudo -n` when the login user is not root
+    ssh_config: Path | None = Path("~/.ssh/config")  # None: read no ssh_config
+
+
+MAX_JUMPS = 4
+
+
+def with_ssh_config(host: Host, config_path: Path | None) -> tuple[Host, str | None]:
+    """Fill what the inventory left unset from ssh_config (HostName, Port, User,
+    IdentityFile) and return the host with its ProxyJump, if any.
+
+    As with Ansible, inventory variables win; ssh_config is matched on the address.
+    """
+    if config_path is None or not config_path.expanduser().is_file():
+        return host, None
+    try:
+        found = paramiko.SSHConfig.from_path(str(config_path.expanduser())).lookup(host.address)
+    except (OSError, paramiko.SSHException) as exc:
+        raise ConnectError(f"cannot read {config_path}: {exc}") from exc
+    identity = found.get("identityfile")
+    host = replace(
+        host,
+        address=found.get("hostname", host.address),
+        port=int(found["port"]) if host.port == 22 and "port" in found else host.port,
+        user=host.user or found.get("user"),
+        key_file=host.key_file or (os.path.expanduser(identity[0]) if identity else None),
+    )
+    return host, found.get("proxyjump")
+
+
+def jump_host(spec: str, template: Host) -> Host:
+    """A host from one ProxyJump hop, `[user@]host[:port]`."""
+    user, _, rest = spec.rpartition("@")
+    address, _, port = rest.partition(":")
+    return Host(name=f"jump:{address}", address=address, port=int(port or 22),
+                user=user or None, known_hosts=template.known_hosts)
 
 
 class Process(Protocol):
@@ -129,13 +164,47 @@ class _SSHProcess:
 class SSHConnection:
     """One SSH connection per host, reused for facts, uploads and runs."""
 
-    def __init__(self, host: Host, options: ConnectOptions) -> None:
-        self.host = host
+    def __init__(self, host: Host, options: ConnectOptions, via: str | None = None,
+                 depth: int = 0) -> None:
+        """``via`` is a ProxyJump chain that overrides ssh_config's (`none` for direct)."""
+        self.host, proxy_jump = with_ssh_config(host, options.ssh_config)
+        proxy_jump = via or proxy_jump
         self.options = options
         self._client = paramiko.SSHClient()
         self._sftp: paramiko.SFTPClient | None = None
         self._home: str | None = None
+        self._jump: SSHConnection | None = None
+        if proxy_jump and proxy_jump.lower() != "none":
+            if depth >= MAX_JUMPS:
+                raise ConnectError(f"{host.name}: more than {MAX_JUMPS} ProxyJump hops")
+            *before, last = proxy_jump.split(",")
+            # the last hop is the one that reaches us; it is reached through the others
+            self._jump = SSHConnection(jump_host(last, self.host), options,
+                                       ",".join(before) or "none", depth + 1)
         self._connect()
+
+    def _open_socket(self) -> socket.socket | paramiko.Channel:
+        host, options = self.host, self.options
+        where = f"{host.address}:{host.port}"
+        if self._jump is not None:
+            transport = self._jump._client.get_transport()
+            try:
+                assert transport is not None
+                return transport.open_channel("direct-tcpip", (host.address, host.port),
+                                              ("127.0.0.1", 0),
+                                              timeout=options.connect_timeout)
+            except (OSError, paramiko.SSHException, AssertionError) as exc:
+                raise ConnectError(f"{where}: the jump host could not reach it: {exc}") \
+                    from exc
+        try:
+            sock = socket.create_connection((host.address, host.port),
+                                            timeout=options.connect_timeout)
+        except TimeoutError as exc:
+            raise ConnectError(f"{where}: no answer within {options.connect_timeout:g}s") from exc
+        except OSError as exc:
+            raise ConnectError(f"{where}: {exc.strerror or exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
     def _connect(self) -> None:
         host, options = self.host, self.options
@@ -151,14 +220,7 @@ class SSHConnection:
             paramiko.AutoAddPolicy() if options.accept_new_host_keys else paramiko.RejectPolicy()
         )
         where = f"{host.address}:{host.port}"
-        try:
-            sock = socket.create_connection((host.address, host.port),
-                                            timeout=options.connect_timeout)
-        except TimeoutError as exc:
-            raise ConnectError(f"{where}: no answer within {options.connect_timeout:g}s") from exc
-        except OSError as exc:
-            raise ConnectError(f"{where}: {exc.strerror or exc}") from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = self._open_socket()
         try:
             client.connect(
                 host.address, port=host.port, username=host.user or "root",
@@ -269,6 +331,8 @@ class SSHConnection:
             with contextlib.suppress(OSError, paramiko.SSHException):
                 self._sftp.close()
         self._client.close()
+        if self._jump is not None:
+            self._jump.close()
 
 
 class _LocalProcess:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stapctl.agent import AgentHost, Frame
-from stapctl.connection import ConnectOptions, Connection, connect
+from stapctl.connection import Connection, ConnectOptions, connect
 from stapctl.errors import AgentError, ConnectError, StapctlError
 from stapctl.models import (
     Event,

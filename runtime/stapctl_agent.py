@@ -1,0 +1,1297 @@
+"""stapctl's target agent: loads one SystemTap module and runs it, as staprun + stapio do.
+
+Uploaded to each target and run as ``python3 -I agent.py``; it needs nothing but Python 3.6+
+and the kernel. It speaks the stapctl agent protocol (docs/agent-protocol.md) on
+stdin/stdout and the SystemTap control protocol (shared/docs/stap-transport.md) with the
+module. The controller imports it too, for the frame codec and constants, so importing
+it has no side effects.
+"""
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import heapq
+import json
+import os
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+PROTOCOL_VERSION = 1
+AGENT_VERSION = "0.1.0"
+
+# Frames of the agent -> controller stream: struct ">BI" (type, length), then the payload.
+FRAME_HELLO = "H"
+FRAME_OUTPUT = "O"
+FRAME_EVENT = "E"
+FRAME_RESULT = "R"
+FRAME_TYPES = (FRAME_HELLO, FRAME_OUTPUT, FRAME_EVENT, FRAME_RESULT)
+FRAME_HEADER = struct.Struct(">BI")
+MAX_FRAME = 64 << 20
+
+KINDS = ("preflight-refused", "insmod-refused", "start-failed", "runtime-error", "timed-out",
+         "stopped", "transport-lost", "agent-error")
+
+# SystemTap control messages, numbered as in 4.x; 5.0 added 80 to every number.
+MESSAGES = {
+    "START": 0, "EXIT": 1, "OOB_DATA": 2, "SYSTEM": 3, "TRANSPORT": 4, "BULK": 7,
+    "READY": 8, "RELOCATION": 9, "REQUEST_EXIT": 13, "TZINFO": 14,
+    "PRIVILEGE_CREDENTIALS": 15, "REMOTE_ID": 16, "NAMESPACES_PID": 18,
+}
+MESSAGE_NAMES = dict((number, name) for name, number in MESSAGES.items())
+GENERATION_OFFSET = {4: 0, 5: 80}
+PRIVILEGE_ALL = 0xE  # stapusr | stapsys | stapdev: what staprun sends for root
+CTL_READ_SIZE = 65536  # the kernel drops a message larger than the read buffer
+
+RELOCATION = struct.Struct("=128s128sQ")
+TZINFO = struct.Struct("=q64s")
+START = struct.Struct("=ii")
+REMOTE_ID = struct.Struct("=i128s")
+PRIVILEGE = struct.Struct("=i")
+
+TRACE_MAGIC = b"\xf0\x9f\xa9\xba"  # 5.x relay record header starts with it
+TRACE_HEADER = struct.Struct("=II")  # sequence, length
+MAX_RECORD = 128 * 1024
+RESYNC_WINDOW = 1 << 20  # after corruption, a 4.x header's sequence must be this close
+TRACE_NAME = re.compile(r"trace\d+\Z")
+SIGNATURE_MARK = b"~Module signature appended~\n"
+PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+TRANSPORT_FAILURES = re.compile(r"There were (\d+) transport failures")
+KERNEL_SYMBOLS = ("_stext", "kallsyms_lookup_name", "kallsyms_on_each_symbol",
+                  "module_kallsyms_on_each_symbol")
+EKEYREJECTED = getattr(errno, "EKEYREJECTED", 129)
+
+
+def log(message):
+    """Diagnostics go to stderr only; the controller never parses them."""
+    try:
+        sys.stderr.write("stapctl-agent: %s\n" % message)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+# ---------------------------------------------------------------- agent protocol frames
+
+def encode_frame(ftype, payload):
+    """One frame: a type letter (FRAME_*) and raw bytes."""
+    return FRAME_HEADER.pack(ord(ftype), len(payload)) + bytes(payload)
+
+
+def encode_json_frame(ftype, obj):
+    return encode_frame(ftype, json.dumps(obj, sort_keys=True).encode("utf-8"))
+
+
+class FrameReader(object):
+    """Splits the agent's stdout into frames, whatever the chunking of the bytes fed."""
+
+    def __init__(self, max_frame=MAX_FRAME):
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data):
+        """Returns the frames completed by ``data`` as (type letter, payload bytes)."""
+        self._buf += data
+        frames = []
+        while len(self._buf) >= FRAME_HEADER.size:
+            code, length = FRAME_HEADER.unpack_from(self._buf)
+            ftype = chr(code)
+            if ftype not in FRAME_TYPES or length > self.max_frame:
+                raise ValueError("corrupt agent stream: frame type %r, length %d" % (ftype, length))
+            end = FRAME_HEADER.size + length
+            if len(self._buf) < end:
+                break
+            frames.append((ftype, bytes(self._buf[FRAME_HEADER.size:end])))
+            del self._buf[:end]
+        return frames
+
+    @property
+    def pending(self):
+        """Bytes of an unfinished frame: non-zero at EOF means the stream was cut."""
+        return len(self._buf)
+
+
+# ---------------------------------------------------------------- SystemTap control messages
+
+def message_type(name, generation):
+    return MESSAGES[name] + GENERATION_OFFSET[generation]
+
+
+def generation_of(mtype):
+    """4 or 5 from any message number (5.0 renumbered them all by +80), None if unknown."""
+    for generation, offset in GENERATION_OFFSET.items():
+        if mtype - offset in MESSAGE_NAMES:
+            return generation
+    return None
+
+
+def encode_message(generation, name, payload=b""):
+    return struct.pack("=I", message_type(name, generation)) + payload
+
+
+def decode_message(data, generation):
+    """(name, payload) of one message read from .cmd; name is None for unknown or short ones."""
+    if len(data) < 4:
+        return None, bytes(data)
+    mtype = struct.unpack_from("=I", data)[0]
+    name = MESSAGE_NAMES.get(mtype - GENERATION_OFFSET[generation])
+    return name, bytes(data[4:])
+
+
+def _cstring(text, size):
+    raw = text.encode("utf-8") if not isinstance(text, bytes) else text
+    if len(raw) >= size:
+        raise ValueError("%r does not fit in %d bytes" % (text, size))
+    return raw
+
+
+def pack_relocation(module, reloc, address):
+    return RELOCATION.pack(_cstring(module, 128), _cstring(reloc, 128), address)
+
+
+def pack_tzinfo(utc_offset, name):
+    """``utc_offset`` is seconds east of UTC (tm_gmtoff); the module wants seconds west."""
+    return TZINFO.pack(-int(utc_offset), _cstring(name, 64))
+
+
+def pack_start(target_pid=0, res=0):
+    return START.pack(target_pid, res)
+
+
+def unpack_start(payload):
+    """(target_pid, res) of a START reply; ValueError when it is too short."""
+    if len(payload) < START.size:
+        raise ValueError("START reply of %d bytes" % len(payload))
+    return START.unpack_from(payload)
+
+
+def pack_privilege(mask=PRIVILEGE_ALL):
+    return PRIVILEGE.pack(mask)
+
+
+def pack_remote_id(remote_id, uri):
+    return REMOTE_ID.pack(remote_id, _cstring(uri, 128))
+
+
+def message_text(payload):
+    """OOB_DATA and SYSTEM carry text, sometimes NUL-terminated."""
+    return payload.split(b"\0", 1)[0].decode("utf-8", "replace").rstrip()
+
+
+# ---------------------------------------------------------------- relay records
+
+class RecordParser(object):
+    """Splits one CPU's relay stream into (sequence, data) records.
+
+    Records may span reads. A header with length 0 or over 128 KiB means the stream lost
+    its framing (4.8 leaves stale bytes when a record overflows): skip forward until a
+    plausible header, counting what was skipped.
+    """
+
+    def __init__(self, generation):
+        self.magic = TRACE_MAGIC if generation >= 5 else b""
+        self.header_size = len(self.magic) + TRACE_HEADER.size
+        self.buf = bytearray()
+        self.last_seq = 0
+        self.resyncing = False
+        self.desyncs = 0
+        self.lost_bytes = 0
+
+    def feed(self, data):
+        self.buf += data
+        return self._records(final=False)
+
+    def finish(self):
+        """At the end of the stream: the remaining records, then what a cut one carried."""
+        records = self._records(final=True)
+        if len(self.buf) >= self.header_size:
+            seq, length = TRACE_HEADER.unpack_from(self.buf, len(self.magic))
+            data = bytes(self.buf[self.header_size:])
+            self._desync(length - len(data))
+            records.append((seq, data))
+            self.buf = bytearray()
+        self._skip(len(self.buf))
+        return records
+
+    def _records(self, final):
+        records = []
+        while True:
+            record = self._next(final)
+            if record is None:
+                return records
+            records.append(record)
+
+    def _next(self, final):
+        buf = self.buf
+        while len(buf) >= self.header_size:
+            if self.magic and not buf.startswith(self.magic):
+                found = buf.find(self.magic)
+                self._skip(found if found > 0 else len(buf) - len(self.magic) + 1)
+                continue
+            seq, length = TRACE_HEADER.unpack_from(buf, len(self.magic))
+            if not self._plausible(seq, length, buf):
+                self._skip(1)
+                continue
+            end = self.header_size + length
+            if len(buf) < end:
+                if final and self.resyncing:  # a guess no more data can confirm
+                    self._skip(1)
+                    continue
+                return None
+            data = bytes(buf[self.header_size:end])
+            del buf[:end]
+            self.resyncing = False
+            self.last_seq = seq
+            return seq, data
+        return None
+
+    def _plausible(self, seq, length, buf):
+        if not 0 < length <= MAX_RECORD:
+            return False
+        if self.magic or not self.resyncing:
+            return True
+        # 4.x has no magic: a header found by sliding through text must also have a
+        # sequence number near this CPU's last one and be followed by another header.
+        if not self.last_seq < seq <= self.last_seq + RESYNC_WINDOW:
+            return False
+        after = self.header_size + length
+        if len(buf) >= after + TRACE_HEADER.size:
+            next_length = TRACE_HEADER.unpack_from(buf, after)[1]
+            return 0 < next_length <= MAX_RECORD
+        return True
+
+    def _skip(self, count):
+        if count <= 0:
+            return
+        skipped = bytes(self.buf[:count])
+        del self.buf[:count]
+        lost = len(skipped) - skipped.count(b"\0")  # zero padding is not data
+        if lost:
+            self._desync(lost)
+
+    def _desync(self, lost):
+        if not self.resyncing:
+            self.desyncs += 1
+            self.resyncing = True
+        self.lost_bytes += lost
+
+
+class Merger(object):
+    """Orders records from every CPU by sequence number, waiting a bounded time for a gap."""
+
+    def __init__(self, gap_wait=1.0):
+        self.gap_wait = gap_wait
+        self.heap = []
+        self.last = 0
+        self.lost = 0
+        self._count = 0
+
+    def add(self, seq, data, now):
+        heapq.heappush(self.heap, (seq, now, self._count, data))
+        self._count += 1
+
+    def pop(self, now, final=False):
+        """Data ready to print, in order; records after a gap wait up to gap_wait."""
+        ready = []
+        while self.heap:
+            seq, arrived = self.heap[0][:2]
+            if seq > self.last + 1 and not final and now - arrived < self.gap_wait:
+                break
+            data = heapq.heappop(self.heap)[3]
+            if seq > self.last + 1:
+                self.lost += seq - self.last - 1
+            self.last = max(self.last, seq)
+            ready.append(data)
+        return ready
+
+
+# ---------------------------------------------------------------- kernel module images
+
+def elf_sections(image):
+    """Section name -> (offset, size) of an ELF file (32/64-bit, either byte order)."""
+    if len(image) < 52 or bytes(image[:4]) != b"\x7fELF":
+        raise ValueError("not an ELF file")
+    order = "<" if image[5] == 1 else ">"
+    if image[4] == 2:
+        shoff = struct.unpack_from(order + "Q", image, 0x28)[0]
+        entsize, count, strndx = struct.unpack_from(order + "HHH", image, 0x3A)
+        header = struct.Struct(order + "IIQQQQ")
+    else:
+        shoff = struct.unpack_from(order + "I", image, 0x20)[0]
+        entsize, count, strndx = struct.unpack_from(order + "HHH", image, 0x2E)
+        header = struct.Struct(order + "IIIIII")
+    if count == 0 or strndx >= count or shoff + count * entsize > len(image):
+        raise ValueError("truncated ELF section table")
+    headers = [header.unpack_from(image, shoff + i * entsize) for i in range(count)]
+    for _name, stype, _flags, _addr, offset, size in headers:
+        if stype != 8 and offset + size > len(image):  # 8: SHT_NOBITS has no file bytes
+            raise ValueError("truncated ELF section")
+    names_at = headers[strndx][4]
+    sections = {}
+    for name, _stype, _flags, _addr, offset, size in headers:
+        start = names_at + name
+        end = image.find(b"\0", start)
+        sections[bytes(image[start:end]).decode("utf-8", "replace")] = (offset, size)
+    return sections
+
+
+def section_bytes(image, name):
+    sections = elf_sections(image)
+    if name not in sections:
+        raise ValueError("no %s section" % name)
+    offset, size = sections[name]
+    return bytes(image[offset:offset + size])
+
+
+def modinfo(image):
+    """The key=value strings of .modinfo (vermagic, name, ...); the first of each key wins."""
+    info = {}
+    for item in section_bytes(image, ".modinfo").split(b"\0"):
+        key, sep, value = item.decode("utf-8", "replace").partition("=")
+        if sep and key not in info:
+            info[key] = value
+    return info
+
+
+def is_signed(image):
+    return bytes(image[-len(SIGNATURE_MARK):]) == SIGNATURE_MARK
+
+
+def _name_offset(image, name):
+    """Offset in the image of the module name inside .gnu.linkonce.this_module, or None."""
+    offset, size = elf_sections(image).get(".gnu.linkonce.this_module", (0, 0))
+    data = bytes(image[offset:offset + size])
+    raw = name.encode("utf-8") + b"\0"
+    at = data.find(raw)
+    while at > 0 and data[at - 1] != 0:  # a longer name ending in ours is not ours
+        at = data.find(raw, at + 1)
+    return None if at < 0 else offset + at
+
+
+def runtime_name(name, tag):
+    """staprun -R's scheme: ``<head>_<tag>``, as long as the original name."""
+    head = len(name) - len(tag) - 1
+    return name[:head] + "_" + tag if head >= 1 else None
+
+
+def rename_module(image, old, new):
+    """A copy of ``image`` whose embedded module name is ``new`` (same length as ``old``).
+
+    The kernel names a module after struct module's name in .gnu.linkonce.this_module;
+    staprun -R rewrites only that, and so do we: the module's /proc/systemtap/<name>
+    directory follows, so two runs of one .ko can coexist.
+    """
+    if len(new) != len(old):
+        raise ValueError("new module name must be as long as the old one")
+    at = _name_offset(image, old)
+    if at is None:
+        raise ValueError("module name %r not found in .gnu.linkonce.this_module" % old)
+    renamed = bytearray(image)
+    renamed[at:at + len(old)] = new.encode("utf-8")
+    return renamed
+
+
+def module_params(params, bufsize_mb=0):
+    """The init_module parameter string: ``_stp_bufsize=N`` then the script's globals.
+
+    Values with blanks are double-quoted for the kernel's parser; values it cannot carry
+    (a double quote, NUL, newline) are refused rather than mangled.
+    """
+    if isinstance(bufsize_mb, bool) or not isinstance(bufsize_mb, int) or bufsize_mb < 0:
+        raise ValueError("bufsize_mb must be a non-negative integer, not %r" % (bufsize_mb,))
+    parts = ["_stp_bufsize=%d" % bufsize_mb]
+    for name in sorted(params):
+        value = params[name]
+        if not PARAM_NAME.match(name):
+            raise ValueError("parameter name %r is not an identifier" % (name,))
+        if name.startswith("_stp_"):
+            raise ValueError("parameter %s is reserved for the SystemTap runtime" % name)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError("parameter %s must be a string or an integer, not %s"
+                             % (name, type(value).__name__))
+        text = str(value)
+        for bad, what in (('"', "a double quote"), ("\0", "a NUL"), ("\n", "a newline")):
+            if bad in text:
+                raise ValueError("parameter %s contains %s, which the kernel cannot pass"
+                                 % (name, what))
+        if not text or any(c.isspace() for c in text):
+            text = '"%s"' % text
+        parts.append("%s=%s" % (name, text))
+    return " ".join(parts)
+
+
+def insmod_message(err, name):
+    """What an init_module errno means for a SystemTap module, in the user's terms."""
+    meanings = {
+        errno.ENOEXEC: "invalid module format: it was built for another kernel (see dmesg)",
+        errno.ENOENT: "unknown symbol in module: the kernel's configuration differs from "
+                      "the headers it was built against (see dmesg)",
+        errno.EEXIST: "a module named %s is already loaded" % name,
+        EKEYREJECTED: "the kernel rejected the module's signature",
+        errno.EPERM: "operation not permitted: the kernel wants signed modules (Secure Boot "
+                     "or lockdown), or the SystemTap runtime refused to start (see dmesg)",
+        errno.ESRCH: "module has wrong symbol version (see dmesg)",
+        errno.EINVAL: "invalid module parameters (see dmesg)",
+        errno.ENOMEM: "not enough kernel memory to load the module",
+    }
+    text = meanings.get(err.errno, os.strerror(err.errno) if err.errno else str(err))
+    return "insmod %s failed (%s): %s" % (name, errno.errorcode.get(err.errno, err.errno), text)
+
+
+# ---------------------------------------------------------------- the kernel
+
+class Kernel(object):
+    """Every contact with the kernel, so that tests can put a double in its place."""
+
+    def __init__(self, proc="/proc", sys_root="/sys"):
+        self.proc = proc
+        self.sys = sys_root
+        self._libc = None
+
+    def proc_path(self, *parts):
+        return os.path.join(self.proc, *parts)
+
+    def sys_path(self, *parts):
+        return os.path.join(self.sys, *parts)
+
+    def read(self, path):
+        """A small text file, or None when it cannot be read."""
+        try:
+            with open(path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except (OSError, IOError):
+            return None
+
+    def uname(self):
+        u = os.uname()
+        return u.release, u.machine
+
+    def euid(self):
+        return os.geteuid()
+
+    def libc(self):
+        if self._libc is None:
+            self._libc = ctypes.CDLL(None, use_errno=True)
+            self._libc.init_module.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+            self._libc.delete_module.argtypes = [ctypes.c_char_p, ctypes.c_uint]
+        return self._libc
+
+    def load(self, image, params):
+        """init_module(2); OSError with the kernel's errno on failure."""
+        image = bytes(image)
+        if self.libc().init_module(image, len(image), params.encode("utf-8")) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    def unload(self, name):
+        """delete_module(2) with O_NONBLOCK, as rmmod; OSError (EAGAIN while in use)."""
+        if self.libc().delete_module(name.encode("utf-8"), os.O_NONBLOCK) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    def control_dir(self, name):
+        return self.proc_path("systemtap", name)
+
+    def open_control(self, name):
+        """The module's .cmd, non-blocking: reads give EAGAIN when nothing is queued."""
+        return os.open(os.path.join(self.control_dir(name), ".cmd"), os.O_RDWR | os.O_NONBLOCK)
+
+    def open_relays(self, name):
+        """The module's relay files trace0..traceN-1, in CPU order."""
+        directory = self.control_dir(name)
+        names = sorted((n for n in os.listdir(directory) if TRACE_NAME.match(n)),
+                       key=lambda n: int(n[5:]))
+        return [os.open(os.path.join(directory, n), os.O_RDONLY | os.O_NONBLOCK) for n in names]
+
+    @contextlib.contextmanager
+    def addresses_visible(self):
+        """Let root read real addresses in kallsyms and sysfs, then restore the setting.
+
+        staprun sets kptr_restrict to 1 (it shows root real addresses on every kernel,
+        where 0 hashes sysfs section addresses on 4.15+ and 2 hides them). An flock
+        keeps concurrent agents from restoring it under each other's feet.
+        """
+        path = self.proc_path("sys", "kernel", "kptr_restrict")
+        try:
+            lock = os.open(path, os.O_RDONLY)
+        except OSError:
+            yield
+            return
+        old = None
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:
+                pass
+            value = (self.read(path) or "").strip()
+            if value and value != "1":
+                try:
+                    self._write(path, "1")
+                    old = value
+                except OSError as e:
+                    log("cannot set kptr_restrict: %s" % e)
+            yield
+        finally:
+            if old is not None:
+                try:
+                    self._write(path, old)
+                except OSError as e:
+                    log("cannot restore kptr_restrict to %s: %s" % (old, e))
+            os.close(lock)
+
+    def _write(self, path, text):
+        with open(path, "w") as f:
+            f.write(text)
+
+    def kernel_symbols(self, names=KERNEL_SYMBOLS):
+        """Addresses of the kernel's own symbols among ``names``, from /proc/kallsyms."""
+        wanted = set(names)
+        found = {}
+        try:
+            with open(self.proc_path("kallsyms"), "rb") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) != 3:  # module symbols carry a 4th field: [module]
+                        continue
+                    symbol = fields[2].decode("utf-8", "replace")
+                    if symbol in wanted and symbol not in found:
+                        found[symbol] = int(fields[0], 16)
+                        if len(found) == len(wanted):
+                            break
+        except (OSError, IOError, ValueError) as e:
+            log("cannot read kallsyms: %s" % e)
+        return found
+
+    def module_sections(self):
+        """(module, section, address) of every /sys/module/*/sections/*, as staprun sends."""
+        result = []
+        root = self.sys_path("module")
+        try:
+            modules = sorted(os.listdir(root))
+        except OSError:
+            return result
+        for module in modules:
+            directory = os.path.join(root, module, "sections")
+            try:
+                sections = sorted(os.listdir(directory))
+            except OSError:
+                continue
+            for section in sections:
+                text = self.read(os.path.join(directory, section)) or ""
+                try:
+                    address = int(text.strip(), 16)
+                except ValueError:
+                    continue
+                if "init." in section:  # unloaded init sections keep stale addresses
+                    address = 0
+                result.append((module, section, address))
+        return result
+
+    def has_build_id_note(self):
+        return os.access(self.sys_path("kernel", "notes"), os.R_OK)
+
+
+def collect_facts(kernel):
+    """What the controller needs to know about a host before anything is loaded."""
+    def number(path):
+        text = kernel.read(path)
+        try:
+            return int(text.strip()) if text is not None else None
+        except ValueError:
+            return None
+
+    release, machine = kernel.uname()
+    lockdown_text = kernel.read(kernel.sys_path("kernel", "security", "lockdown"))
+    lockdown = re.search(r"\[(\w+)\]", lockdown_text or "")
+    sig_enforce = kernel.read(kernel.sys_path("module", "module", "parameters", "sig_enforce"))
+    meminfo = re.search(r"^MemAvailable:\s+(\d+)", kernel.read(kernel.proc_path("meminfo")) or "",
+                        re.M)
+    modules_text = kernel.read(kernel.proc_path("modules"))
+    loaded = [line.split()[0] for line in (modules_text or "").splitlines()
+              if line.startswith(("stap_", "stapctl_"))]
+    return {
+        "release": release,
+        "arch": machine,
+        "python": "%d.%d.%d" % tuple(sys.version_info[:3]),
+        "euid": kernel.euid(),
+        "module_support": modules_text is not None,
+        "modules_disabled": number(kernel.proc_path("sys", "kernel", "modules_disabled")) == 1,
+        "lockdown": lockdown.group(1) if lockdown else None,
+        "sig_enforce": (sig_enforce or "").strip() in ("Y", "1"),
+        "fips": number(kernel.proc_path("sys", "crypto", "fips_enabled")) == 1,
+        "procfs": os.path.isdir(kernel.proc_path("sys")),
+        "kptr_restrict": number(kernel.proc_path("sys", "kernel", "kptr_restrict")),
+        "mem_available_kb": int(meminfo.group(1)) if meminfo else None,
+        "loaded_stap_modules": loaded,
+    }
+
+
+# ---------------------------------------------------------------- the agent
+
+class Failure(Exception):
+    """Ends an action early with a failure kind from the protocol's taxonomy."""
+
+    def __init__(self, kind, message):
+        Exception.__init__(self, message)
+        self.kind = kind
+        self.message = message
+
+
+class FrameWriter(object):
+    """Writes frames to stdout; once the controller is gone it drops them, so cleanup goes on."""
+
+    def __init__(self, fd, stall_timeout=60.0):
+        self.fd = fd
+        self.stall_timeout = stall_timeout
+        self.broken = False
+
+    def send(self, ftype, payload):
+        if self.broken:
+            return
+        view = memoryview(encode_frame(ftype, payload))
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        try:
+            while view:
+                if not poller.poll(self.stall_timeout * 1000):
+                    raise OSError(errno.ETIMEDOUT, "stdout accepted nothing for %.0f s"
+                                  % self.stall_timeout)
+                written = os.write(self.fd, view[:select.PIPE_BUF])
+                view = view[written:]
+        except OSError as e:
+            log("stdout is gone (%s); carrying on to clean up" % e)
+            self.broken = True
+
+    def json(self, ftype, obj):
+        self.send(ftype, json.dumps(obj, sort_keys=True).encode("utf-8"))
+
+
+class LineReader(object):
+    """Reads JSON lines from the controller without ever blocking the agent."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.buf = b""
+        self.eof = False
+        self.last_line = time.monotonic()
+
+    def fill(self):
+        """Reads what is there; call only when poll says the fd is readable."""
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError as e:
+            log("stdin: %s" % e)
+            data = b""
+        if not data:
+            self.eof = True
+        self.buf += data
+
+    def next_line(self):
+        """The next complete line, or None."""
+        line, sep, rest = self.buf.partition(b"\n")
+        if not sep:
+            return None
+        self.buf = rest
+        self.last_line = time.monotonic()
+        return line
+
+    def first_line(self, timeout):
+        """The request line, waiting at most ``timeout`` seconds for it."""
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while True:
+            line = self.next_line()
+            if line is not None:
+                return line
+            if self.eof:
+                raise Failure("agent-error", "stdin closed before a request arrived")
+            if len(self.buf) > 1 << 20:
+                raise Failure("agent-error", "request line longer than 1 MiB")
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise Failure("agent-error", "no request arrived on stdin within %.0f s" % timeout)
+            self.fill()
+
+
+class Agent(object):
+    """One request, one result: facts, preflight, or a whole run of one module."""
+
+    open_retry = 2.0  # seconds to retry .cmd's EBUSY (a previous opener closing)
+    startup_timeout = 15.0  # for TRANSPORT and START's reply
+    unload_retry = 3.0  # seconds to retry delete_module while the module is in use
+    drain_timeout = 5.0
+    settle_time = 0.3  # to collect the module's ERROR text after a failed START
+    tick = 0.1  # relays are read every tick, not polled: a finished one polls POLLERR forever
+    request_timeout = 60.0
+
+    def __init__(self, kernel=None, stdin_fd=0, stdout_fd=1, gap_wait=1.0):
+        self.kernel = kernel or Kernel()
+        self.out = FrameWriter(stdout_fd)
+        self.stdin = LineReader(stdin_fd)
+        self.merger = Merger(gap_wait)
+        self.stats = {"bytes": 0, "records": 0, "lost_records": 0, "transport_failures": 0,
+                      "warnings": 0, "desyncs": 0, "lost_bytes": 0}
+        self.signalled = None
+        self.module = None
+        self.unload_problem = None
+        self.cmd = None
+        self.relays = []  # (fd, RecordParser) per CPU
+        self.children = []  # system() commands whose output we forward
+        self.generation = None
+        self.transport = False
+        self.start_res = None
+        self.exit_requested = False
+        self.exit_reply = False
+        self.stop_reason = None
+        self.exit_sent = None
+        self.exit_problem = None
+        self.started = None
+        self.errors = []
+        self.seen_warnings = set()
+
+    # -- plumbing
+
+    def event(self, name, **fields):
+        fields["event"] = name
+        self.out.json(FRAME_EVENT, fields)
+
+    def on_signal(self, signum, _frame):
+        self.signalled = signum
+
+    def serve(self):
+        """Answers one request; returns the process exit status (0 when the result is ok)."""
+        self.out.json(FRAME_HELLO, {"protocol": PROTOCOL_VERSION, "agent": AGENT_VERSION,
+                                    "python": "%d.%d.%d" % tuple(sys.version_info[:3]),
+                                    "pid": os.getpid()})
+        request = {}
+        try:
+            request = self.read_request()
+            result = self.handle(request)
+        except Failure as e:
+            result = self.result(e.kind, e.message)
+        except Exception:
+            log(traceback.format_exc())
+            result = self.result("agent-error", traceback.format_exc())
+        if self.unload_problem:
+            result["status"] = "failed"
+            result["kind"] = result["kind"] or "agent-error"
+            result["message"] = "%s; %s" % (result["message"], self.unload_problem)
+        self.remove_files(request.get("remove_files") if isinstance(request, dict) else None)
+        self.out.json(FRAME_RESULT, result)
+        return 0 if result["status"] == "ok" else 1
+
+    def read_request(self):
+        line = self.stdin.first_line(self.request_timeout)
+        try:
+            request = json.loads(line.decode("utf-8"))
+        except ValueError as e:
+            raise Failure("agent-error", "the request is not JSON: %s" % e) from None
+        if not isinstance(request, dict):
+            raise Failure("agent-error", "the request is not a JSON object")
+        return request
+
+    def result(self, kind, message, **extra):
+        extra.update({"status": "failed" if kind else "ok", "kind": kind, "message": message,
+                      "stats": dict(self.stats)})
+        return extra
+
+    def remove_files(self, paths):
+        for path in paths or ():
+            try:
+                os.unlink(path)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log("cannot remove %s: %s" % (path, e))
+
+    def handle(self, request):
+        if request.get("protocol") != PROTOCOL_VERSION:
+            raise Failure("agent-error", "protocol %r requested; this agent speaks %d"
+                          % (request.get("protocol"), PROTOCOL_VERSION))
+        action = request.get("action")
+        if action == "facts":
+            return self.result(None, "facts collected", facts=collect_facts(self.kernel))
+        if action == "preflight":
+            facts = collect_facts(self.kernel)
+            try:
+                _image, name, _params = self.preflight(request, facts)
+            except Failure as e:
+                return self.result(e.kind, e.message, facts=facts)
+            return self.result(None, "module %s can be loaded" % name, facts=facts)
+        if action == "run":
+            return self.run(request)
+        raise Failure("agent-error", "unknown action %r" % (action,))
+
+    # -- preflight
+
+    def preflight(self, request, facts):
+        """Every check that must pass before insmod: (image, module name, params string)."""
+        def refuse(message):
+            return Failure("preflight-refused", message)
+
+        if facts["euid"] != 0:
+            raise refuse("the agent runs as uid %d, not root: loading a kernel module needs "
+                         "root (use become)" % facts["euid"])
+        if not facts["module_support"]:
+            raise refuse("this kernel has no loadable module support (no /proc/modules)")
+        if facts["modules_disabled"]:
+            raise refuse("/proc/sys/kernel/modules_disabled is 1: this kernel accepts no "
+                         "modules until it reboots")
+        if not facts["procfs"]:
+            raise refuse("/proc is not mounted: the module's control channel lives there")
+        path = request.get("module")
+        if not path:
+            raise refuse("the request names no module file")
+        try:
+            with open(path, "rb") as f:
+                image = f.read()
+        except (OSError, IOError) as e:
+            raise refuse("cannot read module %s: %s" % (path, e.strerror)) from None
+        digest = hashlib.sha256(image).hexdigest()
+        if digest != request.get("sha256"):
+            raise refuse("module %s has sha256 %s, expected %s: the upload is corrupt or stale"
+                         % (path, digest, request.get("sha256")))
+        try:
+            info = modinfo(image)
+        except ValueError as e:
+            raise refuse("%s is not a kernel module: %s" % (path, e)) from None
+        built_for = (info.get("vermagic") or "").split()
+        if not built_for:
+            raise refuse("%s has no vermagic: not a kernel module" % path)
+        if built_for[0] != facts["release"]:
+            raise refuse("module %s was built for kernel %s, but this host runs %s"
+                         % (path, built_for[0], facts["release"]))
+        name = request.get("module_name") or info.get("name")
+        if not name or _name_offset(image, name) is None:
+            raise refuse("module name %r is not the name embedded in %s" % (name, path))
+        strict = facts["sig_enforce"] or facts["lockdown"] in ("integrity", "confidentiality")
+        if strict and not is_signed(image):
+            raise refuse("this kernel only loads signed modules (sig_enforce=%s, lockdown=%s) "
+                         "and %s is unsigned" % (facts["sig_enforce"], facts["lockdown"], path))
+        params = request.get("params") or {}
+        if not isinstance(params, dict):
+            raise refuse("params must be a JSON object of name: value")
+        try:
+            params = module_params(params, request.get("bufsize_mb") or 0)
+        except ValueError as e:
+            raise refuse(str(e)) from None
+        return image, name, params
+
+    # -- run
+
+    def run(self, request):
+        facts = collect_facts(self.kernel)
+        self.event("facts", facts=facts)
+        image, name, params = self.preflight(request, facts)
+        loaded_name = runtime_name(name, str(os.getpid()))
+        if loaded_name is None or is_signed(image):
+            # Renaming would break a signature; a name this short cannot take a tag.
+            self.event("warning", text="module %s is loaded under its own name: a second run "
+                                       "of it on this host will fail with EEXIST" % name)
+            loaded_name = name
+        else:
+            image = rename_module(image, name, loaded_name)
+        try:
+            self.kernel.load(image, params)
+        except OSError as e:
+            raise Failure("insmod-refused", insmod_message(e, loaded_name)) from None
+        self.module = loaded_name
+        self.event("loaded", module=loaded_name)
+        try:
+            self.attach(request)
+            self.steady_state(request)
+            self.drain()
+        finally:
+            self.teardown()
+        return self.outcome(request)
+
+    def attach(self, request):
+        """staprun's and stapio's startup: handshake, relocations, relay files, START.
+
+        TRANSPORT is queued by the module's init, so it is read first: its number tells
+        4.x from 5.x before anything is written.
+        """
+        self.cmd = self.open_control()
+        if not self.wait_for(lambda: self.transport, "TRANSPORT"):
+            raise Failure("start-failed", "the module sent no TRANSPORT message within %.0f s"
+                          % self.startup_timeout)
+        self.send("PRIVILEGE_CREDENTIALS", pack_privilege(), required=False)
+        self.send_relocations()
+        now = time.localtime()
+        self.send("TZINFO", pack_tzinfo(now.tm_gmtoff, (now.tm_zone or "UTC")[:63]),
+                  required=False)
+        if isinstance(request.get("remote_id"), int):
+            self.send("REMOTE_ID", pack_remote_id(request["remote_id"],
+                                                  str(request.get("remote_uri", ""))[:127]),
+                      required=False)
+        self.send("READY", required=False)
+        self.relays = [(fd, RecordParser(self.generation))
+                       for fd in self.kernel.open_relays(self.module)]
+        self.send("START", pack_start(0, 0))  # blocks while begin probes run
+        if not self.wait_for(lambda: self.start_res is not None, "START's reply"):
+            raise Failure("start-failed", "the module did not answer START within %.0f s"
+                          % self.startup_timeout)
+        if self.start_res != 0:
+            deadline = time.monotonic() + self.settle_time
+            while time.monotonic() < deadline:
+                self.wait(0.05)
+                self.pump_control()
+            raise Failure("start-failed", self.errors[0] if self.errors else
+                          "the module's initialization returned %d" % self.start_res)
+
+    def open_control(self):
+        deadline = time.monotonic() + self.open_retry
+        while True:
+            try:
+                return self.kernel.open_control(self.module)
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise Failure("start-failed", "cannot open the control channel of %s: %s"
+                                  % (self.module, e.strerror)) from None
+                time.sleep(0.05)
+
+    def wait_for(self, condition, what):
+        """Reads control messages until ``condition()``; False after startup_timeout."""
+        deadline = time.monotonic() + self.startup_timeout
+        while not condition():
+            if self.signalled:
+                raise Failure("stopped", "stopped by signal %d while waiting for %s"
+                              % (self.signalled, what))
+            if time.monotonic() > deadline:
+                return False
+            self.wait(0.05)
+            self.pump_control()
+        return True
+
+    def send(self, name, payload=b"", required=True):
+        """Writes one control message; a failure of a required one fails the start."""
+        message = encode_message(self.generation, name, payload)
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                written = os.write(self.cmd, message)
+                problem = None if written > 0 else "the module accepted 0 bytes"
+            except OSError as e:
+                problem = e.strerror
+                if e.errno == errno.EAGAIN and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+            break
+        if problem and required:
+            raise Failure("start-failed", "cannot send %s: %s" % (name, problem))
+        if problem:
+            log("%s not accepted: %s" % (name, problem))
+        return problem is None
+
+    def send_relocations(self):
+        """The kernel's own addresses (6.x exports no kallsyms_lookup_name) and sections."""
+        with self.kernel.addresses_visible():
+            symbols = self.kernel.kernel_symbols()
+            sections = self.kernel.module_sections()
+        for symbol in KERNEL_SYMBOLS:
+            if symbol in symbols:
+                self.send("RELOCATION", pack_relocation("kernel", symbol, symbols[symbol]),
+                          required=False)
+        if "_stext" in symbols and self.kernel.has_build_id_note():
+            self.send("RELOCATION", pack_relocation("kernel", ".note.gnu.build-id", 2),
+                      required=False)
+        for module, section, address in sections:
+            if len(module) < 127 and len(section) < 127:
+                self.send("RELOCATION", pack_relocation(module, section, address),
+                          required=False)
+
+    def steady_state(self, request):
+        duration = request.get("duration")
+        exit_timeout = float(request.get("exit_timeout") or 10.0)
+        deadman = request.get("deadman", 30.0)
+        self.out.stall_timeout = float(deadman or 60.0)
+        while True:
+            listen = not self.stdin.eof and self.exit_sent is None
+            if self.stdin.fd in self.wait(self.tick, with_stdin=listen):
+                self.stdin.fill()
+            self.read_stdin()
+            self.pump_control()
+            self.read_relays()
+            self.forward_children()
+            self.emit_output(time.monotonic())
+            if self.exit_reply:
+                return
+            now = time.monotonic()
+            if self.stop_reason is None:
+                if self.exit_requested:
+                    self.stop("error" if self.errors else "exit()")
+                elif self.signalled:
+                    self.stop("signal")
+                elif duration is not None and now - self.started >= duration:
+                    self.stop("duration")
+                elif deadman and now - self.stdin.last_line > deadman:
+                    self.stop("deadman")
+            if self.stop_reason is not None and self.exit_sent is None:
+                self.exit_sent = now
+                if not self.send("EXIT", required=False):
+                    self.exit_problem = "the module refused EXIT"
+                    return
+            if self.exit_sent is not None and now - self.exit_sent > exit_timeout:
+                self.exit_problem = "the module did not answer EXIT within %.0f s" % exit_timeout
+                return
+
+    def wait(self, timeout, with_stdin=False):
+        """Polls the control channel, system() output and maybe stdin; the readable fds."""
+        poller = select.poll()
+        fds = [self.cmd] + [child.stdout.fileno() for child in self.children]
+        if with_stdin:
+            fds.append(self.stdin.fd)
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        return set(fd for fd, _ in poller.poll(timeout * 1000))
+
+    def read_stdin(self):
+        """Handles the controller's complete lines: ping keeps the dead-man quiet, stop stops."""
+        while True:
+            line = self.stdin.next_line()
+            if line is None:
+                break
+            try:
+                op = json.loads(line.decode("utf-8")).get("op")
+            except (ValueError, AttributeError):
+                log("ignoring a line on stdin that is not a JSON object")
+                continue
+            if op == "stop":
+                self.stop("stop")
+            elif op != "ping":
+                log("ignoring unknown op %r" % (op,))
+        if self.stdin.eof:
+            self.stop("controller-gone")
+
+    def stop(self, reason):
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.event("stopping", reason=reason)
+
+    def pump_control(self):
+        """Handles every message queued on .cmd."""
+        while self.cmd is not None:
+            try:
+                data = os.read(self.cmd, CTL_READ_SIZE)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EINTR):
+                    log("reading the control channel: %s" % e)
+                return
+            if not data:
+                return
+            self.on_message(data)
+
+    def on_message(self, data):
+        if len(data) < 4:
+            log("ignoring a %d-byte control message" % len(data))
+            return
+        mtype = struct.unpack_from("=I", data)[0]
+        if self.generation is None:
+            self.generation = generation_of(mtype)
+            if self.generation is None:
+                log("ignoring control message of unknown type %d" % mtype)
+                return
+        name, payload = decode_message(data, self.generation)
+        if name == "TRANSPORT":
+            self.transport = True
+        elif name == "START" and self.start_res is None:
+            try:
+                self.start_res = unpack_start(payload)[1]
+            except ValueError as e:
+                log("ignoring a malformed START reply: %s" % e)
+                return
+            if self.start_res == 0:  # now, before the messages queued after it
+                self.started = time.monotonic()
+                self.event("started")
+        elif name == "OOB_DATA":
+            self.on_text(message_text(payload))
+        elif name == "SYSTEM":
+            self.system(payload.split(b"\0", 1)[0])
+        elif name == "REQUEST_EXIT":  # may come before START's reply: acted on in steady state
+            self.exit_requested = True
+        elif name == "EXIT":
+            self.exit_reply = True
+        else:
+            log("ignoring control message %s (type %d)" % (name, mtype))
+
+    def on_text(self, text):
+        """OOB_DATA: errors fail the run; warnings are counted and shown once each."""
+        if text.startswith("ERROR: "):
+            text = text[7:]
+            if len(self.errors) < 100:
+                self.errors.append(text)
+            self.event("error", text=text)
+            return
+        if text.startswith("WARNING: "):
+            text = text[9:]
+        self.stats["warnings"] += 1
+        failures = TRANSPORT_FAILURES.search(text)
+        if failures:
+            self.stats["transport_failures"] += int(failures.group(1))
+        if text not in self.seen_warnings and len(self.seen_warnings) < 1024:
+            self.seen_warnings.add(text)
+            self.event("warning", text=text)
+
+    def system(self, command):
+        """The script's system(): run by sh without waiting, as stapio does.
+
+        Its output joins the probe output; it gets neither our stdin (the controller's
+        channel) nor our descriptors (an inherited .cmd would keep the module loaded).
+        """
+        if not command:
+            return
+        try:
+            child = subprocess.Popen([b"sh", b"-c", command], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     close_fds=True)
+        except OSError as e:
+            self.on_text("WARNING: system(%s) could not start: %s"
+                         % (command.decode("utf-8", "replace"), e))
+            return
+        os.set_blocking(child.stdout.fileno(), False)
+        self.children.append(child)
+
+    def forward_children(self):
+        for child in list(self.children):
+            try:
+                data = os.read(child.stdout.fileno(), 65536)
+            except OSError:  # EAGAIN: nothing yet
+                continue
+            if data:
+                self.out.send(FRAME_OUTPUT, data)
+            else:
+                child.stdout.close()
+                child.poll()
+                self.children.remove(child)
+
+    def read_relays(self):
+        """Reads every relay file until it has no data; True if anything arrived."""
+        now = time.monotonic()
+        got = False
+        for fd, parser in self.relays:
+            for _ in range(64):  # bounded, so .cmd is served even under a flood
+                try:
+                    data = os.read(fd, 65536)
+                except OSError as e:
+                    if e.errno not in (errno.ENODATA, errno.EAGAIN, errno.EINTR):
+                        log("reading relay file: %s" % e)
+                    break
+                if not data:
+                    break
+                got = True
+                for seq, record in parser.feed(data):
+                    self.merger.add(seq, record, now)
+        return got
+
+    def emit_output(self, now, final=False):
+        ready = self.merger.pop(now, final)
+        if ready:
+            data = b"".join(ready)
+            self.stats["records"] += len(ready)
+            self.stats["bytes"] += len(data)
+            self.out.send(FRAME_OUTPUT, data)
+
+    def drain(self):
+        """After EXIT's reply: read the relays dry, then the last control messages."""
+        deadline = time.monotonic() + self.drain_timeout
+        while self.read_relays() and time.monotonic() < deadline:
+            pass
+        self.pump_control()
+        now = time.monotonic()
+        for _fd, parser in self.relays:
+            for seq, record in parser.finish():
+                self.merger.add(seq, record, now)
+        self.emit_output(now, final=True)
+        self.forward_children()
+
+    def teardown(self):
+        """Close every descriptor, then rmmod: whatever happened before, never raising."""
+        for _fd, parser in self.relays:
+            self.stats["desyncs"] += parser.desyncs
+            self.stats["lost_bytes"] += parser.lost_bytes
+        for fd in [fd for fd, _parser in self.relays] + [self.cmd]:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.relays = []
+        self.cmd = None
+        for child in self.children:
+            child.stdout.close()
+        self.children = []
+        deadline = time.monotonic() + self.unload_retry
+        while True:
+            try:
+                self.kernel.unload(self.module)
+                break
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    break
+                if e.errno in (errno.EAGAIN, errno.EBUSY, errno.EINTR) and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                self.unload_problem = "module %s is still loaded: delete_module failed: %s" \
+                                      % (self.module, e.strerror)
+                log(self.unload_problem)
+                return
+            except Exception as e:
+                self.unload_problem = "module %s may still be loaded: %r" % (self.module, e)
+                return
+        self.event("unloaded", module=self.module)
+
+    def outcome(self, request):
+        self.stats["lost_records"] = self.merger.lost
+        messages = {
+            "exit()": "the script called exit()",
+            "error": "the script stopped on an error",
+            "duration": "the duration of %s s was reached" % request.get("duration"),
+            "stop": "stopped by the controller",
+            "signal": "stopped by signal %s" % self.signalled,
+            "controller-gone": "stdin closed: the controller is gone",
+            "deadman": "no word from the controller for %s s" % request.get("deadman", 30.0),
+        }
+        message = messages.get(self.stop_reason, "stopped (%s)" % self.stop_reason)
+        if self.exit_problem:
+            message += "; %s, so it was detached and unloaded (its end probes ran in rmmod)" \
+                       % self.exit_problem
+        if self.errors:
+            more = len(self.errors) - 1
+            return self.result("runtime-error", self.errors[0] + (
+                " (and %d more errors)" % more if more else ""))
+        if self.exit_problem:
+            return self.result("timed-out", message)
+        kind = {"stop": "stopped", "signal": "stopped", "controller-gone": "transport-lost",
+                "deadman": "transport-lost"}.get(self.stop_reason)
+        return self.result(kind, message)
+
+
+def serve(kernel=None, stdin_fd=0, stdout_fd=1, **options):
+    """Runs the agent on the given descriptors; signals are caught only in the main thread."""
+    agent = Agent(kernel, stdin_fd, stdout_fd, **options)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, agent.on_signal)
+    try:
+        return agent.serve()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def main():
+    return serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,569 @@
+"""Target hosts: Ansible inventories (INI or YAML files, read as Ansible reads them) or a
+manifest's inline mapping, and Ansible host patterns over them.
+
+A stapctl user's inventory is usually an existing Ansible one, so groups, children,
+group and host vars, host ranges (``web[01:03]``) and the ``ansible_*`` connection
+variables mean what they mean to Ansible. Every problem is a ManifestError with the
+file and line where it is written.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import re
+import shlex
+import string
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stapctl.errors import Issue, ManifestError
+from stapctl.manifest import (
+    Document,
+    KeyPath,
+    UnreadableFile,
+    did_you_mean,
+    format_path,
+    parse_yaml,
+    read_text,
+    read_yaml,
+    schema_issues,
+    schema_validator,
+)
+from stapctl.models import Host
+
+MAX_HOSTS_PER_RANGE = 10_000  # web[0:99999999] is a typo, not a fleet
+
+_YAML_SUFFIXES = {".yaml", ".yml", ".json"}
+_BOOLEAN_WORDS = {"yes": True, "on": True, "true": True, "y": True, "t": True, "1": True,
+                  "no": False, "off": False, "false": False, "n": False, "f": False, "0": False}
+_INLINE_HOST_FIELDS = {  # inline host settings and the Ansible variable each one sets
+    "address": "ansible_host", "port": "ansible_port", "user": "ansible_user",
+    "key_file": "ansible_ssh_private_key_file", "become": "ansible_become",
+    "python": "ansible_python_interpreter", "known_hosts": "stapctl_known_hosts",
+}
+_TEXT_VARIABLES = ("ansible_host", "ansible_user", "ansible_ssh_private_key_file",
+                   "ansible_python_interpreter", "stapctl_known_hosts")
+_INI_SECTION = re.compile(r"\[(?P<group>[^:\]\s]+)(?::(?P<kind>\w+))?\]\s*(?:[#;].*)?")
+_INI_GROUP_NAME = re.compile(r"(?P<group>[^:\]\s]+)\s*(?:[#;].*)?")
+_HOST_AND_PORT = re.compile(r"(?P<name>(?:[^:\[\]\s]|\[[^\]]*\])+)(?::(?P<port>[0-9]+))?")
+_BRACKETED_IPV6 = re.compile(r"\[(?P<name>[0-9A-Fa-f:.]+)\](?::(?P<port>[0-9]+))?")
+_RANGE = re.compile(r"\[(?P<start>[0-9]*|[A-Za-z]):(?P<end>[0-9]+|[A-Za-z])"
+                    r"(?::(?P<step>[0-9]+))?\]")
+
+Where = tuple[int | None, int | None, str]  # line, column, key path: where a thing is written
+
+
+@dataclass
+class Group:
+    """An inventory group: its own members, child groups and vars."""
+
+    name: str
+    hosts: list[str] = field(default_factory=list)
+    children: list[str] = field(default_factory=list)
+    vars: dict[str, Any] = field(default_factory=dict)
+
+
+def load_inventory(source: Path | Mapping[str, Any], origin: Path) -> Inventory:
+    """Read an inventory: an Ansible INI or YAML file, or a manifest's inline mapping.
+
+    ``origin`` is the manifest the inventory serves: an inline mapping is located in it,
+    and host-pattern errors point at its ``hosts:`` key. A file is read as YAML when it
+    ends in .yaml, .yml or .json or its first line is a ``key:``, and as INI otherwise.
+    """
+    if isinstance(source, Path):
+        try:
+            text = read_text(source)
+        except UnreadableFile as error:
+            raise ManifestError(
+                Issue(str(source), error.line, None, "", f"inventory: {error}")) from None
+        builder = _Builder(str(source))
+        if _looks_like_yaml(source, text):
+            _read_yaml_inventory(parse_yaml(text, str(source)), builder)
+        else:
+            _read_ini_inventory(text, builder)
+    else:
+        builder = _Builder(str(origin))
+        _read_inline_inventory(source, _document_of(origin), builder)
+    return builder.finish(origin)
+
+
+def host_vars(host: Host, manifest_vars: Mapping[str, Any],
+              extra_vars: Mapping[str, Any]) -> dict[str, Any]:
+    """Template variables for one host. Later wins, as in Ansible:
+
+    manifest ``vars`` < group vars (``all`` < parent groups < child groups) < host vars
+    < ``-e`` extra vars. ``host.vars`` already holds the inventory part, in that order.
+    """
+    return {**manifest_vars, **host.vars, **extra_vars}
+
+
+class Inventory:
+    """Hosts and groups, in the order the inventory lists them."""
+
+    def __init__(self, source: str, origin: Path, hosts: dict[str, dict[str, Any]],
+                 groups: dict[str, Group]) -> None:
+        self.source = source  # the file the inventory was read from (or the manifest)
+        self.origin = origin
+        self.hosts = hosts  # host name → its own vars
+        self.groups = groups  # includes 'all' and 'ungrouped'
+        self._members = {name: self._members_of(name, set()) for name in groups}
+
+    def select(self, pattern: str, limit: str | None = None) -> list[Host]:
+        """The hosts an Ansible host pattern selects (then narrowed by ``limit``), in
+        inventory order: ``all``, ``*``, globs, ``~regex``, names of hosts and groups,
+        ``a:b`` or ``a,b`` union, ``a:&b`` intersection, ``a:!b`` exclusion. A part that
+        matches nothing is an error: a typo in ``!canary`` must not trace the canary."""
+        selected = self._match(pattern, "hosts")
+        if limit is not None:
+            selected &= self._match(limit, "--limit")
+        if not selected:
+            narrowed = f" limited by '{limit}'" if limit is not None else ""
+            raise ManifestError(self._pattern_issue(
+                "hosts", f"host pattern '{pattern}'{narrowed} selects no host"))
+        return [self.host(name) for name in self.hosts if name in selected]
+
+    def host(self, name: str) -> Host:
+        """One host with its merged vars: ``all`` < parent groups < child groups < host."""
+        groups = self.groups_of(name)
+        variables: dict[str, Any] = {}
+        for group in groups:
+            variables.update(self.groups[group].vars)
+        variables.update(self.hosts[name])
+        variables["inventory_hostname"] = name
+        variables["group_names"] = sorted(group for group in groups if group != "all")
+        python = str(variables.get("ansible_python_interpreter", "python3"))
+        become = variables.get("ansible_become")
+        return Host(
+            name=name,
+            address=str(variables.get("ansible_host", name)),
+            port=int(variables.get("ansible_port", 22)),
+            user=_optional_text(variables.get("ansible_user")),
+            key_file=_optional_text(variables.get("ansible_ssh_private_key_file")),
+            become=None if become is None else _boolean(become),
+            python="python3" if python.startswith("auto") else python,  # Ansible's discovery
+            known_hosts=_optional_text(variables.get("stapctl_known_hosts")),
+            vars=variables,
+        )
+
+    def groups_of(self, name: str) -> list[str]:
+        """The groups a host is in, weakest first: by depth under 'all', then
+        ansible_group_priority, then name, as Ansible orders them."""
+        depth = self._depths()
+        mine = [group for group, members in self._members.items() if name in members]
+        return sorted(mine, key=lambda group: (
+            depth[group], _priority(self.groups[group].vars), group))
+
+    def _depths(self) -> dict[str, int]:
+        depth = {"all": 0}
+        pending = ["all"]
+        while pending:  # longest path from 'all': children are deeper than every parent
+            parent = pending.pop()
+            for child in self.groups[parent].children:
+                if depth.get(child, -1) < depth[parent] + 1:
+                    depth[child] = depth[parent] + 1
+                    pending.append(child)
+        return depth
+
+    def _members_of(self, group: str, seen: set[str]) -> set[str]:
+        seen.add(group)
+        members = set(self.groups[group].hosts)
+        for child in self.groups[group].children:
+            if child not in seen:
+                members |= self._members_of(child, seen)
+        return members
+
+    def _match(self, pattern: str, where: str) -> set[str]:
+        terms = [term.strip() for term in re.split(r"[,:]", pattern) if term.strip()]
+        if not terms:
+            raise ManifestError(self._pattern_issue(where, f"empty host pattern '{pattern}'"))
+        including = [term for term in terms if term[0] not in "&!"] or ["all"]
+        selected: set[str] = set()
+        unmatched: list[str] = []
+        for term in including:
+            selected |= self._match_term(term, where, unmatched)
+        for term in terms:
+            if term[0] == "&":
+                selected &= self._match_term(term[1:], where, unmatched)
+            elif term[0] == "!":
+                selected -= self._match_term(term[1:], where, unmatched)
+        if unmatched:
+            known = ", ".join(sorted(self.groups))
+            raise ManifestError(self._pattern_issue(where, (
+                f"in host pattern '{pattern}', {', '.join(repr(t) for t in unmatched)} "
+                f"{'matches' if len(unmatched) == 1 else 'match'} no host or group in "
+                f"{self.source}; its groups: {known}")))
+        return selected
+
+    def _match_term(self, term: str, where: str, unmatched: list[str]) -> set[str]:
+        if term in ("all", "*"):
+            return set(self.hosts)
+        if term.startswith("~"):
+            try:
+                regex = re.compile(term[1:])
+            except re.error as error:
+                raise ManifestError(self._pattern_issue(
+                    where, f"'{term}' is not a valid regular expression: {error}")) from None
+            def matches(name: str) -> bool:
+                return regex.match(name) is not None
+        else:
+            def matches(name: str) -> bool:
+                return fnmatch.fnmatchcase(name, term)
+        found: set[str] = set()
+        groups = [group for group in self.groups if matches(group)]
+        for group in groups:
+            found |= self._members[group]
+        if not groups or term.startswith("~") or any(c in term for c in ".?*["):
+            found |= {name for name in self.hosts if matches(name)}
+        if not found and not groups:
+            unmatched.append(term)
+        return found
+
+    def _pattern_issue(self, where: str, message: str) -> Issue:
+        if where != "hosts":
+            return Issue(where, None, None, "", message)
+        return _document_of(self.origin).issue(("hosts",), message)
+
+
+# --- building an inventory -------------------------------------------------------------
+
+
+class _Builder:
+    """Collects hosts, groups and problems from any of the three formats; ``finish``
+    applies Ansible's rules: every group is under 'all', lone hosts are 'ungrouped'."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.hosts: dict[str, dict[str, Any]] = {}
+        self.groups: dict[str, Group] = {"all": Group("all"), "ungrouped": Group("ungrouped")}
+        self.child_written_at: dict[tuple[str, str], Where] = {}
+        self.issues: list[Issue] = []
+
+    def report(self, where: Where, message: str) -> None:
+        line, column, path = where
+        self.issues.append(Issue(self.file, line, column, path, message))
+
+    def group(self, name: str) -> Group:
+        return self.groups.setdefault(name, Group(name))
+
+    def add_host(self, name: str, group: str | None, variables: Mapping[str, Any]) -> None:
+        self.hosts.setdefault(name, {}).update(variables)
+        if group is not None and name not in self.group(group).hosts:
+            self.group(group).hosts.append(name)
+
+    def add_child(self, parent: str, child: str, where: Where) -> None:
+        if child not in self.group(parent).children:
+            self.group(parent).children.append(child)
+            self.group(child)
+            self.child_written_at[(parent, child)] = where
+
+    def check_variables(self, variables: Mapping[str, Any], where: Where) -> None:
+        """Connection variables must make sense where they are written."""
+        for key, value in variables.items():
+            problem = _connection_variable_problem(key, value)
+            if problem:
+                line, column, path = where
+                self.report((line, column, f"{path}.{key}" if path else key), problem)
+
+    def finish(self, origin: Path) -> Inventory:
+        self._check_cycles()
+        if self.issues:
+            raise ManifestError(sorted(self.issues, key=lambda i: (i.line or 0, i.column or 0)))
+        children = {child for group in self.groups.values() for child in group.children}
+        for name in self.groups:
+            if name != "all" and name not in children:
+                self.groups["all"].children.append(name)
+        grouped = {host for name, group in self.groups.items() if name != "all"
+                   for host in group.hosts}
+        for host in self.hosts:
+            if host not in grouped:
+                self.groups["ungrouped"].hosts.append(host)
+        self.groups["all"].hosts.clear()  # every host is under 'all' through its groups
+        return Inventory(self.file, origin, self.hosts, self.groups)
+
+    def _check_cycles(self) -> None:
+        done: set[str] = set()
+
+        def visit(group: str, trail: list[str]) -> None:
+            if group in trail:
+                cycle = trail[trail.index(group):] + [group]
+                where = self.child_written_at.get((trail[-1], group), (None, None, ""))
+                self.report(where, f"group '{group}' is its own ancestor: "
+                                   f"{' → '.join(cycle)}")
+                return
+            if group in done:
+                return
+            for child in self.groups[group].children:
+                visit(child, [*trail, group])
+            done.add(group)
+
+        for name in list(self.groups):
+            visit(name, [])
+
+
+def _connection_variable_problem(key: str, value: Any) -> str | None:
+    if key == "ansible_port":
+        port = value if isinstance(value, int) and not isinstance(value, bool) else (
+            int(value) if isinstance(value, str) and value.isdigit() else None)
+        if port is None or not 1 <= port <= 65535:
+            return f"expected a port number from 1 to 65535, got {value!r}"
+    elif key == "ansible_become":
+        if not isinstance(value, bool | int | str) or (
+                not isinstance(value, bool) and str(value).lower() not in _BOOLEAN_WORDS):
+            return f"expected true or false (yes/no, 1/0), got {value!r}"
+    elif key in _TEXT_VARIABLES and (not isinstance(value, str) or not value):
+        return f"expected text, got {value!r}"
+    return None
+
+
+def _boolean(value: Any) -> bool:
+    return value if isinstance(value, bool) else _BOOLEAN_WORDS[str(value).lower()]
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _priority(variables: Mapping[str, Any]) -> int:
+    priority = variables.get("ansible_group_priority", 1)
+    return priority if isinstance(priority, int) else 1
+
+
+def _document_of(origin: Path) -> Document:
+    """The manifest, to locate things in it; an empty document if it can't be read."""
+    try:
+        return read_yaml(origin)
+    except ManifestError:
+        return Document(str(origin), None)
+
+
+def expand_host_pattern(text: str) -> tuple[list[str], int | None]:
+    """Host names and port in an inventory host entry: ``web[01:03]:2222`` →
+    ``(['web01', 'web02', 'web03'], 2222)``; ValueError for a malformed one."""
+    match = _BRACKETED_IPV6.fullmatch(text) if text.count(":") > 2 else None
+    if match is None and text.count(":") > 1 and "[" not in text:
+        return [text], None  # a bare IPv6 address
+    match = match or _HOST_AND_PORT.fullmatch(text)
+    if match is None:
+        raise ValueError(f"'{text}' is not a host name, a host range or host:port")
+    port = int(match["port"]) if match["port"] else None
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"port {port} in '{text}' is not from 1 to 65535")
+    return _expand_ranges(match["name"]), port
+
+
+def _expand_ranges(name: str) -> list[str]:
+    found = _RANGE.search(name)
+    if found is None:
+        if "[" in name or "]" in name:
+            raise ValueError(f"'{name}': a host range is written [START:END] or "
+                             f"[START:END:STEP], e.g. web[01:10]")
+        return [name]
+    start, end, step = found["start"] or "0", found["end"], int(found["step"] or 1)
+    head, tail = name[: found.start()], name[found.end():]
+    if start.isdigit() != end.isdigit():
+        raise ValueError(f"'{name}': a range goes from a number to a number or from a "
+                         f"letter to a letter")
+    if start.isdigit():
+        width = len(start) if start.startswith("0") and len(start) > 1 else 0
+        if width and len(end) != width:
+            raise ValueError(f"'{name}': a zero-padded range needs ends of equal width")
+        values = [str(number).zfill(width) for number in range(int(start), int(end) + 1)]
+    else:
+        letters = string.ascii_letters
+        values = list(letters[letters.index(start): letters.index(end) + 1])
+    values = values[::step] if step > 0 else []
+    if not values:
+        raise ValueError(f"'{name}': the range is empty (its start is after its end)")
+    if len(values) > MAX_HOSTS_PER_RANGE:
+        raise ValueError(f"'{name}': more than {MAX_HOSTS_PER_RANGE} hosts in one range")
+    return [head + value + rest for value in values for rest in _expand_ranges(tail)]
+
+
+# --- the three formats -----------------------------------------------------------------
+
+
+def _looks_like_yaml(path: Path, text: str) -> bool:
+    if path.suffix in _YAML_SUFFIXES:
+        return True
+    for line in text.splitlines():
+        line = line.strip()
+        if line and line[0] not in "#;":
+            return not line.startswith("[") and line.endswith(":")
+    return False
+
+
+def _read_ini_inventory(text: str, builder: _Builder) -> None:
+    """Ansible's INI format: ``[group]`` host lines with inline ``key=value`` vars,
+    ``[group:vars]`` and ``[group:children]``; values are Python literals if they parse
+    as one (``2222`` → 2222), text otherwise, as Ansible reads them."""
+    group, kind = "ungrouped", "hosts"
+    declared = {"all", "ungrouped"}
+    pending: list[tuple[str, Where]] = []  # groups used before they are declared
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        section = f"[{group}]" if kind == "hosts" else f"[{group}:{kind}]"
+        where: Where = (number, 1, section)
+        header = _INI_SECTION.fullmatch(line)
+        if header:
+            group, kind = header["group"], header["kind"] or "hosts"
+            if kind not in ("hosts", "vars", "children"):
+                builder.report((number, 1, line), f"unknown section type '{kind}': use "
+                               f"[{group}], [{group}:vars] or [{group}:children]")
+                kind = "skip"
+            elif kind == "vars":
+                pending.append((group, (number, 1, line)))
+            else:
+                declared.add(group)
+                builder.group(group)
+        elif line.startswith("["):
+            builder.report(where, f"'{line}' is not a section header: write [group], "
+                                  f"[group:vars] or [group:children], without spaces")
+        elif kind == "hosts":
+            _read_ini_host_line(line, group, where, builder)
+        elif kind == "vars":
+            key, equals, value = line.partition("=")
+            if not equals or not key.strip():
+                builder.report(where, f"expected key=value, got '{line}'")
+                continue
+            variables = {key.strip(): _ini_value(value.strip())}
+            builder.check_variables(variables, where)
+            builder.group(group).vars.update(variables)
+        elif kind == "children":
+            child = _INI_GROUP_NAME.fullmatch(line)
+            if child is None:
+                builder.report(where, f"expected a group name, got '{line}'")
+                continue
+            builder.add_child(group, child["group"], where)
+            pending.append((child["group"], where))
+    for name, where in pending:
+        if name not in declared:
+            builder.report(where, f"group '{name}' is used but never declared: add a "
+                                  f"[{name}] section" + did_you_mean(name, sorted(declared)))
+
+
+def _read_ini_host_line(line: str, group: str, where: Where, builder: _Builder) -> None:
+    try:
+        tokens = shlex.split(line, comments=True)
+    except ValueError as error:
+        builder.report(where, f"cannot read this host line: {error}")
+        return
+    try:
+        names, port = expand_host_pattern(tokens[0])
+    except ValueError as error:
+        builder.report(where, str(error))
+        return
+    variables: dict[str, Any] = {} if port is None else {"ansible_port": port}
+    for token in tokens[1:]:
+        key, equals, value = token.partition("=")
+        if not equals or not key:
+            builder.report(where, f"expected key=value after the host name, got '{token}'")
+            return
+        variables[key] = _ini_value(value)
+    builder.check_variables(variables, (where[0], where[1], tokens[0]))
+    for name in names:
+        builder.add_host(name, group, variables)
+
+
+def _ini_value(text: str) -> Any:
+    """A Python literal if the text is one (as Ansible's INI reader does), else the text."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)
+            value = ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return text
+    if isinstance(value, tuple):
+        return list(value)
+    return value if value is None or isinstance(value, str | int | float | list | dict) else text
+
+
+def _read_yaml_inventory(doc: Document, builder: _Builder) -> None:
+    """Ansible's YAML format: top-level groups (usually 'all'), each with ``hosts`` (a
+    mapping of names, ranges allowed, to vars), ``children`` (nested groups), ``vars``."""
+    builder.issues.extend(doc.issues)
+    found = schema_issues(doc, doc.data, schema_validator("inventory.schema.json",
+                                                          "ansible_inventory"))
+    builder.issues.extend(issue for _, issue in found)
+    if found or doc.data is None:
+        return
+    for name, body in doc.data.items():
+        _read_yaml_group(doc, builder, name, body, (name,))
+
+
+def _read_yaml_group(doc: Document, builder: _Builder, name: str, body: Any,
+                     path: KeyPath) -> None:
+    builder.group(name)
+    body = body or {}
+    group_vars = body.get("vars") or {}
+    builder.check_variables(group_vars, _where(doc, path + ("vars",)))
+    builder.group(name).vars.update(group_vars)
+    for entry, variables in (body.get("hosts") or {}).items():
+        where = _where(doc, path + ("hosts", entry), of_key=True)
+        try:
+            names, port = expand_host_pattern(entry)
+        except ValueError as error:
+            builder.report(where, str(error))
+            continue
+        variables = {**({} if port is None else {"ansible_port": port}), **(variables or {})}
+        builder.check_variables(variables, where)
+        for host in names:
+            builder.add_host(host, None if name == "all" else name, variables)
+    for child, child_body in (body.get("children") or {}).items():
+        child_path = path + ("children", child)
+        builder.add_child(name, child, _where(doc, child_path, of_key=True))
+        _read_yaml_group(doc, builder, child, child_body, child_path)
+
+
+def _read_inline_inventory(data: Mapping[str, Any], doc: Document, builder: _Builder) -> None:
+    """A manifest's ``inventory:`` mapping: ``hosts`` with settings, ``groups`` listing
+    hosts and children, ``vars`` for all. Located in ``doc`` under the key ``inventory``."""
+    root: KeyPath = ("inventory",)
+    found = schema_issues(doc, data, schema_validator("inventory.schema.json"), root)
+    builder.issues.extend(issue for _, issue in found)
+    if found:
+        return
+    hosts: dict[str, Any] = {name: settings or {} for name, settings in
+                             (data.get("hosts") or {}).items()}
+    groups: dict[str, Any] = {name: body or {} for name, body in
+                              (data.get("groups") or {}).items()}
+    all_vars = data.get("vars") or {}
+    builder.check_variables(all_vars, _where(doc, root + ("vars",)))
+    builder.group("all").vars.update(all_vars)
+    for name, settings in hosts.items():
+        variables = dict(settings.get("vars") or {})
+        builder.check_variables(variables, _where(doc, root + ("hosts", name, "vars")))
+        variables.update({_INLINE_HOST_FIELDS[key]: value for key, value in settings.items()
+                          if key in _INLINE_HOST_FIELDS})
+        builder.add_host(name, None, variables)
+    for name, body in groups.items():
+        path = root + ("groups", name)
+        group_vars = body.get("vars") or {}
+        builder.check_variables(group_vars, _where(doc, path + ("vars",)))
+        builder.group(name).vars.update(group_vars)
+        for index, host in enumerate(body.get("hosts") or []):
+            if host in hosts:
+                builder.add_host(host, name, {})
+            else:
+                builder.report(_where(doc, path + ("hosts", index)),
+                               f"host '{host}' is not defined under inventory.hosts"
+                               + did_you_mean(host, sorted(hosts)))
+        for index, child in enumerate(body.get("children") or []):
+            if child in groups:
+                builder.add_child(name, child, _where(doc, path + ("children", index)))
+            else:
+                builder.report(_where(doc, path + ("children", index)),
+                               f"group '{child}' is not defined under inventory.groups"
+                               + did_you_mean(child, sorted(groups)))
+
+
+def _where(doc: Document, path: KeyPath, *, of_key: bool = False) -> Where:
+    line, column = doc.position(path, of_key=of_key) or (None, None)
+    return line, column, format_path(path)
+
+

@@ -1,0 +1,413 @@
+"""The agent against FakeKernel: every way a run starts, goes and ends."""
+
+import errno
+import os
+import signal
+import struct
+import threading
+import time
+
+import pytest
+from stapctl.runtime import stapctl_agent as agent
+
+from tests.agent.fakekernel import (
+    ADDRESSES,
+    FakeKernel,
+    Scenario,
+    drive,
+    module_file,
+    run_request,
+)
+
+pytestmark = pytest.mark.agent
+
+
+@pytest.fixture(autouse=True)
+def quick_agent(monkeypatch):
+    """Failure paths wait for timeouts; shorten them."""
+    monkeypatch.setattr(agent.Agent, "startup_timeout", 2.0)
+    monkeypatch.setattr(agent.Agent, "open_retry", 0.5)
+    monkeypatch.setattr(agent.Agent, "unload_retry", 1.0)
+
+
+def kernel_for(tmp_path, **scenario):
+    return FakeKernel(tmp_path / "root", Scenario(**scenario))
+
+
+def assert_cleaned_up(kernel, request):
+    """Every path must end with nothing loaded and the files removed."""
+    assert kernel.modules == {}
+    for path in request.get("remove_files", []):
+        assert not os.path.exists(path)
+
+
+HELLO_EXIT = dict(begin=[("print", 0, b"hello, world!\n")], running=[("request_exit",)])
+
+
+@pytest.mark.parametrize("generation", [4, 5])
+def test_a_script_that_exits_is_ok(tmp_path, generation):
+    kernel = kernel_for(tmp_path, generation=generation, **HELLO_EXIT)
+    request = run_request(tmp_path)
+    outcome = drive(kernel, request)
+
+    assert outcome.result["status"] == "ok", outcome.result
+    assert outcome.result["kind"] is None
+    assert outcome.output == b"hello, world!\n"
+    assert outcome.types[0] == "H" and outcome.types[-1] == "R"
+    assert outcome.hello["protocol"] == 1 and outcome.hello["agent"] == agent.AGENT_VERSION
+    assert outcome.event_names() == ["facts", "loaded", "started", "stopping", "unloaded"]
+    assert outcome.events_named("stopping")[0]["reason"] == "exit()"
+    assert outcome.result["stats"]["records"] == 1
+    assert outcome.result["stats"]["bytes"] == 14
+    assert outcome.code == 0
+    assert_cleaned_up(kernel, request)
+
+
+def test_an_exit_requested_before_starts_reply_is_handled_after_it(tmp_path):
+    # Seen on 6.1: a oneshot probe's REQUEST_EXIT can be queued before START's reply.
+    kernel = kernel_for(tmp_path, begin=[("print", 0, b"once\n"), ("request_exit",)])
+    outcome = drive(kernel, run_request(tmp_path))
+    assert outcome.event_names() == ["facts", "loaded", "started", "stopping", "unloaded"]
+    assert outcome.output == b"once\n" and outcome.result["status"] == "ok"
+
+
+def test_the_handshake_follows_staprun(tmp_path):
+    kernel = kernel_for(tmp_path, **HELLO_EXIT)
+    drive(kernel, run_request(tmp_path))
+    module = kernel.history[0]
+    names = [name for name, _ in module.received]
+
+    assert names[0] == "PRIVILEGE_CREDENTIALS"
+    assert struct.unpack("=i", module.received[0][1]) == (0xE,)
+    assert names[-2:] == ["START", "EXIT"]
+    assert names.index("READY") < names.index("START")
+    relocations = [agent.RELOCATION.unpack(p) for n, p in module.received if n == "RELOCATION"]
+    sent = dict(((m.rstrip(b"\0"), r.rstrip(b"\0")), a) for m, r, a in relocations)
+    for symbol, address in ADDRESSES.items():
+        assert sent[(b"kernel", symbol.encode())] == address
+    assert sent[(b"kernel", b".note.gnu.build-id")] == 2
+    assert sent[(b"e1000", b".text")] == 0xFFFFFFFFC0001000
+    assert sent[(b"e1000", b".init.text")] == 0  # stale init addresses are zeroed
+    tz = [agent.TZINFO.unpack(p) for n, p in module.received if n == "TZINFO"]
+    assert tz[0][0] == -time.localtime().tm_gmtoff
+    # kptr_restrict was raised to 1 for the reading, then put back
+    assert open(kernel.proc_path("sys", "kernel", "kptr_restrict")).read().strip() == "0"
+
+
+def test_the_module_is_renamed_per_run(tmp_path):
+    kernel = kernel_for(tmp_path, **HELLO_EXIT)
+    request = run_request(tmp_path, params={"who": "a b", "count": 3}, bufsize_mb=4)
+    outcome = drive(kernel, request)
+
+    loaded, params = kernel.loads[0]
+    original = request["module_name"]
+    assert loaded != original and len(loaded) == len(original)
+    assert loaded.endswith(f"_{os.getpid()}")
+    assert outcome.events_named("loaded")[0]["module"] == loaded
+    assert outcome.events_named("unloaded")[0]["module"] == loaded
+    assert params == '_stp_bufsize=4 count=3 who="a b"'
+
+
+def test_output_is_merged_across_cpus_in_sequence(tmp_path):
+    kernel = kernel_for(tmp_path, running=[
+        ("print", 0, b"one\n"), ("print", 1, b"two\n"), ("print", 1, b"three\n"),
+        ("print", 0, b"four\n"), ("request_exit",)])
+    outcome = drive(kernel, run_request(tmp_path))
+    assert outcome.output == b"one\ntwo\nthree\nfour\n"
+    assert outcome.result["stats"]["lost_records"] == 0
+
+
+def test_a_missing_sequence_number_is_waited_for_then_counted(tmp_path):
+    kernel = kernel_for(tmp_path, running=[
+        ("print", 0, b"a\n"), ("skip_seq",), ("print", 1, b"c\n"), ("sleep", 0.5),
+        ("print", 0, b"d\n"), ("request_exit",)])
+    outcome = drive(kernel, run_request(tmp_path))
+    assert outcome.output == b"a\nc\nd\n"
+    assert outcome.result["stats"]["lost_records"] == 1
+    assert outcome.result["status"] == "ok"
+
+
+@pytest.mark.parametrize("generation", [4, 5])
+def test_desynced_relay_data_is_skipped(tmp_path, generation):
+    junk = b"stale bytes of a lost record" + struct.pack("=II", 7, 0)
+    kernel = kernel_for(tmp_path, generation=generation, running=[
+        ("print", 0, b"before\n"), ("raw", 0, junk), ("print", 0, b"after\n"),
+        ("request_exit",)])
+    outcome = drive(kernel, run_request(tmp_path))
+    assert outcome.output == b"before\nafter\n"
+    stats = outcome.result["stats"]
+    assert stats["desyncs"] == 1 and stats["lost_bytes"] > 0
+    assert outcome.result["status"] == "ok"
+
+
+def test_garbage_and_short_control_messages_are_ignored(tmp_path):
+    kernel = kernel_for(tmp_path, running=[
+        ("ctl", b"\x01\x02"), ("ctl", struct.pack("=I", 999) + b"junk"),
+        ("ctl", struct.pack("=I", agent.message_type("START", 5)) + b"\x01"),
+        ("print", 0, b"still here\n"), ("request_exit",)])
+    outcome = drive(kernel, run_request(tmp_path))
+    assert outcome.result["status"] == "ok"
+    assert outcome.output == b"still here\n"
+
+
+def test_start_failure_reports_the_modules_error(tmp_path):
+    kernel = kernel_for(tmp_path, start_res=-1, begin=[
+        ("oob", "ERROR: Can't resolve uprobe_get_swbp_addr!\n")])
+    request = run_request(tmp_path)
+    outcome = drive(kernel, request)
+
+    assert outcome.result["status"] == "failed"
+    assert outcome.result["kind"] == "start-failed"
+    assert "Can't resolve uprobe_get_swbp_addr!" in outcome.result["message"]
+    assert "EXIT" not in [n for n, _ in kernel.history[0].received]
+    assert "unloaded" in outcome.event_names()
+    assert_cleaned_up(kernel, request)
+
+
+def test_an_exit_that_never_comes_detaches_and_unloads(tmp_path):
+    kernel = kernel_for(tmp_path, answer_exit=False, running=[("request_exit",)])
+    request = run_request(tmp_path, exit_timeout=0.3)
+    outcome = drive(kernel, request)
+    assert outcome.result["kind"] == "timed-out"
+    assert "did not answer EXIT" in outcome.result["message"]
+    assert_cleaned_up(kernel, request)
+
+
+def test_ebusy_on_open_is_retried(tmp_path):
+    kernel = kernel_for(tmp_path, ebusy_opens=3, **HELLO_EXIT)
+    outcome = drive(kernel, run_request(tmp_path))
+    assert outcome.result["status"] == "ok"
+
+
+def test_a_control_channel_that_stays_busy_fails_the_start(tmp_path):
+    kernel = kernel_for(tmp_path, ebusy_opens=1000)
+    request = run_request(tmp_path)
+    outcome = drive(kernel, request)
+    assert outcome.result["kind"] == "start-failed"
+    assert "control channel" in outcome.result["message"]
+    assert_cleaned_up(kernel, request)
+
+
+def test_unload_is_retried_while_busy(tmp_path):
+    kernel = kernel_for(tmp_path, busy_unloads=3, **HELLO_EXIT)
+    request = run_request(tmp_path)
+    outcome = drive(kernel, request)
+    assert outcome.result["status"] == "ok"
+    assert kernel.unload_calls == 4
+    assert_cleaned_up(kernel, request)
+
+
+def test_a_stop_op_runs_end_probes_and_reports_stopped(tmp_path):
+    kernel = kernel_for(tmp_path, running=[("print", 0, b"tick\n")],
+                       end=[("print", 1, b"bye\n")])
+    request = run_request(tmp_path)
+    outcome = drive(kernel, request, lines=[(0.3, '{"op": "ping"}'), (0.1, '{"op": "stop"}')])
+    assert outcome.result["status"] == "failed" and outcome.result["kind"] == "stopped"
+    assert outcome.events_named("stopping")[0]["reason"] == "stop"
+    assert outcome.output == b"tick\nbye\n"
+    assert outcome.code == 1
+    assert_cleaned_up(kernel, request)
+
+
+def test_stdin_eof_means_the_controller_is_gone(tmp_path):
+    kernel = kernel_for(tmp_path)
+    request = run_request(tmp_path)
+    outcome = drive(kernel, request, close_stdin_after=0.3)
+    assert outcome.result["kind"] == "transport-lost"
+    assert outcome.events_named("stopping")[0]["reason"] == "controller-gone"
+    assert_cleaned_up(kernel, request)
+
+
+def test_the_dead_man_stops_a_silent_controller(tmp_path):
+    kernel = kernel_for(tmp_path)
+    request = run_request(tmp_path, deadman=0.4)
+    outcome = drive(kernel, request)
+    assert outcome.result["kind"] == "transport-lost"
+    assert outcome.events_named("stopping")[0]["reason"] == "deadman"
+    assert_cleaned_up(kernel, request)
+
+
+def test_pings_keep_the_dead_man_quiet(tmp_path):
+    kernel = kernel_for(tmp_path)
+    pings = [(0.15, '{"op": "ping"}')] * 8 + [(0.1, '{"op": "stop"}')]
+    outcome = drive(kernel, run_request(tmp_path, deadman=0.4), lines=pings)
+    assert outcome.events_named("stopping")[0]["reason"] == "stop"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_stops_the_run(tmp_path, signum):
+    kernel = kernel_for(tmp_path)
+    request = run_request(tmp_path)
+    threading.Timer(0.4, os.kill, (os.getpid(), signum)).start()
+    outcome = drive(kernel, request)
+    assert outcome.result["kind"] == "stopped"
+    assert outcome.events_named("stopping")[0]["reason"] == "signal"
+    assert_cleaned_up(kernel, request)
+    assert signal.getsignal(signum) is not None  # the agent put the old handler back
+
+
+def test_reaching_the_duration_is_ok(tmp_path):
+    kernel = kernel_for(tmp_path, end=[("print", 0, b"end\n")])
+    outcome = drive(kernel, run_request(tmp_path, duration=0.3))
+    assert outcome.result["status"] == "ok"
+    assert outcome.events_named("stopping")[0]["reason"] == "duration"
+    assert outcome.output == b"end\n"
+
+
+def test_a_runtime_error_fails_the_run(tmp_path):
+    kernel = kernel_for(tmp_path, running=[
+        ("oob", "ERROR: division by zero near identifier 'x'\n"), ("request_exit",)])
+    request = run_request(tmp_path)
+    outcome = drive(kernel, request)
+    assert outcome.result["kind"] == "runtime-error"
+    assert outcome.result["message"] == "division by zero near identifier 'x'"
+    assert outcome.events_named("error")[0]["text"] == "division by zero near identifier 'x'"
+    assert outcome.events_named("stopping")[0]["reason"] == "error"
+    assert_cleaned_up(kernel, request)
+
+
+def test_warnings_are_counted_and_shown_once(tmp_path):
+    kernel = kernel_for(tmp_path, running=[
+        ("oob", "WARNING: skipped probe\n"), ("oob", "WARNING: skipped probe\n"),
+        ("oob", "WARNING: other\n"), ("request_exit",)],
+        end=[("oob", "WARNING: There were 7 transport failures. Try stap -s to increase "
+                     "the buffer size from 16.\n")])
+    outcome = drive(kernel, run_request(tmp_path))
+    texts = [e["text"] for e in outcome.events_named("warning")]
+    assert texts[:2] == ["skipped probe", "other"]
+    assert texts[2].startswith("There were 7 transport failures")
+    assert outcome.result["stats"]["warnings"] == 4
+    assert outcome.result["stats"]["transport_failures"] == 7
+    assert outcome.result["status"] == "ok"
+
+
+def test_system_runs_the_command_and_forwards_its_output(tmp_path):
+    marker = tmp_path / "ran"
+    kernel = kernel_for(tmp_path, running=[
+        ("system", f"echo from-system; touch {marker}"), ("sleep", 0.5),
+        ("request_exit",)])
+    outcome = drive(kernel, run_request(tmp_path))
+    assert b"from-system\n" in outcome.output
+    assert marker.exists()
+    assert outcome.result["stats"]["bytes"] == 0  # probe output only
+
+
+@pytest.mark.parametrize("err, words", [
+    (errno.EEXIST, "already loaded"), (errno.ENOEXEC, "built for another kernel"),
+    (errno.ENOENT, "unknown symbol"), (agent.EKEYREJECTED, "signature"),
+    (errno.EPERM, "signed modules")])
+def test_insmod_errors_are_explained(tmp_path, err, words):
+    kernel = kernel_for(tmp_path, load_errno=err)
+    request = run_request(tmp_path)
+    outcome = drive(kernel, request)
+    assert outcome.result["kind"] == "insmod-refused"
+    assert words in outcome.result["message"]
+    assert errno.errorcode[err] in outcome.result["message"]
+    assert kernel.unload_calls == 0
+    assert_cleaned_up(kernel, request)
+
+
+def refused(tmp_path, kernel, **overrides):
+    request = run_request(tmp_path, **overrides)
+    outcome = drive(kernel, request)
+    assert outcome.result["kind"] == "preflight-refused", outcome.result
+    assert kernel.loads == []
+    assert_cleaned_up(kernel, request)
+    return outcome.result["message"]
+
+
+def test_preflight_refuses_a_non_root_agent(tmp_path):
+    kernel = FakeKernel(tmp_path / "root", euid=1000)
+    assert "not root" in refused(tmp_path, kernel)
+
+
+def test_preflight_refuses_when_modules_are_disabled(tmp_path):
+    kernel = FakeKernel(tmp_path / "root", modules_disabled=1)
+    assert "modules_disabled" in refused(tmp_path, kernel)
+
+
+def test_preflight_refuses_a_corrupt_upload(tmp_path):
+    kernel = FakeKernel(tmp_path / "root")
+    assert "sha256" in refused(tmp_path, kernel, sha256="0" * 64)
+
+
+def test_preflight_refuses_a_missing_module(tmp_path):
+    kernel = FakeKernel(tmp_path / "root")
+    assert "cannot read module" in refused(tmp_path, kernel, module=str(tmp_path / "nope.ko"))
+
+
+def test_preflight_refuses_a_module_for_another_release(tmp_path):
+    kernel = FakeKernel(tmp_path / "root")
+    path, digest, name = module_file(tmp_path, name="stapctl_fedcba9876543210",
+                                     vermagic="6.1.0-99-amd64 SMP modversions ")
+    message = refused(tmp_path, kernel, module=path, sha256=digest, module_name=name,
+                      remove_files=[path])
+    assert "built for kernel 6.1.0-99-amd64" in message
+
+
+def test_preflight_refuses_a_wrong_module_name(tmp_path):
+    kernel = FakeKernel(tmp_path / "root")
+    assert "not the name embedded" in refused(tmp_path, kernel, module_name="stap_other")
+
+
+def test_preflight_refuses_an_unsigned_module_under_lockdown(tmp_path):
+    kernel = FakeKernel(tmp_path / "root", lockdown="integrity")
+    assert "only loads signed modules" in refused(tmp_path, kernel)
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"bad name": "x"}, "not an identifier"), ({"x": 'say "hi"'}, "double quote"),
+    ({"x": "a\nb"}, "newline"), ({"_stp_bufsize": 1}, "reserved"), ({"x": 1.5}, "float")])
+def test_preflight_refuses_bad_parameters(tmp_path, params, words):
+    kernel = FakeKernel(tmp_path / "root")
+    assert words in refused(tmp_path, kernel, params=params)
+
+
+def test_facts_and_preflight_actions(tmp_path):
+    kernel = FakeKernel(tmp_path / "root", lockdown="integrity", sig_enforce="Y")
+    outcome = drive(kernel, {"protocol": 1, "action": "facts"})
+    facts = outcome.result["facts"]
+    assert outcome.result["status"] == "ok"
+    assert facts["release"] == "6.1.0-test-amd64" and facts["arch"] == "x86_64"
+    assert facts["lockdown"] == "integrity" and facts["sig_enforce"] is True
+    assert facts["modules_disabled"] is False and facts["fips"] is False
+    assert facts["mem_available_kb"] == 523456 and facts["kptr_restrict"] == 0
+    assert facts["loaded_stap_modules"] == ["stap_old"] and facts["procfs"] is True
+    assert facts["euid"] == 0 and facts["module_support"] is True
+
+    request = run_request(tmp_path, action="preflight")
+    outcome = drive(FakeKernel(tmp_path / "root2"), request)
+    assert outcome.result["status"] == "ok" and "can be loaded" in outcome.result["message"]
+    assert outcome.result["facts"]["release"] == "6.1.0-test-amd64"
+
+
+def test_an_unexpected_exception_is_reported_and_cleaned_up(tmp_path):
+    kernel = kernel_for(tmp_path)
+
+    def broken(name):
+        raise RuntimeError("relay dir vanished")
+
+    kernel.open_relays = broken
+    request = run_request(tmp_path)
+    outcome = drive(kernel, request)
+    assert outcome.result["kind"] == "agent-error"
+    assert "RuntimeError: relay dir vanished" in outcome.result["message"]
+    assert "Traceback" in outcome.result["message"]
+    assert_cleaned_up(kernel, request)
+
+
+def test_a_broken_stdout_does_not_stop_the_cleanup(tmp_path):
+    kernel = kernel_for(tmp_path, running=[("print", 0, b"x\n"), ("sleep", 0.3),
+                                           ("request_exit",)])
+    request = run_request(tmp_path)
+    code = drive(kernel, request, read_stdout=False)
+    assert code == 0
+    assert_cleaned_up(kernel, request)
+
+
+@pytest.mark.parametrize("request_line, words", [
+    (b"not json\n", "not JSON"), (b'{"protocol": 2, "action": "run"}\n', "protocol 2"),
+    (b'{"protocol": 1, "action": "dance"}\n', "unknown action")])
+def test_bad_requests_are_agent_errors(tmp_path, request_line, words):
+    outcome = drive(kernel_for(tmp_path), request_line)
+    assert outcome.result["kind"] == "agent-error" and words in outcome.result["message"]

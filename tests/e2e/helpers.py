@@ -1,0 +1,62 @@
+"""Shared steps of the end-to-end tests: run the real CLI, look inside a guest."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import yaml
+
+from stapctl.connection import ConnectOptions, SSHConnection
+from stapctl.lab import LabStatus
+from stapctl.models import Host
+
+
+def write_manifest(directory: Path, name: str, script: str, **probe: object) -> Path:
+    path = directory / f"{name}.yaml"
+    document = {
+        "apiVersion": "stapctl/v1", "kind": "Trace", "name": name,
+        "probes": [{"name": name, "script": textwrap.dedent(script), **probe}],
+    }
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def apply(lab: LabStatus, manifest: Path, *args: str,
+          timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """`stapctl apply` as a user runs it, against the lab's inventory."""
+    return subprocess.run(
+        [sys.executable, "-m", "stapctl", "apply", "-i", str(lab.inventory), *args,
+         str(manifest)],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def guest_host(lab: LabStatus, index: int = 0) -> Host:
+    guest = lab.guests[index]
+    return Host(name=guest.name, address=guest.host, port=guest.port, user=guest.user,
+                key_file=guest.key, known_hosts=str(lab.known_hosts))
+
+
+def guest_run(lab: LabStatus, command: str, index: int = 0) -> str:
+    """Run a shell command in a guest and return its stdout."""
+    connection = SSHConnection(guest_host(lab, index), ConnectOptions())
+    try:
+        process = connection.start(["sh", "-c", command])
+        out = b""
+        while chunk := process.recv(65536):
+            out += chunk
+        process.wait()
+        return out.decode()
+    finally:
+        connection.close()
+
+
+def stap_modules_loaded(lab: LabStatus, index: int = 0) -> str:
+    """Any stapctl module still loaded, and anything left under /proc/systemtap."""
+    return guest_run(
+        lab, "grep -E '^(stapctl|stap)_' /proc/modules; ls -A /proc/systemtap 2>/dev/null; true",
+        index,
+    ).strip()
