@@ -23,6 +23,18 @@ if [ "${#missing[@]}" -gt 0 ]; then
     "${missing[@]}" >/dev/null
 fi
 
+# A second, older kernel release lets the tests plan and run across two kernels. The
+# archive moves, so the release is worked out now: the newest one older than the default.
+current=$(dpkg-query -W -f='${Depends}' linux-headers-amd64 | grep -o 'linux-headers-[^ ,]*' | head -1)
+previous=$(apt-cache search --names-only '^linux-headers-[0-9.]+-[0-9]+-amd64$' \
+  | awk '{print $1}' | sort -V | grep -x -B1 -- "$current" | grep -vx -- "$current" || true)
+if [ -n "$previous" ] && ! dpkg-query -W -f='${Status}' "$previous" 2>/dev/null \
+    | grep -q "install ok installed"; then
+  echo "stapctl: installing $previous (a second kernel for the tests)" >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    "$previous" >/dev/null
+fi
+
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

@@ -375,10 +375,12 @@ def lab_group() -> None:
 
 @lab_group.command()
 @click.option("--hosts", "count", type=click.IntRange(1, 16), default=1, show_default=True)
-def up(count: int) -> None:
+@click.option("--release", help="Kernel release to boot (its headers must be installed); "
+              "default: the one linux-headers-amd64 names.")
+def up(count: int, release: str | None) -> None:
     """Build the guest image if needed and boot COUNT guests."""
     with err.status("lab…") as status:
-        result = lab.up(count, progress=lambda text: status.update(text))
+        result = lab.up(count, progress=lambda text: status.update(text), release=release)
     show_lab(result, as_json=False)
 
 

@@ -307,7 +307,7 @@ class _Builder:
 def _connection_variable_problem(key: str, value: Any) -> str | None:
     if key == "ansible_port":
         port = value if isinstance(value, int) and not isinstance(value, bool) else (
-            int(value) if isinstance(value, str) and value.isdigit() else None)
+            int(value) if isinstance(value, str) and re.fullmatch(r"[0-9]{1,5}", value) else None)
         if port is None or not 1 <= port <= 65535:
             return f"expected a port number from 1 to 65535, got {value!r}"
     elif key == "ansible_become":

@@ -131,13 +131,17 @@ def guest_release() -> str:
 
 
 def up(count: int = 1, progress: Progress = _quiet, *,
-       timeout: float = BOOT_TIMEOUT) -> LabStatus:
-    """Make guests lab-1..lab-COUNT answer SSH, keeping those already running."""
+       timeout: float = BOOT_TIMEOUT, release: str | None = None) -> LabStatus:
+    """Make guests lab-1..lab-COUNT answer SSH, keeping those already running.
+
+    ``release`` boots another kernel than the installed headers meta-package names (its
+    headers must be installed); one lab directory holds guests of one release.
+    """
     if count < 1:
         raise LabError(f"the lab needs at least one guest, not {count}")
     d = lab_dir()
     with _locked(d, progress):
-        release = guest_release()
+        release = release or guest_release()
         _preflight(release)
         client_pub, host_pub = _keys(d)
         image = _image(d, release, client_pub, host_pub, progress)
@@ -467,7 +471,7 @@ def _preflight(release: str) -> None:
         _tool(tool)
     if not Path(f"/lib/modules/{release}/build").is_dir():
         raise LabError(f"the headers of {release} are missing (stap compiles against them): "
-                       "apt-get install linux-headers-amd64")
+                       f"apt-get install linux-headers-{release}")
 
 
 @dataclass(frozen=True)

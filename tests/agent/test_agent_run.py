@@ -229,8 +229,8 @@ def test_the_dead_man_stops_a_silent_controller(tmp_path):
 
 def test_pings_keep_the_dead_man_quiet(tmp_path):
     kernel = kernel_for(tmp_path)
-    pings = [(0.15, '{"op": "ping"}')] * 8 + [(0.1, '{"op": "stop"}')]
-    outcome = drive(kernel, run_request(tmp_path, deadman=0.4), lines=pings)
+    pings = [(0.2, '{"op": "ping"}')] * 8 + [(0.1, '{"op": "stop"}')]
+    outcome = drive(kernel, run_request(tmp_path, deadman=1.0), lines=pings)
     assert outcome.events_named("stopping")[0]["reason"] == "stop"
 
 
@@ -238,7 +238,16 @@ def test_pings_keep_the_dead_man_quiet(tmp_path):
 def test_a_signal_stops_the_run(tmp_path, signum):
     kernel = kernel_for(tmp_path)
     request = run_request(tmp_path)
-    threading.Timer(0.4, os.kill, (os.getpid(), signum)).start()
+
+    def signal_once_started():  # the agent's handler is in place by then
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if kernel.history and "START" in [n for n, _ in kernel.history[0].received]:
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=signal_once_started, daemon=True).start()
     outcome = drive(kernel, request)
     assert outcome.result["kind"] == "stopped"
     assert outcome.events_named("stopping")[0]["reason"] == "signal"

@@ -3,6 +3,7 @@
 import ast
 import errno
 import glob
+import importlib.util
 import os
 import shutil
 import struct
@@ -235,11 +236,11 @@ def test_insmod_errors_name_their_cause():
 # ---------------------------------------------------------------- portability
 
 def test_the_agent_is_python_3_6_compatible():
-    vermin = shutil.which("vermin")
-    if vermin is None:
+    if importlib.util.find_spec("vermin") is None:
         pytest.skip("vermin is not installed (pip install vermin)")
-    done = subprocess.run([vermin, "-t=3.6-", "--no-tips", "--violations", AGENT_FILE],
-                          capture_output=True, text=True)
+    command = [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())",
+               "-t=3.6-", "--no-tips", "--violations", AGENT_FILE]
+    done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -1,0 +1,82 @@
+"""Planning cost: N hosts over K kernel releases, cold and warm module cache.
+
+The claim under test: the work grows with K (one compile per distinct module), not with
+N (hosts only cost a render and a dictionary insert). Facts are supplied, so no host is
+contacted. Prints a table and writes bench/results/plan.json.
+
+    python bench/plan.py [--hosts 10,100,1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+from stapctl.build import Builder
+from stapctl.manifest import load_manifest
+from stapctl.models import Host, HostFacts
+from stapctl.plan import build_plan, make_plan
+
+SCRIPT = """\
+apiVersion: stapctl/v1
+kind: Trace
+name: bench
+probes:
+  - name: opens
+    script: |
+      probe syscall.openat { if (pid() == {{ watched_pid }}) printf("%s\\n", filename) }
+      probe oneshot { printf("TOKEN\\n") }
+vars: {watched_pid: 1}
+"""
+
+
+def releases() -> list[str]:
+    return sorted(p.parent.name for p in Path("/lib/modules").glob("*/build"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hosts", default="10,100,1000")
+    args = parser.parse_args()
+    counts = [int(n) for n in args.hosts.split(",")]
+    kernels = releases()
+    builder = Builder()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest_path = Path(tmp) / "bench.yaml"
+        for k in range(1, len(kernels) + 1):
+            token = secrets.token_hex(4)  # new script text: the first build is truly cold
+            manifest_path.write_text(SCRIPT.replace("TOKEN", token))
+            manifest = load_manifest(manifest_path)
+            for n in counts:
+                hosts = {
+                    f"h{i}": (Host(name=f"h{i}", address=f"h{i}"),
+                              HostFacts(release=kernels[i % k], arch="x86_64", python="3.11"))
+                    for i in range(n)
+                }
+                started = time.perf_counter()
+                plan = make_plan(manifest, hosts, builder, {})
+                planned = time.perf_counter() - started
+                cold = not any(job.cached for job in plan.jobs)
+                started = time.perf_counter()
+                built = build_plan(plan, builder)
+                build_time = time.perf_counter() - started
+                errors = [job.error for job in built.jobs if job.error]
+                rows.append({"hosts": n, "kernels": k, "modules": len(plan.jobs),
+                             "cache": "cold" if cold else "warm",
+                             "plan_s": round(planned, 3), "build_s": round(build_time, 2),
+                             "errors": errors})
+                print(f"N={n:5d} K={k} modules={len(plan.jobs)} cache={rows[-1]['cache']:4s} "
+                      f"plan={planned:7.3f}s build={build_time:7.2f}s"
+                      + (f" ERRORS {errors}" if errors else ""), flush=True)
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The planner across two kernel releases: one compile per release, in parallel, then none."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stapctl import lab as stapctl_lab
+from stapctl.build import Builder
+from stapctl.execute import Fleet, RunOptions
+from stapctl.inventory import load_inventory
+from stapctl.manifest import load_manifest
+from stapctl.plan import ModuleJob, build_plan, make_plan
+
+from .helpers import guest_host, write_manifest
+
+pytestmark = pytest.mark.e2e
+
+
+def second_release() -> str:
+    """A kernel release with installed headers other than the lab's default one."""
+    default = stapctl_lab.guest_release()
+    others = sorted(p.parent.name for p in Path("/lib/modules").glob("*/build")
+                    if p.parent.name != default and p.parent.name.endswith("-amd64"))
+    if not others:
+        pytest.fail("no second kernel's headers are installed: run scripts/install.sh")
+    return others[-1]
+
+
+@pytest.fixture(scope="session")
+def other_lab() -> Iterator[stapctl_lab.LabStatus]:
+    """One guest booting the second release, in a lab directory of its own."""
+    release = second_release()
+    saved = os.environ.get("STAPCTL_LAB_DIR")
+    os.environ["STAPCTL_LAB_DIR"] = str(stapctl_lab.lab_dir().parent / f"lab-{release}")
+    try:
+        status = stapctl_lab.up(1, release=release)
+        yield status
+        stapctl_lab.down()
+    finally:
+        if saved is None:
+            del os.environ["STAPCTL_LAB_DIR"]
+        else:
+            os.environ["STAPCTL_LAB_DIR"] = saved
+
+
+def test_two_releases_two_parallel_compiles_then_none(
+        lab: stapctl_lab.LabStatus, other_lab: stapctl_lab.LabStatus, tmp_path: Path) -> None:
+    hosts = {"main": guest_host(lab), "other": guest_host(other_lab)}
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump({"all": {"hosts": {
+        name: {"ansible_host": h.address, "ansible_port": h.port, "ansible_user": h.user,
+               "ansible_ssh_private_key_file": h.key_file,
+               "stapctl_known_hosts": h.known_hosts}
+        for name, h in hosts.items()}}}))
+    token = secrets.token_hex(4)  # a script no cache has seen: the compiles are real
+    script = 'probe oneshot { printf("TOKEN %s\\n", "{{ kernel_release }}") }'
+    manifest_path = write_manifest(tmp_path, "kernels", script.replace("TOKEN", token))
+    document = yaml.safe_load(manifest_path.read_text())
+    document["inventory"] = str(inventory)
+    manifest_path.write_text(yaml.safe_dump(document))
+
+    manifest = load_manifest(manifest_path)
+    targets = load_inventory(inventory, inventory).select("all")
+    fleet = Fleet(manifest, RunOptions(), lambda event: None)
+    try:
+        connected = fleet.connect(targets)
+    finally:
+        fleet.close()
+    releases = {facts.release for _, facts in connected.values()}
+    assert len(releases) == 2, releases
+
+    builder = Builder()
+    plan = make_plan(manifest, connected, builder, {})
+    assert len(plan.jobs) == 2 and not any(job.cached for job in plan.jobs)
+    times: dict[tuple[str, str], float] = {}
+
+    def progress(job: ModuleJob, state: str) -> None:
+        times[(job.spec.release, state)] = time.monotonic()
+
+    built = build_plan(plan, builder, progress)
+    assert all(job.cached for job in built.jobs), [job.error for job in built.jobs]
+    first, second = sorted(releases)
+    # in parallel: each compile started before the other one finished
+    assert times[(first, "building")] < times[(second, "built")]
+    assert times[(second, "building")] < times[(first, "built")]
+
+    result = subprocess.run([sys.executable, "-m", "stapctl", "apply", str(manifest_path)],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "building" not in result.stderr  # the second apply compiled nothing
+    assert sorted(result.stdout.splitlines()) == sorted(
+        f"{name}: {token} {facts.release}" for name, (_, facts) in connected.items())
