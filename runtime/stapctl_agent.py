@@ -192,7 +192,7 @@ class RecordParser(object):
     """Splits one CPU's relay stream into (sequence, data) records.
 
     Records may span reads. A header with length 0 or over 128 KiB means the stream lost
-    its framing (4.8 leaves stale bytes when a record overflows): skip forward until a
+    its framing (4.8 leaves stale bytes where it drops a record): skip forward until a
     plausible header, counting what was skipped.
     """
 
@@ -256,17 +256,23 @@ class RecordParser(object):
     def _plausible(self, seq, length, buf):
         if not 0 < length <= MAX_RECORD:
             return False
-        if self.magic or not self.resyncing:
+        if self.magic:
             return True
-        # 4.x has no magic: a header found by sliding through text must also have a
-        # sequence number near this CPU's last one and be followed by another header.
-        if not self.last_seq < seq <= self.last_seq + RESYNC_WINDOW:
+        # 4.x has no magic. A CPU's sequence numbers only grow, and a real header is
+        # followed by another one, perhaps after the up to 8 stale bytes that 4.x leaves
+        # at a sub-buffer's end when a record's header did not fit there (the record is
+        # dropped and counted as a transport failure). After corruption, the number must
+        # also be near this CPU's last one.
+        if seq <= self.last_seq or (self.resyncing and seq > self.last_seq + RESYNC_WINDOW):
             return False
         after = self.header_size + length
-        if len(buf) >= after + TRACE_HEADER.size:
-            next_length = TRACE_HEADER.unpack_from(buf, after)[1]
-            return 0 < next_length <= MAX_RECORD
-        return True
+        for gap in range(TRACE_HEADER.size + 1):
+            if len(buf) < after + gap + TRACE_HEADER.size:
+                return True  # the next header has not arrived yet
+            next_seq, next_length = TRACE_HEADER.unpack_from(buf, after + gap)
+            if seq < next_seq <= seq + RESYNC_WINDOW and 0 < next_length <= MAX_RECORD:
+                return True
+        return False
 
     def _skip(self, count):
         if count <= 0:
@@ -505,11 +511,23 @@ class Kernel(object):
         return os.open(os.path.join(self.control_dir(name), ".cmd"), os.O_RDWR | os.O_NONBLOCK)
 
     def open_relays(self, name):
-        """The module's relay files trace0..traceN-1, in CPU order."""
+        """The module's relay files: (N, fd of traceN) for each CPU N, in CPU order."""
         directory = self.control_dir(name)
-        names = sorted((n for n in os.listdir(directory) if TRACE_NAME.match(n)),
-                       key=lambda n: int(n[5:]))
-        return [os.open(os.path.join(directory, n), os.O_RDONLY | os.O_NONBLOCK) for n in names]
+        cpus = sorted(int(n[5:]) for n in os.listdir(directory) if TRACE_NAME.match(n))
+        return [(cpu, os.open(os.path.join(directory, "trace%d" % cpu),
+                              os.O_RDONLY | os.O_NONBLOCK)) for cpu in cpus]
+
+    def cpus(self):
+        """The CPUs this thread may run on."""
+        return os.sched_getaffinity(0)
+
+    def run_on(self, cpus):
+        """Moves this thread onto ``cpus``; False when refused (offline CPU, cpuset)."""
+        try:
+            os.sched_setaffinity(0, cpus)
+            return True
+        except OSError:
+            return False
 
     @contextlib.contextmanager
     def addresses_visible(self):
@@ -744,7 +762,10 @@ class Agent(object):
         self.module = None
         self.unload_problem = None
         self.cmd = None
-        self.relays = []  # (fd, RecordParser) per CPU
+        self.relays = []  # (cpu, fd, RecordParser) per CPU
+        self.relay_poll = select.poll()
+        self.home_cpus = None  # where this thread may run when it is not reading a relay
+        self.unpinned = set()  # CPUs whose relay file had to be read from elsewhere
         self.children = []  # system() commands whose output we forward
         self.generation = None
         self.transport = False
@@ -933,8 +954,11 @@ class Agent(object):
                                                   str(request.get("remote_uri", ""))[:127]),
                       required=False)
         self.send("READY", required=False)
-        self.relays = [(fd, RecordParser(self.generation))
-                       for fd in self.kernel.open_relays(self.module)]
+        self.relays = [(cpu, fd, RecordParser(self.generation))
+                       for cpu, fd in self.kernel.open_relays(self.module)]
+        for _cpu, fd, _parser in self.relays:
+            self.relay_poll.register(fd, select.POLLIN)
+        self.home_cpus = self.kernel.cpus()
         self.send("START", pack_start(0, 0))  # blocks while begin probes run
         if not self.wait_for(lambda: self.start_res is not None, "START's reply"):
             raise Failure("start-failed", "the module did not answer START within %.0f s"
@@ -1173,10 +1197,25 @@ class Agent(object):
                 self.children.remove(child)
 
     def read_relays(self):
-        """Reads every relay file until it has no data; True if anything arrived."""
+        """Reads each relay file that has data until it has none; True if anything arrived.
+
+        A CPU's file is read on that CPU, as stapio's per-CPU threads do: a read closes
+        the buffer's current sub-buffer, and from another CPU that races with the CPU's
+        own writer (seen on 6.1 with 4.8: records cut short, transport failures).
+        Polling (unlike reading) changes nothing, so it picks the files worth a move.
+        """
         now = time.monotonic()
         got = False
-        for fd, parser in self.relays:
+        ready = set(fd for fd, _ in self.relay_poll.poll(0))
+        moved = False
+        for cpu, fd, parser in self.relays:
+            if fd not in ready:
+                continue
+            if self.kernel.run_on([cpu]):
+                moved = True
+            elif cpu not in self.unpinned:
+                self.unpinned.add(cpu)
+                log("cannot run on CPU %d: reading its relay file from another CPU" % cpu)
             for _ in range(64):  # bounded, so .cmd is served even under a flood
                 try:
                     data = os.read(fd, 65536)
@@ -1189,6 +1228,8 @@ class Agent(object):
                 got = True
                 for seq, record in parser.feed(data):
                     self.merger.add(seq, record, now)
+        if moved:
+            self.kernel.run_on(self.home_cpus)
         return got
 
     def emit_output(self, now, final=False):
@@ -1200,13 +1241,17 @@ class Agent(object):
             self.out.send(FRAME_OUTPUT, data)
 
     def drain(self):
-        """After EXIT's reply: read the relays dry, then the last control messages."""
+        """After EXIT's reply: read the relays dry, then the last control messages.
+
+        The module writes nothing after that reply, so what is left is finite (a full
+        buffer takes a while over a slow link); without the reply, drain_timeout bounds it.
+        """
         deadline = time.monotonic() + self.drain_timeout
-        while self.read_relays() and time.monotonic() < deadline:
-            pass
+        while self.read_relays() and (self.exit_reply or time.monotonic() < deadline):
+            self.emit_output(time.monotonic())
         self.pump_control()
         now = time.monotonic()
-        for _fd, parser in self.relays:
+        for _cpu, _fd, parser in self.relays:
             for seq, record in parser.finish():
                 self.merger.add(seq, record, now)
         self.emit_output(now, final=True)
@@ -1214,10 +1259,10 @@ class Agent(object):
 
     def teardown(self):
         """Close every descriptor, then rmmod: whatever happened before, never raising."""
-        for _fd, parser in self.relays:
+        for _cpu, _fd, parser in self.relays:
             self.stats["desyncs"] += parser.desyncs
             self.stats["lost_bytes"] += parser.lost_bytes
-        for fd in [fd for fd, _parser in self.relays] + [self.cmd]:
+        for fd in [fd for _cpu, fd, _parser in self.relays] + [self.cmd]:
             if fd is not None:
                 try:
                     os.close(fd)

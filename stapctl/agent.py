@@ -21,11 +21,13 @@ from typing import Any
 
 from stapctl.connection import Connection, Process
 from stapctl.errors import AgentError, ConnectError
+from stapctl.models import HostFacts
 from stapctl.runtime import stapctl_agent as wire
 
 PING_INTERVAL = 2.0  # seconds between keep-alives; the agent's dead-man waits much longer
 DEADMAN = 20.0  # seconds of silence after which the agent stops the probe by itself
 STOP_GRACE = 30.0  # seconds a stopped agent has to unload before the channel is cut
+FACTS_SCRIPT = 'uname -r && uname -m && command -v "$0"'  # $0: the interpreter
 
 
 def agent_source() -> bytes:
@@ -53,7 +55,8 @@ class AgentHost:
     def __init__(self, connection: Connection, python: str = "python3") -> None:
         self.connection = connection
         self.python = python
-        self.workdir = connection.home().rstrip("/") + "/.cache/stapctl"
+        # not ~/.cache/stapctl: on a controller that is its own target, that is the build cache
+        self.workdir = connection.home().rstrip("/") + "/.cache/stapctl-agent"
         self.path = f"{self.workdir}/agent-{AGENT_SHA256[:16]}.py"
 
     def install(self) -> None:
@@ -63,6 +66,32 @@ class AgentHost:
         if not self.connection.exists(self.path, len(source)):
             local = Path(str(resources.files("stapctl.runtime").joinpath("stapctl_agent.py")))
             self.connection.put(local, self.path)
+
+    def facts(self) -> HostFacts:
+        """Kernel release and arch (what planning needs) and that the interpreter is there.
+
+        One shell command, not the agent's `facts` action: that would cost a Python start
+        per host, which on a loaded fleet controller's targets is most of a check's work,
+        and the agent collects and checks the full facts again before it loads anything.
+        Run with become like the agent, so a sudo that asks for a password fails here.
+        """
+        process = self.connection.start(["sh", "-c", FACTS_SCRIPT, self.python])
+        process.close_stdin()
+        out = b""
+        while chunk := process.recv(65536):
+            out += chunk
+        code = process.wait()
+        lines = out.decode(errors="replace").splitlines()
+        if code != 0 or len(lines) != 3:
+            if len(lines) == 2:  # uname answered, `command -v` did not
+                raise AgentError(f"{self.python} not found on the host: install Python 3.6+ "
+                                 "or set ansible_python_interpreter")
+            tail = process.stderr_tail().strip()
+            raise AgentError(f"cannot gather facts (exit {code})" +
+                             (f": {tail.splitlines()[-1]}" if tail else ""), tail)
+        release, arch, interpreter = lines
+        return HostFacts(release=release, arch=arch, python="",
+                         raw={"release": release, "arch": arch, "interpreter": interpreter})
 
     def upload_module(self, local: Path, sha256: str) -> str:
         """Upload a module unless the target already holds it; returns its remote path."""

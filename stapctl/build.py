@@ -252,6 +252,23 @@ class Builder:
         return artifact
 
 
+def check_syntax(script: str, origin: str, first_line: int) -> None:
+    """Run stap's parser (pass 1) on a rendered script; no kernel or headers involved."""
+    stap = shutil.which("stap")
+    # stap insists on some kernel's build tree even to parse; any installed one will do
+    releases = sorted(p.parent.name for p in Path("/lib/modules").glob("*/build"))
+    if stap is None or not releases:
+        return
+    with tempfile.TemporaryDirectory(prefix="stapctl-parse-") as tmp:
+        path = Path(tmp) / "probe.stp"
+        path.write_text(script)
+        proc = subprocess.run([stap, "-p1", "-r", releases[-1], str(path)],
+                              capture_output=True, text=True, check=False, cwd=tmp)
+        if proc.returncode != 0:
+            raise CompileError(f"{origin}:{first_line}: stap cannot parse this probe",
+                               _user_facing_stderr(proc.stderr, path, origin, first_line))
+
+
 def _user_facing_stderr(stderr: str, script: Path, origin: str, first_line: int) -> str:
     """stap's message tail, with positions in our temp copy mapped to the user's file."""
 

@@ -6,20 +6,28 @@ A StapctlError becomes one clean message and its exit code, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import queue
 import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import replace
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
+from rich import box
 from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from stapctl import lab, report
 from stapctl.build import Builder, list_cached, prune
@@ -85,12 +93,16 @@ def with_overrides(manifest: Manifest, forks: int | None, fmt: str | None) -> Ma
     return manifest
 
 
+FORCE_GRACE = 3.0  # seconds to collect the outcomes of cut connections after a 2nd Ctrl-C
+
+
 def in_background(work: Callable[[], T], events: queue.Queue[Event | None],
-                  on_event: Callable[[Event], None], fleet: Fleet) -> T:
+                  on_event: Callable[[Event], None], fleet: Fleet) -> T | None:
     """Run ``work`` in a thread while this thread renders its events.
 
-    The first Ctrl-C asks every host to stop cleanly (EXIT, drain, unload); the second
-    cuts the connections, and the agents' dead-man unloads on their own.
+    The first Ctrl-C asks every host to stop cleanly (EXIT, drain, unload) and lets the
+    work finish; the second cuts the connections (the agents unload on their own), waits
+    a moment for the hosts cut off to report, and returns None; a third returns at once.
     """
     box: dict[str, Any] = {}
 
@@ -105,6 +117,7 @@ def in_background(work: Callable[[], T], events: queue.Queue[Event | None],
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     interrupts = 0
+    forced_at: float | None = None
     while True:
         try:
             event = events.get(timeout=0.2)
@@ -112,21 +125,24 @@ def in_background(work: Callable[[], T], events: queue.Queue[Event | None],
                 break
             on_event(event)
         except queue.Empty:
-            continue
+            if forced_at is not None and time.monotonic() > forced_at + FORCE_GRACE:
+                break
         except KeyboardInterrupt:
             interrupts += 1
             if interrupts == 1:
                 err.print("[yellow]interrupt: stopping every probe cleanly "
                           "(Ctrl-C again to cut connections)[/]")
                 fleet.stop.set()
-            else:
+            elif interrupts == 2:
                 err.print("[red]second interrupt: cutting connections; "
                           "the agents unload on their own[/]")
                 fleet.close()
+                forced_at = time.monotonic()
+            else:
                 break
     if "error" in box:
         raise box["error"]
-    return box.get("value")  # type: ignore[no-any-return]
+    return box.get("value")
 
 
 def print_plan(plan: Plan, hosts: Mapping[str, tuple[Host, HostFacts]]) -> None:
@@ -142,7 +158,8 @@ def print_plan(plan: Plan, hosts: Mapping[str, tuple[Host, HostFacts]]) -> None:
         err.print(f"[red]{host}: cannot be served:[/] {reason}")
 
 
-def build_with_progress(plan: Plan, builder: Builder) -> Plan:
+def build_with_progress(plan: Plan, builder: Builder,
+                        phase: Callable[[str], AbstractContextManager[Any]]) -> Plan:
     todo = [job for job in plan.jobs if not job.cached]
     if not todo:
         return plan
@@ -151,8 +168,152 @@ def build_with_progress(plan: Plan, builder: Builder) -> Plan:
         err.print(f"build {job.probe.name} for {job.spec.release} "
                   f"({len(job.hosts)} host{'s' * (len(job.hosts) != 1)}): {state}")
 
-    with err.status(f"compiling {len(todo)} module(s) with stap…"):
+    with phase(f"compiling {len(todo)} module(s) with stap…"):
         return build_plan(plan, builder, progress)
+
+
+# -- live display ------------------------------------------------------------------------
+ACTIVE_STATES = ("connecting", "connected", "uploaded", "loaded", "running", "stopping")
+STATE_STYLES = {"running": "cyan", "stopping": "yellow", "finished": "green",
+                "failed": "bold red", "unreachable": "bold red", "skipped": "dim"}
+EVENT_STATES = {"connected": "connected", "uploaded": "uploaded", "loaded": "loaded",
+                "started": "running", "stopping": "stopping"}
+ENDINGS = ("finished", "failed", "unreachable", "skipped")
+
+
+@dataclass
+class HostRow:
+    state: str = "connecting"
+    lines: int = 0
+    detail: str = ""
+    endings: list[str] = field(default_factory=list)  # one per probe that ended
+
+
+class HostBoard:
+    """Each host's state as its events arrive, rendered as a table for rich's Live.
+
+    Renders are made by Live's refresh thread while the main thread updates the rows;
+    both only read or replace plain values, and the set of hosts is fixed up front.
+    """
+
+    def __init__(self, hosts: list[str], probes: int) -> None:
+        self.rows = {host: HostRow() for host in hosts}
+        self.probes = probes
+        self.phase = ""
+        self.started = time.monotonic()
+
+    def update(self, event: Event) -> None:
+        row = self.rows.get(event.host)
+        if row is None:
+            return
+        if event.kind == "output":
+            row.lines += 1
+        elif event.kind in ENDINGS:
+            row.endings = [*row.endings, event.kind]
+            row.detail = event.text
+            if len(row.endings) >= self.probes:
+                row.state = next((state for state in ("unreachable", "failed", "finished")
+                                  if state in row.endings), "skipped")
+        elif event.kind in EVENT_STATES and len(row.endings) < self.probes:
+            row.state = EVENT_STATES[event.kind]
+            row.detail = event.text
+
+    def counts(self) -> str:
+        states = Counter(row.state for row in self.rows.values())
+        return ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+
+    def render(self, height: int) -> Table:
+        """Every host in inventory order when they fit; else the busy and failed first."""
+        elapsed = time.monotonic() - self.started
+        table = Table(title=f"[bold]{escape(self.phase)}[/]  ·  {self.counts()}  ·  "
+                            f"{elapsed:.0f} s",
+                      title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("host")
+        table.add_column("state")
+        table.add_column("lines", justify="right")
+        table.add_column("detail", overflow="ellipsis", no_wrap=True)
+        rows = list(self.rows.items())
+        room = max(1, height - 6)
+        if len(rows) > room:
+            rank = {"failed": 1, "unreachable": 1}
+            rows.sort(key=lambda item: 0 if item[1].state in ACTIVE_STATES
+                      else rank.get(item[1].state, 2))
+            table.caption = f"… and {len(rows) - room + 1} more hosts"
+            rows = rows[:room - 1]
+        for host, row in rows:
+            table.add_row(host, Text(row.state, style=STATE_STYLES.get(row.state, "")),
+                          str(row.lines), report.first_line(row.detail))
+        return table
+
+
+class Display:
+    """What a person sees while an apply runs.
+
+    stderr, a terminal: a live table of hosts (state, lines received); otherwise plain
+    lines. Probe output goes to stdout as before; only when stdout is the very terminal
+    the table is drawn on is it printed through the table's console, above the table,
+    so the two never overwrite each other.
+    """
+
+    def __init__(self, manifest: Manifest, hosts: list[str]) -> None:
+        self.format = manifest.output.format
+        self.many = len(manifest.probes) > 1
+        self.outputs: list[Event] = []  # for the merged format, printed at the end
+        self.board = HostBoard(hosts, len(manifest.probes))
+        self.live: Live | None = None
+        if err.is_terminal:
+            self.live = Live(console=err, refresh_per_second=4, redirect_stdout=False,
+                             redirect_stderr=False,
+                             get_renderable=lambda: self.board.render(err.size.height))
+        self.shared_terminal = self.live is not None and _same_terminal(sys.stdout, err.file)
+
+    def __enter__(self) -> Display:
+        if self.live is not None:
+            self.live.start(refresh=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+    @contextlib.contextmanager
+    def phase(self, text: str) -> Iterator[None]:
+        if self.live is not None:
+            self.board.phase = text
+            yield
+        else:
+            with err.status(text):
+                yield
+
+    def event(self, event: Event) -> None:
+        self.board.update(event)
+        if event.kind == "output":
+            self.outputs.append(event)
+        if self.format == "json":
+            self.out(report.event_json(event))
+        elif event.kind == "output":
+            if self.format == "prefix":
+                self.out(report.output_prefix(event, self.many))
+        elif event.kind in ("warning", "error", "failed", "unreachable"):
+            color = "yellow" if event.kind == "warning" else "red"
+            err.print(f"[{color}]{escape(event.host)}: {event.kind}:[/] {escape(event.text)}",
+                      soft_wrap=True)
+        elif self.live is None and event.kind in ("connected", "started", "finished"):
+            err.print(f"[dim]{escape(event.host)}: {event.kind} {escape(event.text)}[/]",
+                      soft_wrap=True)
+
+    def out(self, line: str) -> None:
+        if self.shared_terminal:
+            err.print(Text(line), soft_wrap=True)
+        else:
+            click.echo(line)
+
+
+def _same_terminal(a: IO[str], b: IO[str]) -> bool:
+    try:
+        return a.isatty() and os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
+    except (OSError, ValueError):
+        return False
 
 
 # -- apply -------------------------------------------------------------------------------
@@ -177,62 +338,60 @@ def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tupl
     loaded = with_overrides(load_manifest(manifest), forks, fmt)
     extra_vars = parse_extra_vars(list(extra))
     hosts = resolve_hosts(loaded, inventory, limit, extra_vars)
-    options = RunOptions(
-        duration=parse_duration(duration, "--duration") if duration else None,
-        check=check, accept_new_host_keys=accept_new_host_keys)
+    try:
+        seconds = parse_duration(duration) if duration else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--duration") from None
+    options = RunOptions(duration=seconds, check=check,
+                         accept_new_host_keys=accept_new_host_keys)
     run = execute(loaded, hosts, extra_vars, options)
     sys.exit(run.exit_code)
 
 
 def execute(manifest: Manifest, hosts: list[Host], extra_vars: Mapping[str, Any],
             options: RunOptions) -> Run:
+    """Connect, plan, build, run, and record; Ctrl-C anywhere still records the run."""
     builder = Builder()
     events: queue.Queue[Event | None] = queue.Queue()
     fleet = Fleet(manifest, options, events.put)
-    fmt = manifest.output.format
-    many = len(manifest.probes) > 1
-    seen: list[Event] = []
-
-    def show(event: Event) -> None:
-        seen.append(event)
-        if fmt == "json":
-            click.echo(report.event_json(event))
-        elif event.kind == "output":
-            if fmt == "prefix":
-                click.echo(report.output_prefix(event, many))
-        elif event.kind in ("warning", "error", "failed", "unreachable"):
-            color = "yellow" if event.kind == "warning" else "red"
-            err.print(f"[{color}]{event.host}: {event.kind}:[/] {event.text}", soft_wrap=True)
-        elif event.kind in ("connected", "started", "finished"):
-            err.print(f"[dim]{event.host}: {event.kind} {event.text}[/]", soft_wrap=True)
-
     run_id = time.strftime("%Y%m%d-%H%M%S-") + manifest.name + "-" + secrets.token_hex(2)
     recorder = RunRecorder(run_id, manifest)
+    display = Display(manifest, [host.name for host in hosts])
 
     def on_event(event: Event) -> None:
         recorder.event(event)
-        show(event)
+        display.event(event)
 
-    try:
-        with err.status(f"connecting to {len(hosts)} host(s)…"):
-            connected = in_background(lambda: fleet.connect(hosts), events, on_event, fleet)
-        if connected and not fleet.stop.is_set():
-            plan = make_plan(manifest, connected, builder, extra_vars)
-            plan = build_with_progress(plan, builder)
-            recorder.plan(plan)
-            for host, reason in plan.unservable.items():
-                err.print(f"[red]{host}: cannot be served:[/] {reason}", soft_wrap=True)
-            events = queue.Queue()
-            fleet.emit = events.put
-            in_background(lambda: fleet.run(plan), events, on_event, fleet)
-    finally:
-        fleet.close()
+    with display:
+        try:
+            with display.phase(f"connecting to {len(hosts)} host(s)…"):
+                connected = in_background(lambda: fleet.connect(hosts), events, on_event,
+                                          fleet)
+            if connected and not fleet.stop.is_set():
+                plan = make_plan(manifest, connected, builder, extra_vars)
+                plan = build_with_progress(plan, builder, display.phase)
+                recorder.plan(plan)
+                for host, reason in plan.unservable.items():
+                    err.print(f"[red]{host}: cannot be served:[/] {escape(reason)}",
+                              soft_wrap=True)
+                with display.phase("running"):
+                    in_background(lambda: fleet.run(plan), events, on_event, fleet)
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            fleet.stop.set()
+        finally:
+            fleet.close()
+        fleet.settle()
+        display.board.phase = "interrupted" if fleet.stop.is_set() else "done"
+        while not events.empty():  # what came after the last phase, and the settled hosts
+            if (event := events.get()) is not None:
+                on_event(event)
     run = Run(id=run_id, outcomes=tuple(fleet.outcomes), interrupted=fleet.stop.is_set())
     recorder.finish(run)
-    if fmt == "merged":
-        for line in report.merged(seen, many):
+    if manifest.output.format == "merged":
+        for line in report.merged(display.outputs, display.many):
             click.echo(line)
-    if fmt == "json":
+    if manifest.output.format == "json":
         click.echo(report.summary_json(run))
     print_summary(run)
     return run
@@ -263,9 +422,11 @@ def runs_list(limit: int) -> None:
         table.add_column(column)
     for row in list_runs(limit):
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["started"]))
-        table.add_row(row["id"], started, str(row["exit_code"]), str(row["hosts"]),
+        exit_code = "-" if row["exit_code"] is None else str(row["exit_code"])  # unfinished
+        table.add_row(row["id"], started, exit_code, str(row["hosts"]),
                       str(row["ok"]), str(row["failed"]))
-    Console().print(table)
+    # a pipe or file gets whole run ids, however long: they are what people copy
+    (Console() if sys.stdout.isatty() else Console(width=1000)).print(table)
 
 
 @runs.command(name="show")
@@ -329,10 +490,12 @@ def plan_command(manifest: Path, inventory: Path | None, limit: str | None,
             connected = in_background(lambda: fleet.connect(hosts), events, on_event, fleet)
     finally:
         fleet.close()
+    if connected is None:
+        raise click.exceptions.Abort()
     builder = Builder()
     planned = make_plan(loaded, connected, builder, extra_vars)
     if build:
-        planned = build_with_progress(planned, builder)
+        planned = build_with_progress(planned, builder, err.status)
     print_plan(planned, connected)
 
 

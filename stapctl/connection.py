@@ -8,6 +8,7 @@ act on. Commands are argv lists; a shell line is built only with ``shlex.join``.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shlex
 import shutil
@@ -18,7 +19,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import paramiko
 
@@ -146,10 +147,16 @@ class _SSHProcess:
             self._channel.shutdown_write()
 
     def recv(self, size: int) -> bytes:
+        """Bytes, or b"" at the command's end of output; ConnectError when the channel
+        closed without the end-of-output a running server sends (the host or the
+        connection died)."""
         try:
-            return bytes(self._channel.recv(size))
+            data = bytes(self._channel.recv(size))
         except (OSError, paramiko.SSHException) as exc:
             raise ConnectError(f"connection lost: {exc}") from exc
+        if not data and not self._channel.eof_received:
+            raise ConnectError("connection lost: the SSH connection closed")
+        return data
 
     def stderr_tail(self) -> str:
         return self._stderr.text()
@@ -338,8 +345,9 @@ class SSHConnection:
 class _LocalProcess:
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         self._popen = popen
-        assert popen.stderr is not None
-        self._stderr = _StderrCollector(popen.stderr.read1)
+        # Popen's pipes are BufferedReaders: read1 returns what is there, without waiting
+        self._stdout = cast(io.BufferedReader, popen.stdout)
+        self._stderr = _StderrCollector(cast(io.BufferedReader, popen.stderr).read1)
 
     def send(self, data: bytes) -> None:
         assert self._popen.stdin is not None
@@ -355,8 +363,7 @@ class _LocalProcess:
             self._popen.stdin.close()
 
     def recv(self, size: int) -> bytes:
-        assert self._popen.stdout is not None
-        return self._popen.stdout.read1(size)
+        return self._stdout.read1(size)
 
     def stderr_tail(self) -> str:
         return self._stderr.text()

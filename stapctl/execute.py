@@ -77,6 +77,8 @@ class Fleet:
     stop: threading.Event = field(default_factory=threading.Event)
     sessions: dict[str, _Session] = field(default_factory=dict)
     outcomes: list[HostOutcome] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)  # every host given to connect()
+    _ended: set[tuple[str, str]] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -87,10 +89,16 @@ class Fleet:
         self.emit(Event(host=host, kind=kind, probe=probe, text=text, time=time.time()))
 
     def _record(self, outcome: HostOutcome) -> None:
+        """Keep a (host, probe)'s first outcome: after a forced stop, a job cut off later
+        must not replace the one already reported."""
         with self._lock:
+            if (outcome.host, outcome.probe) in self._ended:
+                return
+            self._ended.add((outcome.host, outcome.probe))
             self.outcomes.append(outcome)
-        kind: EventKind = "finished" if outcome.ok else (
-            "skipped" if outcome.status == "skipped" else "failed")
+        kinds: dict[str, EventKind] = {"ok": "finished", "skipped": "skipped",
+                                       "unreachable": "unreachable"}
+        kind = kinds.get(outcome.status, "failed")
         text = outcome.message if not outcome.kind else f"{outcome.kind}: {outcome.message}"
         self._event(outcome.host, kind, text, outcome.probe)
 
@@ -98,6 +106,7 @@ class Fleet:
     def connect(self, hosts: Sequence[Host]) -> dict[str, tuple[Host, HostFacts]]:
         """Connect, ship the agent and gather facts on every host; the unreachable are
         recorded as outcomes and left out of the result."""
+        self.hosts += [host.name for host in hosts]
         with ThreadPoolExecutor(max_workers=max(1, self.strategy.forks)) as pool:
             list(pool.map(self._connect_one, hosts))
         return {name: (s.host, s.facts) for name, s in self.sessions.items()}
@@ -118,10 +127,7 @@ class Fleet:
         try:
             agent = AgentHost(connection, host.python)
             agent.install()
-            result = agent.call({"action": "facts"})
-            raw = result.get("facts") or {}
-            facts = HostFacts(release=str(raw.get("release", "")), arch=str(raw.get("arch", "")),
-                              python=str(raw.get("python", "")), raw=raw)
+            facts = agent.facts()
         except StapctlError as exc:
             connection.close()
             self._fail_all(host.name, "failed", "agent-error", str(exc))
@@ -137,8 +143,10 @@ class Fleet:
 
     # -- run -----------------------------------------------------------------------------
     def run(self, plan: Plan) -> list[HostOutcome]:
-        """Run the plan batch by batch; stop starting batches past max_fail_percentage."""
-        names = [name for name in self.sessions]
+        """Run the plan batch by batch, in inventory order as Ansible does (the canary of
+        `serial: [1, ...]` is the first host); stop starting batches past
+        max_fail_percentage."""
+        names = [name for name in self.hosts if name in self.sessions]
         total = len(names) or 1
         with ThreadPoolExecutor(max_workers=max(1, self.strategy.forks)) as pool:
             for batch in batches(names, self.strategy.serial):
@@ -171,6 +179,10 @@ class Fleet:
 
     def _run_job(self, session: _Session, job: ModuleJob, deadline: float | None) -> None:
         host, probe = session.host.name, job.probe.name
+        if self.stop.is_set():
+            self._record(HostOutcome(host=host, probe=probe, status="skipped",
+                                     kind="skipped", message="interrupted before it started"))
+            return
         if job.error or job.artifact is None:
             self._record(HostOutcome(host=host, probe=probe, status="failed",
                                      kind="compile-failed", message=job.error))
@@ -225,8 +237,15 @@ class Fleet:
         if name in known:
             self._event(host, known[name], text, probe)
 
+    def settle(self) -> None:
+        """Give every (host, probe) not yet ended an outcome, so that an interrupted run
+        still accounts for each host it was given."""
+        reason = "interrupted" if self.stop.is_set() else "not run"
+        for host in self.hosts:
+            self._fail_all(host, "skipped", "skipped", reason)
+
     def close(self) -> None:
-        for session in self.sessions.values():
+        for session in list(self.sessions.values()):
             with contextlib.suppress(Exception):
                 session.connection.close()
 

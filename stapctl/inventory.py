@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import itertools
 import re
 import shlex
 import string
@@ -35,7 +36,7 @@ from stapctl.manifest import (
 )
 from stapctl.models import Host
 
-MAX_HOSTS_PER_RANGE = 10_000  # web[0:99999999] is a typo, not a fleet
+MAX_HOSTS_PER_ENTRY = 10_000  # web[0:99999999] is a typo, not a fleet
 
 _YAML_SUFFIXES = {".yaml", ".yml", ".json"}
 _BOOLEAN_WORDS = {"yes": True, "on": True, "true": True, "y": True, "t": True, "1": True,
@@ -110,7 +111,13 @@ class Inventory:
         self.origin = origin
         self.hosts = hosts  # host name → its own vars
         self.groups = groups  # includes 'all' and 'ungrouped'
-        self._members = {name: self._members_of(name, set()) for name in groups}
+        self._children = {name: group.children for name, group in groups.items()}
+        self._parents = _parents(groups)
+        self._direct_groups: dict[str, list[str]] = {name: [] for name in hosts}
+        for name, group in groups.items():
+            for host in group.hosts:
+                self._direct_groups[host].append(name)
+        self._depth = _depths(groups)
 
     def select(self, pattern: str, limit: str | None = None) -> list[Host]:
         """The hosts an Ansible host pattern selects (then narrowed by ``limit``), in
@@ -152,29 +159,14 @@ class Inventory:
     def groups_of(self, name: str) -> list[str]:
         """The groups a host is in, weakest first: by depth under 'all', then
         ansible_group_priority, then name, as Ansible orders them."""
-        depth = self._depths()
-        mine = [group for group, members in self._members.items() if name in members]
+        mine = _reachable(self._direct_groups[name], self._parents)
         return sorted(mine, key=lambda group: (
-            depth[group], _priority(self.groups[group].vars), group))
+            self._depth[group], _priority(self.groups[group].vars), group))
 
-    def _depths(self) -> dict[str, int]:
-        depth = {"all": 0}
-        pending = ["all"]
-        while pending:  # longest path from 'all': children are deeper than every parent
-            parent = pending.pop()
-            for child in self.groups[parent].children:
-                if depth.get(child, -1) < depth[parent] + 1:
-                    depth[child] = depth[parent] + 1
-                    pending.append(child)
-        return depth
-
-    def _members_of(self, group: str, seen: set[str]) -> set[str]:
-        seen.add(group)
-        members = set(self.groups[group].hosts)
-        for child in self.groups[group].children:
-            if child not in seen:
-                members |= self._members_of(child, seen)
-        return members
+    def members(self, group: str) -> set[str]:
+        """The hosts of a group and of its children, grandchildren…"""
+        return {host for name in _reachable([group], self._children)
+                for host in self.groups[name].hosts}
 
     def _match(self, pattern: str, where: str) -> set[str]:
         terms = [term.strip() for term in re.split(r"[,:]", pattern) if term.strip()]
@@ -215,7 +207,7 @@ class Inventory:
         found: set[str] = set()
         groups = [group for group in self.groups if matches(group)]
         for group in groups:
-            found |= self._members[group]
+            found |= self.members(group)
         if not groups or term.startswith("~") or any(c in term for c in ".?*["):
             found |= {name for name in self.hosts if matches(name)}
         if not found and not groups:
@@ -223,9 +215,11 @@ class Inventory:
         return found
 
     def _pattern_issue(self, where: str, message: str) -> Issue:
+        """Located at the origin's ``hosts:`` key when it has one (else at no line)."""
         if where != "hosts":
             return Issue(where, None, None, "", message)
-        return _document_of(self.origin).issue(("hosts",), message)
+        line, column = _document_of(self.origin).values.get(("hosts",), (None, None))
+        return Issue(str(self.origin), line, column, "hosts", message)
 
 
 # --- building an inventory -------------------------------------------------------------
@@ -285,23 +279,23 @@ class _Builder:
         return Inventory(self.file, origin, self.hosts, self.groups)
 
     def _check_cycles(self) -> None:
-        done: set[str] = set()
-
-        def visit(group: str, trail: list[str]) -> None:
-            if group in trail:
-                cycle = trail[trail.index(group):] + [group]
-                where = self.child_written_at.get((trail[-1], group), (None, None, ""))
-                self.report(where, f"group '{group}' is its own ancestor: "
+        """Report one cycle of children, if any, from the groups that could not be put in
+        a parents-first order: each of them has a parent among them."""
+        ordered = set(_topological_order(self.groups))
+        left = [name for name in self.groups if name not in ordered]
+        if not left:
+            return
+        parents = _parents(self.groups)
+        trail = [left[0]]
+        while True:  # walk up until a group repeats
+            parent = next(name for name in parents[trail[-1]] if name not in ordered)
+            if parent in trail:
+                cycle = [parent, *reversed(trail[trail.index(parent):])]
+                where = self.child_written_at.get((parent, trail[-1]), (None, None, ""))
+                self.report(where, f"group '{parent}' is its own ancestor: "
                                    f"{' → '.join(cycle)}")
                 return
-            if group in done:
-                return
-            for child in self.groups[group].children:
-                visit(child, [*trail, group])
-            done.add(group)
-
-        for name in list(self.groups):
-            visit(name, [])
+            trail.append(parent)
 
 
 def _connection_variable_problem(key: str, value: Any) -> str | None:
@@ -317,6 +311,52 @@ def _connection_variable_problem(key: str, value: Any) -> str | None:
     elif key in _TEXT_VARIABLES and (not isinstance(value, str) or not value):
         return f"expected text, got {value!r}"
     return None
+
+
+def _topological_order(groups: Mapping[str, Group]) -> list[str]:
+    """Parents before children (Kahn's algorithm); groups on a cycle are left out."""
+    parents_left = {name: 0 for name in groups}
+    for group in groups.values():
+        for child in group.children:
+            parents_left[child] += 1
+    ready = [name for name, count in parents_left.items() if count == 0]
+    order = []
+    while ready:
+        name = ready.pop()
+        order.append(name)
+        for child in groups[name].children:
+            parents_left[child] -= 1
+            if parents_left[child] == 0:
+                ready.append(child)
+    return order
+
+
+def _parents(groups: Mapping[str, Group]) -> dict[str, list[str]]:
+    parents: dict[str, list[str]] = {name: [] for name in groups}
+    for name, group in groups.items():
+        for child in group.children:
+            parents[child].append(name)
+    return parents
+
+
+def _depths(groups: Mapping[str, Group]) -> dict[str, int]:
+    """Each group's longest distance below 'all', as Ansible counts a group's depth."""
+    depth = dict.fromkeys(groups, 0)
+    for name in _topological_order(groups):
+        for child in groups[name].children:
+            depth[child] = max(depth[child], depth[name] + 1)
+    return depth
+
+
+def _reachable(start: list[str], edges: Mapping[str, list[str]]) -> set[str]:
+    seen = set(start)
+    pending = list(start)
+    while pending:
+        for following in edges[pending.pop()]:
+            if following not in seen:
+                seen.add(following)
+                pending.append(following)
+    return seen
 
 
 def _boolean(value: Any) -> bool:
@@ -356,31 +396,46 @@ def expand_host_pattern(text: str) -> tuple[list[str], int | None]:
 
 
 def _expand_ranges(name: str) -> list[str]:
-    found = _RANGE.search(name)
-    if found is None:
-        if "[" in name or "]" in name:
-            raise ValueError(f"'{name}': a host range is written [START:END] or "
-                             f"[START:END:STEP], e.g. web[01:10]")
-        return [name]
+    """``r[1:2]-n[a:b]`` → r1-na, r1-nb, r2-na, r2-nb."""
+    pieces: list[list[str]] = []
+    count, position = 1, 0
+    for found in _RANGE.finditer(name):
+        pieces.append([name[position: found.start()]])
+        values = _range_values(name, found)
+        count *= len(values)
+        if count > MAX_HOSTS_PER_ENTRY:
+            raise ValueError(f"'{name}': more than {MAX_HOSTS_PER_ENTRY} hosts in one entry")
+        pieces.append(values)
+        position = found.end()
+    pieces.append([name[position:]])
+    if any("[" in piece[0] or "]" in piece[0] for piece in pieces[::2]):
+        raise ValueError(f"'{name}': a host range is written [START:END] or "
+                         f"[START:END:STEP], e.g. web[01:10]")
+    return ["".join(parts) for parts in itertools.product(*pieces)]
+
+
+def _range_values(name: str, found: re.Match[str]) -> list[str]:
+    """The values of one ``[START:END:STEP]``, counted before they are made."""
     start, end, step = found["start"] or "0", found["end"], int(found["step"] or 1)
-    head, tail = name[: found.start()], name[found.end():]
     if start.isdigit() != end.isdigit():
         raise ValueError(f"'{name}': a range goes from a number to a number or from a "
                          f"letter to a letter")
+    if step < 1:
+        raise ValueError(f"'{name}': a range's step is 1 or more")
     if start.isdigit():
         width = len(start) if start.startswith("0") and len(start) > 1 else 0
         if width and len(end) != width:
             raise ValueError(f"'{name}': a zero-padded range needs ends of equal width")
-        values = [str(number).zfill(width) for number in range(int(start), int(end) + 1)]
+        if (int(end) - int(start)) // step >= MAX_HOSTS_PER_ENTRY:
+            raise ValueError(f"'{name}': more than {MAX_HOSTS_PER_ENTRY} hosts in one entry")
+        values = [str(number).zfill(width)
+                  for number in range(int(start), int(end) + 1, step)]
     else:
         letters = string.ascii_letters
-        values = list(letters[letters.index(start): letters.index(end) + 1])
-    values = values[::step] if step > 0 else []
+        values = list(letters[letters.index(start): letters.index(end) + 1: step])
     if not values:
         raise ValueError(f"'{name}': the range is empty (its start is after its end)")
-    if len(values) > MAX_HOSTS_PER_RANGE:
-        raise ValueError(f"'{name}': more than {MAX_HOSTS_PER_RANGE} hosts in one range")
-    return [head + value + rest for value in values for rest in _expand_ranges(tail)]
+    return values
 
 
 # --- the three formats -----------------------------------------------------------------

@@ -346,7 +346,7 @@ def _plain_errors(validator: jsonschema.Draft202012Validator,
                 if sub.relative_schema_path[0] == branch:
                     yield from _plain_errors(validator, sub)
             return
-    if "propertyNames" in error.relative_schema_path or "propertyNames" in error.schema_path:
+    if "propertyNames" in error.absolute_schema_path:
         yield (path + (instance,), f"'{instance}' is not a valid name here: expected "
                f"{schema.get('x-expected', 'a different name')}", True)
     elif kind == "additionalProperties":

@@ -14,6 +14,7 @@ from typing import Any
 
 from stapctl.build import Builder
 from stapctl.errors import StapctlError
+from stapctl.inventory import host_vars
 from stapctl.models import Host, HostFacts, Manifest, ModuleArtifact, ModuleSpec, Probe
 from stapctl.render import render_script
 
@@ -48,12 +49,9 @@ class Plan:
 
 def template_vars(manifest: Manifest, host: Host, facts: HostFacts,
                   extra_vars: Mapping[str, Any]) -> dict[str, Any]:
-    """Variables a probe template sees; later sources win (manifest-v1.md's order)."""
+    """Variables a probe template sees: inventory.host_vars' precedence, plus the facts."""
     return {
-        **manifest.vars,
-        **host.vars,
-        **extra_vars,
-        "inventory_hostname": host.name,
+        **host_vars(host, manifest.vars, extra_vars),
         "kernel_release": facts.release,
         "arch": facts.arch,
     }

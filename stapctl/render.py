@@ -15,12 +15,33 @@ from typing import Any
 
 import jinja2
 import yaml
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
 from stapctl.errors import Issue, ManifestError
 from stapctl.models import Probe
 
-_ENVIRONMENT = SandboxedEnvironment(
+MAX_SCRIPT_BYTES = 1 << 20  # a rendered script larger than this is refused
+
+
+class _BoundedEnvironment(SandboxedEnvironment):
+    """jinja2's sandbox, plus caps on what `*` and `**` can build, so that a manifest
+    cannot exhaust the controller's memory (`{{ 'a' * 10**9 }}`)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and abs(right) > 256:
+            raise SecurityError(f"exponent {right} is too large for a template")
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(times, int) \
+                        and len(seq) * times > MAX_SCRIPT_BYTES:
+                    raise SecurityError("repetition would build more than 1 MiB")
+        return super().call_binop(context, operator, left, right)
+
+
+_ENVIRONMENT = _BoundedEnvironment(
     undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
 )
 _TEMPLATE_FILENAME = "<template>"  # what jinja2 names a template compiled from a string
@@ -43,9 +64,12 @@ def render_script(probe: Probe, variables: Mapping[str, Any]) -> str:
     """The probe's script with ``variables`` filled in; ManifestError on any template error."""
     template = _compile(probe)
     try:
-        return template.render(variables)
+        script = template.render(variables)
     except _TEMPLATE_RUNTIME_ERRORS as error:
         raise ManifestError(_issue(probe, _failing_line(error), _explain(error))) from error
+    if len(script) > MAX_SCRIPT_BYTES:
+        raise ManifestError(_issue(probe, None, "the rendered script is larger than 1 MiB"))
+    return script
 
 
 def parse_extra_vars(items: Iterable[str]) -> dict[str, Any]:

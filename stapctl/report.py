@@ -46,9 +46,9 @@ def merged(events: Iterable[Event], many_probes: bool) -> list[str]:
     for (probe, host), lines in per_host.items():
         groups[(probe, tuple(lines))].append(host)
     text: list[str] = []
-    for (probe, lines), hosts in sorted(groups.items(), key=lambda item: sorted(item[1])):
+    for (probe, output), hosts in sorted(groups.items(), key=lambda item: sorted(item[1])):
         title = ",".join(sorted(hosts)) + (f" [{probe}]" if many_probes else "")
-        text += ["-" * 15, f"{title} ({len(hosts)})", "-" * 15, *lines]
+        text += ["-" * 15, f"{title} ({len(hosts)})", "-" * 15, *output]
     return text
 
 

@@ -64,7 +64,8 @@ class RunRecorder:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "hosts").mkdir()
         shutil.copyfile(manifest.path, self.dir / "manifest.yaml")
-        self._events: IO[str] = open(self.dir / "events.jsonl", "w")
+        # line-buffered: a controller killed mid-run leaves every line it had received
+        self._events: IO[str] = open(self.dir / "events.jsonl", "w", buffering=1)
         self._host_logs: dict[str, IO[str]] = {}
         self._many_probes = len(manifest.probes) > 1
         with _history(history) as db:
@@ -77,7 +78,7 @@ class RunRecorder:
             log = self._host_logs.get(event.host)
             if log is None:
                 log = self._host_logs[event.host] = open(
-                    self.dir / "hosts" / f"{safe_name(event.host)}.log", "w")
+                    self.dir / "hosts" / f"{safe_name(event.host)}.log", "w", buffering=1)
             log.write((f"[{event.probe}] " if self._many_probes else "") + event.text + "\n")
 
     def plan(self, plan: Plan) -> None:

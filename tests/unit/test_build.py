@@ -117,3 +117,11 @@ def test_foreign_arch_is_refused_before_compiling(tmp_path: Path) -> None:
     spec = ModuleSpec("s", "r", "riscv64")
     with pytest.raises(build.CompileError, match="cannot build for riscv64"):
         builder.build(spec, "trace.yaml", 1)
+
+
+def test_syntax_check_points_at_the_users_line() -> None:
+    build.check_syntax('probe oneshot { printf("ok\\n") }', "trace.yaml", 9)
+    with pytest.raises(build.CompileError) as caught:
+        build.check_syntax('probe oneshot {\n  printf("x\\n"\n}', "trace.yaml", 9)
+    assert "trace.yaml:11:1" in str(caught.value)
+    assert "parse error" in str(caught.value)

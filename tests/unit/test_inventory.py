@@ -255,3 +255,41 @@ def test_host_entries_expand(entry: str, hosts: list[str], port: int | None) -> 
 def test_bad_host_entries(entry: str) -> None:
     with pytest.raises(ValueError):
         expand_host_pattern(entry)
+
+
+def test_ranges_are_counted_before_they_are_expanded() -> None:
+    with pytest.raises(ValueError, match="more than 10000 hosts"):
+        expand_host_pattern("h" + "[0:1]" * 40)
+    with pytest.raises(ValueError, match="more than 10000 hosts"):
+        expand_host_pattern("h[0:99999999999999]")
+
+
+def test_long_chains_of_groups_need_no_recursion(tmp_path: Path) -> None:
+    count = 5000
+    path = tmp_path / "hosts.ini"
+    path.write_text("".join(f"[g{n}:children]\ng{n + 1}\n" for n in range(count))
+                    + f"[g{count}]\nh x=1\n")
+    inventory = load_inventory(path, origin=tmp_path / "t.yaml")
+    assert names(inventory, "g0") == ["h"]
+    assert inventory.groups_of("h")[-1] == f"g{count}"
+    path.write_text(path.read_text() + f"[g{count}:children]\ng0\n")
+    with pytest.raises(ManifestError, match="is its own ancestor"):
+        load_inventory(path, origin=tmp_path / "t.yaml")
+
+
+def test_a_cycle_is_found_from_a_group_below_it(tmp_path: Path) -> None:
+    path = tmp_path / "hosts.ini"
+    path.write_text("[c]\nh\n[b]\n[a]\n[a:children]\nb\n[b:children]\nc\na\n")
+    with pytest.raises(ManifestError) as caught:
+        load_inventory(path, origin=tmp_path / "t.yaml")
+    (issue,) = caught.value.issues
+    assert issue.line == 9 and "b → a → b" in issue.message
+
+
+def test_pattern_errors_have_no_line_when_the_origin_has_no_hosts_key(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.yaml"
+    path.write_text("all:\n  hosts:\n    web1:\n")
+    with pytest.raises(ManifestError) as caught:
+        load_inventory(path, origin=path).select("db")
+    (issue,) = caught.value.issues
+    assert (issue.file, issue.line, issue.path) == (str(path), None, "hosts")
