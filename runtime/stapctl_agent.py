@@ -60,7 +60,7 @@ PRIVILEGE = struct.Struct("=i")
 TRACE_MAGIC = b"\xf0\x9f\xa9\xba"  # 5.x relay record header starts with it
 TRACE_HEADER = struct.Struct("=II")  # sequence, length
 MAX_RECORD = 128 * 1024
-RESYNC_WINDOW = 1 << 20  # after corruption, a 4.x header's sequence must be this close
+RESYNC_WINDOW = 1 << 20  # how far a 4.x header's sequence may be from the last one
 TRACE_NAME = re.compile(r"trace\d+\Z")
 SIGNATURE_MARK = b"~Module signature appended~\n"
 PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -258,12 +258,17 @@ class RecordParser(object):
             return False
         if self.magic:
             return True
-        # 4.x has no magic. A CPU's sequence numbers only grow, and a real header is
-        # followed by another one, perhaps after the up to 8 stale bytes that 4.x leaves
-        # at a sub-buffer's end when a record's header did not fit there (the record is
-        # dropped and counted as a transport failure). After corruption, the number must
-        # also be near this CPU's last one.
-        if seq <= self.last_seq or (self.resyncing and seq > self.last_seq + RESYNC_WINDOW):
+        # 4.x has no magic, but a CPU's sequence numbers only grow, mostly by little. A
+        # header found after corruption, or one with a far sequence number (such as one
+        # made of the up to 8 stale bytes 4.x leaves at a sub-buffer's end when it drops
+        # a record, and the real header after them), must be followed by another header,
+        # itself perhaps after such stale bytes.
+        if seq <= self.last_seq:
+            return False
+        near = seq <= self.last_seq + RESYNC_WINDOW
+        if near and not self.resyncing:
+            return True
+        if not near and self.resyncing:
             return False
         after = self.header_size + length
         for gap in range(TRACE_HEADER.size + 1):

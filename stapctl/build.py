@@ -135,10 +135,55 @@ class Builder:
             if fix.applies(release, self.toolchain.runtime)
         )
 
-    def spec(self, script: str, release: str, arch: str, options: tuple[str, ...]) -> ModuleSpec:
+    def spec(self, script: str, release: str, arch: str, options: tuple[str, ...],
+             symbol_map: str = "") -> ModuleSpec:
+        """The spec for ``script``; ``symbol_map`` only matters to scripts that need it."""
         fixes = ",".join(fix.name for fix in self.fixes_for(release))
         return ModuleSpec(script=script, release=release, arch=arch, options=options,
-                          stap_version=self.toolchain.version, runtime_fix=fixes)
+                          stap_version=self.toolchain.version, runtime_fix=fixes,
+                          symbol_map=symbol_map if needs_symbol_map(script) else "")
+
+    # -- symbols -----------------------------------------------------------------------
+    def store_symbol_map(self, kallsyms: bytes) -> str:
+        """Keep a System.map made from a host's /proc/kallsyms; returns its sha256.
+
+        Debian ships no kernel debuginfo, so `kprobe.function("x")` finds nothing in the
+        headers; stap resolves it from the System.map of the build tree it is given.
+        """
+        lines = [line for line in kallsyms.decode(errors="replace").splitlines()
+                 if line and not line.endswith("]")]  # module symbols end in [module]
+        if not lines or all(line.startswith("0000000000000000 ") for line in lines):
+            raise CompileError(
+                "the host's /proc/kallsyms shows no addresses (kernel.kptr_restrict hides "
+                "them from this user): log in as root, or use become: true")
+        data = ("\n".join(lines) + "\n").encode()
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.root / "symbols" / f"{digest}.map"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(f".{os.getpid()}.part")
+            partial.write_bytes(data)
+            os.replace(partial, target)
+        return digest
+
+    def _build_tree(self, spec: ModuleSpec) -> str:
+        """What to pass to `stap -r`: the release, or a symlinked copy of its headers tree
+        holding the host's System.map."""
+        if not spec.symbol_map:
+            return spec.release
+        tree = self.root / "trees" / f"{spec.release}-{spec.symbol_map[:16]}"
+        if (tree / ".complete").exists():
+            return str(tree)
+        with self._locked(f"tree-{tree.name}"):
+            if not (tree / ".complete").exists():
+                shutil.rmtree(tree, ignore_errors=True)
+                tree.parent.mkdir(parents=True, exist_ok=True)
+                subprocess.run(["cp", "-as", f"{headers_dir(spec.release).resolve()}/.",
+                                str(tree)], check=True)
+                shutil.copyfile(self.root / "symbols" / f"{spec.symbol_map}.map",
+                                tree / "System.map")
+                (tree / ".complete").touch()
+        return str(tree)
 
     # -- cache -------------------------------------------------------------------------
     def _entry(self, key: str) -> Path:
@@ -217,7 +262,7 @@ class Builder:
             work = Path(tmp)
             script = work / "probe.stp"
             script.write_text(spec.script)
-            argv = [self.toolchain.stap, "-p4", "-r", spec.release, "-m", module_name]
+            argv = [self.toolchain.stap, "-p4", "-r", self._build_tree(spec), "-m", module_name]
             runtime = self._runtime(spec)
             if runtime is not None:
                 argv += ["-R", str(runtime)]
@@ -252,6 +297,14 @@ class Builder:
         return artifact
 
 
+KPROBE_FUNCTION = re.compile(r"\bkprobe\s*\.\s*function\s*\(")
+
+
+def needs_symbol_map(script: str) -> bool:
+    """Whether a script probes kernel functions by name (see store_symbol_map)."""
+    return KPROBE_FUNCTION.search(script) is not None
+
+
 def check_syntax(script: str, origin: str, first_line: int) -> None:
     """Run stap's parser (pass 1) on a rendered script; no kernel or headers involved."""
     stap = shutil.which("stap")
@@ -278,7 +331,8 @@ def _user_facing_stderr(stderr: str, script: Path, origin: str, first_line: int)
 
     text = re.sub(re.escape(str(script)) + r":(\d+)(:\d+)?", relocate, stderr)
     text = text.replace(str(script), origin)
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = [line for line in text.splitlines()
+             if line.strip() and not line.startswith("Tip: ")]  # distro boilerplate
     return "\n".join(lines[-STDERR_TAIL_LINES:])
 
 

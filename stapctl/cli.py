@@ -37,7 +37,7 @@ from stapctl.inventory import load_inventory
 from stapctl.manifest import explain as explain_key
 from stapctl.manifest import load_manifest, parse_duration
 from stapctl.models import Event, Host, HostFacts, Manifest, Run
-from stapctl.plan import ModuleJob, Plan, build_plan, make_plan
+from stapctl.plan import ModuleJob, Plan, build_plan, gather_symbol_maps, make_plan
 from stapctl.render import parse_extra_vars
 from stapctl.store import RunRecorder, find_run, list_runs, safe_name
 
@@ -287,7 +287,7 @@ class Display:
 
     def event(self, event: Event) -> None:
         self.board.update(event)
-        if event.kind == "output":
+        if event.kind == "output" and self.format == "merged":
             self.outputs.append(event)
         if self.format == "json":
             self.out(report.event_json(event))
@@ -368,12 +368,11 @@ def execute(manifest: Manifest, hosts: list[Host], extra_vars: Mapping[str, Any]
                 connected = in_background(lambda: fleet.connect(hosts), events, on_event,
                                           fleet)
             if connected and not fleet.stop.is_set():
+                connected = gather_symbol_maps(manifest, connected, fleet.connections(),
+                                               builder)
                 plan = make_plan(manifest, connected, builder, extra_vars)
                 plan = build_with_progress(plan, builder, display.phase)
                 recorder.plan(plan)
-                for host, reason in plan.unservable.items():
-                    err.print(f"[red]{host}: cannot be served:[/] {escape(reason)}",
-                              soft_wrap=True)
                 with display.phase("running"):
                     in_background(lambda: fleet.run(plan), events, on_event, fleet)
         except KeyboardInterrupt:
@@ -485,14 +484,16 @@ def plan_command(manifest: Path, inventory: Path | None, limit: str | None,
         if event.kind in ("failed", "unreachable"):
             err.print(f"[red]{event.host}: {event.text}[/]", soft_wrap=True)
 
+    builder = Builder()
     try:
         with err.status(f"gathering facts from {len(hosts)} host(s)…"):
             connected = in_background(lambda: fleet.connect(hosts), events, on_event, fleet)
+            if connected is not None:
+                connected = gather_symbol_maps(loaded, connected, fleet.connections(), builder)
     finally:
         fleet.close()
     if connected is None:
         raise click.exceptions.Abort()
-    builder = Builder()
     planned = make_plan(loaded, connected, builder, extra_vars)
     if build:
         planned = build_with_progress(planned, builder, err.status)

@@ -89,6 +89,7 @@ class Connection(Protocol):
     def ensure_private_dir(self, path: str) -> None: ...
     def exists(self, path: str, size: int) -> bool: ...
     def put(self, local: Path, remote: str) -> None: ...
+    def read_file(self, path: str, limit: int) -> bytes: ...
     def start(self, argv: Sequence[str]) -> Process: ...
     def close(self) -> None: ...
 
@@ -280,30 +281,40 @@ class SSHConnection:
         return self._home
 
     def ensure_private_dir(self, path: str) -> None:
+        """Create ``path`` (0700) and its missing parents; one round trip when it exists."""
+        sftp = self._sftp_client()
+        try:
+            attrs = sftp.lstat(path)
+        except FileNotFoundError:
+            attrs = self._make_dirs(path)
+        except OSError as exc:
+            raise ConnectError(f"{self.host.name}: cannot inspect {path}: {exc}") from exc
+        mode = attrs.st_mode or 0
+        if not stat.S_ISDIR(mode) or stat.S_IMODE(mode) & 0o077:
+            raise ConnectError(
+                f"{self.host.name}: {path} must be a private directory (0700); "
+                "it is not: remove it or fix its mode"
+            )
+
+    def _make_dirs(self, path: str) -> paramiko.SFTPAttributes:
+        """mkdir -p, the last one 0700; returns the attributes of ``path``."""
         sftp = self._sftp_client()
         parts = path.strip("/").split("/")
         current = ""
         for index, part in enumerate(parts):
             current += "/" + part
-            last = index == len(parts) - 1
             try:
                 attrs = sftp.lstat(current)
             except FileNotFoundError:
                 try:
-                    sftp.mkdir(current, 0o700 if last else 0o755)
+                    sftp.mkdir(current, 0o700 if index == len(parts) - 1 else 0o755)
+                    attrs = sftp.lstat(current)
                 except OSError as exc:
                     raise ConnectError(f"{self.host.name}: cannot create {current}: {exc}") \
                         from exc
-                attrs = sftp.lstat(current)
             except OSError as exc:
                 raise ConnectError(f"{self.host.name}: cannot inspect {current}: {exc}") from exc
-            if last:
-                mode = attrs.st_mode or 0
-                if not stat.S_ISDIR(mode) or stat.S_IMODE(mode) & 0o077:
-                    raise ConnectError(
-                        f"{self.host.name}: {current} must be a private directory (0700); "
-                        "it is not: remove it or fix its mode"
-                    )
+        return attrs
 
     def exists(self, path: str, size: int) -> bool:
         try:
@@ -320,6 +331,17 @@ class SSHConnection:
             sftp.posix_rename(partial, remote)
         except (OSError, paramiko.SSHException) as exc:
             raise ConnectError(f"{self.host.name}: upload of {local.name} failed: {exc}") from exc
+
+    def read_file(self, path: str, limit: int) -> bytes:
+        """A remote file's bytes (procfs files too, whose size reads as 0), up to ``limit``."""
+        try:
+            with self._sftp_client().open(path, "rb") as remote:
+                data = remote.read(limit + 1)
+        except (OSError, paramiko.SSHException) as exc:
+            raise ConnectError(f"{self.host.name}: cannot read {path}: {exc}") from exc
+        if len(data) > limit:
+            raise ConnectError(f"{self.host.name}: {path} is larger than {limit} bytes")
+        return bytes(data)
 
     def start(self, argv: Sequence[str]) -> Process:
         command = shlex.join(privileged(argv, self.user_is_root, self.options.become))
@@ -399,6 +421,13 @@ class LocalConnection:
         shutil.copyfile(local, remote + ".part")
         os.chmod(remote + ".part", 0o600)
         os.replace(remote + ".part", remote)
+
+    def read_file(self, path: str, limit: int) -> bytes:
+        with open(path, "rb") as local:
+            data = local.read(limit + 1)
+        if len(data) > limit:
+            raise ConnectError(f"{path} is larger than {limit} bytes")
+        return data
 
     def start(self, argv: Sequence[str]) -> Process:
         full = privileged(argv, os.geteuid() == 0, self.options.become)

@@ -244,6 +244,9 @@ class Fleet:
         for host in self.hosts:
             self._fail_all(host, "skipped", "skipped", reason)
 
+    def connections(self) -> dict[str, Connection]:
+        return {name: session.connection for name, session in self.sessions.items()}
+
     def close(self) -> None:
         for session in list(self.sessions.values()):
             with contextlib.suppress(Exception):

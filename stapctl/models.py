@@ -78,6 +78,7 @@ class HostFacts:
     arch: str
     python: str
     raw: Mapping[str, Any] = field(default_factory=dict)
+    symbol_map: str = ""  # sha256 of the System.map made from the host's /proc/kallsyms
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,13 @@ class ModuleSpec:
     options: tuple[str, ...] = ()
     stap_version: str = ""
     runtime_fix: str = ""  # the name of a runtime fix applied, or ""
+    symbol_map: str = ""  # sha256 of a System.map to build against (kprobe.function)
 
     @property
     def key(self) -> str:
         blob = json.dumps(
             [self.script, self.release, self.arch, list(self.options), self.stap_version,
-             self.runtime_fix],
+             self.runtime_fix, self.symbol_map],
             separators=(",", ":"),
         )
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -159,9 +161,12 @@ class Run:
 
     @property
     def exit_code(self) -> int:
-        """manifest-v1.md: 0 all ok, 1 all failed, 3 partial, 130 interrupted."""
+        """manifest-v1.md: 0 all ok, 1 all failed, 2 nothing compiled, 3 partial,
+        130 interrupted."""
         if self.interrupted:
             return 130
         if not self.failed:
             return 0
+        if not self.succeeded and all(o.kind == "compile-failed" for o in self.failed):
+            return 2  # nothing could be built: the input is wrong, not the hosts
         return 1 if not self.succeeded else 3

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from stapctl.build import Builder
+from stapctl.build import Builder, needs_symbol_map
+from stapctl.connection import Connection
 from stapctl.errors import StapctlError
 from stapctl.inventory import host_vars
 from stapctl.models import Host, HostFacts, Manifest, ModuleArtifact, ModuleSpec, Probe
@@ -57,6 +58,33 @@ def template_vars(manifest: Manifest, host: Host, facts: HostFacts,
     }
 
 
+KALLSYMS_LIMIT = 64 << 20
+
+
+def gather_symbol_maps(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
+                       connections: Mapping[str, Connection],
+                       builder: Builder) -> dict[str, tuple[Host, HostFacts]]:
+    """Fetch each host's /proc/kallsyms, only when some probe may need it.
+
+    A host whose symbols cannot be read keeps an empty symbol_map; make_plan then says
+    exactly why its kprobe.function probes cannot be built.
+    """
+    if not any(needs_symbol_map(probe.template) for probe in manifest.probes):
+        return dict(hosts)
+
+    def fetch(name: str) -> tuple[str, tuple[Host, HostFacts]]:
+        host, facts = hosts[name]
+        try:
+            kallsyms = connections[name].read_file("/proc/kallsyms", KALLSYMS_LIMIT)
+            facts = replace(facts, symbol_map=builder.store_symbol_map(kallsyms))
+        except StapctlError as exc:
+            facts = replace(facts, raw={**facts.raw, "symbol_map_error": str(exc)})
+        return name, (host, facts)
+
+    with ThreadPoolExecutor(max_workers=max(1, manifest.strategy.forks)) as pool:
+        return dict(pool.map(fetch, hosts))
+
+
 def make_plan(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
               builder: Builder, extra_vars: Mapping[str, Any]) -> Plan:
     """Group (probe, host) pairs by ModuleSpec; note which are already in the cache.
@@ -65,15 +93,21 @@ def make_plan(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
     """
     groups: dict[tuple[str, str], list[str]] = {}
     specs: dict[tuple[str, str], tuple[Probe, ModuleSpec]] = {}
+    errors: dict[tuple[str, str], str] = {}
     for probe in manifest.probes:
         for name, (host, facts) in hosts.items():
             script = render_script(probe, template_vars(manifest, host, facts, extra_vars))
-            spec = builder.spec(script, facts.release, facts.arch, probe.stap_options)
-            specs[(probe.name, spec.key)] = (probe, spec)
-            groups.setdefault((probe.name, spec.key), []).append(name)
+            spec = builder.spec(script, facts.release, facts.arch, probe.stap_options,
+                                facts.symbol_map)
+            key = (probe.name, spec.key)
+            specs[key] = (probe, spec)
+            groups.setdefault(key, []).append(name)
+            if needs_symbol_map(script) and not facts.symbol_map:
+                reason = facts.raw.get("symbol_map_error", "its symbols were not gathered")
+                errors[key] = f"kprobe.function needs the host's kernel symbols: {reason}"
     jobs = tuple(
         ModuleJob(probe=probe, spec=spec, hosts=tuple(groups[key]),
-                  artifact=builder.cached(spec))
+                  artifact=builder.cached(spec), error=errors.get(key, ""))
         for key, (probe, spec) in specs.items()
     )
     return Plan(jobs=jobs)
@@ -88,7 +122,7 @@ def build_plan(plan: Plan, builder: Builder,
     """
 
     def build(job: ModuleJob) -> ModuleJob:
-        if job.cached:
+        if job.cached or job.error:
             return job
         on_progress(job, "building")
         try:

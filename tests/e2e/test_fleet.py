@@ -200,6 +200,27 @@ def test_d_a_killed_controller_leaves_nothing_loaded_past_the_deadman(
     assert left == dict.fromkeys(HOSTS, ""), left
 
 
+def test_d_a_frozen_controller_is_outlived_by_the_deadman(fleet_lab: LabStatus,
+                                                         tmp_path: Path) -> None:
+    """SIGSTOP keeps the connections open but silent: only the dead-man can act."""
+    manifest = write_manifest(tmp_path, "watch-opens", WATCH_OPENS)
+    apply = BackgroundApply(fleet_lab.inventory, manifest, "--duration", "10m")
+    apply.wait_until_running()
+    apply.process.send_signal(signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        time.sleep(DEADMAN / 2)
+        assert all(leftovers(fleet_lab, apply).values())  # the agents wait for a while
+        left = leftovers(fleet_lab, apply)
+        while any(left.values()) and time.monotonic() - frozen < DEADMAN + 10 + 15:
+            time.sleep(2)
+            left = leftovers(fleet_lab, apply)
+        assert left == dict.fromkeys(HOSTS, ""), left
+    finally:
+        apply.process.kill()
+        apply.finish()
+
+
 def test_e_serial_runs_the_canary_before_the_others(fleet_lab: LabStatus,
                                                     tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, "canary",

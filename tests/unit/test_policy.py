@@ -38,6 +38,10 @@ def outcome(host: str, status: str, kind: str | None = None) -> HostOutcome:
     ([outcome("a", "ok"), outcome("b", "failed", "runtime-error")], False, 3),
     ([outcome("a", "unreachable", "unreachable")], False, 1),
     ([outcome("a", "ok")], True, 130),
+    ([outcome("a", "failed", "compile-failed")], False, 2),
+    ([outcome("a", "failed", "compile-failed"), outcome("b", "unreachable", "unreachable")],
+     False, 1),
+    ([outcome("a", "failed", "compile-failed"), outcome("b", "ok")], False, 3),
 ])
 def test_exit_codes(outcomes: list[HostOutcome], interrupted: bool, code: int) -> None:
     assert Run("r", tuple(outcomes), interrupted).exit_code == code
