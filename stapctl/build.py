@@ -30,6 +30,9 @@ from stapctl.errors import CompileError
 from stapctl.models import ModuleArtifact, ModuleSpec
 
 STDERR_TAIL_LINES = 30
+# stap lines that say nothing about the user's script: distro boilerplate, and pass 1's
+# complaint about a System.map it does not need
+NOISE = ("Tip: ", "WARNING: Kernel function symbol table missing")
 
 
 def cache_dir() -> Path:
@@ -332,7 +335,7 @@ def _user_facing_stderr(stderr: str, script: Path, origin: str, first_line: int)
     text = re.sub(re.escape(str(script)) + r":(\d+)(:\d+)?", relocate, stderr)
     text = text.replace(str(script), origin)
     lines = [line for line in text.splitlines()
-             if line.strip() and not line.startswith("Tip: ")]  # distro boilerplate
+             if line.strip() and not line.startswith(NOISE)]
     return "\n".join(lines[-STDERR_TAIL_LINES:])
 
 

@@ -37,7 +37,14 @@ from stapctl.inventory import load_inventory
 from stapctl.manifest import explain as explain_key
 from stapctl.manifest import load_manifest, parse_duration
 from stapctl.models import Event, Host, HostFacts, Manifest, Run
-from stapctl.plan import ModuleJob, Plan, build_plan, gather_symbol_maps, make_plan
+from stapctl.plan import (
+    ModuleJob,
+    Plan,
+    build_plan,
+    check_scripts,
+    gather_symbol_maps,
+    make_plan,
+)
 from stapctl.render import parse_extra_vars
 from stapctl.store import RunRecorder, find_run, list_runs, safe_name
 
@@ -456,12 +463,24 @@ def runs_show(run_id: str, host: str | None) -> None:
 # -- validate / plan / explain -----------------------------------------------------------
 @cli.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
-def validate(manifest: Path) -> None:
-    """Check a manifest, its inventory, templates and files; touch no host."""
+@click.option("-i", "--inventory", type=click.Path(path_type=Path),
+              help="Inventory file; overrides the manifest's `inventory:`.")
+@click.option("--limit", help="Further limit the hosts (Ansible pattern).")
+@click.option("-e", "--extra-vars", "extra", multiple=True, metavar="KEY=VALUE")
+def validate(manifest: Path, inventory: Path | None, limit: str | None,
+             extra: tuple[str, ...]) -> None:
+    """Check a manifest, its inventory, templates and scripts; touch no host.
+
+    Each probe is rendered for each host and parsed by stap (when stap is installed).
+    """
     loaded = load_manifest(manifest)
-    if loaded.inventory is not None:
-        load_inventory(loaded.inventory, loaded.path)
-    err.print(f"{manifest}: ok ({len(loaded.probes)} probe(s))")
+    extra_vars = parse_extra_vars(list(extra))
+    hosts: list[Host] = []
+    if inventory is not None or loaded.inventory is not None:
+        hosts = resolve_hosts(loaded, inventory, limit, extra_vars)
+    parsed = check_scripts(loaded, hosts, extra_vars)
+    err.print(f"{manifest}: ok ({len(loaded.probes)} probe(s), {len(hosts)} host(s), "
+              f"{parsed} distinct script(s) parsed)")
 
 
 @cli.command(name="plan")

@@ -7,12 +7,12 @@ ModuleSpec, hence one compile; a fleet of 1000 hosts on 3 kernels costs 3 compil
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from stapctl.build import Builder, needs_symbol_map
+from stapctl.build import Builder, check_syntax, needs_symbol_map
 from stapctl.connection import Connection
 from stapctl.errors import StapctlError
 from stapctl.inventory import host_vars
@@ -111,6 +111,24 @@ def make_plan(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
         for key, (probe, spec) in specs.items()
     )
     return Plan(jobs=jobs)
+
+
+def check_scripts(manifest: Manifest, hosts: Sequence[Host],
+                  extra_vars: Mapping[str, Any]) -> int:
+    """Render every probe for every host and run stap's parser on each distinct script.
+
+    No host is contacted, so facts are blank; returns how many scripts were parsed.
+    """
+    blank = HostFacts(release="", arch="", python="")
+    targets = list(hosts) or [Host(name="validate", address="validate")]
+    seen: set[tuple[str, str]] = set()
+    for probe in manifest.probes:
+        for host in targets:
+            script = render_script(probe, template_vars(manifest, host, blank, extra_vars))
+            if (probe.name, script) not in seen:
+                seen.add((probe.name, script))
+                check_syntax(script, probe.origin, probe.first_line)
+    return len(seen)
 
 
 def build_plan(plan: Plan, builder: Builder,

@@ -125,3 +125,41 @@ def test_syntax_check_points_at_the_users_line() -> None:
         build.check_syntax('probe oneshot {\n  printf("x\\n"\n}', "trace.yaml", 9)
     assert "trace.yaml:11:1" in str(caught.value)
     assert "parse error" in str(caught.value)
+
+
+FAKE_STAP = """#!/bin/sh
+# test double for stap: records each compile, takes a while, writes NAME.ko
+echo "$@" >> "{log}"
+sleep 1
+while [ $# -gt 0 ]; do
+  if [ "$1" = "-m" ]; then name="$2"; fi
+  shift
+done
+printf 'fake module' > "$name.ko"
+"""
+
+
+def test_two_applies_sharing_the_cache_compile_once(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    log = tmp_path / "compiles.log"
+    stap = tmp_path / "stap"
+    stap.write_text(FAKE_STAP.format(log=log))
+    stap.chmod(0o755)
+    monkeypatch.setattr(build, "headers_dir", lambda release: tmp_path)
+    toolchain = Toolchain(str(stap), "4.8", tmp_path / "no-runtime")
+    spec = ModuleSpec("probe oneshot {}", "r", build.platform.machine(), (), "4.8")
+    results = []
+
+    def apply_once() -> None:  # each "apply" has its own Builder, as separate runs would
+        results.append(Builder(tmp_path / "cache", toolchain).build(spec, "t.yaml", 1))
+
+    threads = [threading.Thread(target=apply_once) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(log.read_text().splitlines()) == 1
+    assert len({(r.path, r.sha256) for r in results}) == 1
+    assert results[0].path.read_bytes() == b"fake module"
