@@ -61,6 +61,7 @@ TRACE_MAGIC = b"\xf0\x9f\xa9\xba"  # 5.x relay record header starts with it
 TRACE_HEADER = struct.Struct("=II")  # sequence, length
 MAX_RECORD = 128 * 1024
 RESYNC_WINDOW = 1 << 20  # how far a 4.x header's sequence may be from the last one
+WAIT = -1  # RecordParser: decide when more data has arrived
 TRACE_NAME = re.compile(r"trace\d+\Z")
 SIGNATURE_MARK = b"~Module signature appended~\n"
 PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -236,10 +237,18 @@ class RecordParser(object):
                 found = buf.find(self.magic)
                 self._skip(found if found > 0 else len(buf) - len(self.magic) + 1)
                 continue
-            seq, length = TRACE_HEADER.unpack_from(buf, len(self.magic))
-            if not self._plausible(seq, length, buf):
+            if self.magic:
+                length = TRACE_HEADER.unpack_from(buf, len(self.magic))[1]
+                at = 0 if 0 < length <= MAX_RECORD else None
+            else:
+                at = self._header_at(buf, final)
+            if at is None:
                 self._skip(1)
                 continue
+            if at == WAIT:
+                return None
+            self._skip(at)  # stale bytes where 4.x dropped a record
+            seq, length = TRACE_HEADER.unpack_from(buf, len(self.magic))
             end = self.header_size + length
             if len(buf) < end:
                 if final and self.resyncing:  # a guess no more data can confirm
@@ -253,27 +262,47 @@ class RecordParser(object):
             return seq, data
         return None
 
-    def _plausible(self, seq, length, buf):
-        if not 0 < length <= MAX_RECORD:
-            return False
-        if self.magic:
-            return True
-        # 4.x has no magic, but a CPU's sequence numbers only grow, mostly by little. A
-        # header found after corruption, or one with a far sequence number (such as one
-        # made of the up to 8 stale bytes 4.x leaves at a sub-buffer's end when it drops
-        # a record, and the real header after them), must be followed by another header,
-        # itself perhaps after such stale bytes.
-        if seq <= self.last_seq:
-            return False
-        near = seq <= self.last_seq + RESYNC_WINDOW
-        if near and not self.resyncing:
-            return True
-        if not near and self.resyncing:
-            return False
-        after = self.header_size + length
+    def _header_at(self, buf, final):
+        """4.x: where the next header starts (0 to 8 bytes on), None if nowhere near, or
+        WAIT to decide once more data has arrived.
+
+        4.x has no magic to find headers by. When a record's header does not fit in what
+        is left of a sub-buffer, 4.x drops the record and leaves those (up to 8) bytes
+        stale; the next header follows them. So the candidates at offsets 0..8 are
+        weighed: a CPU's sequence numbers only grow, mostly by little, and a real header
+        is followed by another one (perhaps after stale bytes). The first candidate so
+        confirmed wins; else, of those whose follower has not arrived yet and the one at
+        offset 0 if its number is near (a record followed by corruption), the smallest
+        number wins. After corruption, only near and unrefuted candidates count.
+        """
+        best = None
+        for offset in range(TRACE_HEADER.size + 1):
+            if len(buf) < offset + TRACE_HEADER.size:
+                break
+            seq, length = TRACE_HEADER.unpack_from(buf, offset)
+            if not (0 < length <= MAX_RECORD and seq > self.last_seq):
+                continue
+            near = seq <= self.last_seq + RESYNC_WINDOW
+            followed = self._followed(buf, offset, seq, length, final)
+            if followed and (near or not self.resyncing):
+                return offset
+            unrefuted = followed is None and (near or not self.resyncing)
+            if unrefuted or (near and offset == 0 and not self.resyncing):
+                if best is None or seq < best[0]:
+                    best = (seq, offset, followed)
+        if best is None:
+            return None
+        _seq, offset, followed = best
+        return WAIT if offset and followed is None and not final else offset
+
+    @staticmethod
+    def _followed(buf, offset, seq, length, final):
+        """True if another header follows the record at ``offset``, False if not, None if
+        the bytes to tell have not arrived (at the stream's end: never will)."""
+        after = offset + TRACE_HEADER.size + length
         for gap in range(TRACE_HEADER.size + 1):
             if len(buf) < after + gap + TRACE_HEADER.size:
-                return True  # the next header has not arrived yet
+                return False if final and len(buf) < after else None
             next_seq, next_length = TRACE_HEADER.unpack_from(buf, after + gap)
             if seq < next_seq <= seq + RESYNC_WINDOW and 0 < next_length <= MAX_RECORD:
                 return True
@@ -675,20 +704,25 @@ class FrameWriter(object):
         self.fd = fd
         self.stall_timeout = stall_timeout
         self.broken = False
+        self.poller = select.poll()
+        self.poller.register(fd, select.POLLOUT)
+        try:  # a write then takes what fits, however big, and never blocks past the stall
+            os.set_blocking(fd, False)
+        except OSError as e:
+            log("stdout stays blocking: %s" % e)
 
     def send(self, ftype, payload):
         if self.broken:
             return
         view = memoryview(encode_frame(ftype, payload))
-        poller = select.poll()
-        poller.register(self.fd, select.POLLOUT)
         try:
             while view:
-                if not poller.poll(self.stall_timeout * 1000):
-                    raise OSError(errno.ETIMEDOUT, "stdout accepted nothing for %.0f s"
-                                  % self.stall_timeout)
-                written = os.write(self.fd, view[:select.PIPE_BUF])
-                view = view[written:]
+                try:
+                    view = view[os.write(self.fd, view):]
+                except BlockingIOError:
+                    if not self.poller.poll(self.stall_timeout * 1000):
+                        raise OSError(errno.ETIMEDOUT, "stdout accepted nothing for %.0f s"
+                                      % self.stall_timeout) from None
         except OSError as e:
             log("stdout is gone (%s); carrying on to clean up" % e)
             self.broken = True
@@ -753,7 +787,7 @@ class Agent(object):
     unload_retry = 3.0  # seconds to retry delete_module while the module is in use
     drain_timeout = 5.0
     settle_time = 0.3  # to collect the module's ERROR text after a failed START
-    tick = 0.1  # relays are read every tick, not polled: a finished one polls POLLERR forever
+    tick = 0.1  # the steady state's longest sleep: timers are checked at least this often
     request_timeout = 60.0
 
     def __init__(self, kernel=None, stdin_fd=0, stdout_fd=1, gap_wait=1.0):
@@ -769,6 +803,7 @@ class Agent(object):
         self.cmd = None
         self.relays = []  # (cpu, fd, RecordParser) per CPU
         self.relay_poll = select.poll()
+        self.live_relays = set()  # relay fds not finalized: waited on for data
         self.home_cpus = None  # where this thread may run when it is not reading a relay
         self.unpinned = set()  # CPUs whose relay file had to be read from elsewhere
         self.children = []  # system() commands whose output we forward
@@ -963,6 +998,7 @@ class Agent(object):
                        for cpu, fd in self.kernel.open_relays(self.module)]
         for _cpu, fd, _parser in self.relays:
             self.relay_poll.register(fd, select.POLLIN)
+            self.live_relays.add(fd)
         self.home_cpus = self.kernel.cpus()
         self.send("START", pack_start(0, 0))  # blocks while begin probes run
         if not self.wait_for(lambda: self.start_res is not None, "START's reply"):
@@ -1073,14 +1109,28 @@ class Agent(object):
                 return
 
     def wait(self, timeout, with_stdin=False):
-        """Polls the control channel, system() output and maybe stdin; the readable fds."""
+        """Polls the control channel, the relay files, system() output and maybe stdin;
+        the readable fds.
+
+        Relay files are read as soon as they have data, as stapio does: a CPU's buffer
+        read early has its records start sub-buffers afresh, so 4.x drops fewer of them
+        (a record whose header does not fit at a sub-buffer's end is lost). A finalized
+        relay file polls POLLERR for ever, so it is left out from then on.
+        """
         poller = select.poll()
         fds = [self.cmd] + [child.stdout.fileno() for child in self.children]
         if with_stdin:
             fds.append(self.stdin.fd)
         for fd in fds:
             poller.register(fd, select.POLLIN)
-        return set(fd for fd, _ in poller.poll(timeout * 1000))
+        for fd in self.live_relays:
+            poller.register(fd, select.POLLIN)
+        ready = set()
+        for fd, events in poller.poll(timeout * 1000):
+            if fd in self.live_relays and events & (select.POLLERR | select.POLLHUP):
+                self.live_relays.discard(fd)
+            ready.add(fd)
+        return ready
 
     def read_stdin(self):
         """Handles the controller's complete lines: ping keeps the dead-man quiet, stop stops."""
@@ -1274,6 +1324,7 @@ class Agent(object):
                 except OSError:
                     pass
         self.relays = []
+        self.live_relays = set()
         self.cmd = None
         for child in self.children:
             child.stdout.close()

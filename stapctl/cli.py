@@ -23,7 +23,7 @@ from typing import IO, Any, TypeVar
 
 import click
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
@@ -223,21 +223,21 @@ class HostBoard:
                                   if state in row.endings), "skipped")
         elif event.kind in EVENT_STATES and len(row.endings) < self.probes:
             row.state = EVENT_STATES[event.kind]
-            row.detail = event.text
+            if event.kind in ("connected", "stopping"):  # the kernel, the reason
+                row.detail = event.text
 
     def counts(self) -> str:
         states = Counter(row.state for row in self.rows.values())
         return ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
 
-    def render(self, height: int) -> Table:
+    def render(self, height: int) -> Group:
         """Every host in inventory order when they fit; else the busy and failed first."""
         elapsed = time.monotonic() - self.started
-        table = Table(title=f"[bold]{escape(self.phase)}[/]  ·  {self.counts()}  ·  "
-                            f"{elapsed:.0f} s",
-                      title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-        table.add_column("host")
-        table.add_column("state")
-        table.add_column("lines", justify="right")
+        header = Text.assemble((self.phase, "bold"), f"  ·  {self.counts()}  ·  {elapsed:.0f} s")
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("host", no_wrap=True)
+        table.add_column("state", no_wrap=True, min_width=11)
+        table.add_column("lines", justify="right", no_wrap=True)
         table.add_column("detail", overflow="ellipsis", no_wrap=True)
         rows = list(self.rows.items())
         room = max(1, height - 6)
@@ -250,7 +250,7 @@ class HostBoard:
         for host, row in rows:
             table.add_row(host, Text(row.state, style=STATE_STYLES.get(row.state, "")),
                           str(row.lines), report.first_line(row.detail))
-        return table
+        return Group(header, table)
 
 
 class Display:

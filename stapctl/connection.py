@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import secrets
 import shlex
 import shutil
 import socket
@@ -69,6 +70,12 @@ def jump_host(spec: str, template: Host) -> Host:
     address, _, port = rest.partition(":")
     return Host(name=f"jump:{address}", address=address, port=int(port or 22),
                 user=user or None, known_hosts=template.known_hosts)
+
+
+def _partial_name(remote: str) -> str:
+    """Where an upload goes before its atomic rename: its own name, so two controllers
+    shipping the same file to one host at once do not write into each other's."""
+    return f"{remote}.{secrets.token_hex(4)}.part"
 
 
 class Process(Protocol):
@@ -324,7 +331,7 @@ class SSHConnection:
 
     def put(self, local: Path, remote: str) -> None:
         sftp = self._sftp_client()
-        partial = remote + ".part"
+        partial = _partial_name(remote)
         try:
             sftp.put(str(local), partial)
             sftp.chmod(partial, 0o600)
@@ -418,9 +425,10 @@ class LocalConnection:
         return os.path.isfile(path) and os.path.getsize(path) == size
 
     def put(self, local: Path, remote: str) -> None:
-        shutil.copyfile(local, remote + ".part")
-        os.chmod(remote + ".part", 0o600)
-        os.replace(remote + ".part", remote)
+        partial = _partial_name(remote)
+        shutil.copyfile(local, partial)
+        os.chmod(partial, 0o600)
+        os.replace(partial, remote)
 
     def read_file(self, path: str, limit: int) -> bytes:
         with open(path, "rb") as local:

@@ -202,6 +202,7 @@ class FakeKernel(agent.Kernel):
         self.history = []  # every FakeModule ever loaded
         self.loads = []  # (name, params) of every init_module call
         self.unload_calls = 0
+        self.placements = []  # every CPU set the agent moved itself to
         files = {
             "proc/sys/kernel/modules_disabled": f"{modules_disabled}\n",
             "proc/sys/kernel/kptr_restrict": f"{kptr_restrict}\n",
@@ -273,7 +274,15 @@ class FakeKernel(agent.Kernel):
         fds = [read for read, _write in module.relays]
         for fd in fds:
             os.set_blocking(fd, False)
-        return fds
+        return list(enumerate(fds))
+
+    def cpus(self):
+        return set(range(self.scenario.cpus))
+
+    def run_on(self, cpus):
+        """Records where the agent asked to run (the test machine's CPUs are not used)."""
+        self.placements.append(set(cpus))
+        return True
 
 
 class Outcome:

@@ -140,6 +140,29 @@ def test_desynced_relay_data_is_skipped(tmp_path, generation):
     assert outcome.result["status"] == "ok"
 
 
+def test_each_cpus_relay_file_is_read_on_that_cpu(tmp_path):
+    # Read from elsewhere, a relay read races with the CPU's own writer (stapio pins too).
+    kernel = kernel_for(tmp_path, cpus=3, running=[
+        ("print", 2, b"two\n"), ("sleep", 0.3), ("print", 0, b"zero\n"), ("request_exit",)])
+    outcome = drive(kernel, run_request(tmp_path))
+    assert outcome.output == b"two\nzero\n"
+    moves = kernel.placements
+    assert {2} in moves and {0} in moves and {1} not in moves  # only files with data
+    assert moves[-1] == {0, 1, 2}  # and back home after reading
+
+
+def test_a_record_dropped_by_4x_leaves_stale_bytes_that_are_skipped(tmp_path):
+    # 4.x drops a record whose header does not fit at a sub-buffer's end and leaves those
+    # (up to 8) bytes stale; here they look like the start of an old header.
+    stale = struct.pack("=II", 1, 1000)[:5]
+    kernel = kernel_for(tmp_path, generation=4, running=[
+        ("print", 0, b"before\n"), ("skip_seq",), ("raw", 0, stale),
+        ("print", 0, b"after\n"), ("request_exit",)])
+    outcome = drive(kernel, run_request(tmp_path))
+    assert outcome.output == b"before\nafter\n"
+    assert outcome.result["stats"]["lost_records"] == 1
+
+
 def test_garbage_and_short_control_messages_are_ignored(tmp_path):
     kernel = kernel_for(tmp_path, running=[
         ("ctl", b"\x01\x02"), ("ctl", struct.pack("=I", 999) + b"junk"),

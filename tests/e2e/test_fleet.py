@@ -66,7 +66,7 @@ class BackgroundApply:
     def events(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in list(self.records) if r["type"] == "event" and r["kind"] == kind]
 
-    def wait_for(self, condition: Callable[[], bool], timeout: float = 300) -> None:
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 900) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             if self.process.poll() is not None:
