@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -149,7 +150,8 @@ def run_example(path: Path, status: lab.LabStatus, host: Host, duration: float,
                           capture_output=True, text=True, check=False)
     seconds = time.monotonic() - started
     activity.join()
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    records: list[dict[str, Any]] = [json.loads(line) for line in proc.stdout.splitlines()
+                                     if line.startswith("{")]
     lines = [r["text"] for r in records if r.get("kind") == "output"]
     loaded = [r["text"] for r in records if r.get("kind") == "loaded"]
     summary = next((r for r in records if r.get("type") == "summary"), {})

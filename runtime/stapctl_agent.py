@@ -786,6 +786,7 @@ class Agent(object):
     startup_timeout = 15.0  # for TRANSPORT and START's reply
     unload_retry = 3.0  # seconds to retry delete_module while the module is in use
     drain_timeout = 5.0
+    children_wait = 5.0  # for system() commands still running when the module is gone
     settle_time = 0.3  # to collect the module's ERROR text after a failed START
     tick = 0.1  # the steady state's longest sleep: timers are checked at least this often
     request_timeout = 60.0
@@ -972,6 +973,7 @@ class Agent(object):
             self.drain()
         finally:
             self.teardown()
+            self.finish_children()
         return self.outcome(request)
 
     def attach(self, request):
@@ -1251,6 +1253,21 @@ class Agent(object):
                 child.poll()
                 self.children.remove(child)
 
+    def finish_children(self):
+        """After the unload: the output of system() commands still running is the
+        script's output too (stapio's children write to its terminal even after it
+        ends), so it is forwarded until they end or children_wait has passed."""
+        deadline = time.monotonic() + self.children_wait
+        while self.children and time.monotonic() < deadline:
+            poller = select.poll()
+            for child in self.children:
+                poller.register(child.stdout.fileno(), select.POLLIN)
+            poller.poll(min(self.tick, max(0.0, deadline - time.monotonic())) * 1000)
+            self.forward_children()
+        for child in self.children:
+            child.stdout.close()
+        self.children = []
+
     def read_relays(self):
         """Reads each relay file that has data until it has none; True if anything arrived.
 
@@ -1326,9 +1343,6 @@ class Agent(object):
         self.relays = []
         self.live_relays = set()
         self.cmd = None
-        for child in self.children:
-            child.stdout.close()
-        self.children = []
         deadline = time.monotonic() + self.unload_retry
         while True:
             try:

@@ -324,6 +324,26 @@ def test_system_runs_the_command_and_forwards_its_output(tmp_path):
     assert outcome.result["stats"]["bytes"] == 0  # probe output only
 
 
+def test_a_system_command_outliving_the_module_still_reaches_the_controller(tmp_path):
+    kernel = kernel_for(tmp_path, running=[("system", "sleep 0.5; echo late"),
+                                           ("request_exit",)])
+    request = run_request(tmp_path)
+    outcome = drive(kernel, request)
+    assert outcome.output == b"late\n"
+    assert outcome.types[-3:] == ["E", "O", "R"]  # unloaded first: the module did not wait
+    assert_cleaned_up(kernel, request)
+
+
+def test_a_system_command_that_never_ends_is_left_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent.Agent, "children_wait", 0.5)
+    kernel = kernel_for(tmp_path, running=[("system", "echo early; exec sleep 30"),
+                                           ("sleep", 0.3), ("request_exit",)])
+    started = time.monotonic()
+    outcome = drive(kernel, run_request(tmp_path))
+    assert outcome.output == b"early\n" and outcome.result["status"] == "ok"
+    assert time.monotonic() - started < 10
+
+
 @pytest.mark.parametrize("err, words", [
     (errno.EEXIST, "already loaded"), (errno.ENOEXEC, "built for another kernel"),
     (errno.ENOENT, "unknown symbol"), (agent.EKEYREJECTED, "signature"),

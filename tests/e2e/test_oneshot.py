@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_hello_playbook_prints_the_kernels_greeting(lab: LabStatus) -> None:
-    result = apply(lab, REPO / "playbooks" / "hello.yaml")
+    result = apply(lab, REPO / "playbooks" / "hello.yaml", "--limit", "lab-1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["lab-1: hello, world!"]
     assert stap_modules_loaded(lab) == ""
@@ -34,7 +34,7 @@ def test_timer_ticks_arrive_in_order_and_exit_ends_the_run(lab: LabStatus,
           if (n == 3) exit()
         }
     """)
-    result = apply(lab, manifest)
+    result = apply(lab, manifest, "--limit", "lab-1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["lab-1: tick 1", "lab-1: tick 2", "lab-1: tick 3"]
     assert stap_modules_loaded(lab) == ""
@@ -56,11 +56,11 @@ def test_syscall_probe_sees_opens_and_stops_at_its_duration(lab: LabStatus,
 
     opener = threading.Thread(target=open_files, daemon=True)
     # compile first (a cold syscall compile takes minutes), so the duration is what we time
-    assert apply(lab, manifest, "--check").returncode == 0
+    assert apply(lab, manifest, "--limit", "lab-1", "--check").returncode == 0
     opener.start()
     started = time.monotonic()
     try:
-        result = apply(lab, manifest)
+        result = apply(lab, manifest, "--limit", "lab-1")
     finally:
         stop.set()
         opener.join()
@@ -77,7 +77,7 @@ def test_runtime_error_fails_the_apply_with_its_text_and_unloads(lab: LabStatus,
     manifest = write_manifest(tmp_path, "boom", """
         probe oneshot { error("boom from the probe") }
     """)
-    result = apply(lab, manifest)
+    result = apply(lab, manifest, "--limit", "lab-1")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "boom from the probe" in result.stderr
     assert "Traceback" not in result.stderr

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,21 +36,33 @@ def second_release() -> str:
     return others[-1]
 
 
-@pytest.fixture(scope="session")
-def other_lab() -> Iterator[stapctl_lab.LabStatus]:
-    """One guest booting the second release, in a lab directory of its own."""
-    release = second_release()
+@contextmanager
+def lab_directory(path: Path) -> Iterator[None]:
+    """Point stapctl.lab at another lab directory, only for the calls made inside."""
     saved = os.environ.get("STAPCTL_LAB_DIR")
-    os.environ["STAPCTL_LAB_DIR"] = str(stapctl_lab.lab_dir().parent / f"lab-{release}")
+    os.environ["STAPCTL_LAB_DIR"] = str(path)
     try:
-        status = stapctl_lab.up(1, release=release)
-        yield status
-        stapctl_lab.down()
+        yield
     finally:
         if saved is None:
             del os.environ["STAPCTL_LAB_DIR"]
         else:
             os.environ["STAPCTL_LAB_DIR"] = saved
+
+
+@pytest.fixture(scope="module")
+def other_lab() -> Iterator[stapctl_lab.LabStatus]:
+    """One guest booting the second release, in a lab directory of its own, stopped as
+    soon as this module's tests are done."""
+    release = second_release()
+    directory = stapctl_lab.lab_dir().parent / f"lab-{release}"
+    with lab_directory(directory):
+        status = stapctl_lab.up(1, release=release)
+    try:
+        yield status
+    finally:
+        with lab_directory(directory):
+            stapctl_lab.down()
 
 
 def test_two_releases_two_parallel_compiles_then_none(
