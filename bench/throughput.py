@@ -1,15 +1,20 @@
 """Output throughput: stapctl's agent against native staprun, same module, same guest.
 
-A print-heavy probe writes LINES fixed-width numbered lines as fast as its timer lets it,
-then exits. Each round runs the very same .ko once with `staprun -o /dev/null` inside the
-guest and once through stapctl (the agent, its frames over SSH, the controller's frame
-reader), alternating. A run's time is load to unload; the per-run overhead (a run of
-BASELINE lines) is subtracted, so the rates are those of the output path. Loss: stapctl's
-stats (lost_records, transport_failures) and a check of every line number; staprun's
-"There were N transport failures". Prints a table; writes bench/results/throughput.json.
+A print-heavy probe writes LINES fixed-width numbered lines, PER_HIT of them every 100 µs
+(an hrtimer), then exits: PER_HIT 100 is a burst that outruns every reader, PER_HIT 10 a
+steady flow. Each round runs the very same .ko, in turn:
+- `staprun -o /dev/null` inside the guest (stapio: C, a reader thread per CPU);
+- the agent alone inside the guest, its stdout to /dev/null (the agent's own cost);
+- stapctl end to end: the agent, its frames over SSH, the controller's frame reader.
+A run's time is load to unload; the median time of a run of BASELINE lines (start-up,
+insmod, rmmod) is subtracted, so the rates are those of the output path. Records lost:
+the module's "There were N transport failures" plus, for stapctl, sequence numbers that
+never arrived (lost_records); stapctl's lines are also checked one by one (every number,
+once, in order). The agent-alone run reports no loss figure (its stdout is discarded).
+Prints a table; writes bench/results/throughput-<mode>.json.
 
     stapctl lab up
-    python bench/throughput.py [--lines 500000] [--bufsize 64] [--rounds 3] [--host lab-1]
+    python bench/throughput.py [--mode burst|steady] [--lines 500000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -30,15 +35,17 @@ from stapctl.build import Builder
 from stapctl.connection import ConnectOptions, SSHConnection
 from stapctl.models import Host
 
-RESULTS = Path(__file__).resolve().parent / "results" / "throughput.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 PAD = "x" * 70
 LINE = 80  # bytes: "%08d " + PAD + "\n"
 BASELINE = 100
+PER_HIT = {"burst": 100, "steady": 10}
 SCRIPT = f"""
 global lines = {BASELINE}
+global per_hit = 100
 global n
 probe timer.us(100) {{
-  for (i = 0; i < 100 && n < lines; i++)
+  for (i = 0; i < per_hit && n < lines; i++)
     printf("%08d {PAD}\\n", ++n)
   if (n >= lines) exit()
 }}
@@ -57,8 +64,62 @@ class Run:
     tool: str
     lines: int
     seconds: float
-    lost: int  # lines missing (stapctl) or transport failures (staprun)
+    lost: int | None  # records lost, when the tool can tell
     detail: str
+
+
+@dataclass
+class Bench:
+    connection: SSHConnection
+    agent: AgentHost
+    ko: str  # the module as staprun wants it: named after the module
+    request: dict[str, object]  # the agent's run request, less the parameters
+    per_hit: int
+    bufsize: int
+
+    def params(self, lines: int) -> dict[str, int]:
+        return {"lines": lines, "per_hit": self.per_hit}
+
+    def staprun(self, lines: int) -> Run:
+        args = " ".join(f"{k}={v}" for k, v in self.params(lines).items())
+        out = shell(self.connection, f"cd /tmp && {TIMED} '' staprun -b {self.bufsize} "
+                                     f"-o /dev/null {self.ko} {args}")
+        seconds, code = out.split("\n", 1)[0].split()
+        if code != "0":
+            sys.exit(f"staprun failed: {out}")
+        failures = re.search(r"There were (\d+) transport failures", out)
+        lost = int(failures.group(1)) if failures else 0
+        return Run("staprun", lines, float(seconds), lost, f"transport failures {lost}")
+
+    def agent_alone(self, lines: int) -> Run:
+        line = json.dumps({**self.request, "protocol": 1, "params": self.params(lines)})
+        out = shell(self.connection, f"{TIMED} {shlex.quote(line)} python3 -I "
+                                     f"{self.agent.path}")
+        seconds, code = out.split("\n", 1)[0].split()
+        if code != "0":
+            sys.exit(f"the agent failed: {out}")
+        return Run("agent in guest", lines, float(seconds), None, "stdout to /dev/null")
+
+    def stapctl(self, lines: int) -> Run:
+        received = bytearray()
+
+        def on_frame(frame: Frame) -> None:
+            if frame.kind == "output":
+                received.extend(frame.data)
+
+        started = time.monotonic()
+        result = self.agent.call({**self.request, "params": self.params(lines)}, on_frame)
+        seconds = time.monotonic() - started
+        numbers = [int(line[:8]) for line in received.splitlines()]
+        whole = numbers == sorted(set(numbers)) and len(received) == LINE * len(numbers)
+        if result["status"] != "ok" or not whole:
+            sys.exit(f"stapctl: {result['kind']}: {result['message']}; lines whole: {whole}")
+        stats = result["stats"]
+        lost = stats["transport_failures"] + stats["lost_records"]
+        return Run("stapctl", lines, seconds, lost,
+                   f"transport failures {stats['transport_failures']}, lost_records "
+                   f"{stats['lost_records']}, desyncs {stats['desyncs']}, lines missing "
+                   f"{lines - len(numbers)}")
 
 
 def guest(status: lab.LabStatus, name: str) -> Host:
@@ -76,57 +137,13 @@ def shell(connection: SSHConnection, command: str) -> str:
     return out.decode(errors="replace")
 
 
-def run_staprun(connection: SSHConnection, ko: str, bufsize: int, lines: int) -> Run:
-    out = shell(connection, f"cd /tmp && {TIMED} '' staprun -b {bufsize} -o /dev/null {ko} "
-                            f"lines={lines}")
-    seconds, code = out.split("\n", 1)[0].split()
-    failures = re.search(r"There were (\d+) transport failures", out)
-    if code != "0":
-        sys.exit(f"staprun failed: {out}")
-    return Run("staprun", lines, float(seconds), int(failures.group(1)) if failures else 0,
-               "transport failures: " + (failures.group(1) if failures else "0"))
-
-
-def run_agent_in_guest(connection: SSHConnection, agent: AgentHost,
-                       request: dict[str, object], lines: int) -> Run:
-    """The agent alone, its stdout to /dev/null: what it costs to read the relays."""
-    line = json.dumps({**request, "protocol": 1, "params": {"lines": lines}})
-    out = shell(connection, f"{TIMED} {shlex.quote(line)} python3 -I {agent.path}")
-    seconds, code = out.split("\n", 1)[0].split()
-    if code != "0":
-        sys.exit(f"the agent failed: {out}")
-    return Run("agent in guest", lines, float(seconds), 0, "stdout to /dev/null")
-
-
-def run_stapctl(agent: AgentHost, request: dict[str, object], lines: int) -> Run:
-    received = bytearray()
-
-    def on_frame(frame: Frame) -> None:
-        if frame.kind == "output":
-            received.extend(frame.data)
-
-    started = time.monotonic()
-    result = agent.call({**request, "params": {"lines": lines}}, on_frame)
-    seconds = time.monotonic() - started
-    numbers = [int(line[:8]) for line in received.splitlines()]
-    missing = lines - len(set(numbers))
-    if result["status"] != "ok" or numbers != sorted(numbers) or len(received) != LINE * len(
-            numbers):
-        print(f"stapctl: {result['kind']}: {result['message']}; "
-              f"in order: {numbers == sorted(numbers)}", file=sys.stderr)
-    stats = result["stats"]
-    return Run("stapctl", lines, seconds, missing,
-               f"lost_records {stats['lost_records']}, transport_failures "
-               f"{stats['transport_failures']}, desyncs {stats['desyncs']}, "
-               f"records {stats['records']}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=sorted(PER_HIT), default="burst")
     parser.add_argument("--lines", type=int, default=500000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bufsize", type=int, default=64,
                         help="relay buffer per CPU, MB: the whole output fits (-b, _stp_bufsize)")
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--host", default="lab-1")
     args = parser.parse_args()
     status = lab.status()
@@ -143,18 +160,16 @@ def main() -> None:
     remote = agent.upload_module(artifact.path, artifact.sha256)
     ko = f"/tmp/{artifact.module_name}.ko"  # staprun names the module after the file
     shell(connection, f"cp {remote} {ko}")
-    request: dict[str, object] = {"action": "run", "module": remote,
-                                  "sha256": artifact.sha256,
-                                  "module_name": artifact.module_name,
-                                  "bufsize_mb": args.bufsize}
+    bench = Bench(connection, agent, ko, {
+        "action": "run", "module": remote, "sha256": artifact.sha256,
+        "module_name": artifact.module_name, "bufsize_mb": args.bufsize},
+        PER_HIT[args.mode], args.bufsize)
+    tools = [bench.staprun, bench.agent_alone, bench.stapctl]
     runs: list[Run] = []
     for round_ in range(args.rounds):
         for lines in (BASELINE, args.lines):
-            tools = [lambda n=lines: run_staprun(connection, ko, args.bufsize, n),
-                     lambda n=lines: run_agent_in_guest(connection, agent, request, n),
-                     lambda n=lines: run_stapctl(agent, request, n)]
-            for tool in tools if round_ % 2 == 0 else reversed(tools):  # alternate the order
-                run = tool()
+            for tool in tools[round_ % 3:] + tools[:round_ % 3]:  # rotate the order
+                run = tool(lines)
                 print(f"round {round_ + 1}: {run.tool} {run.lines} lines in {run.seconds:.2f} s,"
                       f" {run.detail}", file=sys.stderr)
                 runs.append(run)
@@ -162,27 +177,31 @@ def main() -> None:
     connection.close()
 
     rows = []
-    for tool in ("staprun", "agent in guest", "stapctl"):
-        base = statistics.median(r.seconds for r in runs if r.tool == tool and
+    for name in ("staprun", "agent in guest", "stapctl"):
+        base = statistics.median(r.seconds for r in runs if r.tool == name and
                                  r.lines == BASELINE)
-        full = [r for r in runs if r.tool == tool and r.lines == args.lines]
+        full = [r for r in runs if r.tool == name and r.lines == args.lines]
         seconds = statistics.median(r.seconds for r in full) - base
         count = args.lines - BASELINE
-        rows.append({"tool": tool, "lines": args.lines, "overhead_s": round(base, 2),
+        rows.append({"tool": name, "lines": args.lines, "overhead_s": round(base, 2),
                      "output_s": round(seconds, 2), "lines_per_s": round(count / seconds),
-                     "mb_per_s": round(count * LINE / seconds / 1e6, 2),
-                     "lost": [r.lost for r in full], "detail": [r.detail for r in full]})
-    print("| tool | lines | run overhead (s) | output time (s) | lines/s | MB/s | lost |")
-    print("|---|---|---|---|---|---|---|")
+                     "mb_per_s": round(count * LINE / seconds / 1e6, 1),
+                     "records_lost": [r.lost for r in full]})
+    print(f"{args.mode}: {args.lines} lines of {LINE} bytes, {PER_HIT[args.mode]} per 100 µs "
+          f"hit, {args.rounds} rounds (medians)\n")
+    print("| tool | run overhead (s) | output time (s) | lines/s | MB/s | records lost |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['tool']} | {row['lines']} | {row['overhead_s']} | {row['output_s']} | "
-              f"{row['lines_per_s']} | {row['mb_per_s']} | {row['lost']} |")
+        lost = "n/a" if row["records_lost"][0] is None else row["records_lost"]
+        print(f"| {row['tool']} | {row['overhead_s']} | {row['output_s']} | "
+              f"{row['lines_per_s']} | {row['mb_per_s']} | {lost} |")
     ratio = rows[2]["lines_per_s"] / rows[0]["lines_per_s"]
-    print(f"\nstapctl / staprun throughput: {ratio:.2f}; the agent alone in the guest: "
-          f"{rows[1]['lines_per_s'] / rows[0]['lines_per_s']:.2f}")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"runs": [asdict(r) for r in runs], "summary": rows,
-                                   "ratio": round(ratio, 3)}, indent=1) + "\n")
+    alone = rows[1]["lines_per_s"] / rows[0]["lines_per_s"]
+    print(f"\nstapctl / staprun: {ratio:.2f}; the agent alone / staprun: {alone:.2f}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"throughput-{args.mode}.json").write_text(json.dumps(
+        {"runs": [asdict(r) for r in runs], "summary": rows, "ratio": round(ratio, 3),
+         "agent_alone_ratio": round(alone, 3)}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

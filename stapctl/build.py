@@ -92,9 +92,38 @@ def _task_work_cancel_func_apply(runtime: Path) -> None:
     source.write_text(text)
 
 
+FIRST_RESERVE = re.compile(
+    r"(bytes_reserved = _stp_data_write_reserve\(hlen\+len,\s*&entry\);)")
+HEADER_RETRY = """
+        /* stapctl: a header that does not fit the sub-buffer's end is not split; pad the
+           tail with zeros and reserve again at the start of the next sub-buffer */
+        if (bytes_reserved > 0 && bytes_reserved <= hlen) {
+                memset(_stp_data_entry_data(entry), 0, bytes_reserved);
+                bytes_reserved = _stp_data_write_reserve(hlen+len, &entry);
+        }"""
+
+
+def _relay_header_split_applies(release: str, runtime: Path) -> bool:
+    # systemtap before 5.1 drops a record whose 8-byte header lands across a relay
+    # sub-buffer's end, and leaves stale bytes that desync every reader (fixed upstream
+    # in 5.1); seen here as lost lines and "transport failures" under bursts of output.
+    source = runtime / "print_flush.c"
+    if not source.is_file():
+        return False
+    text = source.read_text()
+    return FIRST_RESERVE.search(text) is not None and "bytes_reserved <= hlen" not in text
+
+
+def _relay_header_split_apply(runtime: Path) -> None:
+    source = runtime / "print_flush.c"
+    text = source.read_text()
+    source.write_text(FIRST_RESERVE.sub(lambda m: m.group(1) + HEADER_RETRY, text, count=1))
+
+
 RUNTIME_FIXES = (
     RuntimeFix("task_work_cancel_func", _task_work_cancel_func_applies,
                _task_work_cancel_func_apply),
+    RuntimeFix("relay_header_split", _relay_header_split_applies, _relay_header_split_apply),
 )
 
 
@@ -139,12 +168,18 @@ class Builder:
         )
 
     def spec(self, script: str, release: str, arch: str, options: tuple[str, ...],
-             symbol_map: str = "") -> ModuleSpec:
-        """The spec for ``script``; ``symbol_map`` only matters to scripts that need it."""
+             symbol_map: str = "", origin: str = "", first_line: int = 1) -> ModuleSpec:
+        """The spec for ``script``; ``symbol_map`` only matters to scripts that need it.
+
+        ``origin`` and ``first_line`` say where the script starts in the user's file, so
+        that errors the module reports at run time name that file and line.
+        """
         fixes = ",".join(fix.name for fix in self.fixes_for(release))
+        source = f"{Path(origin).name}:{first_line}" if origin else ""
         return ModuleSpec(script=script, release=release, arch=arch, options=options,
                           stap_version=self.toolchain.version, runtime_fix=fixes,
-                          symbol_map=symbol_map if needs_symbol_map(script) else "")
+                          symbol_map=symbol_map if needs_symbol_map(script) else "",
+                          source=source)
 
     # -- symbols -----------------------------------------------------------------------
     def store_symbol_map(self, kallsyms: bytes) -> str:
@@ -263,13 +298,16 @@ class Builder:
         with tempfile.TemporaryDirectory(dir=entries, prefix=".build-",
                                          ignore_cleanup_errors=True) as tmp:
             work = Path(tmp)
-            script = work / "probe.stp"
-            script.write_text(spec.script)
+            # named and padded like the user's file, so the line numbers stap puts in
+            # compile errors and into the module itself are the user's own
+            name, _, line = spec.source.rpartition(":")
+            script = work / _script_name(name)
+            script.write_text("\n" * (int(line or 1) - 1) + spec.script)
             argv = [self.toolchain.stap, "-p4", "-r", self._build_tree(spec), "-m", module_name]
             runtime = self._runtime(spec)
             if runtime is not None:
                 argv += ["-R", str(runtime)]
-            argv += [*spec.options, str(script)]
+            argv += [*spec.options, script.name]
             env = dict(os.environ, SYSTEMTAP_DIR=str(stap_dir))
             proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True,
                                   check=False)
@@ -278,7 +316,8 @@ class Builder:
                 raise CompileError(
                     f"{origin}:{first_line}: stap could not build this probe for "
                     f"{spec.release}",
-                    _user_facing_stderr(proc.stderr, script, origin, first_line),
+                    _user_facing_stderr(proc.stderr, script.name, origin,
+                                        1 if spec.source else first_line),
                 )
             data = ko.read_bytes()
             (work / "meta.json").write_text(json.dumps({
@@ -291,13 +330,20 @@ class Builder:
                 "runtime_fix": spec.runtime_fix,
             }))
             ko.rename(work / "module.ko")
-            script.rename(work / "script.stp")
+            (work / "script.stp").write_text(spec.script)
+            script.unlink()
             final = self._entry(spec.key)
             shutil.rmtree(final, ignore_errors=True)
             os.rename(work, final)
         artifact = self.cached(spec)
         assert artifact is not None
         return artifact
+
+
+def _script_name(name: str) -> str:
+    """A safe file name for stap that keeps the user's file name recognisable."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
+    return safe or "probe.stp"
 
 
 KPROBE_FUNCTION = re.compile(r"\bkprobe\s*\.\s*function\s*\(")
@@ -322,18 +368,20 @@ def check_syntax(script: str, origin: str, first_line: int) -> None:
                               capture_output=True, text=True, check=False, cwd=tmp)
         if proc.returncode != 0:
             raise CompileError(f"{origin}:{first_line}: stap cannot parse this probe",
-                               _user_facing_stderr(proc.stderr, path, origin, first_line))
+                               _user_facing_stderr(proc.stderr, str(path), origin, first_line))
 
 
-def _user_facing_stderr(stderr: str, script: Path, origin: str, first_line: int) -> str:
-    """stap's message tail, with positions in our temp copy mapped to the user's file."""
+def _user_facing_stderr(stderr: str, shown: str, origin: str, first_line: int) -> str:
+    """stap's message tail, with positions in our copy (named ``shown`` in stap's output)
+    mapped to the user's file."""
 
     def relocate(match: re.Match[str]) -> str:
         line = int(match.group(1)) + first_line - 1
         return f"{origin}:{line}" + (match.group(2) or "")
 
-    text = re.sub(re.escape(str(script)) + r":(\d+)(:\d+)?", relocate, stderr)
-    text = text.replace(str(script), origin)
+    own_name = r"(?<![\w/.-])" + re.escape(shown)
+    text = re.sub(own_name + r":(\d+)(:\d+)?", relocate, stderr)
+    text = re.sub(own_name, lambda match: origin, text)
     lines = [line for line in text.splitlines()
              if line.strip() and not line.startswith(NOISE)]
     return "\n".join(lines[-STDERR_TAIL_LINES:])

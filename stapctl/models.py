@@ -92,12 +92,13 @@ class ModuleSpec:
     stap_version: str = ""
     runtime_fix: str = ""  # the name of a runtime fix applied, or ""
     symbol_map: str = ""  # sha256 of a System.map to build against (kprobe.function)
+    source: str = ""  # "file.yaml:LINE" where the script starts: named in runtime errors
 
     @property
     def key(self) -> str:
         blob = json.dumps(
             [self.script, self.release, self.arch, list(self.options), self.stap_version,
-             self.runtime_fix, self.symbol_map],
+             self.runtime_fix, self.symbol_map, self.source],
             separators=(",", ":"),
         )
         return hashlib.sha256(blob.encode()).hexdigest()

@@ -98,7 +98,7 @@ def make_plan(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
         for name, (host, facts) in hosts.items():
             script = render_script(probe, template_vars(manifest, host, facts, extra_vars))
             spec = builder.spec(script, facts.release, facts.arch, probe.stap_options,
-                                facts.symbol_map)
+                                facts.symbol_map, probe.origin, probe.first_line)
             key = (probe.name, spec.key)
             specs[key] = (probe, spec)
             groups.setdefault(key, []).append(name)

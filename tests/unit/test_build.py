@@ -103,7 +103,7 @@ def test_cached_entry_is_found_and_a_broken_one_is_not(tmp_path: Path) -> None:
 
 
 def test_stap_errors_point_into_the_users_file() -> None:
-    script = Path("/tmp/build-x/probe.stp")
+    script = "/tmp/build-x/probe.stp"
     stderr = ("parse error: expected statement\n"
               "\tat: identifier 'oops' at /tmp/build-x/probe.stp:3:5\n"
               "\tsource: oops\n\n1 parse error.\n")
