@@ -87,6 +87,10 @@ class AgentHost:
                 raise AgentError(f"{self.python} not found on the host: install Python 3.6+ "
                                  "or set ansible_python_interpreter")
             tail = process.stderr_tail().strip()
+            if "password is required" in tail or "a terminal is required" in tail:
+                raise AgentError("sudo would ask for a password (become is on, and stapctl "
+                                 "never types one): give this user passwordless sudo, or "
+                                 "log in as root", tail)
             raise AgentError(f"cannot gather facts (exit {code})" +
                              (f": {tail.splitlines()[-1]}" if tail else ""), tail)
         release, arch, interpreter = lines

@@ -53,7 +53,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     config = base / "sshd_config"
     config.write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {base}/host_ed25519\n"
-        f"AuthorizedKeysFile {base}/authorized_keys\nPidFile {base}/sshd.pid\n"
+        f"AuthorizedKeysFile {base}/authorized_keys .ssh/authorized_keys\nPidFile {base}/sshd.pid\n"
         "StrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nUsePAM no\nMaxStartups 200\nMaxSessions 50\n"
         f"Subsystem sftp {SFTP_SERVER}\n"
