@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from stapctl import lab
-from stapctl.connection import ConnectOptions, SSHConnection
+from stapctl.connection import ConnectOptions, SSHConnection, run_command
 from stapctl.models import Host
 
 RESULTS = Path(__file__).resolve().parent / "results" / "examples.json"
@@ -101,21 +101,10 @@ def probe_types(script: str) -> str:
     return ", ".join(points)
 
 
-def guest(status: lab.LabStatus, name: str) -> Host:
-    g = next(g for g in status.guests if g.name == name)
-    return Host(name=g.name, address=g.host, port=g.port, user=g.user, key_file=g.key,
-                known_hosts=str(status.known_hosts))
-
-
 def guest_run(host: Host, command: str) -> str:
     connection = SSHConnection(host, ConnectOptions())
     try:
-        process = connection.start(["sh", "-c", command])
-        out = b""
-        while chunk := process.recv(65536):
-            out += chunk
-        process.wait()
-        return out.decode(errors="replace")
+        return run_command(connection, ["sh", "-c", command]).stdout.decode(errors="replace")
     finally:
         connection.close()
 
@@ -182,7 +171,7 @@ def main() -> None:
     status = lab.status()
     if not any(g.name == args.host and g.state == "running" for g in status.guests):
         sys.exit(f"{args.host} is not running: stapctl lab up")
-    host = guest(status, args.host)
+    host = status.host(args.host)
     paths = sorted(p for p in args.directory.rglob("*.stp")
                    if not args.names or p.stem in args.names)
     outcomes = []

@@ -101,6 +101,26 @@ class Connection(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Completed:
+    status: int
+    stdout: bytes
+    stderr: str  # the tail only
+
+
+def run_command(connection: Connection, argv: Sequence[str], stdin: bytes = b"") -> Completed:
+    """Run a short command to its end: the one way to run something that is not the agent."""
+    process = connection.start(argv)
+    if stdin:
+        process.send(stdin)
+    process.close_stdin()
+    chunks = []
+    while chunk := process.recv(65536):
+        chunks.append(chunk)
+    status = process.wait()
+    return Completed(status, b"".join(chunks), process.stderr_tail())
+
+
 def privileged(argv: Sequence[str], user_is_root: bool, become: bool) -> list[str]:
     """Prefix argv with a non-interactive sudo when the login user is not root."""
     if user_is_root or not become:

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from stapctl.errors import LabError
+from stapctl.models import Host
 
 Progress = Callable[[str], None]
 
@@ -104,6 +105,14 @@ class LabStatus:
     guests: tuple[Guest, ...]
     inventory: Path
     known_hosts: Path
+
+    def host(self, name: str) -> Host:
+        """A guest as a target, with the lab's known_hosts (host keys stay checked)."""
+        guest = next((g for g in self.guests if g.name == name), None)
+        if guest is None:
+            raise LabError(f"the lab has no guest {name!r}: `stapctl lab status` lists them")
+        return Host(name=guest.name, address=guest.host, port=guest.port, user=guest.user,
+                    key_file=guest.key, known_hosts=str(self.known_hosts))
 
 
 def _quiet(_: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from stapctl.connection import ConnectOptions, SSHConnection
+from stapctl.connection import ConnectOptions, SSHConnection, run_command
 from stapctl.lab import LabStatus
 from stapctl.models import Host
 
@@ -35,21 +35,14 @@ def apply(lab: LabStatus, manifest: Path, *args: str,
 
 
 def guest_host(lab: LabStatus, index: int = 0) -> Host:
-    guest = lab.guests[index]
-    return Host(name=guest.name, address=guest.host, port=guest.port, user=guest.user,
-                key_file=guest.key, known_hosts=str(lab.known_hosts))
+    return lab.host(lab.guests[index].name)
 
 
 def guest_run(lab: LabStatus, command: str, index: int = 0) -> str:
     """Run a shell command in a guest and return its stdout."""
     connection = SSHConnection(guest_host(lab, index), ConnectOptions())
     try:
-        process = connection.start(["sh", "-c", command])
-        out = b""
-        while chunk := process.recv(65536):
-            out += chunk
-        process.wait()
-        return out.decode()
+        return run_command(connection, ["sh", "-c", command]).stdout.decode()
     finally:
         connection.close()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from stapctl.connection import ConnectOptions, SSHConnection
+from stapctl.connection import ConnectOptions, SSHConnection, run_command
 from stapctl.errors import AuthError, ConnectError, HostKeyError
 from stapctl.models import Host
 
@@ -32,12 +32,9 @@ def host_for(sshd: Sshd, **changes: object) -> Host:
 def test_connects_with_a_known_host_key_and_runs_argv(sshd: Sshd) -> None:
     connection = SSHConnection(host_for(sshd), ConnectOptions())
     try:
-        process = connection.start(["echo", "it's", "a $HOME"])  # quoted, not expanded
-        out = b""
-        while chunk := process.recv(1024):
-            out += chunk
-        assert process.wait() == 0
-        assert out == b"it's a $HOME\n"
+        done = run_command(connection, ["echo", "it's", "a $HOME"])  # quoted, not expanded
+        assert done.status == 0
+        assert done.stdout == b"it's a $HOME\n"
     finally:
         connection.close()
 
@@ -145,10 +142,7 @@ def test_ssh_config_and_proxyjump(sshd: Sshd, tmp_path: Path) -> None:
         assert connection.host.port == sshd.port and connection.host.address == "127.0.0.1"
         transport = connection._client.get_transport()
         assert transport is not None and isinstance(transport.sock, paramiko.Channel)
-        process = connection.start(["echo", "through the jump"])
-        out = b""
-        while chunk := process.recv(1024):
-            out += chunk
-        assert process.wait() == 0 and out == b"through the jump\n"
+        done = run_command(connection, ["echo", "through the jump"])
+        assert done.status == 0 and done.stdout == b"through the jump\n"
     finally:
         connection.close()
