@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from stapctl import lab
-from stapctl.agent import AgentHost, Frame
+from stapctl.agent import COMPRESS, AgentHost, Frame
 from stapctl.build import Builder
 from stapctl.connection import ConnectOptions, SSHConnection
 from stapctl.models import Host
@@ -145,6 +145,9 @@ def main() -> None:
     parser.add_argument("--bufsize", type=int, default=64,
                         help="relay buffer per CPU, MB: the whole output fits (-b, _stp_bufsize)")
     parser.add_argument("--host", default="lab-1")
+    parser.add_argument("--compress", type=int, default=COMPRESS,
+                        help="zlib level of the agent's output stream, 0 for plain frames "
+                             "(the agent in the guest compresses too)")
     args = parser.parse_args()
     status = lab.status()
     if not any(g.name == args.host and g.state == "running" for g in status.guests):
@@ -162,7 +165,8 @@ def main() -> None:
     shell(connection, f"cp {remote} {ko}")
     bench = Bench(connection, agent, ko, {
         "action": "run", "module": remote, "sha256": artifact.sha256,
-        "module_name": artifact.module_name, "bufsize_mb": args.bufsize},
+        "module_name": artifact.module_name, "bufsize_mb": args.bufsize,
+        "compress": args.compress},
         PER_HIT[args.mode], args.bufsize)
     tools = [bench.staprun, bench.agent_alone, bench.stapctl]
     runs: list[Run] = []
@@ -188,7 +192,8 @@ def main() -> None:
                      "mb_per_s": round(count * LINE / seconds / 1e6, 1),
                      "records_lost": [r.lost for r in full]})
     print(f"{args.mode}: {args.lines} lines of {LINE} bytes, {PER_HIT[args.mode]} per 100 µs "
-          f"hit, {args.rounds} rounds (medians)\n")
+          f"hit, {args.rounds} rounds (medians), output compressed at zlib level "
+          f"{args.compress}\n")
     print("| tool | run overhead (s) | output time (s) | lines/s | MB/s | records lost |")
     print("|---|---|---|---|---|---|")
     for row in rows:
@@ -200,7 +205,8 @@ def main() -> None:
     print(f"\nstapctl / staprun: {ratio:.2f}; the agent alone / staprun: {alone:.2f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"throughput-{args.mode}.json").write_text(json.dumps(
-        {"runs": [asdict(r) for r in runs], "summary": rows, "ratio": round(ratio, 3),
+        {"compress": args.compress, "runs": [asdict(r) for r in runs], "summary": rows,
+         "ratio": round(ratio, 3),
          "agent_alone_ratio": round(alone, 3)}, indent=1) + "\n")
 
 

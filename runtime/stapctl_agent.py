@@ -25,6 +25,11 @@ import threading
 import time
 import traceback
 
+try:  # a Python built without zlib still runs: it sends plain OUTPUT frames
+    import zlib
+except ImportError:  # pragma: no cover
+    zlib = None
+
 PROTOCOL_VERSION = 1
 AGENT_VERSION = "0.1.0"
 
@@ -33,7 +38,8 @@ FRAME_HELLO = "H"
 FRAME_OUTPUT = "O"
 FRAME_EVENT = "E"
 FRAME_RESULT = "R"
-FRAME_TYPES = (FRAME_HELLO, FRAME_OUTPUT, FRAME_EVENT, FRAME_RESULT)
+FRAME_ZOUTPUT = "Z"  # OUTPUT as the next piece of the run's one zlib stream
+FRAME_TYPES = (FRAME_HELLO, FRAME_OUTPUT, FRAME_EVENT, FRAME_RESULT, FRAME_ZOUTPUT)
 FRAME_HEADER = struct.Struct(">BI")
 MAX_FRAME = 64 << 20
 
@@ -118,6 +124,50 @@ class FrameReader(object):
     def pending(self):
         """Bytes of an unfinished frame: non-zero at EOF means the stream was cut."""
         return len(self._buf)
+
+
+class OutputDeflater(object):
+    """The agent's side of FRAME_ZOUTPUT: one zlib stream per run, each frame's payload
+    ends on a Z_SYNC_FLUSH, so all the output given so far decodes from what was sent."""
+
+    def __init__(self, level):
+        self._z = zlib.compressobj(level)
+
+    def encode(self, data):
+        return self._z.compress(data) + self._z.flush(zlib.Z_SYNC_FLUSH)
+
+
+class OutputInflater(object):
+    """The controller's side: the payloads of one stream's Z frames, in order, in;
+    the output bytes out, in pieces of at most ``limit`` bytes."""
+
+    def __init__(self, limit=1 << 20):
+        self.limit = limit
+        self._z = zlib.decompressobj()
+
+    def feed(self, payload):
+        """The output carried by one Z frame; ValueError if the stream is corrupt."""
+        pieces = []
+        data = payload
+        try:
+            while data:
+                piece = self._z.decompress(data, self.limit)
+                if piece:
+                    pieces.append(piece)
+                data = self._z.unconsumed_tail
+        except zlib.error as e:
+            raise ValueError("corrupt compressed output: %s" % e) from None
+        if self._z.eof:
+            raise ValueError("corrupt compressed output: the zlib stream ended")
+        return pieces
+
+
+def compress_level(request):
+    """The zlib level the request asks OUTPUT to be sent with, 0 for plain frames."""
+    level = request.get("compress") if isinstance(request, dict) else None
+    if zlib is None or isinstance(level, bool) or not isinstance(level, int):
+        return 0
+    return level if 0 <= level <= 9 else 0
 
 
 # ---------------------------------------------------------------- SystemTap control messages
@@ -698,20 +748,42 @@ class Failure(Exception):
 
 
 class FrameWriter(object):
-    """Writes frames to stdout; once the controller is gone it drops them, so cleanup goes on."""
+    """Writes frames to stdout; once the controller is gone it drops them, so cleanup goes on.
+
+    With compression on, a thread compresses and writes, in order, what send() and
+    output() queue, so the agent reads the relay files while zlib works (zlib lets go of
+    the GIL): output queued meanwhile goes in one piece. At most ``queue_limit`` bytes
+    wait; past that the caller waits, as it would on a full stdout. Call close() last.
+    """
+
+    queue_limit = 4 << 20
+    batch_bytes = 1 << 20  # a piece this big is sent without waiting for more
+    linger = 0.02  # seconds output may wait for more to go with it
 
     def __init__(self, fd, stall_timeout=60.0):
         self.fd = fd
         self.stall_timeout = stall_timeout
         self.broken = False
+        self.deflater = None
         self.poller = select.poll()
         self.poller.register(fd, select.POLLOUT)
+        self._queue = []  # (type, payload); FRAME_ZOUTPUT payloads still uncompressed
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._thread = None
+        self._closing = False
         try:  # a write then takes what fits, however big, and never blocks past the stall
             os.set_blocking(fd, False)
         except OSError as e:
             log("stdout stays blocking: %s" % e)
 
     def send(self, ftype, payload):
+        if self._thread is not None:
+            self._put(ftype, payload)
+        else:
+            self._write(ftype, payload)
+
+    def _write(self, ftype, payload):
         if self.broken:
             return
         view = memoryview(encode_frame(ftype, payload))
@@ -729,6 +801,77 @@ class FrameWriter(object):
 
     def json(self, ftype, obj):
         self.send(ftype, json.dumps(obj, sort_keys=True).encode("utf-8"))
+
+    def compress(self, level):
+        """From now on, output goes as FRAME_ZOUTPUT pieces of one zlib stream."""
+        if not level or self._thread is not None:
+            return
+        self.deflater = OutputDeflater(level)
+        self._thread = threading.Thread(target=self._drain, name="stdout")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def output(self, data):
+        """Probe output: an OUTPUT frame, or a Z frame once compress() was asked for."""
+        self.send(FRAME_OUTPUT if self.deflater is None else FRAME_ZOUTPUT, data)
+
+    def _put(self, ftype, payload):
+        with self._cond:
+            while self._queued > self.queue_limit and not self.broken:
+                self._cond.wait(0.1)
+            if self.broken:
+                return
+            self._queue.append((ftype, payload))
+            self._queued += len(payload)
+            self._cond.notify_all()
+
+    def _drain(self):
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                # a moment for more: bigger pieces compress better, and cost the
+                # SSH server and the controller fewer packets
+                deadline = time.monotonic() + self.linger
+                while self._queued < self.batch_bytes and not self._closing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch, self._queue, self._queued = self._queue, [], 0
+                self._cond.notify_all()
+            try:
+                for ftype, payload in self._coalesce(batch):
+                    if ftype == FRAME_ZOUTPUT and not self.broken:
+                        payload = self.deflater.encode(payload)
+                    self._write(ftype, payload)
+            except Exception:  # e.g. MemoryError: never leave send() waiting for room
+                log("the stdout thread failed: %s" % traceback.format_exc())
+                self.broken = True
+
+    @staticmethod
+    def _coalesce(batch):
+        """Consecutive output pieces as one (one compress and one flush, not many)."""
+        merged = []
+        for ftype, payload in batch:
+            if ftype == FRAME_ZOUTPUT and merged and merged[-1][0] == FRAME_ZOUTPUT:
+                merged[-1][1].append(payload)
+            else:
+                merged.append((ftype, [payload]))
+        return [(ftype, b"".join(parts)) for ftype, parts in merged]
+
+    def close(self):
+        """Writes what is queued (unless stdout is gone) and stops the thread."""
+        if self._thread is None:
+            return
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        while self._thread.is_alive():  # in steps, so signals are still handled
+            self._thread.join(0.1)
+        self._thread = None
 
 
 class LineReader(object):
@@ -849,6 +992,7 @@ class Agent(object):
             result["message"] = "%s; %s" % (result["message"], self.unload_problem)
         self.remove_files(request.get("remove_files") if isinstance(request, dict) else None)
         self.out.json(FRAME_RESULT, result)
+        self.out.close()
         return 0 if result["status"] == "ok" else 1
 
     def read_request(self):
@@ -950,6 +1094,7 @@ class Agent(object):
     # -- run
 
     def run(self, request):
+        self.out.compress(compress_level(request))
         facts = collect_facts(self.kernel)
         self.event("facts", facts=facts)
         image, name, params = self.preflight(request, facts)
@@ -1247,7 +1392,7 @@ class Agent(object):
             except OSError:  # EAGAIN: nothing yet
                 continue
             if data:
-                self.out.send(FRAME_OUTPUT, data)
+                self.out.output(data)
             else:
                 child.stdout.close()
                 child.poll()
@@ -1310,7 +1455,7 @@ class Agent(object):
             data = b"".join(ready)
             self.stats["records"] += len(ready)
             self.stats["bytes"] += len(data)
-            self.out.send(FRAME_OUTPUT, data)
+            self.out.output(data)
 
     def drain(self):
         """After EXIT's reply: read the relays dry, then the last control messages.

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from stapctl.connection import Connection, Process
+from stapctl.connection import Connection, Process, run_command
 from stapctl.errors import AgentError, ConnectError
 from stapctl.models import HostFacts
 from stapctl.runtime import stapctl_agent as wire
@@ -27,6 +27,9 @@ from stapctl.runtime import stapctl_agent as wire
 PING_INTERVAL = 2.0  # seconds between keep-alives; the agent's dead-man waits much longer
 DEADMAN = 20.0  # seconds of silence after which the agent stops the probe by itself
 STOP_GRACE = 30.0  # seconds a stopped agent has to unload before the channel is cut
+# zlib level the agent is asked to send probe output with (0: plain OUTPUT frames). Level 1:
+# probe output compresses well even so, and an emulated guest's CPU is the scarce thing.
+COMPRESS = 1
 FACTS_SCRIPT = 'uname -r && uname -m && command -v "$0"'  # $0: the interpreter
 
 
@@ -75,18 +78,14 @@ class AgentHost:
         collects and checks the full facts again before it loads anything. Run with
         become like the agent, so a sudo that asks for a password fails here.
         """
-        process = self.connection.start(["sh", "-c", FACTS_SCRIPT, self.python])
-        process.close_stdin()
-        out = b""
-        while chunk := process.recv(65536):
-            out += chunk
-        code = process.wait()
-        lines = out.decode(errors="replace").splitlines()
+        done = run_command(self.connection, ["sh", "-c", FACTS_SCRIPT, self.python])
+        code = done.status
+        lines = done.stdout.decode(errors="replace").splitlines()
         if code != 0 or len(lines) != 3:
             if len(lines) == 2:  # uname answered, `command -v` did not
                 raise AgentError(f"{self.python} not found on the host: install Python 3.6+ "
                                  "or set ansible_python_interpreter")
-            tail = process.stderr_tail().strip()
+            tail = done.stderr.strip()
             if "password is required" in tail or "a terminal is required" in tail:
                 raise AgentError("sudo would ask for a password (become is on, and stapctl "
                                  "never types one): give this user passwordless sudo, or "
@@ -117,7 +116,8 @@ class AgentHost:
         (a time.monotonic() value) the same happens, and the result says timed-out.
         """
         process = self.connection.start([self.python, "-I", self.path])
-        full = {"protocol": wire.PROTOCOL_VERSION, "deadman": DEADMAN, **request}
+        full = {"protocol": wire.PROTOCOL_VERSION, "deadman": DEADMAN, "compress": COMPRESS,
+                **request}
         process.send(json.dumps(full).encode() + b"\n")
         stop = stop or threading.Event()
         finished = threading.Event()
@@ -180,14 +180,27 @@ FRAME_KINDS = {
 
 
 def read_frames(recv: Callable[[int], bytes]) -> Iterator[Frame]:
-    """Yield frames from a byte stream until EOF; garbage raises AgentError."""
+    """Yield frames from a byte stream until EOF; garbage raises AgentError.
+
+    Compressed output (Z frames: one zlib stream per run) comes out as plain `output`
+    frames, so callers never see the difference; an agent may send either kind.
+    """
     reader = wire.FrameReader()
+    inflater = wire.OutputInflater()
     while chunk := recv(65536):
         try:
             frames = reader.feed(chunk)
         except ValueError as exc:
             raise AgentError(f"the agent's stream is corrupt: {exc}") from exc
         for letter, data in frames:
-            yield Frame(FRAME_KINDS[letter], data)
+            if letter != wire.FRAME_ZOUTPUT:
+                yield Frame(FRAME_KINDS[letter], data)
+                continue
+            try:
+                pieces = inflater.feed(data)
+            except ValueError as exc:
+                raise AgentError(f"the agent's stream is corrupt: {exc}") from exc
+            for piece in pieces:
+                yield Frame("output", piece)
     if reader.pending:
         raise AgentError("the agent's stream ended in the middle of a frame")

@@ -288,17 +288,33 @@ class FakeKernel(agent.Kernel):
 class Outcome:
     """What the controller saw: frames in order, events, output bytes, the result."""
 
-    def __init__(self, code, stream):
+    def __init__(self, code, stream, arrivals=()):
         self.code = code
+        self.arrivals = list(arrivals)  # (time.monotonic(), bytes) as the reads returned them
         reader = agent.FrameReader()
         self.frames = [(ftype, payload) for ftype, payload in reader.feed(stream)]
         assert reader.pending == 0, "stream cut in the middle of a frame"
         self.types = [ftype for ftype, _ in self.frames]
-        decoded = [(t, json.loads(p.decode())) for t, p in self.frames if t != "O"]
+        decoded = [(t, json.loads(p.decode())) for t, p in self.frames if t not in "OZ"]
         self.hello = decoded[0][1]
         self.result = decoded[-1][1]
         self.events = [obj for t, obj in decoded if t == agent.FRAME_EVENT]
-        self.output = b"".join(p for t, p in self.frames if t == agent.FRAME_OUTPUT)
+        inflater = agent.OutputInflater()
+        self.output = b"".join(b"".join(inflater.feed(p)) if t == agent.FRAME_ZOUTPUT else p
+                               for t, p in self.frames if t in "OZ")
+
+    def output_time(self, text):
+        """When ``text`` had arrived in the output (a time.monotonic() value), or None."""
+        reader, inflater, output = agent.FrameReader(), agent.OutputInflater(), b""
+        for when, chunk in self.arrivals:
+            for ftype, payload in reader.feed(chunk):
+                if ftype == agent.FRAME_ZOUTPUT:
+                    output += b"".join(inflater.feed(payload))
+                elif ftype == agent.FRAME_OUTPUT:
+                    output += payload
+            if text in output:
+                return when
+        return None
 
     def event_names(self):
         return [e["event"] for e in self.events]
@@ -357,7 +373,7 @@ def drive(kernel, request, lines=(), close_stdin_after=None, read_stdout=True,
             data = os.read(stdout_r, 65536)
             if not data:
                 break
-            chunks.append(data)
+            chunks.append((time.monotonic(), data))
 
     threads = [threading.Thread(target=controller, daemon=True),
                threading.Thread(target=reader, daemon=True)]
@@ -376,4 +392,4 @@ def drive(kernel, request, lines=(), close_stdin_after=None, read_stdout=True,
             threads[0].join(5)
         if read_stdout:
             os.close(stdout_r)
-    return Outcome(code, b"".join(chunks)) if read_stdout else code
+    return Outcome(code, b"".join(c for _, c in chunks), chunks) if read_stdout else code

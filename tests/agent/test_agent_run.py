@@ -463,3 +463,56 @@ def test_a_broken_stdout_does_not_stop_the_cleanup(tmp_path):
 def test_bad_requests_are_agent_errors(tmp_path, request_line, words):
     outcome = drive(kernel_for(tmp_path), request_line)
     assert outcome.result["kind"] == "agent-error" and words in outcome.result["message"]
+
+
+# ---------------------------------------------------------------- compressed output
+
+def test_compressed_output_arrives_identical(tmp_path):
+    lines = [b"%08d %s\n" % (i, b"x" * 70) for i in range(3000)]
+    prints = [("print", i % 2, line) for i, line in enumerate(lines)]
+    plain = drive(kernel_for(tmp_path / "plain", running=prints + [("request_exit",)]),
+                  run_request(tmp_path))
+    kernel = kernel_for(tmp_path / "z", running=prints + [("system", "echo from system"),
+                                                          ("sleep", 0.3), ("request_exit",)])
+    request = run_request(tmp_path, compress=1)
+    outcome = drive(kernel, request)
+
+    assert "O" not in outcome.types and "Z" in outcome.types
+    assert plain.output == b"".join(lines) and "Z" not in plain.types
+    # system()'s output joins whenever it comes, as in plain frames
+    assert outcome.output.count(b"from system\n") == 1
+    assert outcome.output.replace(b"from system\n", b"") == b"".join(lines)
+    wire = sum(len(p) for t, p in outcome.frames if t == "Z")
+    assert wire * 5 < len(outcome.output)
+    assert outcome.result["status"] == "ok"
+    assert outcome.result["stats"]["bytes"] == len(b"".join(lines))
+    assert outcome.result["stats"]["lost_records"] == 0
+    assert outcome.event_names() == ["facts", "loaded", "started", "stopping", "unloaded"]
+    assert_cleaned_up(kernel, request)
+
+
+def test_compressed_output_is_not_held_back(tmp_path):
+    # a line printed into an otherwise idle stream reaches the controller within ~100 ms
+    kernel = kernel_for(tmp_path, running=[("print", 0, b"early\n"), ("sleep", 1.0),
+                                           ("print", 1, b"late\n"), ("request_exit",)])
+    outcome = drive(kernel, run_request(tmp_path, compress=1))
+    assert outcome.output == b"early\nlate\n" and "Z" in outcome.types
+    started = outcome.arrivals[0][0]  # the HELLO
+    assert outcome.output_time(b"early\n") - started < 0.5
+    assert outcome.output_time(b"late\n") - outcome.output_time(b"early\n") > 0.8
+
+
+@pytest.mark.parametrize("value", [0, None, "1", True, 10, -1])
+def test_a_compress_field_it_cannot_use_means_plain_output(tmp_path, value):
+    outcome = drive(kernel_for(tmp_path, **HELLO_EXIT), run_request(tmp_path, compress=value))
+    assert outcome.output == b"hello, world!\n" and "Z" not in outcome.types
+    assert outcome.result["status"] == "ok"
+
+
+def test_a_broken_stdout_does_not_stop_the_cleanup_with_compression(tmp_path):
+    kernel = kernel_for(tmp_path, running=[("print", 0, b"x" * 1000)] * 50 + [
+        ("sleep", 0.3), ("request_exit",)])
+    request = run_request(tmp_path, compress=6)
+    code = drive(kernel, request, read_stdout=False)
+    assert code == 0
+    assert_cleaned_up(kernel, request)

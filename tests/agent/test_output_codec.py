@@ -1,0 +1,87 @@
+"""Compressed output (Z frames): the agent's codec and the controller's decoding of it."""
+
+import zlib
+
+import pytest
+from stapctl.runtime import stapctl_agent as agent
+
+from stapctl.agent import read_frames
+from stapctl.errors import AgentError
+
+pytestmark = pytest.mark.unit
+
+
+def compressed_stream():
+    """HELLO, output as Z and O frames mixed (an empty piece too), RESULT; and its output."""
+    deflater = agent.OutputDeflater(1)
+    pieces = [b"%08d %s\n" % (i, b"x" * 70) for i in range(500)]
+    stream = agent.encode_json_frame(agent.FRAME_HELLO, {"protocol": 1})
+    for i in range(0, len(pieces), 50):
+        data = b"".join(pieces[i:i + 50])
+        if i % 150 == 100:  # an older agent's frame, or system() output
+            stream += agent.encode_frame(agent.FRAME_OUTPUT, data)
+        else:
+            stream += agent.encode_frame(agent.FRAME_ZOUTPUT, deflater.encode(data))
+    stream += agent.encode_frame(agent.FRAME_ZOUTPUT, deflater.encode(b""))
+    stream += agent.encode_json_frame(agent.FRAME_RESULT, {"status": "ok"})
+    return stream, b"".join(pieces)
+
+
+def decode_output(stream, step):
+    reader, inflater, output = agent.FrameReader(), agent.OutputInflater(limit=1000), b""
+    types = []
+    for i in range(0, len(stream), step):
+        for ftype, payload in reader.feed(stream[i:i + step]):
+            types.append(ftype)
+            if ftype == agent.FRAME_ZOUTPUT:
+                pieces = inflater.feed(payload)
+                assert all(0 < len(p) <= 1000 for p in pieces)
+                output += b"".join(pieces)
+            elif ftype == agent.FRAME_OUTPUT:
+                output += payload
+    assert reader.pending == 0
+    return types, output
+
+
+@pytest.mark.parametrize("step", [1, 7, 4096, 1 << 20])
+def test_compressed_output_decodes_whatever_the_chunking(step):
+    stream, expected = compressed_stream()
+    types, output = decode_output(stream, step)
+    assert output == expected
+    assert types[0] == "H" and types[-1] == "R" and "O" in types and "Z" in types
+
+
+def test_each_compressed_frame_decodes_on_its_own_arrival():
+    # Z_SYNC_FLUSH: nothing given to the deflater waits for a later frame
+    deflater, inflater = agent.OutputDeflater(9), agent.OutputInflater()
+    for text in (b"one\n", b"two\n", b"", b"three\n" * 1000):
+        assert b"".join(inflater.feed(deflater.encode(text))) == text
+
+
+def test_a_corrupt_compressed_frame_is_an_error():
+    with pytest.raises(ValueError, match="corrupt compressed output"):
+        agent.OutputInflater().feed(b"\x00not zlib")
+    finished = zlib.compress(b"done")  # a stream that ends: no agent sends that
+    with pytest.raises(ValueError, match="ended"):
+        agent.OutputInflater().feed(finished)
+
+
+def test_the_controller_presents_compressed_output_as_output_frames():
+    stream, expected = compressed_stream()
+    chunks = [stream[i:i + 333] for i in range(0, len(stream), 333)]
+    frames = list(read_frames(lambda size: chunks.pop(0) if chunks else b""))
+    assert {f.kind for f in frames} == {"hello", "output", "result"}
+    assert b"".join(f.data for f in frames if f.kind == "output") == expected
+
+
+def test_the_controller_rejects_corrupt_compressed_output():
+    chunks = [agent.encode_frame(agent.FRAME_ZOUTPUT, b"garbage")]
+    with pytest.raises(AgentError, match="corrupt"):
+        list(read_frames(lambda size: chunks.pop(0) if chunks else b""))
+
+
+@pytest.mark.parametrize("request_, level", [
+    ({"compress": 1}, 1), ({"compress": 9}, 9), ({}, 0), ({"compress": 0}, 0),
+    ({"compress": True}, 0), ({"compress": "1"}, 0), ({"compress": 10}, 0), (None, 0)])
+def test_the_compress_level_asked_for(request_, level):
+    assert agent.compress_level(request_) == level
