@@ -33,23 +33,39 @@ from stapctl import lab
 from stapctl.agent import COMPRESS, AgentHost, Frame
 from stapctl.build import Builder
 from stapctl.connection import ConnectOptions, SSHConnection
-from stapctl.models import Host
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PAD = "x" * 70
-LINE = 80  # bytes: "%08d " + PAD + "\n"
+LINE = 80  # bytes per line: "%08d " + 70 characters + "\n"
 BASELINE = 100
 PER_HIT = {"burst": 100, "steady": 10}
-SCRIPT = f"""
+# What follows each line's number: `fixed` compresses about 29:1 (zlib level 1), `random`
+# (hex of a 64-bit LCG) about 2:1, a worst case for the compressed stream.
+TEXT = {
+    "fixed": ("", '"%08d ' + "x" * 70 + '\\n", ++n'),
+    "random": ("s = s * 6364136223846793005 + 1442695040888963407\n"
+               "    t = s * 6364136223846793005 + 1442695040888963407\n"
+               "    u = t * 6364136223846793005 + 1442695040888963407\n"
+               "    s = u * 6364136223846793005 + 1442695040888963407",
+               '"%08d %016x%016x%016x%016x%06x\\n", ++n, s, t, u, s ^ t, (u >> 40) & 0xffffff'),
+}
+
+
+def script(text: str) -> str:
+    step, printf = TEXT[text]
+    return f"""
 global lines = {BASELINE}
 global per_hit = 100
-global n
+global n, s
 probe timer.us(100) {{
-  for (i = 0; i < per_hit && n < lines; i++)
-    printf("%08d {PAD}\\n", ++n)
+  for (i = 0; i < per_hit && n < lines; i++) {{
+    {step}
+    printf({printf})
+  }}
   if (n >= lines) exit()
 }}
 """
+
+
 # Times a command inside the guest (no SSH round trip counted), its output to /dev/null;
 # the first argument is a line for its stdin, which stays open until the command ends.
 TIMED = ("python3 -c 'import subprocess, sys, time; t = time.monotonic(); "
@@ -122,12 +138,6 @@ class Bench:
                    f"{lines - len(numbers)}")
 
 
-def guest(status: lab.LabStatus, name: str) -> Host:
-    g = next(g for g in status.guests if g.name == name)
-    return Host(name=g.name, address=g.host, port=g.port, user=g.user, key_file=g.key,
-                known_hosts=str(status.known_hosts))
-
-
 def shell(connection: SSHConnection, command: str) -> str:
     process = connection.start(["sh", "-c", command])
     out = b""
@@ -141,6 +151,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=sorted(PER_HIT), default="burst")
     parser.add_argument("--lines", type=int, default=500000)
+    parser.add_argument("--text", choices=sorted(TEXT), default="fixed",
+                        help="what each line carries after its number")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bufsize", type=int, default=64,
                         help="relay buffer per CPU, MB: the whole output fits (-b, _stp_bufsize)")
@@ -152,11 +164,11 @@ def main() -> None:
     status = lab.status()
     if not any(g.name == args.host and g.state == "running" for g in status.guests):
         sys.exit(f"{args.host} is not running: stapctl lab up")
-    connection = SSHConnection(guest(status, args.host), ConnectOptions())
+    connection = SSHConnection(status.host(args.host), ConnectOptions())
     builder = Builder()
     release = shell(connection, "uname -r").strip()
     # the producer is meant to saturate its CPU: no overload check
-    spec = builder.spec(SCRIPT, release, "x86_64", ("-DSTP_NO_OVERLOAD",))
+    spec = builder.spec(script(args.text), release, "x86_64", ("-DSTP_NO_OVERLOAD",))
     artifact = builder.build(spec, "throughput", 1)
     agent = AgentHost(connection)
     agent.install()
@@ -204,7 +216,7 @@ def main() -> None:
     alone = rows[1]["lines_per_s"] / rows[0]["lines_per_s"]
     print(f"\nstapctl / staprun: {ratio:.2f}; the agent alone / staprun: {alone:.2f}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"throughput-{args.mode}.json").write_text(json.dumps(
+    (RESULTS / f"throughput-{args.mode}-{args.text}.json").write_text(json.dumps(
         {"compress": args.compress, "runs": [asdict(r) for r in runs], "summary": rows,
          "ratio": round(ratio, 3),
          "agent_alone_ratio": round(alone, 3)}, indent=1) + "\n")
