@@ -1,5 +1,6 @@
 """Compressed output (Z frames): the agent's codec and the controller's decoding of it."""
 
+import os
 import zlib
 
 import pytest
@@ -85,3 +86,15 @@ def test_the_controller_rejects_corrupt_compressed_output():
     ({"compress": True}, 0), ({"compress": "1"}, 0), ({"compress": 10}, 0), (None, 0)])
 def test_the_compress_level_asked_for(request_, level):
     assert agent.compress_level(request_) == level
+
+
+def test_compression_stops_when_it_does_not_pay():
+    """After a trial megabyte, output that shrinks less than 2:1 goes plain."""
+    text = agent.OutputDeflater(1)
+    noise = agent.OutputDeflater(1)
+    for _ in range(20):
+        text.encode(b"%08d %s\n" % (1, b"x" * 70) * 1000)
+        noise.encode(os.urandom(40000).hex().encode())
+    assert text.consumed >= text.TRIAL and text.worthwhile
+    assert noise.consumed >= noise.TRIAL and not noise.worthwhile
+    assert agent.OutputDeflater(1).worthwhile  # undecided until the trial is done
