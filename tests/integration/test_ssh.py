@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -144,5 +145,32 @@ def test_ssh_config_and_proxyjump(sshd: Sshd, tmp_path: Path) -> None:
         assert transport is not None and isinstance(transport.sock, paramiko.Channel)
         done = run_command(connection, ["echo", "through the jump"])
         assert done.status == 0 and done.stdout == b"through the jump\n"
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def ssh_agent(sshd: Sshd, monkeypatch: pytest.MonkeyPatch,
+              tmp_path: Path) -> Iterator[None]:
+    """A real ssh-agent holding the client key (and only there: no key file is named)."""
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)],
+                             stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
+        subprocess.run(["ssh-add", "-q", str(sshd.client_key)], check=True)
+        yield
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+
+
+def test_keys_from_ssh_agent(sshd: Sshd, ssh_agent: None) -> None:
+    connection = SSHConnection(host_for(sshd, key_file=None), ConnectOptions(ssh_config=None))
+    try:
+        assert run_command(connection, ["true"]).status == 0
     finally:
         connection.close()
