@@ -1,4 +1,4 @@
-"""The agent on a real kernel (issue 3): every way a run ends leaves nothing behind.
+"""The agent on a real kernel: every way a run ends leaves nothing behind.
 
 The agent's tests (tests/agent) drive a simulated kernel; these drive the lab guest's
 real one, through the controller's own AgentHost (to stop, cut or signal a run exactly
