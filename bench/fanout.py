@@ -39,6 +39,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -54,8 +55,9 @@ from stapctl.execute import Fleet, RunOptions
 from stapctl.models import Host, Manifest, ModuleArtifact, ModuleSpec, Probe, Strategy
 from stapctl.plan import ModuleJob, Plan
 
-SSHD = "/usr/sbin/sshd"
-SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
+from tests.loopback_sshd import Sshds, start_sshds  # noqa: E402
+
 PAYLOAD = 300 * 1024
 TARGETS_PER_SSHD = 25
 REMOTE_DIR = "/tmp/stapctl-bench"
@@ -69,63 +71,15 @@ class Target:
     remote: str  # where the bare script and Ansible put it
 
 
-@dataclass(frozen=True)
-class Lab:
-    """The sshd processes and the keys to reach them."""
-
-    base: Path
-    ports: list[int]
-    key: Path
-    known_hosts: Path
-    processes: list[subprocess.Popen[bytes]]
+def start_targets(base: Path, count: int, bashrc: bool) -> Sshds:
+    """``count`` sshd processes; SHLVL=1 makes bash skip root's ~/.bashrc (module doc)."""
+    try:
+        return start_sshds(base, count, "" if bashrc else "SetEnv SHLVL=1\n")
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def keygen(path: Path) -> str:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
-                   check=True)
-    return path.with_suffix(".pub").read_text().strip()
-
-
-def start_sshds(base: Path, count: int, bashrc: bool = False) -> Lab:
-    """``count`` sshd processes on loopback, as tests/integration/conftest.py starts one."""
-    host_pub = " ".join(keygen(base / "host_ed25519").split()[:2])
-    (base / "authorized_keys").write_text(keygen(base / "client_ed25519") + "\n")
-    Path("/run/sshd").mkdir(exist_ok=True)
-    ports, processes, known = [], [], []
-    for index in range(count):
-        port = free_port()
-        config = base / f"sshd_config.{index}"
-        config.write_text(
-            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {base}/host_ed25519\n"
-            f"AuthorizedKeysFile {base}/authorized_keys\nPidFile {base}/sshd.{index}.pid\n"
-            "StrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\nUsePAM no\nMaxStartups 500\nMaxSessions 50\n"
-            f"Subsystem sftp {SFTP_SERVER}\n" + ("" if bashrc else "SetEnv SHLVL=1\n"))
-        log = open(base / f"sshd.{index}.log", "wb")
-        processes.append(subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log))
-        ports.append(port)
-        known.append(f"[127.0.0.1]:{port} {host_pub}\n")
-    (base / "known_hosts").write_text("".join(known))
-    for port in ports:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"sshd on port {port} did not start") from None
-                time.sleep(0.05)
-    return Lab(base, ports, base / "client_ed25519", base / "known_hosts", processes)
-
-
-def make_targets(lab: Lab, count: int, round_dir: Path, tool: str) -> list[Target]:
+def make_targets(lab: Sshds, count: int, round_dir: Path, tool: str) -> list[Target]:
     """Fresh random payloads: nothing can be skipped as already uploaded."""
     round_dir.mkdir(parents=True, exist_ok=True)
     targets = []
@@ -143,7 +97,7 @@ def agent_path() -> str:
     return f"{Path.home()}/.cache/stapctl-agent/agent-{AGENT_SHA256[:16]}.py"
 
 
-def bare_paramiko(lab: Lab, targets: list[Target], run_agent: bool) -> int:
+def bare_paramiko(lab: Sshds, targets: list[Target], run_agent: bool) -> int:
     """Connect, SFTP put, run one command, read its output; returns how many succeeded.
 
     The command is stapctl's own last step, the agent's preflight (``run_agent``), or
@@ -159,7 +113,7 @@ def bare_paramiko(lab: Lab, targets: list[Target], run_agent: bool) -> int:
         sha256 = hashlib.sha256(target.payload.read_bytes()).hexdigest()
         try:
             client.connect("127.0.0.1", port=target.port, username="root", sock=sock,
-                           key_filename=str(lab.key), look_for_keys=False,
+                           key_filename=str(lab.client_key), look_for_keys=False,
                            allow_agent=False, timeout=60, banner_timeout=60)
             with client.open_sftp() as sftp:
                 sftp.put(str(target.payload), target.remote)
@@ -179,13 +133,13 @@ def bare_paramiko(lab: Lab, targets: list[Target], run_agent: bool) -> int:
         return sum(pool.map(one, targets))
 
 
-def stapctl_fleet(lab: Lab, targets: list[Target]) -> int:
+def stapctl_fleet(lab: Sshds, targets: list[Target]) -> int:
     """Fleet.connect + Fleet.run(check=True); returns how many reached the preflight."""
     probe = Probe(name="bench", template="", origin="bench", first_line=1)
     manifest = Manifest(path=Path("bench.yaml"), name="bench", probes=(probe,),
                         strategy=Strategy(forks=len(targets), connect_timeout=60))
     hosts = [Host(name=t.name, address="127.0.0.1", port=t.port, user="root",
-                  key_file=str(lab.key), known_hosts=str(lab.known_hosts)) for t in targets]
+                  key_file=str(lab.client_key), known_hosts=str(lab.known_hosts)) for t in targets]
     jobs = []
     for target in targets:
         spec = ModuleSpec(script=target.name, release="bench", arch="x86_64")
@@ -202,12 +156,12 @@ def stapctl_fleet(lab: Lab, targets: list[Target]) -> int:
     return sum(o.kind == "preflight-refused" for o in outcomes)
 
 
-def ansible(lab: Lab, targets: list[Target], playbook_bin: str, work: Path) -> int:
+def ansible(lab: Sshds, targets: list[Target], playbook_bin: str, work: Path) -> int:
     """ansible-playbook copy + command; returns how many hosts ended with ok=2."""
     control = Path(tempfile.mkdtemp(prefix="cp-", dir=work))  # fresh masters each round
     inventory = {"all": {"hosts": {t.name: {
         "ansible_host": "127.0.0.1", "ansible_port": t.port, "ansible_user": "root",
-        "ansible_ssh_private_key_file": str(lab.key),
+        "ansible_ssh_private_key_file": str(lab.client_key),
         "ansible_ssh_args": f"-o ControlMaster=auto -o ControlPersist=10s "
                             f"-o ControlPath={control}/{t.name} "
                             f"-o UserKnownHostsFile={lab.known_hosts} "
@@ -275,7 +229,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="stapctl-fanout-") as tmp:
         work = Path(tmp)
-        lab = start_sshds(work, -(-max(counts) // TARGETS_PER_SSHD), args.bashrc)
+        lab = start_targets(work, -(-max(counts) // TARGETS_PER_SSHD), args.bashrc)
         try:
             # the agent is shipped once per host and kept: measure the steady state
             stapctl_fleet(lab, make_targets(lab, 1, work / "warm", "stapctl"))
@@ -316,9 +270,7 @@ def main() -> None:
                       f"{median['stapctl'] / median['paramiko']:15.2f}x  "
                       f"{median['stapctl'] / median['floor']:12.2f}x  {over}", flush=True)
         finally:
-            for process in lab.processes:
-                process.terminate()
-                process.wait(timeout=10)
+            lab.stop()
             shutil.rmtree(REMOTE_DIR, ignore_errors=True)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

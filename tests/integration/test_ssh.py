@@ -15,8 +15,9 @@ import pytest
 from stapctl.connection import ConnectOptions, SSHConnection, run_command
 from stapctl.errors import AuthError, ConnectError, HostKeyError
 from stapctl.models import Host
+from tests.loopback_sshd import free_port, keygen
 
-from .conftest import Sshd, free_port, keygen
+from .conftest import Sshd
 
 pytestmark = pytest.mark.integration
 
