@@ -50,7 +50,8 @@ from pathlib import Path
 import paramiko
 import yaml
 
-from stapctl.agent import AGENT_SHA256
+from stapctl.agent import AgentHost
+from stapctl.connection import ConnectOptions, LocalConnection
 from stapctl.execute import Fleet, RunOptions
 from stapctl.models import Host, Manifest, ModuleArtifact, ModuleSpec, Probe, Strategy
 from stapctl.plan import ModuleJob, Plan
@@ -94,7 +95,7 @@ def make_targets(lab: Sshds, count: int, round_dir: Path, tool: str) -> list[Tar
 # -- the ways compared -------------------------------------------------------------------
 def agent_path() -> str:
     """Where stapctl keeps its agent on these targets (they are this machine, as root)."""
-    return f"{Path.home()}/.cache/stapctl-agent/agent-{AGENT_SHA256[:16]}.py"
+    return AgentHost(LocalConnection(Host(name="here", address="local"), ConnectOptions())).path
 
 
 def bare_paramiko(lab: Sshds, targets: list[Target], run_agent: bool) -> int:

@@ -33,11 +33,10 @@ COMPRESS = 1
 FACTS_SCRIPT = 'uname -r && uname -m && command -v "$0"'  # $0: the interpreter
 
 
-def agent_source() -> bytes:
-    return resources.files("stapctl.runtime").joinpath("stapctl_agent.py").read_bytes()
-
-
-AGENT_SHA256 = hashlib.sha256(agent_source()).hexdigest()
+# the agent's own file, shipped verbatim (the wheel keeps it a real file on disk)
+AGENT_FILE = Path(str(resources.files("stapctl.runtime").joinpath("stapctl_agent.py")))
+AGENT_SIZE = AGENT_FILE.stat().st_size
+AGENT_SHA256 = hashlib.sha256(AGENT_FILE.read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -65,10 +64,8 @@ class AgentHost:
     def install(self) -> None:
         """Create the private work directory and upload the agent unless it is there."""
         self.connection.ensure_private_dir(self.workdir)
-        source = agent_source()
-        if not self.connection.exists(self.path, len(source)):
-            local = Path(str(resources.files("stapctl.runtime").joinpath("stapctl_agent.py")))
-            self.connection.put(local, self.path)
+        if not self.connection.exists(self.path, AGENT_SIZE):
+            self.connection.put(AGENT_FILE, self.path)
 
     def facts(self) -> HostFacts:
         """Kernel release and arch (what planning needs) and that the interpreter is there.

@@ -159,13 +159,16 @@ class Builder:
     def __init__(self, root: Path | None = None, toolchain: Toolchain | None = None) -> None:
         self.root = root or cache_dir()
         self.toolchain = toolchain or Toolchain.find()
+        self._fixes: dict[str, tuple[RuntimeFix, ...]] = {}
 
     # -- specs -------------------------------------------------------------------------
     def fixes_for(self, release: str) -> tuple[RuntimeFix, ...]:
-        return tuple(
-            fix for fix in RUNTIME_FIXES
-            if fix.applies(release, self.toolchain.runtime)
-        )
+        """The fixes a release needs, decided once per release: planning asks for every
+        host, and each decision reads header and runtime files."""
+        if release not in self._fixes:
+            self._fixes[release] = tuple(
+                fix for fix in RUNTIME_FIXES if fix.applies(release, self.toolchain.runtime))
+        return self._fixes[release]
 
     def spec(self, script: str, release: str, arch: str, options: tuple[str, ...],
              symbol_map: str = "", origin: str = "", first_line: int = 1) -> ModuleSpec:

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,7 +36,7 @@ from stapctl.execute import Fleet, RunOptions
 from stapctl.inventory import load_inventory
 from stapctl.manifest import explain as explain_key
 from stapctl.manifest import load_manifest, parse_duration
-from stapctl.models import Event, Host, HostFacts, Manifest, Run
+from stapctl.models import Event, Host, HostOutcome, Manifest, Run
 from stapctl.plan import (
     ModuleJob,
     Plan,
@@ -152,7 +152,7 @@ def in_background(work: Callable[[], T], events: queue.Queue[Event | None],
     return box.get("value")
 
 
-def print_plan(plan: Plan, hosts: Mapping[str, tuple[Host, HostFacts]]) -> None:
+def print_plan(plan: Plan) -> None:
     table = Table(title="plan", title_justify="left")
     for column in ("probe", "module", "kernel", "hosts", "state"):
         table.add_column(column)
@@ -403,14 +403,18 @@ def execute(manifest: Manifest, hosts: list[Host], extra_vars: Mapping[str, Any]
     return run
 
 
+def outcomes_table(outcomes: Sequence[HostOutcome], title: str = "") -> Table:
+    table = Table(title=title or None, title_justify="left")
+    for column in ("host", "probe", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    for row in report.summary_rows(outcomes):
+        table.add_row(*row)
+    return table
+
+
 def print_summary(run: Run) -> None:
     if run.failed:
-        table = Table(title=f"run {run.id}", title_justify="left")
-        for column in ("host", "probe", "result", "detail"):
-            table.add_column(column, overflow="fold")
-        for row in report.summary_rows(run.outcomes):
-            table.add_row(*row)
-        err.print(table)
+        err.print(outcomes_table(run.outcomes, f"run {run.id}"))
     err.print(f"{report.summary_counts(run.outcomes)}  (run {run.id})")
 
 
@@ -450,14 +454,7 @@ def runs_show(run_id: str, host: str | None) -> None:
     summary = json.loads((folder / "summary.json").read_text()) \
         if (folder / "summary.json").exists() else {"outcomes": [], "exit_code": None}
     err.print(f"run {row['id']}  exit {summary['exit_code']}  folder {folder}")
-    table = Table()
-    for column in ("host", "probe", "result", "detail"):
-        table.add_column(column, overflow="fold")
-    for outcome in summary["outcomes"]:
-        result = outcome["status"] if outcome["status"] == "ok" else outcome["kind"]
-        table.add_row(outcome["host"], outcome["probe"], result,
-                      report.first_line(outcome["message"]))
-    Console().print(table)
+    Console().print(outcomes_table([HostOutcome(**outcome) for outcome in summary["outcomes"]]))
 
 
 # -- validate / plan / explain -----------------------------------------------------------
@@ -516,7 +513,7 @@ def plan_command(manifest: Path, inventory: Path | None, limit: str | None,
     planned = make_plan(loaded, connected, builder, extra_vars)
     if build:
         planned = build_with_progress(planned, builder, err.status)
-    print_plan(planned, connected)
+    print_plan(planned)
 
 
 @cli.command()

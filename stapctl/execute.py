@@ -27,6 +27,7 @@ from stapctl.models import (
     HostFacts,
     HostOutcome,
     Manifest,
+    OutcomeStatus,
     Strategy,
 )
 from stapctl.plan import ModuleJob, Plan
@@ -136,10 +137,10 @@ class Fleet:
             self.sessions[host.name] = _Session(host, connection, agent, facts)
         self._event(host.name, "connected", f"{facts.release} {facts.arch}")
 
-    def _fail_all(self, host: str, status: str, kind: str, message: str) -> None:
+    def _fail_all(self, host: str, status: OutcomeStatus, kind: str, message: str) -> None:
         for probe in self.manifest.probes:
-            self._record(HostOutcome(host=host, probe=probe.name, status=status,  # type: ignore[arg-type]
-                                     kind=kind, message=message))
+            self._record(HostOutcome(host=host, probe=probe.name, status=status, kind=kind,
+                                     message=message))
 
     # -- run -----------------------------------------------------------------------------
     def run(self, plan: Plan) -> list[HostOutcome]:
