@@ -342,13 +342,13 @@ def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tupl
           forks: int | None, duration: str | None, fmt: str | None, check: bool,
           accept_new_host_keys: bool) -> None:
     """Compile the manifest's probes and run them on its hosts."""
-    loaded = with_overrides(load_manifest(manifest), forks, fmt)
-    extra_vars = parse_extra_vars(list(extra))
-    hosts = resolve_hosts(loaded, inventory, limit, extra_vars)
     try:
         seconds = parse_duration(duration) if duration else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--duration") from None
+    loaded = with_overrides(load_manifest(manifest), forks, fmt)
+    extra_vars = parse_extra_vars(list(extra))
+    hosts = resolve_hosts(loaded, inventory, limit, extra_vars)
     options = RunOptions(duration=seconds, check=check,
                          accept_new_host_keys=accept_new_host_keys)
     run = execute(loaded, hosts, extra_vars, options)
@@ -443,12 +443,17 @@ def runs_list(limit: int) -> None:
 @click.argument("run_id")
 @click.option("--host", help="Print this host's output.")
 def runs_show(run_id: str, host: str | None) -> None:
-    row = find_run(run_id)
+    try:
+        row = find_run(run_id)
+    except StapctlError as exc:
+        raise click.BadParameter(f"{exc} (`stapctl runs list` shows the runs)",
+                                 param_hint="RUN_ID") from None
     folder = Path(row["dir"])
     if host is not None:
         log = folder / "hosts" / f"{safe_name(host)}.log"
         if not log.exists():
-            raise StapctlError(f"run {row['id']} has no output from {host}")
+            raise click.BadParameter(f"run {row['id']} has no output from {host}",
+                                     param_hint="--host")
         click.echo(log.read_text(), nl=False)
         return
     summary = json.loads((folder / "summary.json").read_text()) \
