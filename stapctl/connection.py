@@ -263,28 +263,26 @@ class SSHConnection:
                 banner_timeout=options.connect_timeout, auth_timeout=options.connect_timeout,
                 allow_agent=True, look_for_keys=host.key_file is None,
             )
-        except paramiko.BadHostKeyException as exc:
+        except (paramiko.SSHException, OSError, EOFError) as exc:
             sock.close()
-            raise HostKeyError(
+            raise self._handshake_error(where, exc) from exc
+
+    def _handshake_error(self, where: str, exc: Exception) -> ConnectError:
+        """paramiko's and the socket's failures, as errors that say what to do."""
+        if isinstance(exc, paramiko.BadHostKeyException):
+            return HostKeyError(
                 f"{where}: host key CHANGED (got {exc.key.get_name()} "
                 f"{exc.key.get_fingerprint().hex()}); if this is expected, remove the old "
-                "key from known_hosts"
-            ) from exc
-        except paramiko.AuthenticationException as exc:
-            sock.close()
-            raise AuthError(f"{where}: authentication failed as {host.user or 'root'}: {exc}") \
-                from exc
-        except paramiko.SSHException as exc:
-            sock.close()
+                "key from known_hosts")
+        if isinstance(exc, paramiko.AuthenticationException):
+            return AuthError(f"{where}: authentication failed as {self.host.user or 'root'}: "
+                             f"{exc}")
+        if isinstance(exc, paramiko.SSHException):
             if "not found in known_hosts" in str(exc):
-                raise HostKeyError(
-                    f"{where}: unknown host key; add it to known_hosts "
-                    "(ssh-keyscan) or pass --accept-new-host-keys"
-                ) from exc
-            raise ConnectError(f"{where}: SSH failed: {exc}") from exc
-        except (TimeoutError, OSError, EOFError) as exc:
-            sock.close()
-            raise ConnectError(f"{where}: SSH handshake failed: {exc or 'timed out'}") from exc
+                return HostKeyError(f"{where}: unknown host key; add it to known_hosts "
+                                    "(ssh-keyscan) or pass --accept-new-host-keys")
+            return ConnectError(f"{where}: SSH failed: {exc}")
+        return ConnectError(f"{where}: SSH handshake failed: {exc or 'timed out'}")
 
     @property
     def user_is_root(self) -> bool:
