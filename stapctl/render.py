@@ -8,6 +8,7 @@ and line: the template's line plus where the script starts in that file.
 
 from __future__ import annotations
 
+import functools
 import re
 import traceback
 from collections.abc import Iterable, Mapping
@@ -103,9 +104,15 @@ def _yaml_scalar(text: str) -> Any:
     return value if value is None or isinstance(value, str | int | float | bool) else text
 
 
+@functools.lru_cache(maxsize=256)
+def _template(source: str) -> jinja2.Template:
+    """Compiled once per template text: planning renders each probe for every host."""
+    return _ENVIRONMENT.from_string(source)
+
+
 def _compile(probe: Probe) -> jinja2.Template:
     try:
-        return _ENVIRONMENT.from_string(probe.template)
+        return _template(probe.template)
     except jinja2.TemplateSyntaxError as error:
         message = f"template syntax error: {error.message}"
         raise ManifestError(_issue(probe, error.lineno, message)) from error
