@@ -4,6 +4,10 @@ The agent file is shipped by content hash (uploaded only when ``agent-<sha256>.p
 missing) and run as ``python3 -I PATH``; its request goes as JSON on stdin, never as
 shell arguments. The frames it sends back are decoded with the agent's own codec, so
 both ends share one definition.
+
+Everything the agent sends is untrusted: frames are size-capped, compressed output is
+inflated in bounded pieces, probe output is capped per run, JSON is checked for shape,
+and an agent that falls silent is given up on (it sends a heartbeat while it works).
 """
 
 from __future__ import annotations
@@ -14,24 +18,30 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from stapctl.connection import Connection, Process, run_command
-from stapctl.errors import AgentError, ConnectError
-from stapctl.models import HostFacts
+from stapctl.errors import (
+    AgentError,
+    ConnectError,
+    OutputLimitError,
+    ProtocolError,
+    UnresponsiveError,
+)
+from stapctl.models import FailureKind, HostFacts
 from stapctl.runtime import stapctl_agent as wire
 
-PING_INTERVAL = 2.0  # seconds between keep-alives; the agent's dead-man waits much longer
-DEADMAN = 20.0  # seconds of silence after which the agent stops the probe by itself
-STOP_GRACE = 30.0  # seconds a stopped agent has to unload before the channel is cut
 # zlib level the agent is asked to send probe output with (0: plain OUTPUT frames). Level 1:
 # probe output compresses well even so, and an emulated guest's CPU is the scarce thing.
 COMPRESS = 1
 FACTS_SCRIPT = 'uname -r && uname -m && command -v "$0"'  # $0: the interpreter
-
+MAX_FRAME = 8 << 20  # the agent batches output in pieces of a few MiB at most
+MAX_TEXT = 4096  # characters kept of any text field the agent sends (messages, events)
+PING = b'{"op": "ping"}\n'
+STOP = b'{"op": "stop"}\n'
 
 # the agent's own file, shipped verbatim (the wheel keeps it a real file on disk)
 AGENT_FILE = Path(str(resources.files("stapctl.runtime").joinpath("stapctl_agent.py")))
@@ -40,14 +50,78 @@ AGENT_SHA256 = hashlib.sha256(AGENT_FILE.read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
+class Timing:
+    """The clocks of one agent call; tests shrink them."""
+
+    ping: float = 2.0  # seconds between keep-alives
+    deadman: float = 20.0  # the agent stops by itself after this long without a ping
+    silence: float = 20.0  # the controller gives up on an agent silent this long
+    stop_grace: float = 30.0  # a stopped agent has this long to unload before the cut
+
+
+@dataclass(frozen=True)
+class AgentRequest:
+    """A request, field for field as docs/agent-protocol.md has it (`facts` needs no
+    module)."""
+
+    action: Literal["facts", "preflight", "run"]
+    module: str = ""
+    sha256: str = ""
+    module_name: str = ""
+    params: Mapping[str, str | int] = field(default_factory=dict)
+    duration: float | None = None
+    exit_timeout: float = 10.0
+    bufsize_mb: int = 0
+    deadman: float = Timing.deadman
+    compress: int = COMPRESS
+    protocol: int = wire.PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        return json.dumps({**asdict(self), "params": dict(self.params)}).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The agent's RESULT, checked for shape: nothing in it is trusted as more than text."""
+
+    ok: bool
+    kind: FailureKind | None
+    message: str
+    stats: Mapping[str, int]
+    facts: Mapping[str, Any] = field(default_factory=dict)  # facts and preflight only
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> RunResult:
+        ok = data.get("status") == "ok"
+        raw_stats = data.get("stats")
+        stats = {str(k)[:64]: v for k, v in raw_stats.items()
+                 if isinstance(v, int) and not isinstance(v, bool)} \
+            if isinstance(raw_stats, dict) else {}
+        facts = data.get("facts")
+        return cls(ok=ok, kind=None if ok else FailureKind.from_agent(data.get("kind")),
+                   message=text_field(data.get("message")), stats=stats,
+                   facts=facts if isinstance(facts, dict) else {})
+
+
+def text_field(value: object) -> str:
+    """A text field from the agent, as a bounded string whatever it was."""
+    text = value if isinstance(value, str) else ("" if value is None else str(value))
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "… (cut)"
+
+
+@dataclass(frozen=True)
 class Frame:
-    kind: str  # "hello" | "output" | "event" | "result"
+    kind: Literal["hello", "output", "event", "result"]
     data: bytes
 
     def json(self) -> dict[str, Any]:
-        value = json.loads(self.data)
+        try:
+            value = json.loads(self.data)
+        except (ValueError, RecursionError) as exc:
+            raise ProtocolError(f"the agent sent a {self.kind} frame that is not JSON") \
+                from exc
         if not isinstance(value, dict):
-            raise AgentError(f"agent sent a non-object {self.kind} frame")
+            raise ProtocolError(f"the agent sent a {self.kind} frame that is not an object")
         return value
 
 
@@ -100,75 +174,121 @@ class AgentHost:
             self.connection.put(local, remote)
         return remote
 
-    def call(
-        self,
-        request: Mapping[str, Any],
-        on_frame: Callable[[Frame], None] = lambda frame: None,
-        stop: threading.Event | None = None,
-        deadline: float | None = None,
-    ) -> dict[str, Any]:
+    def call(self, request: AgentRequest, on_frame: Callable[[Frame], None] = lambda _: None,
+             stop: threading.Event | None = None, deadline: float | None = None,
+             timing: Timing = Timing(), max_output: int = 1 << 30) -> RunResult:
         """Run one agent request to its RESULT frame.
 
         ``stop`` asks the agent to stop cleanly (EXIT, drain, unload); past ``deadline``
-        (a time.monotonic() value) the same happens, and the result says timed-out.
+        (a time.monotonic() value) the same happens, and the result says timed-out. Past
+        ``max_output`` bytes of probe output the agent is stopped the same way and the
+        rest of its output dropped. An agent silent for ``timing.silence`` seconds is cut
+        off (its own dead-man then unloads the module) and UnresponsiveError raised.
         """
         process = self.connection.start([self.python, "-I", self.path])
-        full = {"protocol": wire.PROTOCOL_VERSION, "deadman": DEADMAN, "compress": COMPRESS,
-                **request}
-        process.send(json.dumps(full).encode() + b"\n")
-        stop = stop or threading.Event()
-        finished = threading.Event()
-        timed_out = threading.Event()
-
-        def keep_alive() -> None:
-            """Ping the dead-man; turn a stop or a deadline into one `stop` request."""
-            next_ping = time.monotonic() + PING_INTERVAL
-            cutoff: float | None = None
-            while not finished.wait(0.2):
-                now = time.monotonic()
-                if deadline is not None and now > deadline:
-                    timed_out.set()
-                if cutoff is None and (stop.is_set() or timed_out.is_set()):
-                    self._send(process, {"op": "stop"})
-                    cutoff = now + STOP_GRACE
-                if cutoff is not None and now > cutoff:
-                    process.kill()
-                    return
-                if now >= next_ping:
-                    self._send(process, {"op": "ping"})
-                    next_ping = now + PING_INTERVAL
-
-        pinger = threading.Thread(target=keep_alive, daemon=True)
-        pinger.start()
+        watch = _Watch(process, stop or threading.Event(), deadline, timing)
+        process.send(request.encode())
+        watch.start()
         result: dict[str, Any] | None = None
+        output = 0
         try:
             for frame in read_frames(process.recv):
+                watch.heard()
                 if frame.kind == "result":
                     result = frame.json()
                     break
+                if frame.kind == "output":
+                    output += len(frame.data)
+                    if output > max_output:
+                        watch.over_limit.set()
+                        continue
                 on_frame(frame)
-        finally:
-            finished.set()
+        except BaseException as exc:  # the agent then sees EOF and unloads by itself
+            watch.finish()
             process.close_stdin()
+            process.kill()
+            if watch.silent.is_set() and isinstance(exc, ConnectError):
+                raise watch.silence_error() from None
+            raise
+        watch.finish()
+        process.close_stdin()
         if result is None:
             tail = process.stderr_tail().strip()
             process.kill()
+            if watch.silent.is_set():
+                raise watch.silence_error()
             raise AgentError("the agent ended without a result" +
-                             (f": {tail.splitlines()[-1]}" if tail else ""), tail)
+                             (f": {text_field(tail.splitlines()[-1])}" if tail else ""),
+                             text_field(tail))
         process.wait()
-        if timed_out.is_set() and result.get("kind") == "stopped":
-            result["kind"] = "timed-out"
-            result["message"] = "stopped: the host's timeout was reached"
-        return result
+        parsed = RunResult.parse(result)
+        if watch.over_limit.is_set():
+            raise OutputLimitError(f"more than {max_output >> 20} MiB of probe output: "
+                                   "stopped, and the rest dropped")
+        if watch.timed_out.is_set() and parsed.kind is FailureKind.STOPPED:
+            return RunResult(False, FailureKind.TIMED_OUT,
+                             "stopped: the host's timeout was reached", parsed.stats)
+        return parsed
 
-    @staticmethod
-    def _send(process: Process, message: Mapping[str, str]) -> None:
+
+class _Watch:
+    """A call's clock, in a thread of its own: pings the agent's dead-man, turns a stop,
+    a deadline or an output limit into one `stop` request, cuts an agent that does not
+    unload within the grace, and cuts one that has been silent too long."""
+
+    def __init__(self, process: Process, stop: threading.Event, deadline: float | None,
+                 timing: Timing) -> None:
+        self.process = process
+        self.stop = stop
+        self.deadline = deadline
+        self.timing = timing
+        self.timed_out = threading.Event()
+        self.over_limit = threading.Event()
+        self.silent = threading.Event()
+        self._finished = threading.Event()
+        self._last_heard = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def heard(self) -> None:
+        self._last_heard = time.monotonic()
+
+    def finish(self) -> None:
+        self._finished.set()
+
+    def silence_error(self) -> AgentError:
+        return UnresponsiveError(f"the agent sent nothing for {self.timing.silence:g} s "
+                                 "(its dead-man unloads the module)")
+
+    def _run(self) -> None:
+        next_ping = time.monotonic() + self.timing.ping
+        cutoff: float | None = None
+        while not self._finished.wait(min(0.2, self.timing.ping)):
+            now = time.monotonic()
+            if self.deadline is not None and now > self.deadline:
+                self.timed_out.set()
+            if cutoff is None and (self.stop.is_set() or self.timed_out.is_set()
+                                   or self.over_limit.is_set()):
+                self._send(STOP)
+                cutoff = now + self.timing.stop_grace
+            if now - self._last_heard > self.timing.silence:
+                self.silent.set()
+            if self.silent.is_set() or (cutoff is not None and now > cutoff):
+                self.process.kill()
+                return
+            if now >= next_ping:
+                self._send(PING)
+                next_ping = now + self.timing.ping
+
+    def _send(self, message: bytes) -> None:
         # a lost connection is seen and reported by the read loop
         with contextlib.suppress(ConnectError):
-            process.send(json.dumps(message).encode() + b"\n")
+            self.process.send(message)
 
 
-FRAME_KINDS = {
+FRAME_KINDS: Mapping[str, Literal["hello", "output", "event", "result"]] = {
     wire.FRAME_HELLO: "hello",
     wire.FRAME_OUTPUT: "output",
     wire.FRAME_EVENT: "event",
@@ -177,27 +297,27 @@ FRAME_KINDS = {
 
 
 def read_frames(recv: Callable[[int], bytes]) -> Iterator[Frame]:
-    """Yield frames from a byte stream until EOF; garbage raises AgentError.
+    """Yield frames from a byte stream until EOF; garbage raises ProtocolError.
 
     Compressed output (Z frames: one zlib stream per run) comes out as plain `output`
-    frames, so callers never see the difference; an agent may send either kind.
+    frames of bounded size, so callers never see the difference; an agent may send
+    either kind.
     """
-    reader = wire.FrameReader()
+    reader = wire.FrameReader(max_frame=MAX_FRAME)
     inflater = wire.OutputInflater()
     while chunk := recv(65536):
         try:
             frames = reader.feed(chunk)
         except ValueError as exc:
-            raise AgentError(f"the agent's stream is corrupt: {exc}") from exc
+            raise ProtocolError(f"the agent's stream is corrupt: {exc}") from exc
         for letter, data in frames:
             if letter != wire.FRAME_ZOUTPUT:
                 yield Frame(FRAME_KINDS[letter], data)
                 continue
             try:
-                pieces = inflater.feed(data)
+                for piece in inflater.feed(data):
+                    yield Frame("output", piece)
             except ValueError as exc:
-                raise AgentError(f"the agent's stream is corrupt: {exc}") from exc
-            for piece in pieces:
-                yield Frame("output", piece)
+                raise ProtocolError(f"the agent's stream is corrupt: {exc}") from exc
     if reader.pending:
-        raise AgentError("the agent's stream ended in the middle of a frame")
+        raise ProtocolError("the agent's stream ended in the middle of a frame")

@@ -13,12 +13,16 @@ prints ``StapctlError`` as one clean message and never shows a traceback for the
     │   ├── AuthError
     │   └── HostKeyError
     ├── AgentError               -  the agent on a host broke (remote traceback as text)
-    └── RemoteTimeout            -  a host did not finish in time
+    │   ├── ProtocolError             its stream was malformed or oversized
+    │   ├── OutputLimitError          it sent more output than a run allows
+    │   └── UnresponsiveError         it fell silent, heartbeats included
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from stapctl.models import FailureKind
 
 
 class StapctlError(Exception):
@@ -86,12 +90,29 @@ class HostKeyError(ConnectError):
 
 
 class AgentError(StapctlError):
-    """The agent failed in a way it could not report as a result."""
+    """The agent failed in a way it could not report as a result; ``kind`` is the
+    failure kind the host's outcome gets."""
+
+    kind = FailureKind.AGENT_ERROR
 
     def __init__(self, message: str, remote_traceback: str = "") -> None:
         self.remote_traceback = remote_traceback
         super().__init__(message)
 
 
-class RemoteTimeout(StapctlError):
-    pass
+class ProtocolError(AgentError):
+    """What the agent sent is not the protocol: corrupt, oversized or out of place."""
+
+    kind = FailureKind.PROTOCOL_ERROR
+
+
+class OutputLimitError(AgentError):
+    """The probe's output passed the run's limit; the agent was stopped cleanly."""
+
+    kind = FailureKind.OUTPUT_LIMIT
+
+
+class UnresponsiveError(AgentError):
+    """The agent stopped sending anything, heartbeats included."""
+
+    kind = FailureKind.UNRESPONSIVE

@@ -1,9 +1,10 @@
 """Fan-out: connect to every host, then run each host's modules under the rollout policy.
 
-Every host's fate is a HostOutcome; nothing a host does escapes as an exception. Work is
-done by a bounded thread pool (paramiko's transport is already a thread per host), and
-everything that happens is reported as an Event through one callback, which the CLI
-hands to a single consumer.
+Every host's fate is a HostOutcome; nothing a host does escapes as an exception, and no
+worker thread ever ends in a traceback. Work is done by a bounded thread pool
+(paramiko's transport is already a thread per host), and everything that happens is
+reported as an Event through one callback. Connections are made by an injected
+connector, so the policy can be tested against fake connections.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from stapctl.agent import AgentHost, Frame
+from stapctl.agent import AgentHost, AgentRequest, Frame, Timing, text_field
 from stapctl.connection import Connection, ConnectOptions, connect
 from stapctl.errors import AgentError, ConnectError, StapctlError
 from stapctl.models import (
+    ENDING_EVENT,
     Event,
     EventKind,
+    FailureKind,
     Host,
     HostFacts,
     HostOutcome,
@@ -33,6 +36,12 @@ from stapctl.models import (
 from stapctl.plan import ModuleJob, Plan
 
 Emit = Callable[[Event], None]
+Connector = Callable[[Host, ConnectOptions], Connection]
+
+EXIT_TIMEOUT = 10.0  # seconds the agent waits for the module's reply to EXIT
+# without strategy.timeout, a probe with a duration is given up on this long after it
+# should have ended: loading, EXIT, draining and unloading fit in it many times over
+DEADLINE_GRACE = 60.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,9 @@ class RunOptions:
     check: bool = False  # connect, upload and preflight, but load nothing
     accept_new_host_keys: bool = False
     bufsize_mb: int = 0
+    timing: Timing = Timing()
+    max_output: int = 1 << 30  # bytes of probe output per host and probe
+    max_line: int = 64 << 10  # longer lines are split, with a warning
 
 
 def batches(hosts: Sequence[str], serial: Sequence[int | str]) -> Iterator[list[str]]:
@@ -75,6 +87,7 @@ class Fleet:
     manifest: Manifest
     options: RunOptions
     emit: Emit
+    connector: Connector = connect
     stop: threading.Event = field(default_factory=threading.Event)
     sessions: dict[str, _Session] = field(default_factory=dict)
     outcomes: list[HostOutcome] = field(default_factory=list)
@@ -97,11 +110,18 @@ class Fleet:
                 return
             self._ended.add((outcome.host, outcome.probe))
             self.outcomes.append(outcome)
-        kinds: dict[str, EventKind] = {"ok": "finished", "skipped": "skipped",
-                                       "unreachable": "unreachable"}
-        kind = kinds.get(outcome.status, "failed")
         text = outcome.message if not outcome.kind else f"{outcome.kind}: {outcome.message}"
-        self._event(outcome.host, kind, text, outcome.probe)
+        self._event(outcome.host, ENDING_EVENT[outcome.status], text, outcome.probe)
+
+    def _fail(self, host: str, probe: str, status: OutcomeStatus, kind: FailureKind,
+              message: str) -> None:
+        self._record(HostOutcome(host=host, probe=probe, status=status, kind=kind,
+                                 message=message))
+
+    def _fail_all(self, host: str, status: OutcomeStatus, kind: FailureKind,
+                  message: str) -> None:
+        for probe in self.manifest.probes:
+            self._fail(host, probe.name, status, kind, message)
 
     # -- connect -------------------------------------------------------------------------
     def connect(self, hosts: Sequence[Host]) -> dict[str, tuple[Host, HostFacts]]:
@@ -114,33 +134,34 @@ class Fleet:
 
     def _connect_one(self, host: Host) -> None:
         if self.stop.is_set():
-            self._fail_all(host.name, "skipped", "skipped", "interrupted before connecting")
+            self._fail_all(host.name, "skipped", FailureKind.SKIPPED,
+                           "interrupted before connecting")
             return
         become = self.manifest.become if host.become is None else host.become
         options = ConnectOptions(connect_timeout=self.strategy.connect_timeout,
                                  accept_new_host_keys=self.options.accept_new_host_keys,
                                  become=become)
         try:
-            connection = connect(host, options)
+            connection = self.connector(host, options)
         except StapctlError as exc:
-            self._fail_all(host.name, "unreachable", "unreachable", str(exc))
+            self._fail_all(host.name, "unreachable", FailureKind.UNREACHABLE, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - a controller fault stays this host's
+            self._fail_all(host.name, "failed", FailureKind.CONTROLLER_ERROR, _fault(exc))
             return
         try:
             agent = AgentHost(connection, host.python)
             agent.install()
             facts = agent.facts()
-        except StapctlError as exc:
-            connection.close()
-            self._fail_all(host.name, "failed", "agent-error", str(exc))
+        except Exception as exc:  # noqa: BLE001 - every failure is this host's outcome
+            with contextlib.suppress(Exception):
+                connection.close()
+            status, kind, message = _classify(exc)
+            self._fail_all(host.name, status, kind, message)
             return
         with self._lock:
             self.sessions[host.name] = _Session(host, connection, agent, facts)
         self._event(host.name, "connected", f"{facts.release} {facts.arch}")
-
-    def _fail_all(self, host: str, status: OutcomeStatus, kind: str, message: str) -> None:
-        for probe in self.manifest.probes:
-            self._record(HostOutcome(host=host, probe=probe.name, status=status, kind=kind,
-                                     message=message))
 
     # -- run -----------------------------------------------------------------------------
     def run(self, plan: Plan) -> list[HostOutcome]:
@@ -157,7 +178,7 @@ class Fleet:
                               else f"max_fail_percentage ({self.strategy.max_fail_percentage:g}%)"
                               " exceeded")
                     for name in batch:
-                        self._fail_all(name, "skipped", "skipped", reason)
+                        self._fail_all(name, "skipped", FailureKind.SKIPPED, reason)
                     continue
                 list(pool.map(lambda name: self._run_host(name, plan), batch))
         return self.outcomes
@@ -170,9 +191,8 @@ class Fleet:
     def _run_host(self, name: str, plan: Plan) -> None:
         session = self.sessions[name]
         deadline = (time.monotonic() + self.strategy.timeout) if self.strategy.timeout else None
-        jobs = plan.jobs_for(name)
         threads = [threading.Thread(target=self._run_job, args=(session, job, deadline))
-                   for job in jobs]
+                   for job in plan.jobs_for(name)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -181,60 +201,62 @@ class Fleet:
     def _run_job(self, session: _Session, job: ModuleJob, deadline: float | None) -> None:
         host, probe = session.host.name, job.probe.name
         if self.stop.is_set():
-            self._record(HostOutcome(host=host, probe=probe, status="skipped",
-                                     kind="skipped", message="interrupted before it started"))
+            self._fail(host, probe, "skipped", FailureKind.SKIPPED,
+                       "interrupted before it started")
             return
         if job.error or job.artifact is None:
-            self._record(HostOutcome(host=host, probe=probe, status="failed",
-                                     kind="compile-failed", message=job.error))
+            self._fail(host, probe, "failed", FailureKind.COMPILE_FAILED, job.error)
             return
-        artifact = job.artifact
-        lines = _LineSplitter(lambda line: self._event(host, "output", line, probe))
+        lines = LineSplitter(lambda line: self._event(host, "output", line, probe),
+                             self.options.max_line)
         try:
-            remote = session.agent.upload_module(artifact.path, artifact.sha256)
-            self._event(host, "uploaded", remote, probe)
-            duration = self.options.duration if self.options.duration is not None \
-                else job.probe.duration
-            request: dict[str, Any] = {
-                "action": "preflight" if self.options.check else "run",
-                "module": remote,
-                "sha256": artifact.sha256,
-                "module_name": artifact.module_name,
-                "params": dict(job.probe.params),
-                "bufsize_mb": self.options.bufsize_mb,
-                "duration": duration,
-                "exit_timeout": 10.0,
-            }
+            outcome = self._call_agent(session, job, deadline, lines)
+        except Exception as exc:  # noqa: BLE001 - every failure is this host's outcome
+            status, kind, message = _classify(exc)
+            outcome = HostOutcome(host=host, probe=probe, status=status, kind=kind,
+                                  message=message)
+        finally:
+            with contextlib.suppress(Exception):
+                lines.flush()
+        if lines.split_lines:
+            self._event(host, "warning", f"{lines.split_lines} line(s) longer than "
+                        f"{self.options.max_line} bytes were split", probe)
+        self._record(outcome)
 
-            def on_frame(frame: Frame) -> None:
-                if frame.kind == "output":
-                    lines.feed(frame.data)
-                elif frame.kind == "event":
-                    self._agent_event(host, probe, frame.json())
+    def _call_agent(self, session: _Session, job: ModuleJob, deadline: float | None,
+                    lines: LineSplitter) -> HostOutcome:
+        host, probe = session.host.name, job.probe.name
+        artifact = job.artifact
+        assert artifact is not None
+        remote = session.agent.upload_module(artifact.path, artifact.sha256)
+        self._event(host, "uploaded", remote, probe)
+        duration = self.options.duration if self.options.duration is not None \
+            else job.probe.duration
+        if deadline is None and duration is not None:
+            deadline = time.monotonic() + duration + EXIT_TIMEOUT + DEADLINE_GRACE
+        request = AgentRequest(
+            action="preflight" if self.options.check else "run", module=remote,
+            sha256=artifact.sha256, module_name=artifact.module_name,
+            params=job.probe.params, duration=duration, exit_timeout=EXIT_TIMEOUT,
+            bufsize_mb=self.options.bufsize_mb, deadman=self.options.timing.deadman)
 
-            result = session.agent.call(request, on_frame, self.stop, deadline)
-        except (AgentError, ConnectError) as exc:
-            lines.flush()
-            kind = "transport-lost" if isinstance(exc, ConnectError) else "agent-error"
-            self._record(HostOutcome(host=host, probe=probe, status="failed", kind=kind,
-                                     message=str(exc)))
-            return
-        lines.flush()
-        ok = result.get("status") == "ok"
-        self._record(HostOutcome(
-            host=host, probe=probe, status="ok" if ok else "failed",
-            kind=None if ok else str(result.get("kind") or "agent-error"),
-            message=str(result.get("message") or ""),
-            stats={k: int(v) for k, v in (result.get("stats") or {}).items()
-                   if isinstance(v, int)},
-        ))
+        def on_frame(frame: Frame) -> None:
+            if frame.kind == "output":
+                lines.feed(frame.data)
+            elif frame.kind == "event":
+                self._agent_event(host, probe, frame.json())
+
+        result = session.agent.call(request, on_frame, self.stop, deadline,
+                                    self.options.timing, self.options.max_output)
+        return HostOutcome(host=host, probe=probe, status="ok" if result.ok else "failed",
+                           kind=result.kind, message=result.message, stats=result.stats)
 
     def _agent_event(self, host: str, probe: str, event: Mapping[str, Any]) -> None:
-        name = str(event.get("event", ""))
-        text = str(event.get("text") or event.get("reason") or event.get("module") or "")
-        known: dict[str, EventKind] = {"loaded": "loaded", "started": "started",
-                                       "warning": "warning", "error": "error",
-                                       "stopping": "stopping"}
+        name = event.get("event")
+        text = text_field(event.get("text") or event.get("reason") or event.get("module"))
+        known: dict[object, EventKind] = {"loaded": "loaded", "started": "started",
+                                          "warning": "warning", "error": "error",
+                                          "stopping": "stopping"}
         if name in known:
             self._event(host, known[name], text, probe)
 
@@ -243,7 +265,7 @@ class Fleet:
         still accounts for each host it was given."""
         reason = "interrupted" if self.stop.is_set() else "not run"
         for host in self.hosts:
-            self._fail_all(host, "skipped", "skipped", reason)
+            self._fail_all(host, "skipped", FailureKind.SKIPPED, reason)
 
     def connections(self) -> dict[str, Connection]:
         return {name: session.connection for name, session in self.sessions.items()}
@@ -254,19 +276,63 @@ class Fleet:
                 session.connection.close()
 
 
-class _LineSplitter:
-    """Turns a byte stream into whole lines; a final partial line is flushed at the end."""
+def _classify(exc: BaseException) -> tuple[OutcomeStatus, FailureKind, str]:
+    """A host's failure as its outcome: status, kind and message."""
+    if isinstance(exc, AgentError):
+        status: OutcomeStatus = "unreachable" if exc.kind is FailureKind.UNRESPONSIVE \
+            else "failed"
+        return status, exc.kind, str(exc)
+    if isinstance(exc, ConnectError):
+        return "failed", FailureKind.TRANSPORT_LOST, str(exc)
+    if isinstance(exc, StapctlError):
+        return "failed", FailureKind.AGENT_ERROR, str(exc)
+    return "failed", FailureKind.CONTROLLER_ERROR, _fault(exc)
 
-    def __init__(self, emit_line: Callable[[str], None]) -> None:
+
+def _fault(exc: BaseException) -> str:
+    return f"stapctl failed on this host ({type(exc).__name__}: {text_field(str(exc))})"
+
+
+class LineSplitter:
+    """Turns a byte stream into whole lines; a final partial line is flushed at the end.
+
+    A line longer than ``max_line`` bytes is cut into pieces of that size (counted in
+    ``split_lines``), so a target that never sends a newline costs bounded memory, and
+    each byte is scanned once.
+    """
+
+    def __init__(self, emit_line: Callable[[str], None], max_line: int) -> None:
         self._emit = emit_line
-        self._partial = b""
+        self._max = max_line
+        self._partial = bytearray()
+        self.split_lines = 0
+        self._splitting = False
 
     def feed(self, data: bytes) -> None:
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            self._emit(line.decode(errors="replace"))
+        start = 0
+        while start < len(data):
+            newline = data.find(b"\n", start, start + self._max - len(self._partial) + 1)
+            if newline >= 0:
+                self._partial += data[start:newline]
+                if self._partial or not self._splitting:  # not the end of a split line
+                    self._line()
+                self._splitting = False
+                start = newline + 1
+                continue
+            take = min(len(data) - start, self._max - len(self._partial))
+            self._partial += data[start:start + take]
+            start += take
+            if len(self._partial) >= self._max:
+                if not self._splitting:
+                    self.split_lines += 1
+                    self._splitting = True
+                self._line()
 
     def flush(self) -> None:
         if self._partial:
-            self._emit(self._partial.decode(errors="replace"))
-            self._partial = b""
+            self._line()
+
+    def _line(self) -> None:
+        text = self._partial.decode(errors="replace")
+        self._partial = bytearray()
+        self._emit(text)

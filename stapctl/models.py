@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,6 +120,48 @@ EventKind = Literal[
 ]
 OutcomeStatus = Literal["ok", "failed", "unreachable", "skipped"]
 
+# An outcome is reported by its ending event, and the live table shows that event's kind
+# as the host's state; progress events show the state in this table.
+ENDING_EVENT: Mapping[OutcomeStatus, EventKind] = {
+    "ok": "finished", "failed": "failed", "unreachable": "unreachable", "skipped": "skipped",
+}
+PROGRESS_STATE: Mapping[EventKind, str] = {
+    "connected": "connected", "uploaded": "uploaded", "loaded": "loaded",
+    "started": "running", "stopping": "stopping",
+}
+
+
+class FailureKind(StrEnum):
+    """Why a probe did not succeed on a host: the agent's kinds (docs/agent-protocol.md)
+    and the ones the controller decides. Plain strings on the wire and in records."""
+
+    # reported by the agent
+    PREFLIGHT_REFUSED = "preflight-refused"
+    INSMOD_REFUSED = "insmod-refused"
+    START_FAILED = "start-failed"
+    RUNTIME_ERROR = "runtime-error"
+    TIMED_OUT = "timed-out"
+    STOPPED = "stopped"
+    TRANSPORT_LOST = "transport-lost"
+    AGENT_ERROR = "agent-error"
+    # decided by the controller
+    UNREACHABLE = "unreachable"
+    UNRESPONSIVE = "unresponsive"  # connected, then silent past the heartbeat timeout
+    BAD_FACTS = "bad-facts"  # the host reported facts the controller refuses to use
+    PROTOCOL_ERROR = "protocol-error"  # malformed, oversized or out-of-place frames
+    OUTPUT_LIMIT = "output-limit"  # more probe output than the run allows per host
+    COMPILE_FAILED = "compile-failed"
+    CONTROLLER_ERROR = "controller-error"  # a fault of the controller itself
+    SKIPPED = "skipped"
+
+    @classmethod
+    def from_agent(cls, value: object) -> FailureKind:
+        """The kind an agent reported; anything unknown is the agent's own error."""
+        try:
+            return cls(str(value))
+        except ValueError:
+            return cls.AGENT_ERROR
+
 
 @dataclass(frozen=True)
 class Event:
@@ -137,7 +181,7 @@ class HostOutcome:
     host: str
     probe: str
     status: OutcomeStatus
-    kind: str | None = None  # the failure taxonomy of docs/agent-protocol.md, or "unreachable"
+    kind: FailureKind | None = None
     message: str = ""
     stats: Mapping[str, int] = field(default_factory=dict)
 
@@ -151,6 +195,8 @@ class Run:
     id: str
     outcomes: tuple[HostOutcome, ...]
     interrupted: bool = False
+    by_signal: int = int(signal.SIGINT)  # what interrupted it: the exit code is 128 + this
+    fatal_exit: int | None = None  # it stopped on an error before its hosts ran
 
     @property
     def succeeded(self) -> tuple[HostOutcome, ...]:
@@ -162,12 +208,14 @@ class Run:
 
     @property
     def exit_code(self) -> int:
-        """manifest-v1.md: 0 all ok, 1 all failed, 2 nothing compiled, 3 partial,
-        130 interrupted."""
+        """manifest-v1.md: 0 all ok, 1 all failed, 2 nothing compiled, 3 partial;
+        interrupted, 128 + the signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
         if self.interrupted:
-            return 130
+            return 128 + self.by_signal
+        if self.fatal_exit is not None:
+            return self.fatal_exit
         if not self.failed:
             return 0
-        if not self.succeeded and all(o.kind == "compile-failed" for o in self.failed):
+        if not self.succeeded and all(o.kind == FailureKind.COMPILE_FAILED for o in self.failed):
             return 2  # nothing could be built: the input is wrong, not the hosts
         return 1 if not self.succeeded else 3

@@ -8,6 +8,7 @@ to stdout, everything about the run (progress, warnings, the summary) to stderr,
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
@@ -15,12 +16,27 @@ from dataclasses import asdict
 from stapctl.models import Event, HostOutcome, Run
 
 JSON_SCHEMA_VERSION = 1
+# bytes a terminal acts on: C0 but tab and newline, DEL, C1, and the bidirectional
+# overrides that reorder what is shown (so a line cannot hide or fake its content)
+UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """Text from a target made safe for a terminal: control characters become visible
+    escapes (``\\x1b``, ``\\u202e``), tab and newline stay. Every human format uses it;
+    the json format stays lossless."""
+    return UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def output_prefix(event: Event, many_probes: bool) -> str:
     """`host: line`, or `host[probe]: line` when the manifest has several probes."""
     label = f"{event.host}[{event.probe}]" if many_probes else event.host
-    return f"{label}: {event.text}"
+    return printable(f"{label}: {event.text}")
 
 
 def event_json(event: Event) -> str:
@@ -59,7 +75,8 @@ def outcome_reason(outcome: HostOutcome) -> str:
 def summary_rows(outcomes: Sequence[HostOutcome]) -> list[tuple[str, str, str, str]]:
     """(host, probe, result, detail) rows for the final table, failures first."""
     ordered = sorted(outcomes, key=lambda o: (o.ok, o.host, o.probe))
-    return [(o.host, o.probe, outcome_reason(o), first_line(o.message)) for o in ordered]
+    return [(printable(o.host), printable(o.probe), outcome_reason(o),
+             printable(first_line(o.message))) for o in ordered]
 
 
 def summary_counts(outcomes: Sequence[HostOutcome]) -> str:

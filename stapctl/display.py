@@ -1,0 +1,209 @@
+"""What a person sees while a run goes, and how they stop it.
+
+stderr a terminal: a live table of hosts (state, lines received); otherwise plain lines,
+one per message, whatever the terminal width (log readers rely on it). Probe output goes
+to stdout; only when stdout is the very terminal the table is drawn on is it printed
+through the table's console, above the table, so the two never overwrite each other.
+
+Everything a target sent is shown through ``report.printable`` and as rich ``Text``,
+never as markup: a target cannot move the cursor, set the title or style the table.
+
+Signals: SIGINT, SIGTERM and SIGHUP all stop a run the same way (the first cleanly, the
+second by cutting connections), whatever disposition the process inherited: a run
+started in the background, with SIGINT ignored, still stops on `kill -INT`. Only a
+SIGHUP ignored on purpose (nohup) stays ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import IO
+
+import click
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from stapctl import report
+from stapctl.models import ENDING_EVENT, PROGRESS_STATE, Event, Manifest
+from stapctl.session import Session
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ENDINGS = tuple(ENDING_EVENT.values())
+ACTIVE_STATES = ("connecting", *PROGRESS_STATE.values())
+STATE_STYLES = {"running": "cyan", "stopping": "yellow", "finished": "green",
+                "failed": "bold red", "unreachable": "bold red", "skipped": "dim"}
+SIGNAL_NAMES = {signal.SIGINT: "interrupt", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+
+def message(text: str, style: str = "") -> None:
+    """One line on stderr about the run; ``text`` may hold what a target sent."""
+    err.print(Text(report.printable(text), style=style))
+
+
+@dataclass
+class HostRow:
+    state: str = "connecting"
+    lines: int = 0
+    detail: str = ""
+    endings: list[str] = field(default_factory=list)  # one per probe that ended
+
+
+class HostBoard:
+    """Each host's state as its events arrive, rendered as a table for rich's Live.
+
+    Renders are made by Live's refresh thread while the main thread updates the rows;
+    both only read or replace plain values, and the set of hosts is fixed up front.
+    """
+
+    def __init__(self, hosts: list[str], probes: int) -> None:
+        self.rows = {host: HostRow() for host in hosts}
+        self.probes = probes
+        self.phase = ""
+        self.started = time.monotonic()
+
+    def update(self, event: Event) -> None:
+        row = self.rows.get(event.host)
+        if row is None:
+            return
+        if event.kind == "output":
+            row.lines += 1
+        elif event.kind in ENDINGS:
+            row.endings = [*row.endings, event.kind]
+            row.detail = event.text
+            if len(row.endings) >= self.probes:
+                row.state = next((state for state in ("unreachable", "failed", "finished")
+                                  if state in row.endings), "skipped")
+        elif event.kind in PROGRESS_STATE and len(row.endings) < self.probes:
+            row.state = PROGRESS_STATE[event.kind]
+            if event.kind in ("connected", "stopping"):  # the kernel, the reason
+                row.detail = event.text
+
+    def counts(self) -> str:
+        states = Counter(row.state for row in self.rows.values())
+        return ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+
+    def render(self, height: int) -> Group:
+        """Every host in inventory order when they fit; else the busy and failed first."""
+        elapsed = time.monotonic() - self.started
+        header = Text.assemble((self.phase, "bold"), f"  ·  {self.counts()}  ·  {elapsed:.0f} s")
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("host", no_wrap=True)
+        table.add_column("state", no_wrap=True, min_width=11)
+        table.add_column("lines", justify="right", no_wrap=True)
+        table.add_column("detail", overflow="ellipsis", no_wrap=True)
+        rows = list(self.rows.items())
+        room = max(1, height - 6)
+        if len(rows) > room:
+            rank = {"failed": 1, "unreachable": 1}
+            rows.sort(key=lambda item: 0 if item[1].state in ACTIVE_STATES
+                      else rank.get(item[1].state, 2))
+            table.caption = f"… and {len(rows) - room + 1} more hosts"
+            rows = rows[:room - 1]
+        for host, row in rows:
+            table.add_row(Text(report.printable(host)),
+                          Text(row.state, style=STATE_STYLES.get(row.state, "")),
+                          str(row.lines), Text(report.printable(report.first_line(row.detail))))
+        return Group(header, table)
+
+
+class Display:
+    """A session's Listener for a person: the live table or plain lines, and stdout."""
+
+    def __init__(self, manifest: Manifest, hosts: list[str]) -> None:
+        self.format = manifest.output.format
+        self.many = len(manifest.probes) > 1
+        self.board = HostBoard(hosts, len(manifest.probes))
+        self.outputs: list[Event] = []  # for the merged format, printed at the end
+        self.live: Live | None = None
+        if err.is_terminal:
+            self.live = Live(console=err, refresh_per_second=4, redirect_stdout=False,
+                             redirect_stderr=False,
+                             get_renderable=lambda: self.board.render(err.size.height))
+        self.shared_terminal = self.live is not None and _same_terminal(sys.stdout, err.file)
+
+    def __enter__(self) -> Display:
+        if self.live is not None:
+            self.live.start(refresh=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+    # -- Listener ------------------------------------------------------------------------
+    def phase(self, text: str) -> None:
+        self.board.phase = text
+        if self.live is None and text not in ("done", "interrupted"):
+            message(text, "dim")
+
+    def note(self, text: str) -> None:
+        message(text)
+
+    def interrupted(self, count: int, signum: int) -> None:
+        name = SIGNAL_NAMES.get(signal.Signals(signum), f"signal {signum}")
+        if count == 1:
+            message(f"{name}: stopping every probe cleanly ({name} again to cut "
+                    "connections)", "yellow")
+        elif count == 2:
+            message(f"second {name}: cutting connections; the agents unload on their own",
+                    "red")
+
+    def event(self, event: Event) -> None:
+        self.board.update(event)
+        if event.kind == "output" and self.format == "merged":
+            self.outputs.append(event)
+        if self.format == "json":
+            self.out(report.event_json(event))
+        elif event.kind == "output":
+            if self.format == "prefix":
+                self.out(report.output_prefix(event, self.many))
+        elif event.kind in ("warning", "error", "failed", "unreachable"):
+            color = "yellow" if event.kind == "warning" else "red"
+            err.print(Text.assemble((report.printable(f"{event.host}: {event.kind}:"), color),
+                                    " ", report.printable(event.text)))
+        elif self.live is None and event.kind in ("connected", "started", "finished"):
+            message(f"{event.host}: {event.kind} {event.text}", "dim")
+
+    def out(self, line: str) -> None:
+        """A line for stdout, already safe (json, or through report.printable)."""
+        if self.shared_terminal:
+            err.print(Text(line))
+        else:
+            click.echo(line)
+
+
+def _same_terminal(a: IO[str], b: IO[str]) -> bool:
+    try:
+        return a.isatty() and os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def signals_to(session: Session) -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP interrupt ``session`` while the block runs."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        session.interrupt(signum)
+
+    watched = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup asked to ignore it
+        watched.append(signal.SIGHUP)
+    previous = {signum: signal.signal(signum, handler) for signum in watched}
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)

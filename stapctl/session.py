@@ -1,0 +1,286 @@
+"""One run of a manifest: the library entry point every caller goes through.
+
+The stages run in this order, and only here: connect (agent shipped, facts gathered) →
+plan (render per host, group into modules) → build (compile what is not cached) → run
+(under the rollout policy) → record. The work runs in a thread of its own while the
+calling thread hands each event to the run record and to a Listener, so a display never
+races the workers, and an interrupt (a signal handler calling ``interrupt``) is seen
+within a fraction of a second whatever stage the run is in::
+
+    from stapctl.session import Session, select_hosts
+    manifest = load_manifest(Path("trace.yaml"))
+    session = Session(manifest, select_hosts(manifest, Path("hosts.ini")))
+    run = session.apply()
+    print(run.exit_code, [o.status for o in run.outcomes])
+
+Rules kept here: connections are closed before the hosts not yet ended are settled (so a
+cut run still accounts for every host); the run record is finished on every path, errors
+included; the events of the settled hosts reach the record before it is finished.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from stapctl import lab
+from stapctl.build import Builder
+from stapctl.connection import connect
+from stapctl.errors import Issue, ManifestError, StapctlError
+from stapctl.execute import Connector, Fleet, RunOptions
+from stapctl.inventory import load_inventory
+from stapctl.models import Event, Host, HostFacts, Manifest, Run
+from stapctl.plan import ModuleJob, Plan, build_plan, check_scripts, gather_symbol_maps, make_plan
+from stapctl.store import RunRecorder
+
+T = TypeVar("T")
+FORCE_GRACE = 3.0  # seconds to collect the outcomes of cut connections after a 2nd interrupt
+EVENT_BUDGET = 16 << 20  # bytes of events waiting for the listener before workers wait
+
+
+class Listener(Protocol):
+    """What a run tells the person or program watching it; called in the caller's thread."""
+
+    def phase(self, text: str) -> None: ...
+    def event(self, event: Event) -> None: ...
+    def note(self, text: str) -> None: ...  # one line about the run as a whole
+    def interrupted(self, count: int, signum: int) -> None: ...
+
+
+class Silent:
+    """A listener that shows nothing (benchmarks, library use)."""
+
+    def phase(self, text: str) -> None:
+        pass
+
+    def event(self, event: Event) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+    def interrupted(self, count: int, signum: int) -> None:
+        pass
+
+
+def select_hosts(manifest: Manifest, inventory: Path | None = None,
+                 limit: str | None = None) -> list[Host]:
+    """The hosts to work on: -i, else the manifest's inventory, else the running lab's."""
+    source: Path | Mapping[str, Any]
+    if inventory is not None:
+        source, origin = inventory, inventory
+    elif manifest.inventory is not None:
+        source, origin = manifest.inventory, manifest.path
+    else:
+        status = lab.status()
+        if not any(guest.state == "running" for guest in status.guests):
+            raise ManifestError(Issue(str(manifest.path), None, None, "inventory",
+                                      "no inventory: pass -i INVENTORY, set `inventory:` in "
+                                      "the manifest, or start the lab with `stapctl lab up`"))
+        source, origin = status.inventory, status.inventory
+    return load_inventory(source, origin).select(manifest.hosts, limit)
+
+
+class EventChannel:
+    """Events from the workers to the caller's thread, bounded by their bytes.
+
+    A worker that finds the budget spent waits (backpressure reaches its agent through
+    SSH flow control), so a slow reader of stdout costs no memory; the consumer thread
+    itself never waits, so it can emit while it drains.
+    """
+
+    def __init__(self, budget: int = EVENT_BUDGET) -> None:
+        self._budget = budget
+        self._queued = 0
+        self._events: deque[Event] = deque()
+        self._ready = threading.Condition()
+        self.consumer = threading.get_ident()
+
+    def put(self, event: Event) -> None:
+        size = len(event.text) + 128
+        with self._ready:
+            if threading.get_ident() != self.consumer:
+                self._ready.wait_for(lambda: self._queued + size <= self._budget
+                                     or not self._events)
+            self._events.append(event)
+            self._queued += size
+            self._ready.notify_all()
+
+    def get(self, timeout: float) -> Event | None:
+        with self._ready:
+            if not self._ready.wait_for(lambda: bool(self._events), timeout):
+                return None
+            event = self._events.popleft()
+            self._queued -= len(event.text) + 128
+            self._ready.notify_all()
+            return event
+
+
+class Session:
+    """One run of one manifest on its hosts; see the module's docstring."""
+
+    def __init__(self, manifest: Manifest, hosts: list[Host], *,
+                 extra_vars: Mapping[str, Any] | None = None,
+                 options: RunOptions | None = None, listener: Listener | None = None,
+                 builder: Builder | None = None, connector: Connector = connect) -> None:
+        self.manifest = manifest
+        self.hosts = hosts
+        self.extra_vars = dict(extra_vars or {})
+        self.listener: Listener = listener or Silent()
+        self.builder = builder or Builder()
+        self.channel = EventChannel()
+        self.fleet = Fleet(manifest, options or RunOptions(), self.channel.put, connector)
+        self.run_id = time.strftime("%Y%m%d-%H%M%S-") + manifest.name + "-" + \
+            secrets.token_hex(2)
+        self.recorder: RunRecorder | None = None
+        self._interrupts = 0
+        self._signal = int(signal.SIGINT)
+        # phases and notes from the workers, delivered in the caller's thread
+        self._notes: deque[tuple[str, str]] = deque()
+
+    # -- what callers use ----------------------------------------------------------------
+    def validate(self) -> int:
+        """Render every probe for every host and parse each distinct script; no host is
+        contacted. Returns how many scripts were parsed."""
+        return check_scripts(self.manifest, self.hosts, self.extra_vars)
+
+    def plan(self, build: bool = False) -> Plan | None:
+        """Connect for facts and plan (and compile, with ``build``); None if interrupted."""
+        try:
+            return self._in_background(lambda: self._plan(build))
+        finally:
+            self.fleet.close()
+
+    def apply(self) -> Run:
+        """Every stage, then the record: the run as it ended, interrupted or not."""
+        self.recorder = RunRecorder(self.run_id, self.manifest)
+        error: BaseException | None = None
+        try:
+            self._in_background(self._stages)
+        except BaseException as exc:  # noqa: BLE001 - bad input found on the way: recorded
+            error = exc
+        finally:
+            self.fleet.close()
+        self.fleet.settle()
+        self._deliver_waiting()
+        self.listener.phase("interrupted" if self.interrupted else "done")
+        run = Run(id=self.run_id, outcomes=tuple(self.fleet.outcomes),
+                  interrupted=self.interrupted, by_signal=self._signal,
+                  fatal_exit=_exit_code(error))
+        self.recorder.finish(run)
+        if error is not None:
+            raise error
+        return run
+
+    def interrupt(self, signum: int = signal.SIGINT) -> None:
+        """Ask the run to stop; safe to call from a signal handler. The first asks every
+        host to stop cleanly (EXIT, drain, unload) and lets the run finish; the second
+        cuts the connections (the agents unload on their own), waits a moment for the
+        hosts cut off, and ends the run; a third ends it at once."""
+        if self._interrupts == 0:
+            self._signal = signum
+        self._interrupts += 1
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupts > 0
+
+    # -- the stages ----------------------------------------------------------------------
+    def _connect(self) -> dict[str, tuple[Host, HostFacts]]:
+        self._notes.append(("phase", f"connecting to {len(self.hosts)} host(s)…"))
+        connected = self.fleet.connect(self.hosts)
+        if not connected or self.fleet.stop.is_set():
+            return {}
+        return gather_symbol_maps(self.manifest, connected, self.fleet.connections(),
+                                  self.builder)
+
+    def _plan(self, build: bool) -> Plan:
+        plan = make_plan(self.manifest, self._connect(), self.builder, self.extra_vars)
+        todo = [job for job in plan.jobs if not job.cached]
+        if not build or not todo or self.fleet.stop.is_set():
+            return plan
+        self._notes.append(("phase", f"compiling {len(todo)} module(s) with stap…"))
+
+        def progress(job: ModuleJob, state: str) -> None:
+            hosts = len(job.hosts)
+            self._notes.append(("note", f"build {job.probe.name} for {job.spec.release} "
+                                f"({hosts} host{'s' * (hosts != 1)}): {state}"))
+
+        return build_plan(plan, self.builder, progress)
+
+    def _stages(self) -> None:
+        plan = self._plan(build=True)
+        if self.fleet.stop.is_set() or not plan.jobs:
+            return
+        assert self.recorder is not None
+        self.recorder.plan(plan)
+        self._notes.append(("phase", "running"))
+        self.fleet.run(plan)
+
+    # -- the caller's thread -------------------------------------------------------------
+    def _in_background(self, work: Callable[[], T]) -> T | None:
+        """Run ``work`` in a thread while this one delivers its events and watches for
+        interrupts; returns its value (None when the run was cut short), re-raises its
+        error."""
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = work()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                box["error"] = exc
+
+        self.channel.consumer = threading.get_ident()
+        worker = threading.Thread(target=target, name="stapctl-run", daemon=True)
+        worker.start()
+        handled = 0
+        forced_at: float | None = None
+        while worker.is_alive():
+            event = self.channel.get(timeout=0.2)
+            self._deliver_notes()
+            if event is not None:
+                self._deliver(event)
+            if self._interrupts > handled:
+                handled = self._interrupts
+                self.listener.interrupted(handled, self._signal)
+                if handled == 1:
+                    self.fleet.stop.set()
+                elif handled == 2:
+                    self.fleet.close()
+                    forced_at = time.monotonic()
+                else:
+                    break
+            if forced_at is not None and time.monotonic() > forced_at + FORCE_GRACE:
+                break
+        self._deliver_waiting()
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def _deliver_waiting(self) -> None:
+        self._deliver_notes()
+        while (event := self.channel.get(timeout=0)) is not None:
+            self._deliver(event)
+
+    def _deliver_notes(self) -> None:
+        notes = self._notes
+        while notes:
+            what, text = notes.popleft()
+            (self.listener.phase if what == "phase" else self.listener.note)(text)
+
+    def _deliver(self, event: Event) -> None:
+        if self.recorder is not None:
+            self.recorder.event(event)
+        self.listener.event(event)
+
+
+def _exit_code(error: BaseException | None) -> int | None:
+    if error is None:
+        return None
+    return error.exit_code if isinstance(error, StapctlError) else 1
