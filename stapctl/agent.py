@@ -56,6 +56,7 @@ class Timing:
     ping: float = 2.0  # seconds between keep-alives
     deadman: float = 20.0  # the agent stops by itself after this long without a ping
     silence: float = 20.0  # the controller gives up on an agent silent this long
+    exit_timeout: float = 10.0  # the agent waits this long for the module's EXIT reply
     stop_grace: float = 30.0  # a stopped agent has this long to unload before the cut
 
 
@@ -217,6 +218,10 @@ class AgentHost:
             process.kill()
             if watch.silent.is_set():
                 raise watch.silence_error()
+            if watch.cut.is_set():
+                return RunResult(False, FailureKind.TIMED_OUT, "stopped, but it did not end "
+                                 f"within {timing.stop_grace:g} s: cut off (its dead-man "
+                                 "unloads the module)", {})
             raise AgentError("the agent ended without a result" +
                              (f": {text_field(tail.splitlines()[-1])}" if tail else ""),
                              text_field(tail))
@@ -245,6 +250,7 @@ class _Watch:
         self.timed_out = threading.Event()
         self.over_limit = threading.Event()
         self.silent = threading.Event()
+        self.cut = threading.Event()  # stopped, and cut off for not ending in time
         self._finished = threading.Event()
         self._last_heard = time.monotonic()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -275,7 +281,9 @@ class _Watch:
                 cutoff = now + self.timing.stop_grace
             if now - self._last_heard > self.timing.silence:
                 self.silent.set()
-            if self.silent.is_set() or (cutoff is not None and now > cutoff):
+            elif cutoff is not None and now > cutoff:
+                self.cut.set()
+            if self.silent.is_set() or self.cut.is_set():
                 self.process.kill()
                 return
             if now >= next_ping:

@@ -38,7 +38,6 @@ from stapctl.plan import ModuleJob, Plan
 Emit = Callable[[Event], None]
 Connector = Callable[[Host, ConnectOptions], Connection]
 
-EXIT_TIMEOUT = 10.0  # seconds the agent waits for the module's reply to EXIT
 # without strategy.timeout, a probe with a duration is given up on this long after it
 # should have ended: loading, EXIT, draining and unloading fit in it many times over
 DEADLINE_GRACE = 60.0
@@ -230,15 +229,16 @@ class Fleet:
         assert artifact is not None
         remote = session.agent.upload_module(artifact.path, artifact.sha256)
         self._event(host, "uploaded", remote, probe)
+        timing = self.options.timing
         duration = self.options.duration if self.options.duration is not None \
             else job.probe.duration
         if deadline is None and duration is not None:
-            deadline = time.monotonic() + duration + EXIT_TIMEOUT + DEADLINE_GRACE
+            deadline = time.monotonic() + duration + timing.exit_timeout + DEADLINE_GRACE
         request = AgentRequest(
             action="preflight" if self.options.check else "run", module=remote,
             sha256=artifact.sha256, module_name=artifact.module_name,
-            params=job.probe.params, duration=duration, exit_timeout=EXIT_TIMEOUT,
-            bufsize_mb=self.options.bufsize_mb, deadman=self.options.timing.deadman)
+            params=job.probe.params, duration=duration, exit_timeout=timing.exit_timeout,
+            bufsize_mb=self.options.bufsize_mb, deadman=timing.deadman)
 
         def on_frame(frame: Frame) -> None:
             if frame.kind == "output":
@@ -246,8 +246,8 @@ class Fleet:
             elif frame.kind == "event":
                 self._agent_event(host, probe, frame.json())
 
-        result = session.agent.call(request, on_frame, self.stop, deadline,
-                                    self.options.timing, self.options.max_output)
+        result = session.agent.call(request, on_frame, self.stop, deadline, timing,
+                                    self.options.max_output)
         return HostOutcome(host=host, probe=probe, status="ok" if result.ok else "failed",
                            kind=result.kind, message=result.message, stats=result.stats)
 
