@@ -9,7 +9,7 @@ gather its output.
   agent's preflight (``python3 -I agent.py``, the request on stdin). The floor for any
   controller that runs a Python agent on its targets.
 - floor: the same script running ``sha256sum`` instead: the transport alone.
-- stapctl: ``Fleet.connect`` (agent already shipped, facts) and ``Fleet.run`` with
+- stapctl: ``Session.connect`` (agent already shipped, facts) and ``Session.run`` with
   ``RunOptions(check=True)`` on a Plan of prebuilt 300 KB artifacts: upload, then the
   agent's preflight, which refuses here because this machine cannot load modules.
 - ansible: ``ansible-playbook`` with ``copy`` + ``command``, forks = N, pipelining on,
@@ -52,9 +52,18 @@ import yaml
 
 from stapctl.agent import AgentHost
 from stapctl.connection import ConnectOptions, LocalConnection
-from stapctl.execute import Fleet, RunOptions
-from stapctl.models import Host, Manifest, ModuleArtifact, ModuleSpec, Probe, Strategy
+from stapctl.execute import RunOptions
+from stapctl.models import (
+    FailureKind,
+    Host,
+    Manifest,
+    ModuleArtifact,
+    ModuleSpec,
+    Probe,
+    Strategy,
+)
 from stapctl.plan import ModuleJob, Plan
+from stapctl.session import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
 from tests.loopback_sshd import Sshds, start_sshds  # noqa: E402
@@ -135,7 +144,7 @@ def bare_paramiko(lab: Sshds, targets: list[Target], run_agent: bool) -> int:
 
 
 def stapctl_fleet(lab: Sshds, targets: list[Target]) -> int:
-    """Fleet.connect + Fleet.run(check=True); returns how many reached the preflight."""
+    """Session.connect + Session.run(check=True); returns how many reached the preflight."""
     probe = Probe(name="bench", template="", origin="bench", first_line=1)
     manifest = Manifest(path=Path("bench.yaml"), name="bench", probes=(probe,),
                         strategy=Strategy(forks=len(targets), connect_timeout=60))
@@ -148,13 +157,13 @@ def stapctl_fleet(lab: Sshds, targets: list[Target]) -> int:
         jobs.append(ModuleJob(probe=probe, spec=spec, hosts=(target.name,),
                               artifact=ModuleArtifact(spec.key, target.payload, sha256,
                                                       "stapctl_bench")))
-    fleet = Fleet(manifest, RunOptions(check=True), lambda event: None)
+    session = Session(manifest, hosts, options=RunOptions(check=True), record=False)
     try:
-        fleet.connect(hosts)
-        outcomes = fleet.run(Plan(jobs=tuple(jobs)))
+        session.connect()
+        session.run(Plan(jobs=tuple(jobs)))
     finally:
-        fleet.close()
-    return sum(o.kind == "preflight-refused" for o in outcomes)
+        run = session.finish()
+    return sum(o.kind == FailureKind.PREFLIGHT_REFUSED for o in run.outcomes)
 
 
 def ansible(lab: Sshds, targets: list[Target], playbook_bin: str, work: Path) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 from stapctl.build import Builder
 from stapctl.manifest import load_manifest
 from stapctl.models import Host, HostFacts
-from stapctl.plan import build_plan, make_plan
+from stapctl.session import Session
 
 SCRIPT = """\
 apiVersion: stapctl/v1
@@ -58,12 +58,14 @@ def main() -> None:
                               HostFacts(release=kernels[i % k], arch="x86_64", python="3.11"))
                     for i in range(n)
                 }
+                session = Session(manifest, [host for host, _ in hosts.values()],
+                                  builder=builder, record=False)
                 started = time.perf_counter()
-                plan = make_plan(manifest, hosts, builder, {})
+                plan = session.plan(hosts)
                 planned = time.perf_counter() - started
                 cold = not any(job.cached for job in plan.jobs)
                 started = time.perf_counter()
-                built = build_plan(plan, builder)
+                built = session.build(plan)
                 build_time = time.perf_counter() - started
                 errors = [job.error for job in built.jobs if job.error]
                 rows.append({"hosts": n, "kernels": k, "modules": len(plan.jobs),

@@ -212,10 +212,15 @@ def plan_command(manifest: Path, inventory: Path | None, limit: str | None,
     display = Display(loaded, [host.name for host in hosts])
     session = Session(loaded, hosts, extra_vars=parse_extra_vars(list(extra)),
                       options=RunOptions(accept_new_host_keys=accept_new_host_keys),
-                      listener=display)
+                      listener=display, record=False)
     with signals_to(session):
-        planned = session.plan(build=build)
-    if planned is None or session.interrupted:
+        try:
+            planned = session.plan(session.connect())
+        finally:
+            session.finish()
+        if build and not session.interrupted:
+            planned = session.build(planned)
+    if session.interrupted:
         raise click.exceptions.Abort()
     print_plan(planned)
 

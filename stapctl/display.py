@@ -36,6 +36,7 @@ from rich.text import Text
 
 from stapctl import report
 from stapctl.models import ENDING_EVENT, PROGRESS_STATE, Event, Manifest
+from stapctl.plan import ModuleJob
 from stapctl.session import Session
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -150,6 +151,11 @@ class Display:
 
     def note(self, text: str) -> None:
         message(text)
+
+    def build(self, job: ModuleJob, state: str) -> None:
+        hosts = len(job.hosts)
+        message(f"build {job.probe.name} for {job.spec.release} "
+                f"({hosts} host{'s' * (hosts != 1)}): {state}")
 
     def interrupted(self, count: int, signum: int) -> None:
         name = SIGNAL_NAMES.get(signal.Signals(signum), f"signal {signum}")

@@ -35,7 +35,7 @@ from stapctl.connection import connect
 from stapctl.errors import Issue, ManifestError, StapctlError
 from stapctl.execute import Connector, Fleet, RunOptions
 from stapctl.inventory import load_inventory
-from stapctl.models import Event, Host, HostFacts, Manifest, Run
+from stapctl.models import Event, Host, HostFacts, HostOutcome, Manifest, Run
 from stapctl.plan import ModuleJob, Plan, build_plan, check_scripts, gather_symbol_maps, make_plan
 from stapctl.store import RunRecorder
 
@@ -49,6 +49,7 @@ class Listener(Protocol):
 
     def phase(self, text: str) -> None: ...
     def event(self, event: Event) -> None: ...
+    def build(self, job: ModuleJob, state: str) -> None: ...  # building, built, failed
     def note(self, text: str) -> None: ...  # one line about the run as a whole
     def interrupted(self, count: int, signum: int) -> None: ...
 
@@ -60,6 +61,9 @@ class Silent:
         pass
 
     def event(self, event: Event) -> None:
+        pass
+
+    def build(self, job: ModuleJob, state: str) -> None:
         pass
 
     def note(self, text: str) -> None:
@@ -128,7 +132,8 @@ class Session:
     def __init__(self, manifest: Manifest, hosts: list[Host], *,
                  extra_vars: Mapping[str, Any] | None = None,
                  options: RunOptions | None = None, listener: Listener | None = None,
-                 builder: Builder | None = None, connector: Connector = connect) -> None:
+                 builder: Builder | None = None, connector: Connector = connect,
+                 record: bool = True) -> None:
         self.manifest = manifest
         self.hosts = hosts
         self.extra_vars = dict(extra_vars or {})
@@ -138,42 +143,76 @@ class Session:
         self.fleet = Fleet(manifest, options or RunOptions(), self.channel.put, connector)
         self.run_id = time.strftime("%Y%m%d-%H%M%S-") + manifest.name + "-" + \
             secrets.token_hex(2)
+        self.record = record
         self.recorder: RunRecorder | None = None
         self._interrupts = 0
         self._signal = int(signal.SIGINT)
-        # phases and notes from the workers, delivered in the caller's thread
-        self._notes: deque[tuple[str, str]] = deque()
+        # phases and build progress from the workers, delivered in the caller's thread
+        self._notes: deque[Callable[[], None]] = deque()
 
-    # -- what callers use ----------------------------------------------------------------
+    # -- the stages, in order ------------------------------------------------------------
     def validate(self) -> int:
         """Render every probe for every host and parse each distinct script; no host is
         contacted. Returns how many scripts were parsed."""
         return check_scripts(self.manifest, self.hosts, self.extra_vars)
 
-    def plan(self, build: bool = False) -> Plan | None:
-        """Connect for facts and plan (and compile, with ``build``); None if interrupted."""
-        try:
-            return self._in_background(lambda: self._plan(build))
-        finally:
-            self.fleet.close()
+    def connect(self) -> dict[str, tuple[Host, HostFacts]]:
+        """Connect, ship the agent and gather facts (and kernel symbols when a probe
+        needs them); the hosts that failed are outcomes already."""
+        if self.record and self.recorder is None:
+            self.recorder = RunRecorder(self.run_id, self.manifest)
+        self._phase(f"connecting to {len(self.hosts)} host(s)…")
+        return self._in_background(self._connect) or {}
 
-    def apply(self) -> Run:
-        """Every stage, then the record: the run as it ended, interrupted or not."""
-        self.recorder = RunRecorder(self.run_id, self.manifest)
-        error: BaseException | None = None
-        try:
-            self._in_background(self._stages)
-        except BaseException as exc:  # noqa: BLE001 - bad input found on the way: recorded
-            error = exc
-        finally:
-            self.fleet.close()
+    def plan(self, connected: Mapping[str, tuple[Host, HostFacts]]) -> Plan:
+        """Render each probe for each connected host and group them into modules."""
+        return make_plan(self.manifest, connected, self.builder, self.extra_vars)
+
+    def build(self, plan: Plan) -> Plan:
+        """Compile the modules not cached, in parallel; failures stay with their jobs."""
+        todo = [job for job in plan.jobs if not job.cached]
+        if not todo or self.interrupted:
+            return plan
+        self._phase(f"compiling {len(todo)} module(s) with stap…")
+
+        def progress(job: ModuleJob, state: str) -> None:
+            self._notes.append(lambda: self.listener.build(job, state))
+
+        return self._in_background(lambda: build_plan(plan, self.builder, progress)) or plan
+
+    def run(self, plan: Plan) -> None:
+        """Run the plan on the connected hosts under the manifest's rollout policy."""
+        if self.interrupted or not plan.jobs:
+            return
+        if self.recorder is not None:
+            self.recorder.plan(plan)
+        self._phase("running")
+        self._in_background(lambda: self.fleet.run(plan))
+
+    def finish(self, error: BaseException | None = None) -> Run:
+        """Close every connection, give each host not yet ended its outcome, and finish
+        the record: always the last stage, whatever happened before."""
+        self.fleet.close()
         self.fleet.settle()
         self._deliver_waiting()
         self.listener.phase("interrupted" if self.interrupted else "done")
         run = Run(id=self.run_id, outcomes=tuple(self.fleet.outcomes),
                   interrupted=self.interrupted, by_signal=self._signal,
                   fatal_exit=_exit_code(error))
-        self.recorder.finish(run)
+        if self.recorder is not None:
+            self.recorder.finish(run)
+        return run
+
+    def apply(self) -> Run:
+        """Every stage, then the record: the run as it ended, interrupted or not. An
+        error (bad input found on the way) is recorded and then raised."""
+        error: BaseException | None = None
+        try:
+            plan = self.build(self.plan(self.connect()))
+            self.run(plan)
+        except BaseException as exc:  # noqa: BLE001 - recorded, then raised
+            error = exc
+        run = self.finish(error)
         if error is not None:
             raise error
         return run
@@ -182,46 +221,28 @@ class Session:
         """Ask the run to stop; safe to call from a signal handler. The first asks every
         host to stop cleanly (EXIT, drain, unload) and lets the run finish; the second
         cuts the connections (the agents unload on their own), waits a moment for the
-        hosts cut off, and ends the run; a third ends it at once."""
+        hosts cut off, and ends the stage; a third ends it at once."""
         if self._interrupts == 0:
-            self._signal = signum
+            self._signal = int(signum)
         self._interrupts += 1
 
     @property
     def interrupted(self) -> bool:
         return self._interrupts > 0
 
-    # -- the stages ----------------------------------------------------------------------
+    @property
+    def outcomes(self) -> list[HostOutcome]:
+        return self.fleet.outcomes
+
     def _connect(self) -> dict[str, tuple[Host, HostFacts]]:
-        self._notes.append(("phase", f"connecting to {len(self.hosts)} host(s)…"))
         connected = self.fleet.connect(self.hosts)
         if not connected or self.fleet.stop.is_set():
             return {}
         return gather_symbol_maps(self.manifest, connected, self.fleet.connections(),
                                   self.builder)
 
-    def _plan(self, build: bool) -> Plan:
-        plan = make_plan(self.manifest, self._connect(), self.builder, self.extra_vars)
-        todo = [job for job in plan.jobs if not job.cached]
-        if not build or not todo or self.fleet.stop.is_set():
-            return plan
-        self._notes.append(("phase", f"compiling {len(todo)} module(s) with stap…"))
-
-        def progress(job: ModuleJob, state: str) -> None:
-            hosts = len(job.hosts)
-            self._notes.append(("note", f"build {job.probe.name} for {job.spec.release} "
-                                f"({hosts} host{'s' * (hosts != 1)}): {state}"))
-
-        return build_plan(plan, self.builder, progress)
-
-    def _stages(self) -> None:
-        plan = self._plan(build=True)
-        if self.fleet.stop.is_set() or not plan.jobs:
-            return
-        assert self.recorder is not None
-        self.recorder.plan(plan)
-        self._notes.append(("phase", "running"))
-        self.fleet.run(plan)
+    def _phase(self, text: str) -> None:
+        self._notes.append(lambda: self.listener.phase(text))
 
     # -- the caller's thread -------------------------------------------------------------
     def _in_background(self, work: Callable[[], T]) -> T | None:
@@ -269,10 +290,8 @@ class Session:
             self._deliver(event)
 
     def _deliver_notes(self) -> None:
-        notes = self._notes
-        while notes:
-            what, text = notes.popleft()
-            (self.listener.phase if what == "phase" else self.listener.note)(text)
+        while self._notes:
+            self._notes.popleft()()
 
     def _deliver(self, event: Event) -> None:
         if self.recorder is not None:

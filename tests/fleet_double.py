@@ -9,6 +9,7 @@ deadlines and hostile streams be tested in well under a second each.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -17,11 +18,12 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from stapctl.runtime import stapctl_agent as wire
+
 from stapctl.build import Builder, Toolchain
-from stapctl.connection import Completed, ConnectOptions, Process
+from stapctl.connection import ConnectOptions, Process
 from stapctl.errors import ConnectError
 from stapctl.models import Host, ModuleArtifact, ModuleSpec
-from stapctl.runtime import stapctl_agent as wire
 from tests.agent.fakekernel import RELEASE, FakeKernel, Scenario, make_ko
 
 
@@ -41,10 +43,8 @@ class SocketProcess:
             raise ConnectError(f"fake agent gone: {exc}") from exc
 
     def close_stdin(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.stdin_ours.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
     def recv(self, size: int) -> bytes:
         try:
@@ -61,10 +61,8 @@ class SocketProcess:
 
     def kill(self) -> None:
         for end in (self.stdin_ours, self.stdout_ours):
-            try:
+            with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class AgentProcess(SocketProcess):

@@ -9,11 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from stapctl.runtime import stapctl_agent as agent
 
 from stapctl.agent import Timing
 from stapctl.execute import Fleet, RunOptions
 from stapctl.models import Event, FailureKind, HostOutcome, Manifest, Probe, Strategy
-from stapctl.runtime import stapctl_agent as agent
 from stapctl.session import Session
 from tests.agent.fakekernel import Scenario
 from tests.fleet_double import FakeBuilder, FakeFleet
@@ -22,6 +22,8 @@ pytestmark = pytest.mark.unit
 
 HELLO_EXIT = dict(begin=[("print", 0, b"hello, world!\n")], running=[("request_exit",)])
 FOREVER = dict(begin=[("print", 0, b"up\n")], running=[("sleep", 30)])
+ALL_AT_ONCE = Strategy()
+QUICK = Timing(exit_timeout=1.0)
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +59,7 @@ class Recorder:
         return [e.kind for e in self.events if e.host == host]
 
 
-def manifest(tmp_path: Path, strategy: Strategy = Strategy()) -> Manifest:
+def manifest(tmp_path: Path, strategy: Strategy = ALL_AT_ONCE) -> Manifest:
     path = tmp_path / "trace.yaml"
     path.write_text("name: trace\n")
     probe = Probe(name="p", template="probe oneshot { println(1) }", origin=str(path),
@@ -65,8 +67,8 @@ def manifest(tmp_path: Path, strategy: Strategy = Strategy()) -> Manifest:
     return Manifest(path=path, name="trace", probes=(probe,), strategy=strategy)
 
 
-def session(tmp_path: Path, fleet: FakeFleet, strategy: Strategy = Strategy(),
-            timing: Timing = Timing(exit_timeout=1.0)) -> tuple[Session, Recorder]:
+def session(tmp_path: Path, fleet: FakeFleet, strategy: Strategy = ALL_AT_ONCE,
+            timing: Timing = QUICK) -> tuple[Session, Recorder]:
     listener = Recorder()
     return Session(manifest(tmp_path, strategy), fleet.hosts(), listener=listener,
                    options=RunOptions(timing=timing), builder=FakeBuilder(tmp_path / "cache"),

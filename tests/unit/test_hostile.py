@@ -12,13 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from stapctl.runtime import stapctl_agent as wire
 
 from stapctl import display as display_module
 from stapctl.agent import Timing
 from stapctl.display import Display
 from stapctl.execute import RunOptions
 from stapctl.models import Event, FailureKind, Manifest, Probe, Run
-from stapctl.runtime import stapctl_agent as wire
 from stapctl.session import Session
 from tests.agent.fakekernel import Scenario
 from tests.fleet_double import FakeBuilder, FakeFleet, HostileProcess
@@ -30,6 +30,7 @@ RESULT_OK = wire.encode_json_frame(wire.FRAME_RESULT, {"status": "ok", "kind": N
                                                        "message": "", "stats": {}})
 GOOD = Scenario(begin=[("print", 0, b"fine\n")], running=[("request_exit",)])
 MiB = 1 << 20
+QUICK = Timing(exit_timeout=1.0)
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +74,7 @@ def manifest(tmp_path: Path) -> Manifest:
 
 def run_against(tmp_path: Path, stream: bytes | Callable[..., None], *, hang: bool = False,
                 listener: object = None, facts: bytes | None = None,
-                timing: Timing = Timing(exit_timeout=1.0)) -> tuple[Run, Session, FakeFleet]:
+                timing: Timing = QUICK) -> tuple[Run, Session, FakeFleet]:
     fleet = FakeFleet(tmp_path, {"good": GOOD, "evil": Scenario()},
                       agents={"evil": lambda kernel: HostileProcess(stream, hang)},
                       facts={"evil": facts} if facts is not None else None)
