@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from stapctl import lab as stapctl_lab
-from stapctl.agent import DEADMAN
+from stapctl.agent import Timing
 from stapctl.lab import LabStatus
 
 from .helpers import guest_run, write_manifest
@@ -42,11 +42,15 @@ class BackgroundApply:
     """`stapctl apply --format json` as a separate process, its JSON lines read as they
     come, so a test can act on it mid-run (signal it, kill a guest)."""
 
-    def __init__(self, inventory: Path, manifest: Path, *args: str) -> None:
+    def __init__(self, inventory: Path, manifest: Path, *args: str,
+                 as_background_job: bool = False) -> None:
+        """``as_background_job``: started as cron or `cmd &` would, with SIGINT ignored
+        and stdin at /dev/null."""
         self.process = subprocess.Popen(
             [sys.executable, "-m", "stapctl", "apply", "-i", str(inventory), "--format",
              "json", *args, str(manifest)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, preexec_fn=ignore_sigint if as_background_job else None)
         self.records: list[dict[str, Any]] = []
         self.stderr = ""
         self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
@@ -98,6 +102,10 @@ class BackgroundApply:
 
     def output(self, host: str) -> list[str]:
         return [e["text"] for e in self.events("output") if e["host"] == host]
+
+
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def stapctl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -160,14 +168,19 @@ def test_b_a_host_that_dies_mid_run_is_transport_lost_and_the_others_complete(
     assert leftovers(fleet_lab, apply, HOSTS[:2]) == dict.fromkeys(HOSTS[:2], "")
 
 
-def test_c_sigint_stops_every_probe_cleanly_and_records_the_run(
-        fleet_lab: LabStatus, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "background"), [
+    (signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGHUP, False),
+    (signal.SIGINT, True), (signal.SIGTERM, True),
+], ids=["sigint", "sigterm", "sighup", "sigint-background", "sigterm-background"])
+def test_c_a_signal_stops_every_probe_cleanly_and_records_the_run(
+        fleet_lab: LabStatus, tmp_path: Path, signum: signal.Signals, background: bool) -> None:
     manifest = write_manifest(tmp_path, "watch-opens", WATCH_OPENS)
-    apply = BackgroundApply(fleet_lab.inventory, manifest, "--duration", "10m")
+    apply = BackgroundApply(fleet_lab.inventory, manifest, "--duration", "10m",
+                            as_background_job=background)
     apply.wait_until_running()
     apply.wait_for(lambda: all(apply.output(h) for h in HOSTS), timeout=60)
-    apply.process.send_signal(signal.SIGINT)
-    assert apply.finish(timeout=60) == 130, apply.stderr
+    apply.process.send_signal(signum)
+    assert apply.finish(timeout=60) == 128 + signum, apply.stderr
     assert leftovers(fleet_lab, apply) == dict.fromkeys(HOSTS, "")
     summary = apply.summary
     assert summary["interrupted"] is True
@@ -176,6 +189,8 @@ def test_c_sigint_stops_every_probe_cleanly_and_records_the_run(
     # what was gathered is on disk and in the history
     listing = stapctl("runs", "list", "-n", "100")
     assert summary["run"] in listing.stdout, listing
+    row = next(line for line in listing.stdout.splitlines() if summary["run"] in line)
+    assert f" {128 + signum} " in row, row  # the record is finished, with its exit code
     shown = stapctl("runs", "show", summary["run"])
     assert shown.returncode == 0 and shown.stdout.count("stopped") >= len(HOSTS), shown
     host_log = stapctl("runs", "show", summary["run"], "--host", "lab-2")
@@ -192,7 +207,7 @@ def test_d_a_killed_controller_leaves_nothing_loaded_past_the_deadman(
     apply.process.kill()
     killed = time.monotonic()
     apply.finish()
-    bound = DEADMAN + 10 + 15  # the dead-man, EXIT's timeout, then a margin for TCG
+    bound = Timing.deadman + 10 + 15  # the dead-man, EXIT's timeout, then a margin for TCG
     left = leftovers(fleet_lab, apply)
     while any(left.values()) and time.monotonic() - killed < bound:
         time.sleep(2)
@@ -209,10 +224,10 @@ def test_d_a_frozen_controller_is_outlived_by_the_deadman(fleet_lab: LabStatus,
     apply.process.send_signal(signal.SIGSTOP)
     frozen = time.monotonic()
     try:
-        time.sleep(DEADMAN / 2)
+        time.sleep(Timing.deadman / 2)
         assert all(leftovers(fleet_lab, apply).values())  # the agents wait for a while
         left = leftovers(fleet_lab, apply)
-        while any(left.values()) and time.monotonic() - frozen < DEADMAN + 10 + 15:
+        while any(left.values()) and time.monotonic() - frozen < Timing.deadman + 10 + 15:
             time.sleep(2)
             left = leftovers(fleet_lab, apply)
         assert left == dict.fromkeys(HOSTS, ""), left
