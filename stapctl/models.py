@@ -208,7 +208,7 @@ class Run:
 
     @property
     def exit_code(self) -> int:
-        """manifest-v1.md: 0 all ok, 1 all failed, 2 nothing compiled, 3 partial;
+        """The README's exit codes: 0 all ok, 1 all failed, 2 nothing compiled, 3 partial;
         interrupted, 128 + the signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
         if self.interrupted:
             return 128 + self.by_signal

@@ -2,20 +2,22 @@
 
 The stages run in this order, and only here: connect (agent shipped, facts gathered) →
 plan (render per host, group into modules) → build (compile what is not cached) → run
-(under the rollout policy) → record. The work runs in a thread of its own while the
-calling thread hands each event to the run record and to a Listener, so a display never
-races the workers, and an interrupt (a signal handler calling ``interrupt``) is seen
-within a fraction of a second whatever stage the run is in::
+(under the rollout policy) → finish (record). Each stage's work runs in a thread of its
+own while the calling thread hands each event to the run record and to a Listener, so a
+display never races the workers, and an interrupt (a signal handler calling
+``interrupt``) is acted on within a fraction of a second, whatever the stage::
 
+    from stapctl.manifest import load_manifest
     from stapctl.session import Session, select_hosts
+
     manifest = load_manifest(Path("trace.yaml"))
     session = Session(manifest, select_hosts(manifest, Path("hosts.ini")))
     run = session.apply()
-    print(run.exit_code, [o.status for o in run.outcomes])
+    print(run.exit_code, [(o.host, o.status) for o in run.outcomes])
 
 Rules kept here: connections are closed before the hosts not yet ended are settled (so a
-cut run still accounts for every host); the run record is finished on every path, errors
-included; the events of the settled hosts reach the record before it is finished.
+cut run still accounts for every host); the record is finished on every path, errors
+included, after the events of the settled hosts have reached it.
 """
 
 from __future__ import annotations
