@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from stapctl.agent import AgentHost, AgentRequest, Frame, Timing, text_field
+from stapctl.agent import AgentHost, AgentRequest, Frame, RunResult, Timing, text_field
 from stapctl.connection import Connection, ConnectOptions, connect
 from stapctl.errors import AgentError, ConnectError, StapctlError
 from stapctl.models import (
@@ -248,6 +248,12 @@ class Fleet:
 
         result = session.agent.call(request, on_frame, self.stop, deadline, timing,
                                     self.options.max_output)
+        if _corrupt_upload(result):  # the agent removed the bad copy: send it once more
+            self._event(host, "warning", "the module on the host was corrupt: sent again",
+                        probe)
+            session.agent.upload_module(artifact.path, artifact.sha256)
+            result = session.agent.call(request, on_frame, self.stop, deadline, timing,
+                                        self.options.max_output)
         return HostOutcome(host=host, probe=probe, status="ok" if result.ok else "failed",
                            kind=result.kind, message=result.message, stats=result.stats)
 
@@ -274,6 +280,10 @@ class Fleet:
         for session in list(self.sessions.values()):
             with contextlib.suppress(Exception):
                 session.connection.close()
+
+
+def _corrupt_upload(result: RunResult) -> bool:
+    return result.kind == FailureKind.PREFLIGHT_REFUSED and "sha256 mismatch" in result.message
 
 
 def _classify(exc: BaseException) -> tuple[OutcomeStatus, FailureKind, str]:

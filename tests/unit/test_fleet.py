@@ -197,3 +197,19 @@ def test_an_agent_that_does_not_end_after_the_stop_is_cut(tmp_path: Path) -> Non
     outcome = run.outcomes[0]
     assert outcome.kind == FailureKind.TIMED_OUT
     assert "cut off" in outcome.message
+
+
+def test_a_corrupt_module_on_the_host_is_sent_again(tmp_path: Path) -> None:
+    fleet = FakeFleet(tmp_path, {"h": Scenario(**HELLO_EXIT)})
+    run_session, listener = session(tmp_path, fleet)
+    builder = run_session.builder
+    assert isinstance(builder, FakeBuilder)
+    workdir = tmp_path / "h" / "home" / ".cache" / "stapctl-agent"
+    workdir.mkdir(parents=True)
+    stale = workdir / f"{builder.artifact.sha256}.ko"
+    stale.write_bytes(bytes(builder.path.stat().st_size))  # right size, wrong bytes
+    run = run_session.apply()
+
+    assert run.exit_code == 0, run.outcomes
+    assert stale.read_bytes() == builder.path.read_bytes()
+    assert any("corrupt" in e.text for e in listener.events if e.kind == "warning")

@@ -68,3 +68,12 @@ def test_summary_counts_by_reason() -> None:
                 outcome("c", "unreachable", "unreachable")]
     assert report.summary_counts(outcomes) == "1 ok, 1 runtime-error, 1 unreachable"
     assert report.summary_rows(outcomes)[-1][0] == "a"
+
+
+def test_the_agents_failure_kinds_are_the_first_failure_kinds() -> None:
+    from stapctl.runtime import stapctl_agent as wire
+
+    from stapctl.models import FailureKind
+
+    assert tuple(kind.value for kind in FailureKind)[:len(wire.KINDS)] == wire.KINDS
+    assert FailureKind.from_agent("no such kind") is FailureKind.AGENT_ERROR
