@@ -50,7 +50,7 @@ def history_path() -> Path:
     return data_dir() / "history.sqlite"
 
 
-def own_data_dir() -> Path:
+def _own_data_dir() -> Path:
     """stapctl's data dir, created private, and made private if an older stapctl left it
     readable by others: it holds every run's output."""
     path = data_dir()
@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS runs (
 @contextmanager
 def _history(path: Path | None = None) -> Iterator[sqlite3.Connection]:
     if path is None:
-        path = own_data_dir() / history_path().name
+        path = _own_data_dir() / history_path().name
     else:
         path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     os.close(os.open(path, _WRITE, FILE_MODE))  # created private; sqlite's journals copy it
@@ -147,7 +147,7 @@ class RunRecorder:
     # -- the folder ----------------------------------------------------------------------
     def _create_folder(self) -> None:
         if self._manifest.output.dir is None:
-            own_data_dir()
+            _own_data_dir()
         self.dir.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         os.mkdir(self.dir, DIR_MODE)  # fails on anything already there, a symlink included
         dir_fd = os.open(self.dir, _READ | os.O_DIRECTORY)
@@ -261,13 +261,16 @@ class RunRecorder:
         try:
             action()
         except (OSError, sqlite3.Error) as error:
-            reason = error.strerror if isinstance(error, OSError) and error.strerror \
-                else str(error)
-            warning = f"run record {self.dir} is incomplete: cannot {what}: {reason}"
+            warning = f"run record {self.dir} is incomplete: cannot {what}: {_reason(error)}"
             if warning not in self.warnings:
                 self.warnings.append(warning)
             return False
         return True
+
+
+def _reason(error: OSError | sqlite3.Error) -> str:
+    """What went wrong, without the errno number and file name a message already has."""
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -350,8 +353,19 @@ def _read_log(run_folder: Path, host: str, many_probes: bool) -> Iterator[tuple[
             yield probe, line
 
 
+@contextmanager
+def _history_to_read(path: Path | None) -> Iterator[sqlite3.Connection]:
+    """The history, for `runs` commands: one clear error if it cannot be opened."""
+    try:
+        with _history(path) as db:
+            yield db
+    except (OSError, sqlite3.Error) as error:
+        where = path or history_path()
+        raise StapctlError(f"cannot read the run history {where}: {_reason(error)}") from None
+
+
 def list_runs(limit: int = 20, history: Path | None = None) -> list[dict[str, Any]]:
-    with _history(history) as db:
+    with _history_to_read(history) as db:
         db.row_factory = sqlite3.Row
         rows = db.execute("SELECT * FROM runs ORDER BY started DESC LIMIT ?", (limit,))
         return [dict(row) for row in rows]
@@ -359,7 +373,7 @@ def list_runs(limit: int = 20, history: Path | None = None) -> list[dict[str, An
 
 def find_run(run_id: str, history: Path | None = None) -> dict[str, Any]:
     """A run by id or unique id prefix."""
-    with _history(history) as db:
+    with _history_to_read(history) as db:
         db.row_factory = sqlite3.Row
         rows = [dict(r) for r in db.execute("SELECT * FROM runs WHERE id LIKE ? || '%'",
                                             (run_id,))]

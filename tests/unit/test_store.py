@@ -79,6 +79,7 @@ def test_a_run_is_recorded_in_its_folder_and_the_history(tmp_path: Path) -> None
     assert json.loads((folder / "summary.json").read_text())["exit_code"] == 3
     row = history_row(history, "r1")
     assert (row["exit_code"], row["hosts"], row["ok"], row["failed"]) == (3, 2, 1, 1)
+    assert store.find_run("r", history) == row == store.list_runs(history=history)[0]
     assert sorted(p.name for p in folder.iterdir()) == [
         "events.jsonl", "hosts", "manifest.yaml", "plan.json", "scripts", "summary.json"]
 
@@ -313,3 +314,10 @@ def test_merged_output_streams_a_large_run_in_little_memory(tmp_path: Path) -> N
         tracemalloc.stop()
     assert lines == 51 * (3 + 10000)  # one group of 50 hosts, 50 groups of one
     assert peak < 1_000_000, peak  # the run's output is 100 MB
+
+
+def test_an_unreadable_history_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    for read in (lambda h: store.list_runs(history=h), lambda h: store.find_run("r", h)):
+        with pytest.raises(StapctlError, match="^cannot read the run history .*h.sqlite: "):
+            read(tmp_path / "file" / "h.sqlite")
