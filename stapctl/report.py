@@ -63,9 +63,14 @@ def merged(events: Iterable[Event], many_probes: bool) -> list[str]:
         groups[(probe, tuple(lines))].append(host)
     text: list[str] = []
     for (probe, output), hosts in sorted(groups.items(), key=lambda item: sorted(item[1])):
-        title = ",".join(sorted(hosts)) + (f" [{probe}]" if many_probes else "")
-        text += ["-" * 15, f"{title} ({len(hosts)})", "-" * 15, *output]
+        text += [*merged_heading(hosts, probe, many_probes), *output]
     return text
+
+
+def merged_heading(hosts: Sequence[str], probe: str, many_probes: bool) -> list[str]:
+    """The lines above one group of identical output: its hosts, and its probe if many."""
+    title = ",".join(sorted(hosts)) + (f" [{probe}]" if many_probes else "")
+    return ["-" * 15, f"{title} ({len(hosts)})", "-" * 15]
 
 
 def outcome_reason(outcome: HostOutcome) -> str:

@@ -4,25 +4,42 @@ A run folder holds what is needed to understand the run later without the contro
 the manifest as given, the rendered scripts, the plan, every event (JSON lines), each
 host's output, and the summary. Records are written as events arrive, so an interrupted
 or crashed controller still leaves what it gathered.
+
+Recording never fails the run: a write that fails (disk full, permissions, too many open
+files) becomes a warning, and the rest of the record is still written. Run records hold
+whatever the probes printed, so they are private to their owner (folders 0700, files
+0600), written through the run folder's descriptor, and never follow a symlink.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing, contextmanager, suppress
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import platformdirs
 
+from stapctl import report
 from stapctl.errors import StapctlError
 from stapctl.models import Event, Manifest, Run
 from stapctl.plan import Plan
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+OPEN_HOST_LOGS = 32  # host logs kept open at once; the others are reopened when they print
+MAX_NAME = 100  # characters of a name kept in a file name (file names stop at 255 bytes)
+_WRITE = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def data_dir() -> Path:
@@ -31,6 +48,16 @@ def data_dir() -> Path:
 
 def history_path() -> Path:
     return data_dir() / "history.sqlite"
+
+
+def _own_data_dir() -> Path:
+    """stapctl's data dir, created private, and made private if an older stapctl left it
+    readable by others: it holds every run's output."""
+    path = data_dir()
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o777 != DIR_MODE:
+        path.chmod(DIR_MODE)
+    return path
 
 
 SCHEMA = """
@@ -45,76 +72,300 @@ CREATE TABLE IF NOT EXISTS runs (
 
 @contextmanager
 def _history(path: Path | None = None) -> Iterator[sqlite3.Connection]:
-    target = path or history_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with closing(sqlite3.connect(target, timeout=30)) as db:
+    if path is None:
+        path = _own_data_dir() / history_path().name
+    else:
+        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    os.close(os.open(path, _WRITE, FILE_MODE))  # created private; sqlite's journals copy it
+    with closing(sqlite3.connect(path, timeout=30)) as db:
         db.execute(SCHEMA)
         with db:
             yield db
 
 
 class RunRecorder:
-    """Writes one run's folder as it happens, and its row in the history."""
+    """Writes one run's folder as it happens, and its row in the history.
+
+    Failures to write become `warnings` (each distinct message once) and the run goes on.
+    A file that failed once is not written again, so what it holds is whole lines, in
+    order, up to the failure.
+    """
 
     def __init__(self, run_id: str, manifest: Manifest, history: Path | None = None) -> None:
+        if file_name(run_id) != run_id:
+            raise StapctlError(f"{run_id!r} is not a valid run id: use letters, digits, "
+                               "'-', '_' and '.'")
         base = manifest.output.dir or data_dir() / "runs"
         self.dir = base / run_id
         self.run_id = run_id
         self.history = history
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "hosts").mkdir()
-        shutil.copyfile(manifest.path, self.dir / "manifest.yaml")
-        # line-buffered: a controller killed mid-run leaves every line it had received
-        self._events: IO[str] = open(self.dir / "events.jsonl", "w", buffering=1)
-        self._host_logs: dict[str, IO[str]] = {}
+        self.warnings: list[str] = []
+        self._manifest = manifest
+        self._started = time.time()
         self._many_probes = len(manifest.probes) > 1
-        with _history(history) as db:
-            db.execute("INSERT INTO runs (id, name, manifest, dir, started) VALUES (?,?,?,?,?)",
-                       (run_id, manifest.name, str(manifest.path), str(self.dir), time.time()))
+        self._dir_fd: int | None = None  # the run folder; None: it could not be made
+        self._events_fd: int | None = None
+        self._host_logs: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self._failed_logs: set[str] = set()
+        folder_made = self._attempt("create the run folder", self._create_folder)
+        if folder_made:
+            self._attempt("copy the manifest", self._copy_manifest)
+            self._attempt("write events.jsonl", self._open_events)
+        listed = self._attempt("add the run to the history", self._add_to_history)
+        if not folder_made and not listed:
+            raise StapctlError("cannot record this run: " + "; ".join(self.warnings)
+                               + " (free some disk space or fix the permissions)")
 
     def event(self, event: Event) -> None:
-        self._events.write(json.dumps(asdict(event)) + "\n")
+        if (events_fd := self._events_fd) is not None:
+            line = (json.dumps(asdict(event)) + "\n").encode()
+            if not self._attempt("write events.jsonl", lambda: _write_all(events_fd, line)):
+                self._close_events()
         if event.kind == "output":
-            log = self._host_logs.get(event.host)
-            if log is None:
-                log = self._host_logs[event.host] = open(
-                    self.dir / "hosts" / f"{safe_name(event.host)}.log", "w", buffering=1)
-            log.write((f"[{event.probe}] " if self._many_probes else "") + event.text + "\n")
+            self._write_output(event)
 
     def plan(self, plan: Plan) -> None:
-        scripts = self.dir / "scripts"
-        scripts.mkdir(exist_ok=True)
+        self._attempt("write the scripts and plan.json", lambda: self._write_plan(plan))
+
+    def finish(self, run: Run) -> None:
+        """Close the record: summary.json and the history row are each written even if
+        the other cannot be."""
+        self._close_events()
+        for host in list(self._host_logs):
+            self._attempt("write the output of hosts", partial(self._close_log, host))
+        if (dir_fd := self._dir_fd) is not None:
+            summary = json.dumps({
+                "run": run.id, "exit_code": run.exit_code, "interrupted": run.interrupted,
+                "outcomes": [asdict(o) for o in run.outcomes],
+            }, indent=2)
+            self._attempt("write summary.json",
+                          lambda: self._replace_file("summary.json", summary.encode()))
+            self._dir_fd = None
+            self._attempt("close the run folder", lambda: os.close(dir_fd))
+        self._attempt("finish the run in the history", lambda: self._finish_history(run))
+
+    # -- the folder ----------------------------------------------------------------------
+    def _create_folder(self) -> None:
+        if self._manifest.output.dir is None:
+            _own_data_dir()
+        self.dir.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        os.mkdir(self.dir, DIR_MODE)  # fails on anything already there, a symlink included
+        dir_fd = os.open(self.dir, _READ | os.O_DIRECTORY)
+        try:
+            os.mkdir("hosts", DIR_MODE, dir_fd=dir_fd)
+        except OSError:
+            os.close(dir_fd)
+            raise
+        self._dir_fd = dir_fd
+
+    def _open(self, name: str, flags: int = os.O_TRUNC) -> int:
+        """A file of the run folder, opened for writing; never through a symlink."""
+        assert self._dir_fd is not None
+        return os.open(name, _WRITE | flags, FILE_MODE, dir_fd=self._dir_fd)
+
+    def _copy_manifest(self) -> None:
+        with open(self._manifest.path, "rb") as source, \
+                os.fdopen(self._open("manifest.yaml"), "wb") as target:
+            shutil.copyfileobj(source, target)
+
+    def _open_events(self) -> None:
+        # one write per line: a controller killed mid-run leaves every line it had received
+        self._events_fd = self._open("events.jsonl", os.O_APPEND)
+
+    def _close_events(self) -> None:
+        if self._events_fd is not None:
+            events_fd, self._events_fd = self._events_fd, None
+            self._attempt("write events.jsonl", lambda: os.close(events_fd))
+
+    def _write_output(self, event: Event) -> None:
+        if self._dir_fd is None or event.host in self._failed_logs:
+            return
+        prefix = f"[{event.probe}] " if self._many_probes else ""
+        line = (prefix + event.text + "\n").encode("utf-8", "replace")
+        if not self._attempt("write the output of hosts",
+                             lambda: _write_all(self._host_log(event.host), line)):
+            self._failed_logs.add(event.host)
+            self._attempt("write the output of hosts", lambda: self._close_log(event.host))
+
+    def _host_log(self, host: str) -> int:
+        """The host's log, open; at most OPEN_HOST_LOGS are, so any number of hosts fit
+        in the usual limit of open files."""
+        log = self._host_logs.get(host)
+        if log is not None:
+            self._host_logs.move_to_end(host)
+            return log
+        while len(self._host_logs) >= OPEN_HOST_LOGS:
+            self._close_log(next(iter(self._host_logs)))
+        log = self._host_logs[host] = self._open(_host_log_name(host), os.O_APPEND)
+        return log
+
+    def _close_log(self, host: str) -> None:
+        log = self._host_logs.pop(host, None)
+        if log is not None:
+            os.close(log)
+
+    def _write_plan(self, plan: Plan) -> None:
+        if self._dir_fd is None:
+            return
+        with suppress(FileExistsError):
+            os.mkdir("scripts", DIR_MODE, dir_fd=self._dir_fd)
         for job in plan.jobs:
-            (scripts / f"{job.probe.name}-{job.spec.key[:12]}.stp").write_text(job.spec.script)
-        (self.dir / "plan.json").write_text(json.dumps([
+            script = f"scripts/{file_name(job.probe.name)}-{job.spec.key[:12]}.stp"
+            with os.fdopen(self._open(script), "wb") as stream:
+                stream.write(job.spec.script.encode("utf-8", "replace"))
+        self._replace_file("plan.json", json.dumps([
             {"probe": job.probe.name, "module": job.spec.key, "release": job.spec.release,
              "arch": job.spec.arch, "hosts": list(job.hosts), "cached": job.cached,
              "error": job.error}
             for job in plan.jobs
-        ], indent=2))
+        ], indent=2).encode())
 
-    def finish(self, run: Run) -> None:
-        self._events.close()
-        for log in self._host_logs.values():
-            log.close()
+    def _replace_file(self, name: str, data: bytes) -> None:
+        """Write-then-rename: a reader sees the old file or the whole new one."""
+        temporary = f".{name}.tmp"
+        try:
+            with os.fdopen(self._open(temporary), "wb") as stream:
+                stream.write(data)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        except OSError:
+            with suppress(OSError):
+                os.unlink(temporary, dir_fd=self._dir_fd)
+            raise
+
+    # -- the history ---------------------------------------------------------------------
+    def _add_to_history(self) -> None:
+        with _history(self.history) as db:
+            db.execute("INSERT INTO runs (id, name, manifest, dir, started) VALUES (?,?,?,?,?)",
+                       (self.run_id, self._manifest.name, str(self._manifest.path),
+                        str(self.dir), self._started))
+
+    def _finish_history(self, run: Run) -> None:
+        """Finish the run's row, adding it if it could not be added at the start."""
         hosts = {o.host for o in run.outcomes}
         failed = {o.host for o in run.failed}
-        (self.dir / "summary.json").write_text(json.dumps({
-            "run": run.id, "exit_code": run.exit_code, "interrupted": run.interrupted,
-            "outcomes": [asdict(o) for o in run.outcomes],
-        }, indent=2))
         with _history(self.history) as db:
-            db.execute("UPDATE runs SET finished=?, exit_code=?, hosts=?, ok=?, failed=? "
-                       "WHERE id=?", (time.time(), run.exit_code, len(hosts),
-                                      len(hosts - failed), len(failed), run.id))
+            db.execute(
+                "INSERT INTO runs (id, name, manifest, dir, started, finished, exit_code, "
+                "hosts, ok, failed) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE "
+                "SET finished=excluded.finished, exit_code=excluded.exit_code, "
+                "hosts=excluded.hosts, ok=excluded.ok, failed=excluded.failed",
+                (self.run_id, self._manifest.name, str(self._manifest.path), str(self.dir),
+                 self._started, time.time(), run.exit_code, len(hosts),
+                 len(hosts - failed), len(failed)))
+
+    # -- failures ------------------------------------------------------------------------
+    def _attempt(self, what: str, action: Callable[[], object]) -> bool:
+        """Run one recording step; a failure becomes a warning. True if it worked."""
+        try:
+            action()
+        except (OSError, sqlite3.Error) as error:
+            warning = f"run record {self.dir} is incomplete: cannot {what}: {_reason(error)}"
+            if warning not in self.warnings:
+                self.warnings.append(warning)
+            return False
+        return True
+
+
+def _reason(error: OSError | sqlite3.Error) -> str:
+    """What went wrong, without the errno number and file name a message already has."""
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Append all of data, or nothing: a line cut by a full disk is taken back out."""
+    written = 0
+    try:
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except OSError:
+        if written:
+            with suppress(OSError):
+                os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_END) - written)
+        raise
 
 
 def safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in name)
+
+
+def file_name(name: str) -> str:
+    """A file name for `name`: safe, stable, and unique. A short plain name is kept as it
+    is; any other gets its safe form plus a hash of the real name, after a '~' that no
+    plain name has."""
+    safe = safe_name(name)[:MAX_NAME]
+    if safe == name and name not in ("", ".", ".."):
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{safe}~{digest[:12]}"
+
+
+def _host_log_name(host: str) -> str:
+    return f"hosts/{file_name(host)}.log"
+
+
+def host_log_path(run_folder: Path, host: str) -> Path:
+    """Where a run folder keeps a host's output (the file exists if the host printed)."""
+    return run_folder / _host_log_name(host)
+
+
+def merged_output(run_folder: Path, hosts: Iterable[str], many_probes: bool) -> Iterator[str]:
+    """The `merged` report (as `report.merged`) of a run, read from its host logs.
+
+    Hosts are grouped by a hash of what each printed, per probe; each group's output is
+    then streamed from one of its logs, so a run's output is never all in memory. Groups
+    with the same hosts (one per probe) come in the order the probes first printed.
+    """
+    groups: dict[tuple[str, bytes], list[str]] = {}
+    for host in dict.fromkeys(hosts):
+        digests: dict[str, hashlib._Hash] = {}
+        for probe, line in _read_log(run_folder, host, many_probes):
+            digest = digests.get(probe)
+            if digest is None:
+                digest = digests[probe] = hashlib.sha256()
+            digest.update(line + b"\n")
+        for probe, digest in digests.items():
+            groups.setdefault((probe, digest.digest()), []).append(host)
+    for (probe, _), members in sorted(groups.items(), key=lambda group: sorted(group[1])):
+        yield from report.merged_heading(members, probe, many_probes)
+        for line_probe, line in _read_log(run_folder, min(members), many_probes):
+            if line_probe == probe:
+                yield line.decode("utf-8", "replace")
+
+
+def _read_log(run_folder: Path, host: str, many_probes: bool) -> Iterator[tuple[str, bytes]]:
+    """(probe, line) for each line of a host's log; nothing if the host printed nothing."""
+    path = host_log_path(run_folder, host)
+    try:
+        stream = os.fdopen(os.open(path, _READ), "rb")
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise StapctlError(f"cannot read {path}: {error.strerror}") from None
+    with stream:
+        for raw in stream:  # split at b"\n" only, as the lines were written
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            probe = ""
+            if many_probes and line.startswith(b"[") and b"] " in line:
+                name, line = line[1:].split(b"] ", 1)
+                probe = name.decode("utf-8", "replace")
+            yield probe, line
+
+
+@contextmanager
+def _history_to_read(path: Path | None) -> Iterator[sqlite3.Connection]:
+    """The history, for `runs` commands: one clear error if it cannot be opened."""
+    try:
+        with _history(path) as db:
+            yield db
+    except (OSError, sqlite3.Error) as error:
+        where = path or history_path()
+        raise StapctlError(f"cannot read the run history {where}: {_reason(error)}") from None
 
 
 def list_runs(limit: int = 20, history: Path | None = None) -> list[dict[str, Any]]:
-    with _history(history) as db:
+    with _history_to_read(history) as db:
         db.row_factory = sqlite3.Row
         rows = db.execute("SELECT * FROM runs ORDER BY started DESC LIMIT ?", (limit,))
         return [dict(row) for row in rows]
@@ -122,7 +373,7 @@ def list_runs(limit: int = 20, history: Path | None = None) -> list[dict[str, An
 
 def find_run(run_id: str, history: Path | None = None) -> dict[str, Any]:
     """A run by id or unique id prefix."""
-    with _history(history) as db:
+    with _history_to_read(history) as db:
         db.row_factory = sqlite3.Row
         rows = [dict(r) for r in db.execute("SELECT * FROM runs WHERE id LIKE ? || '%'",
                                             (run_id,))]
