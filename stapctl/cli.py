@@ -31,7 +31,7 @@ from stapctl.models import HostOutcome, Manifest, Run
 from stapctl.plan import Plan
 from stapctl.render import parse_extra_vars
 from stapctl.session import Session, select_hosts
-from stapctl.store import find_run, list_runs, safe_name
+from stapctl.store import find_run, host_log_path, list_runs, merged_output
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -115,8 +115,9 @@ def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tupl
 
 def report_run(run: Run, session: Session, display: Display) -> None:
     """What follows a run: merged output, the json summary, the summary on stderr."""
-    if session.manifest.output.format == "merged":
-        for line in report.merged(display.outputs, display.many):
+    if session.manifest.output.format == "merged" and session.recorder is not None:
+        hosts = [host.name for host in session.hosts]
+        for line in merged_output(session.recorder.dir, hosts, display.many):
             display.out(report.printable(line))
     if session.manifest.output.format == "json":
         display.out(report.summary_json(run))
@@ -166,7 +167,7 @@ def runs_show(run_id: str, host: str | None) -> None:
                                  param_hint="RUN_ID") from None
     folder = Path(row["dir"])
     if host is not None:
-        log = folder / "hosts" / f"{safe_name(host)}.log"
+        log = host_log_path(folder, host)
         if not log.exists():
             raise click.BadParameter(f"run {row['id']} has no output from {host}",
                                      param_hint="--host")

@@ -126,7 +126,6 @@ class Display:
         self.format = manifest.output.format
         self.many = len(manifest.probes) > 1
         self.board = HostBoard(hosts, len(manifest.probes))
-        self.outputs: list[Event] = []  # for the merged format, printed at the end
         self.live: Live | None = None
         if err.is_terminal:
             self.live = Live(console=err, refresh_per_second=4, redirect_stdout=False,
@@ -168,8 +167,6 @@ class Display:
 
     def event(self, event: Event) -> None:
         self.board.update(event)
-        if event.kind == "output" and self.format == "merged":
-            self.outputs.append(event)
         if self.format == "json":
             self.out(report.event_json(event))
         elif event.kind == "output":

@@ -203,6 +203,8 @@ class Session:
                   fatal_exit=_exit_code(error))
         if self.recorder is not None:
             self.recorder.finish(run)
+            for warning in self.recorder.warnings:
+                self.listener.note(f"run record: {warning}")
         return run
 
     def apply(self) -> Run:
