@@ -89,9 +89,8 @@ class AgentHost:
                                  "log in as root", tail)
             raise AgentError(f"cannot gather facts (exit {code})" +
                              (f": {tail.splitlines()[-1]}" if tail else ""), tail)
-        release, arch, interpreter = lines
-        return HostFacts(release=release, arch=arch, python="",
-                         raw={"release": release, "arch": arch, "interpreter": interpreter})
+        release, arch, _interpreter = lines
+        return HostFacts(release=release, arch=arch)
 
     def upload_module(self, local: Path, sha256: str) -> str:
         """Upload a module unless the target already holds it; returns its remote path."""

@@ -30,7 +30,8 @@ from rich.table import Table
 from rich.text import Text
 
 from stapctl import lab, report
-from stapctl.build import Builder, list_cached, prune
+from stapctl.build import Builder
+from stapctl.cache import ModuleCache, cache_dir
 from stapctl.errors import Issue, ManifestError, StapctlError
 from stapctl.execute import Fleet, RunOptions
 from stapctl.inventory import load_inventory
@@ -539,17 +540,17 @@ def cache_list() -> None:
     table = Table()
     for column in ("key", "module", "kernel", "size", "stap", "fix"):
         table.add_column(column)
-    for row in list_cached():
-        table.add_row(str(row["key"])[:12], str(row["module_name"]), str(row["release"]),
-                      f"{int(str(row['size'])) // 1024} KiB", str(row["stap_version"]),
-                      str(row["runtime_fix"]))
+    for row in ModuleCache(cache_dir()).entries():
+        table.add_row(row.key[:12], escape(row.module_name), escape(row.release),
+                      f"{row.size // 1024} KiB", escape(row.stap_version),
+                      escape(row.runtime_fix))
     Console().print(table)
 
 
 @cache.command(name="prune")
 @click.option("--keep", type=click.IntRange(0), default=0, help="Newest modules to keep.")
 def cache_prune(keep: int) -> None:
-    err.print(f"removed {prune(keep=keep)} module(s)")
+    err.print(f"removed {ModuleCache(cache_dir()).prune(keep)} module(s)")
 
 
 # -- lab ---------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from stapctl.build import Builder, check_syntax, needs_symbol_map
+from stapctl.build import Builder
+from stapctl.compiler import check_syntax, needs_symbol_map
 from stapctl.connection import Connection
 from stapctl.errors import StapctlError
 from stapctl.inventory import host_vars
@@ -78,7 +79,7 @@ def gather_symbol_maps(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostF
             kallsyms = connections[name].read_file("/proc/kallsyms", KALLSYMS_LIMIT)
             facts = replace(facts, symbol_map=builder.store_symbol_map(kallsyms))
         except StapctlError as exc:
-            facts = replace(facts, raw={**facts.raw, "symbol_map_error": str(exc)})
+            facts = replace(facts, symbol_map_error=str(exc))
         return name, (host, facts)
 
     with ThreadPoolExecutor(max_workers=max(1, manifest.strategy.forks)) as pool:
@@ -103,7 +104,7 @@ def make_plan(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
             specs[key] = (probe, spec)
             groups.setdefault(key, []).append(name)
             if needs_symbol_map(script) and not facts.symbol_map:
-                reason = facts.raw.get("symbol_map_error", "its symbols were not gathered")
+                reason = facts.symbol_map_error or "its symbols were not gathered"
                 errors[key] = f"kprobe.function needs the host's kernel symbols: {reason}"
     jobs = tuple(
         ModuleJob(probe=probe, spec=spec, hosts=tuple(groups[key]),
@@ -119,7 +120,7 @@ def check_scripts(manifest: Manifest, hosts: Sequence[Host],
 
     No host is contacted, so facts are blank; returns how many scripts were parsed.
     """
-    blank = HostFacts(release="", arch="", python="")
+    blank = HostFacts(release="", arch="")
     targets = list(hosts) or [Host(name="validate", address="validate")]
     seen: set[tuple[str, str]] = set()
     for probe in manifest.probes:
@@ -144,7 +145,7 @@ def build_plan(plan: Plan, builder: Builder,
             return job
         on_progress(job, "building")
         try:
-            artifact = builder.build(job.spec, job.probe.origin, job.probe.first_line)
+            artifact = builder.build(job.spec)
         except StapctlError as exc:
             on_progress(job, "failed")
             return replace(job, error=str(exc))
