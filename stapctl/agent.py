@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from stapctl.connection import Connection, Process, run_command
-from stapctl.errors import AgentError, ConnectError
+from stapctl.errors import AgentError, BadFactsError, ConnectError
+from stapctl.facts import SAFE_FACT_RULE, is_safe_fact, shown
 from stapctl.models import HostFacts
 from stapctl.runtime import stapctl_agent as wire
 
@@ -73,7 +74,9 @@ class AgentHost:
         One shell command, not the agent's `facts` action: that costs a Python start per
         host (~25 ms of CPU, more than the rest of a check: bench/fanout.py), and the agent
         collects and checks the full facts again before it loads anything. Run with
-        become like the agent, so a sudo that asks for a password fails here.
+        become like the agent, so a sudo that asks for a password fails here. Release and
+        arch become paths and arguments here, so one that is not a plain name raises
+        BadFactsError.
         """
         done = run_command(self.connection, ["sh", "-c", FACTS_SCRIPT, self.python])
         code = done.status
@@ -90,6 +93,11 @@ class AgentHost:
             raise AgentError(f"cannot gather facts (exit {code})" +
                              (f": {tail.splitlines()[-1]}" if tail else ""), tail)
         release, arch, _interpreter = lines
+        for name, value in (("kernel release", release), ("arch", arch)):
+            if not is_safe_fact(value):
+                raise BadFactsError(f"the host reports its {name} as {shown(value)}, which "
+                                    f"stapctl will not use in paths or commands: it must be "
+                                    f"{SAFE_FACT_RULE}")
         return HostFacts(release=release, arch=arch)
 
     def upload_module(self, local: Path, sha256: str) -> str:

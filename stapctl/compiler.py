@@ -67,7 +67,7 @@ class Compiler:
     def compile(self, spec: ModuleSpec) -> bytes:
         """The module's bytes; stap's errors are raised as CompileError, pointing into
         ``spec.origin``."""
-        headers = headers_dir(spec.release)
+        headers = headers_dir(spec.release)  # refuses a release unfit for a path first
         if spec.arch != platform.machine():
             raise CompileError(
                 f"cannot build for {spec.arch} on this {platform.machine()} machine: "

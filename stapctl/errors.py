@@ -13,6 +13,7 @@ prints ``StapctlError`` as one clean message and never shows a traceback for the
     │   ├── AuthError
     │   └── HostKeyError
     ├── AgentError               -  the agent on a host broke (remote traceback as text)
+    │   └── BadFactsError           a host reported a fact stapctl will not use
     └── RemoteTimeout            -  a host did not finish in time
 """
 
@@ -91,6 +92,15 @@ class AgentError(StapctlError):
     def __init__(self, message: str, remote_traceback: str = "") -> None:
         self.remote_traceback = remote_traceback
         super().__init__(message)
+
+
+class BadFactsError(AgentError):
+    """A host reported a fact (kernel release, arch) that is not a plain name.
+
+    Facts become paths and arguments on this machine (``stap -r RELEASE``, cache paths),
+    so a release like ``../../x`` or ``-x`` is refused where it is read, and the host
+    fails instead of steering stap and make into a directory it chose.
+    """
 
 
 class RemoteTimeout(StapctlError):

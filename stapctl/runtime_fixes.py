@@ -12,11 +12,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from stapctl.errors import CompileError
+from stapctl.facts import SAFE_FACT_RULE, is_safe_fact, shown
+
 MODULES_ROOT = Path("/lib/modules")
 
 
 def headers_dir(release: str) -> Path:
-    """The release's kernel build tree."""
+    """The release's kernel build tree.
+
+    Every path made from a release starts here, so a release that could leave
+    /lib/modules or read as an option is refused here, whoever passed it.
+    """
+    if not is_safe_fact(release):
+        raise CompileError(f"refusing to build for kernel release {shown(release)}: "
+                           f"a release must be {SAFE_FACT_RULE}")
     return MODULES_ROOT / release / "build"
 
 
