@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from stapctl.cache import SHA256, file_sha256
 from stapctl.connection import Connection, Process, run_command
 from stapctl.errors import AgentError, BadFactsError, ConnectError
 from stapctl.facts import SAFE_FACT_RULE, is_safe_fact, shown
@@ -101,9 +102,25 @@ class AgentHost:
         return HostFacts(release=release, arch=arch)
 
     def upload_module(self, local: Path, sha256: str) -> str:
-        """Upload a module unless the target already holds it; returns its remote path."""
+        """Upload a module unless the target already holds it; returns its remote path.
+
+        The local file is hashed again before it is sent: one that no longer matches
+        ``sha256`` (its cache entry changed after it was checked) is never shipped. A copy
+        already on the target is checked by the agent before it loads it.
+        """
+        if SHA256.fullmatch(sha256) is None:
+            raise AgentError(f"{local}: {shown(sha256)} is not a sha256: rebuild the module")
         remote = f"{self.workdir}/{sha256}.ko"
-        if not self.connection.exists(remote, local.stat().st_size):
+        try:
+            size = local.stat().st_size
+        except OSError as exc:
+            raise AgentError(f"cannot read the module {local}: {exc.strerror}: run again to "
+                             "rebuild it") from exc
+        if not self.connection.exists(remote, size):
+            if file_sha256(local) != sha256:
+                raise AgentError(f"{local} changed after it was built (its sha256 is no "
+                                 f"longer {sha256[:12]}…), so it was not uploaded: run again "
+                                 "to rebuild it")
             self.connection.put(local, remote)
         return remote
 

@@ -1,6 +1,11 @@
 """The content-addressed module cache: ``<root>/modules/<key>/`` holds ``module.ko``,
 ``meta.json`` and ``script.stp``.
 
+Its modules are shipped to every host and loaded into their kernels, so nothing in it is
+taken on its word: the cache must be the user's own and writable by no one else, and a
+module is hashed again on every lookup and compared with the sha256 in its meta; an entry
+that does not match counts as missing, so it is built again.
+
 Two applies sharing the cache at once are safe: a per-key lock file serialises the
 compiles of one key, and a finished entry appears by one atomic rename.
 """
@@ -13,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,9 +28,10 @@ from typing import Any
 
 import platformdirs
 
+from stapctl.errors import CacheError
 from stapctl.models import ModuleArtifact, ModuleSpec
 
-KEY = re.compile(r"[0-9a-f]{64}")
+SHA256 = re.compile(r"[0-9a-f]{64}")  # a sha256 as we write it; also the shape of a key
 
 
 def cache_dir() -> Path:
@@ -33,9 +40,41 @@ def cache_dir() -> Path:
     return Path(configured) if configured else Path(platformdirs.user_cache_dir("stapctl"))
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, or "" if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as data:
+            while chunk := data.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return ""
+    return digest.hexdigest()
+
+
 def private_dir(path: Path) -> Path:
-    """``path``, created (0700) if missing."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """``path``, created (0700) if missing, once it is known to be ours alone.
+
+    A directory someone else owns or can write to may hold modules they planted, and
+    stapctl would load those on every host.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()
+    except OSError as exc:
+        raise CacheError(f"cannot use {path} for the module cache: {exc.strerror}: "
+                         "set STAPCTL_CACHE_DIR to a directory of your own") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise CacheError(f"{path} is not a directory: remove it, or set STAPCTL_CACHE_DIR "
+                         "to a directory of your own")
+    if info.st_uid != os.geteuid():
+        raise CacheError(f"{path} belongs to uid {info.st_uid}, not to you (uid "
+                         f"{os.geteuid()}), so its modules cannot be trusted: chown it to "
+                         "yourself, or set STAPCTL_CACHE_DIR to a directory of your own")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise CacheError(f"{path} is writable by others (mode "
+                         f"{stat.S_IMODE(info.st_mode):04o}), so its modules cannot be "
+                         f"trusted: run chmod go-w {path}")
     return path
 
 
@@ -75,43 +114,49 @@ class ModuleCache:
         entry = self.root / "modules" / spec.key
         meta = _read_meta(entry / "meta.json")
         sha256 = meta.get("sha256")
-        module = entry / "module.ko"
-        if not isinstance(sha256, str) or not module.is_file():
+        if (not isinstance(sha256, str) or SHA256.fullmatch(sha256) is None
+                or meta.get("module_name") != spec.module_name):
             return None
+        module = entry / "module.ko"
+        if file_sha256(module) != sha256:
+            return None  # changed after it was built: build it again
         return ModuleArtifact(key=spec.key, path=module, sha256=sha256,
                               module_name=spec.module_name)
 
     def store(self, spec: ModuleSpec, module: bytes) -> ModuleArtifact:
         """Add a freshly built module; the caller holds the key's lock."""
         modules = self.directory("modules")
-        staging = Path(tempfile.mkdtemp(dir=modules, prefix=".new-"))
+        sha256 = hashlib.sha256(module).hexdigest()
         try:
-            (staging / "module.ko").write_bytes(module)
-            (staging / "script.stp").write_text(spec.script)
-            (staging / "meta.json").write_text(json.dumps({
-                "sha256": hashlib.sha256(module).hexdigest(),
-                "module_name": spec.module_name,
-                "release": spec.release,
-                "arch": spec.arch,
-                "options": list(spec.options),
-                "stap_version": spec.stap_version,
-                "runtime_fix": spec.runtime_fix,
-            }))
-            final = modules / spec.key
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return ModuleArtifact(key=spec.key, path=final / "module.ko",
-                              sha256=hashlib.sha256(module).hexdigest(),
+            staging = Path(tempfile.mkdtemp(dir=modules, prefix=".new-"))
+            try:
+                (staging / "module.ko").write_bytes(module)
+                (staging / "script.stp").write_text(spec.script)
+                (staging / "meta.json").write_text(json.dumps({
+                    "sha256": sha256,
+                    "module_name": spec.module_name,
+                    "release": spec.release,
+                    "arch": spec.arch,
+                    "options": list(spec.options),
+                    "stap_version": spec.stap_version,
+                    "runtime_fix": spec.runtime_fix,
+                }))
+                final = modules / spec.key
+                shutil.rmtree(final, ignore_errors=True)  # an entry that failed its check
+                os.rename(staging, final)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        except OSError as exc:
+            raise CacheError(f"cannot write to the module cache {modules}: {exc}") from exc
+        return ModuleArtifact(key=spec.key, path=final / "module.ko", sha256=sha256,
                               module_name=spec.module_name)
 
     def entries(self) -> list[CachedModule]:
         """Every cached module, newest first."""
         rows: list[CachedModule] = []
         for entry in (self.root / "modules").glob("*"):
-            if KEY.fullmatch(entry.name) is None:
+            if SHA256.fullmatch(entry.name) is None:
                 continue  # an entry still being written, or something that is not ours
             meta = _read_meta(entry / "meta.json")
             module = entry / "module.ko"

@@ -9,6 +9,7 @@ prints ``StapctlError`` as one clean message and never shows a traceback for the
     ├── PlanError                2  no host can be served / nothing to run
     │   └── CompileError         2  stap could not build a module (stderr tail)
     ├── LabError                 1  the local lab could not be built or booted
+    ├── CacheError               1  the module cache is not safe to use, or not writable
     ├── ConnectError             -  a host cannot be reached (a HostOutcome, not fatal)
     │   ├── AuthError
     │   └── HostKeyError
@@ -71,6 +72,13 @@ class CompileError(PlanError):
 
 
 class LabError(StapctlError):
+    exit_code = 1
+
+
+class CacheError(StapctlError):
+    """The module cache cannot be trusted (not the user's own, or writable by others) or
+    cannot be written; modules from it would be shipped to every host."""
+
     exit_code = 1
 
 

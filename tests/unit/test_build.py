@@ -220,3 +220,15 @@ def test_stap_gets_the_users_file_name_and_lines(tmp_path: Path, any_headers: No
     argv = compiles(tmp_path)[0].split()
     assert argv[:4] == ["-p4", "-r", "r", "-m"] and argv[-2:] == ["-DX=1", "trace.yaml"]
     assert builder.cached(spec) is None  # a failure is not cached
+
+
+def test_a_tampered_module_is_built_again(tmp_path: Path, any_headers: None) -> None:
+    builder = Builder(tmp_path / "cache", Toolchain(str(fake_stap(tmp_path)), "4.8", tmp_path))
+    spec = ModuleSpec("probe oneshot {}", "r", platform.machine(), origin="t.yaml")
+    first = builder.build(spec)
+    assert builder.build(spec) == first and len(compiles(tmp_path)) == 1
+    first.path.write_bytes(b"planted module")
+    assert builder.cached(spec) is None
+    again = builder.build(spec)
+    assert len(compiles(tmp_path)) == 2
+    assert again.path.read_bytes() == b"fake module" and again.sha256 == first.sha256

@@ -1,5 +1,5 @@
 """What a target reports is hostile: facts that are not plain names are refused where they
-are read.
+are read, and a module is hashed again before it is shipped.
 
 The target is this machine through the real LocalConnection, with a test double for
 `uname` put first on PATH so that it can report what a hostile host would.
@@ -7,6 +7,7 @@ The target is this machine through the real LocalConnection, with a test double 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -90,3 +91,28 @@ def test_the_rule() -> None:
     assert not is_safe_fact("６.1")  # non-ASCII digits are not digits here
     assert shown("a\nb") == "'a\\nb'"
     assert len(shown("x" * 1000)) == 80
+
+
+def test_a_module_that_changed_since_it_was_built_is_not_uploaded(
+        target: AgentHost, tmp_path: Path) -> None:
+    target.install()
+    module = tmp_path / "module.ko"
+    module.write_bytes(b"built module")
+    sha256 = hashlib.sha256(b"built module").hexdigest()
+    module.write_bytes(b"planted module")
+    with pytest.raises(AgentError, match="changed after it was built"):
+        target.upload_module(module, sha256)
+    assert not Path(f"{target.workdir}/{sha256}.ko").exists()
+    module.write_bytes(b"built module")
+    remote = target.upload_module(module, sha256)
+    assert Path(remote).read_bytes() == b"built module"
+
+
+def test_a_sha256_that_is_no_file_name_is_refused(target: AgentHost, tmp_path: Path) -> None:
+    target.install()
+    module = tmp_path / "module.ko"
+    module.write_bytes(b"m")
+    with pytest.raises(AgentError, match="is not a sha256"):
+        target.upload_module(module, "../../etc/x")
+    with pytest.raises(AgentError, match="cannot read the module"):
+        target.upload_module(tmp_path / "gone.ko", "0" * 64)
