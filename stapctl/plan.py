@@ -90,25 +90,27 @@ def make_plan(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
               builder: Builder, extra_vars: Mapping[str, Any]) -> Plan:
     """Group (probe, host) pairs by ModuleSpec; note which are already in the cache.
 
+    Hosts that cannot be served are grouped by their reason too, so each is told its own.
     Template errors are user errors: render_script raises ManifestError for the run.
     """
-    groups: dict[tuple[str, str], list[str]] = {}
-    specs: dict[tuple[str, str], tuple[Probe, ModuleSpec]] = {}
-    errors: dict[tuple[str, str], str] = {}
+    # keyed by (probe name, spec key, why its hosts cannot be served or "")
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    specs: dict[tuple[str, str, str], tuple[Probe, ModuleSpec]] = {}
     for probe in manifest.probes:
         for name, (host, facts) in hosts.items():
             script = render_script(probe, template_vars(manifest, host, facts, extra_vars))
             spec = builder.spec(script, facts.release, facts.arch, probe.stap_options,
                                 facts.symbol_map, probe.origin, probe.first_line)
-            key = (probe.name, spec.key)
-            specs[key] = (probe, spec)
-            groups.setdefault(key, []).append(name)
+            error = ""
             if needs_symbol_map(script) and not facts.symbol_map:
                 reason = facts.symbol_map_error or "its symbols were not gathered"
-                errors[key] = f"kprobe.function needs the host's kernel symbols: {reason}"
+                error = f"kprobe.function needs the host's kernel symbols: {reason}"
+            key = (probe.name, spec.key, error)
+            specs[key] = (probe, spec)
+            groups.setdefault(key, []).append(name)
     jobs = tuple(
         ModuleJob(probe=probe, spec=spec, hosts=tuple(groups[key]),
-                  artifact=builder.cached(spec), error=errors.get(key, ""))
+                  artifact=builder.cached(spec), error=key[2])
         for key, (probe, spec) in specs.items()
     )
     return Plan(jobs=jobs)
