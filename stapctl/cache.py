@@ -52,8 +52,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def private_dir(path: Path) -> Path:
-    """``path``, created (0700) if missing, once it is known to be ours alone.
+def private_dir(path: Path, root: Path) -> Path:
+    """``path`` (``root`` or a directory in it), created (0700) if missing, once it is
+    known to be ours alone.
 
     A directory someone else owns or can write to may hold modules they planted, and
     stapctl would load those on every host.
@@ -69,12 +70,13 @@ def private_dir(path: Path) -> Path:
                          "to a directory of your own")
     if info.st_uid != os.geteuid():
         raise CacheError(f"{path} belongs to uid {info.st_uid}, not to you (uid "
-                         f"{os.geteuid()}), so its modules cannot be trusted: chown it to "
-                         "yourself, or set STAPCTL_CACHE_DIR to a directory of your own")
+                         f"{os.geteuid()}), so the modules in {root} cannot be trusted: "
+                         f"run chown -R {os.geteuid()} {root}, or set STAPCTL_CACHE_DIR to "
+                         "a directory of your own")
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise CacheError(f"{path} is writable by others (mode "
-                         f"{stat.S_IMODE(info.st_mode):04o}), so its modules cannot be "
-                         f"trusted: run chmod go-w {path}")
+                         f"{stat.S_IMODE(info.st_mode):04o}), so the modules in {root} "
+                         f"cannot be trusted: run chmod -R go-w {root}")
     return path
 
 
@@ -96,11 +98,11 @@ class ModuleCache:
     for the compiler's own files (stap's cache, runtime copies, header trees, symbols)."""
 
     def __init__(self, root: Path) -> None:
-        self.root = private_dir(root)
+        self.root = private_dir(root, root)
 
     def directory(self, name: str) -> Path:
         """A private subdirectory of the cache, e.g. ``stap`` or ``trees``."""
-        return private_dir(self.root / name)
+        return private_dir(self.root / name, self.root)
 
     @contextmanager
     def locked(self, name: str) -> Iterator[None]:
