@@ -74,8 +74,8 @@ class Host:
 class HostFacts:
     """What a target reported about itself before anything was loaded.
 
-    ``release`` and ``arch`` passed stapctl.facts' rule where they were read, as they
-    become paths and arguments here.
+    AgentHost.facts() checks ``release`` and ``arch`` against stapctl.facts' rule, as
+    they become paths and arguments here.
     """
 
     release: str

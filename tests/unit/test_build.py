@@ -131,22 +131,6 @@ def test_foreign_arch_is_refused_before_compiling(tmp_path: Path) -> None:
         builder.build(spec)
 
 
-@pytest.mark.parametrize("release", ["../../x", "/x", "-x", ".hidden", "a/b", "a b",
-                                     "a\nb", "x" * 65, ""])
-def test_a_release_unfit_for_a_path_is_refused_before_any_path_is_made(
-        tmp_path: Path, headers: Path, release: str) -> None:
-    stap = fake_stap(tmp_path)
-    builder = Builder(tmp_path / "cache", Toolchain(str(stap), "4.8", tmp_path))
-    with pytest.raises(CompileError, match="refusing to build for kernel release"):
-        builder.spec("probe oneshot {}", release, platform.machine(), ())
-    spec = ModuleSpec("probe oneshot {}", release, platform.machine(), origin="t.yaml")
-    with pytest.raises(CompileError, match="refusing to build for kernel release") as caught:
-        builder.build(spec)
-    assert "\n" not in str(caught.value)  # shown escaped, on one line
-    assert compiles(tmp_path) == []
-    assert {path.name for path in (tmp_path / "cache").iterdir()} <= {"locks"}
-
-
 def test_syntax_check_points_at_the_users_line() -> None:
     check_syntax('probe oneshot { printf("ok\\n") }', "trace.yaml", 9)
     with pytest.raises(CompileError) as caught:
@@ -188,6 +172,22 @@ def compiles(tmp_path: Path) -> list[str]:
 def any_headers(headers: Path) -> None:
     """Release "r" has an (empty) headers tree, so the fake stap gets to run."""
     (headers / "r" / "build").mkdir(parents=True)
+
+
+@pytest.mark.parametrize("release", ["../../x", "/x", "-x", ".hidden", "a/b", "a b",
+                                     "a\nb", "x" * 65, ""])
+def test_a_release_unfit_for_a_path_is_refused_before_any_path_is_made(
+        tmp_path: Path, headers: Path, release: str) -> None:
+    stap = fake_stap(tmp_path)
+    builder = Builder(tmp_path / "cache", Toolchain(str(stap), "4.8", tmp_path))
+    with pytest.raises(CompileError, match="refusing to build for kernel release"):
+        builder.spec("probe oneshot {}", release, platform.machine(), ())
+    spec = ModuleSpec("probe oneshot {}", release, platform.machine(), origin="t.yaml")
+    with pytest.raises(CompileError, match="refusing to build for kernel release") as caught:
+        builder.build(spec)
+    assert "\n" not in str(caught.value)  # shown escaped, on one line
+    assert compiles(tmp_path) == []
+    assert {path.name for path in (tmp_path / "cache").iterdir()} <= {"locks"}
 
 
 def test_two_applies_sharing_the_cache_compile_once(tmp_path: Path, any_headers: None) -> None:
