@@ -55,7 +55,7 @@ def main() -> None:
             for n in counts:
                 hosts = {
                     f"h{i}": (Host(name=f"h{i}", address=f"h{i}"),
-                              HostFacts(release=kernels[i % k], arch="x86_64", python="3.11"))
+                              HostFacts(release=kernels[i % k], arch="x86_64"))
                     for i in range(n)
                 }
                 session = Session(manifest, [host for host, _ in hosts.values()],

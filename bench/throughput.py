@@ -168,8 +168,9 @@ def main() -> None:
     builder = Builder()
     release = shell(connection, "uname -r").strip()
     # the producer is meant to saturate its CPU: no overload check
-    spec = builder.spec(script(args.text), release, "x86_64", ("-DSTP_NO_OVERLOAD",))
-    artifact = builder.build(spec, "throughput", 1)
+    spec = builder.spec(script(args.text), release, "x86_64", ("-DSTP_NO_OVERLOAD",),
+                        origin="throughput")
+    artifact = builder.build(spec)
     agent = AgentHost(connection)
     agent.install()
     remote = agent.upload_module(artifact.path, artifact.sha256)

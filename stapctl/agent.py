@@ -23,14 +23,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from stapctl.cache import SHA256, file_sha256
 from stapctl.connection import Connection, Process, run_command
 from stapctl.errors import (
     AgentError,
+    BadFactsError,
     ConnectError,
     OutputLimitError,
     ProtocolError,
     UnresponsiveError,
 )
+from stapctl.facts import SAFE_FACT_RULE, is_safe_fact, shown
 from stapctl.models import FailureKind, HostFacts
 from stapctl.runtime import stapctl_agent as wire
 
@@ -148,7 +151,9 @@ class AgentHost:
         One shell command, not the agent's `facts` action: that costs a Python start per
         host (~25 ms of CPU, more than the rest of a check: bench/fanout.py), and the agent
         collects and checks the full facts again before it loads anything. Run with
-        become like the agent, so a sudo that asks for a password fails here.
+        become like the agent, so a sudo that asks for a password fails here. Release and
+        arch become paths and arguments here, so one that is not a plain name raises
+        BadFactsError.
         """
         done = run_command(self.connection, ["sh", "-c", FACTS_SCRIPT, self.python])
         code = done.status
@@ -164,14 +169,34 @@ class AgentHost:
                                  "log in as root", tail)
             raise AgentError(f"cannot gather facts (exit {code})" +
                              (f": {tail.splitlines()[-1]}" if tail else ""), tail)
-        release, arch, interpreter = lines
-        return HostFacts(release=release, arch=arch, python="",
-                         raw={"release": release, "arch": arch, "interpreter": interpreter})
+        release, arch, _interpreter = lines
+        for name, value in (("kernel release", release), ("arch", arch)):
+            if not is_safe_fact(value):
+                raise BadFactsError(f"the host reports its {name} as {shown(value)}, which "
+                                    f"stapctl will not use in paths or commands: it must be "
+                                    f"{SAFE_FACT_RULE}")
+        return HostFacts(release=release, arch=arch)
 
     def upload_module(self, local: Path, sha256: str) -> str:
-        """Upload a module unless the target already holds it; returns its remote path."""
+        """Upload a module unless the target already holds it; returns its remote path.
+
+        The local file is hashed again before it is sent: one that no longer matches
+        ``sha256`` (its cache entry changed after it was checked) is never shipped. A copy
+        already on the target is checked by the agent before it loads it.
+        """
+        if SHA256.fullmatch(sha256) is None:
+            raise AgentError(f"{local}: {shown(sha256)} is not a sha256: rebuild the module")
         remote = f"{self.workdir}/{sha256}.ko"
-        if not self.connection.exists(remote, local.stat().st_size):
+        try:
+            size = local.stat().st_size
+        except OSError as exc:
+            raise AgentError(f"cannot read the module {local}: {exc.strerror}: run again to "
+                             "rebuild it") from exc
+        if not self.connection.exists(remote, size):
+            if file_sha256(local) != sha256:
+                raise AgentError(f"{local} changed after it was built (its sha256 is no "
+                                 f"longer {sha256[:12]}…), so it was not uploaded: run again "
+                                 "to rebuild it")
             self.connection.put(local, remote)
         return remote
 

@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stapctl import lab, report
-from stapctl.build import list_cached, prune
+from stapctl.cache import ModuleCache, cache_dir
 from stapctl.display import Display, err, message, signals_to
 from stapctl.errors import StapctlError
 from stapctl.execute import RunOptions
@@ -258,17 +258,16 @@ def cache_list() -> None:
     table = Table()
     for column in ("key", "module", "kernel", "size", "stap", "fix"):
         table.add_column(column)
-    for row in list_cached():
-        table.add_row(str(row["key"])[:12], str(row["module_name"]), str(row["release"]),
-                      f"{int(str(row['size'])) // 1024} KiB", str(row["stap_version"]),
-                      str(row["runtime_fix"]))
+    for row in ModuleCache(cache_dir()).entries():
+        table.add_row(row.key[:12], Text(row.module_name), Text(row.release),
+                      f"{row.size // 1024} KiB", Text(row.stap_version), Text(row.runtime_fix))
     Console().print(table)
 
 
 @cache.command(name="prune")
 @click.option("--keep", type=click.IntRange(0), default=0, help="Newest modules to keep.")
 def cache_prune(keep: int) -> None:
-    message(f"removed {prune(keep=keep)} module(s)")
+    message(f"removed {ModuleCache(cache_dir()).prune(keep)} module(s)")
 
 
 # -- lab ---------------------------------------------------------------------------------

@@ -9,13 +9,15 @@ prints ``StapctlError`` as one clean message and never shows a traceback for the
     ├── PlanError                2  no host can be served / nothing to run
     │   └── CompileError         2  stap could not build a module (stderr tail)
     ├── LabError                 1  the local lab could not be built or booted
+    ├── CacheError               1  the module cache is not safe to use, or not writable
     ├── ConnectError             -  a host cannot be reached (a HostOutcome, not fatal)
     │   ├── AuthError
     │   └── HostKeyError
     ├── AgentError               -  the agent on a host broke (remote traceback as text)
     │   ├── ProtocolError             its stream was malformed or oversized
     │   ├── OutputLimitError          it sent more output than a run allows
-    │   └── UnresponsiveError         it fell silent, heartbeats included
+    │   ├── UnresponsiveError         it fell silent, heartbeats included
+    │   └── BadFactsError             it reported a fact stapctl will not use
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ class LabError(StapctlError):
     exit_code = 1
 
 
+class CacheError(StapctlError):
+    """The module cache cannot be trusted (not the user's own, or writable by others) or
+    cannot be written; modules from it would be shipped to every host."""
+
+    exit_code = 1
+
+
 class ConnectError(StapctlError):
     pass
 
@@ -116,3 +125,14 @@ class UnresponsiveError(AgentError):
     """The agent stopped sending anything, heartbeats included."""
 
     kind = FailureKind.UNRESPONSIVE
+
+
+class BadFactsError(AgentError):
+    """A host reported a fact (kernel release, arch) that is not a plain name.
+
+    Facts become paths and arguments on this machine (``stap -r RELEASE``, cache paths),
+    so a release like ``../../x`` or ``-x`` is refused where it is read, and the host
+    fails instead of steering stap and make into a directory it chose.
+    """
+
+    kind = FailureKind.BAD_FACTS

@@ -74,13 +74,16 @@ class Host:
 
 @dataclass(frozen=True)
 class HostFacts:
-    """What the agent reported about a target before anything was loaded."""
+    """What a target reported about itself before anything was loaded.
+
+    AgentHost.facts() checks ``release`` and ``arch`` against stapctl.facts' rule, as
+    they become paths and arguments here.
+    """
 
     release: str
     arch: str
-    python: str
-    raw: Mapping[str, Any] = field(default_factory=dict)
     symbol_map: str = ""  # sha256 of the System.map made from the host's /proc/kallsyms
+    symbol_map_error: str = ""  # why the host's symbols could not be read, if they were not
 
 
 @dataclass(frozen=True)
@@ -92,22 +95,33 @@ class ModuleSpec:
     arch: str
     options: tuple[str, ...] = ()
     stap_version: str = ""
-    runtime_fix: str = ""  # the name of a runtime fix applied, or ""
+    runtime_fix: str = ""  # the names of the runtime fixes applied, comma-separated, or ""
     symbol_map: str = ""  # sha256 of a System.map to build against (kprobe.function)
-    source: str = ""  # "file.yaml:LINE" where the script starts: named in runtime errors
+    origin: str = ""  # the user's file the script came from: named in stap's messages
+    first_line: int = 1  # line in ``origin`` where the script starts
 
     @property
     def key(self) -> str:
+        # the module records the script's file name and line numbers (run-time errors name
+        # them), not the directory the file is in
+        location = f"{Path(self.origin).name}:{self.first_line}"
         blob = json.dumps(
             [self.script, self.release, self.arch, list(self.options), self.stap_version,
-             self.runtime_fix, self.symbol_map, self.source],
+             self.runtime_fix, self.symbol_map, location],
             separators=(",", ":"),
         )
         return hashlib.sha256(blob.encode()).hexdigest()
 
+    @property
+    def module_name(self) -> str:
+        """The name stap gives the module (before any per-run rename)."""
+        return f"stapctl_{self.key[:16]}"
+
 
 @dataclass(frozen=True)
 class ModuleArtifact:
+    """A compiled module in the cache; ``sha256`` was checked against the file's bytes."""
+
     key: str
     path: Path
     sha256: str

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from stapctl.build import Builder, check_syntax, needs_symbol_map
+from stapctl.build import Builder
+from stapctl.compiler import check_syntax, needs_symbol_map
 from stapctl.connection import Connection
 from stapctl.errors import StapctlError
 from stapctl.inventory import host_vars
@@ -78,7 +79,7 @@ def gather_symbol_maps(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostF
             kallsyms = connections[name].read_file("/proc/kallsyms", KALLSYMS_LIMIT)
             facts = replace(facts, symbol_map=builder.store_symbol_map(kallsyms))
         except StapctlError as exc:
-            facts = replace(facts, raw={**facts.raw, "symbol_map_error": str(exc)})
+            facts = replace(facts, symbol_map_error=str(exc))
         return name, (host, facts)
 
     with ThreadPoolExecutor(max_workers=max(1, manifest.strategy.forks)) as pool:
@@ -89,25 +90,27 @@ def make_plan(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
               builder: Builder, extra_vars: Mapping[str, Any]) -> Plan:
     """Group (probe, host) pairs by ModuleSpec; note which are already in the cache.
 
+    Hosts that cannot be served are grouped by their reason too, so each is told its own.
     Template errors are user errors: render_script raises ManifestError for the run.
     """
-    groups: dict[tuple[str, str], list[str]] = {}
-    specs: dict[tuple[str, str], tuple[Probe, ModuleSpec]] = {}
-    errors: dict[tuple[str, str], str] = {}
+    # keyed by (probe name, spec key, why its hosts cannot be served or "")
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    specs: dict[tuple[str, str, str], tuple[Probe, ModuleSpec]] = {}
     for probe in manifest.probes:
         for name, (host, facts) in hosts.items():
             script = render_script(probe, template_vars(manifest, host, facts, extra_vars))
             spec = builder.spec(script, facts.release, facts.arch, probe.stap_options,
                                 facts.symbol_map, probe.origin, probe.first_line)
-            key = (probe.name, spec.key)
+            error = ""
+            if needs_symbol_map(script) and not facts.symbol_map:
+                reason = facts.symbol_map_error or "its symbols were not gathered"
+                error = f"kprobe.function needs the host's kernel symbols: {reason}"
+            key = (probe.name, spec.key, error)
             specs[key] = (probe, spec)
             groups.setdefault(key, []).append(name)
-            if needs_symbol_map(script) and not facts.symbol_map:
-                reason = facts.raw.get("symbol_map_error", "its symbols were not gathered")
-                errors[key] = f"kprobe.function needs the host's kernel symbols: {reason}"
     jobs = tuple(
         ModuleJob(probe=probe, spec=spec, hosts=tuple(groups[key]),
-                  artifact=builder.cached(spec), error=errors.get(key, ""))
+                  artifact=builder.cached(spec), error=key[2])
         for key, (probe, spec) in specs.items()
     )
     return Plan(jobs=jobs)
@@ -119,7 +122,7 @@ def check_scripts(manifest: Manifest, hosts: Sequence[Host],
 
     No host is contacted, so facts are blank; returns how many scripts were parsed.
     """
-    blank = HostFacts(release="", arch="", python="")
+    blank = HostFacts(release="", arch="")
     targets = list(hosts) or [Host(name="validate", address="validate")]
     seen: set[tuple[str, str]] = set()
     for probe in manifest.probes:
@@ -144,7 +147,7 @@ def build_plan(plan: Plan, builder: Builder,
             return job
         on_progress(job, "building")
         try:
-            artifact = builder.build(job.spec, job.probe.origin, job.probe.first_line)
+            artifact = builder.build(job.spec)
         except StapctlError as exc:
             on_progress(job, "failed")
             return replace(job, error=str(exc))

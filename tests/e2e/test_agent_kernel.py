@@ -57,7 +57,7 @@ probe end { printf("end after %d\\n", n) }
 def build(script: str, release: str) -> ModuleArtifact:
     """Compile through the module cache (and stap's), as `stapctl apply` does."""
     builder = Builder()
-    return builder.build(builder.spec(script, release, "x86_64", ()), "test_agent_kernel", 1)
+    return builder.build(builder.spec(script, release, "x86_64", (), origin="test_agent_kernel"))
 
 
 @pytest.fixture(scope="module")

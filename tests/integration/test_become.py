@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from stapctl.agent import AgentHost
+from stapctl.agent import AgentHost, AgentRequest
 from stapctl.connection import ConnectOptions, LocalConnection, SSHConnection
-from stapctl.execute import Fleet, RunOptions
 from stapctl.models import Host, Manifest, Probe
+from stapctl.session import Session
 
 from .conftest import Sshd
 
@@ -67,12 +67,13 @@ def user_host(sshd: Sshd, user: str) -> Host:
 def test_sudo_that_would_prompt_fails_the_host_clearly(sshd: Sshd, plain_user: str,
                                                        tmp_path: Path) -> None:
     assert not SUDOERS.exists()
-    fleet = Fleet(manifest(tmp_path, become=True), RunOptions(), lambda event: None)
+    session = Session(manifest(tmp_path, become=True), [user_host(sshd, plain_user)],
+                      record=False)
     try:
-        assert fleet.connect([user_host(sshd, plain_user)]) == {}
+        assert session.connect() == {}
     finally:
-        fleet.close()
-    [outcome] = fleet.outcomes
+        session.finish()
+    [outcome] = session.outcomes
     assert outcome.status == "failed"
     assert "sudo would ask for a password" in outcome.message
 
@@ -84,8 +85,8 @@ def test_passwordless_sudo_runs_the_agent_as_root(sshd: Sshd, plain_user: str,
         agent = AgentHost(connection)
         agent.install()
         assert agent.workdir.startswith(pwd.getpwnam(plain_user).pw_dir)
-        result = agent.call({"action": "facts"})
-        assert result["facts"]["euid"] == 0
+        result = agent.call(AgentRequest("facts"))
+        assert result.facts["euid"] == 0
     finally:
         connection.close()
 
@@ -95,21 +96,21 @@ def test_without_become_the_agent_runs_as_the_login_user(sshd: Sshd, plain_user:
     try:
         agent = AgentHost(connection)
         agent.install()
-        result = agent.call({"action": "facts"})
-        assert result["facts"]["euid"] == pwd.getpwnam(plain_user).pw_uid
+        result = agent.call(AgentRequest("facts"))
+        assert result.facts["euid"] == pwd.getpwnam(plain_user).pw_uid
     finally:
         connection.close()
 
 
 def test_local_connection_gathers_this_machines_facts(tmp_path: Path) -> None:
     host = Host(name="here", address="local")
-    fleet = Fleet(manifest(tmp_path, become=False), RunOptions(), lambda event: None)
+    session = Session(manifest(tmp_path, become=False), [host], record=False)
     try:
-        connected = fleet.connect([host])
+        connected = session.connect()
     finally:
-        fleet.close()
+        session.finish()
     _, facts = connected["here"]
     assert facts.release == os.uname().release and facts.arch == os.uname().machine
     agent = AgentHost(LocalConnection(host, ConnectOptions()))
     agent.install()
-    assert agent.call({"action": "facts"})["facts"]["release"] == os.uname().release
+    assert agent.call(AgentRequest("facts")).facts["release"] == os.uname().release

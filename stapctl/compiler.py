@@ -1,0 +1,204 @@
+"""Run stap: one module's bytes from one ModuleSpec, with errors in the user's terms.
+
+stap builds against the release's headers tree (or a symlinked copy of it holding the
+host's System.map, for kprobe.function) and, when the release needs runtime fixes, a
+patched copy of the runtime. Those copies live in the cache beside the modules, and stap
+keeps its own cache (``SYSTEMTAP_DIR``) there too, so kernel feature probing (15 s and
+more) is paid once per machine, not once per module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from stapctl.cache import ModuleCache
+from stapctl.errors import CompileError
+from stapctl.models import ModuleSpec
+from stapctl.runtime_fixes import MODULES_ROOT, fixes_named, headers_dir
+
+STDERR_TAIL_LINES = 30
+# stap lines that say nothing about the user's script: distro boilerplate, and pass 1's
+# complaint about a System.map it does not need
+NOISE = ("Tip: ", "WARNING: Kernel function symbol table missing")
+KPROBE_FUNCTION = re.compile(r"\bkprobe\s*\.\s*function\s*\(")
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """The local stap: its version, and where its pristine runtime lives."""
+
+    stap: str
+    version: str
+    runtime: Path
+
+    @classmethod
+    def find(cls) -> Toolchain:
+        stap = shutil.which("stap")
+        if stap is None:
+            raise CompileError("stap not found: install systemtap (apt-get install systemtap)")
+        try:
+            proc = subprocess.run(
+                [stap, "-V"], capture_output=True, text=True, timeout=30, check=False
+            )
+            first = (proc.stderr + proc.stdout).splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired) as exc:
+            raise CompileError(f"cannot run {stap} -V: {exc}") from exc
+        match = re.search(r"version ([^\s,]+)", first)
+        version = match.group(1) if match else first
+        runtime = Path(stap).resolve().parent.parent / "share" / "systemtap" / "runtime"
+        return cls(stap=stap, version=version, runtime=runtime)
+
+
+class Compiler:
+    """Compiles ModuleSpecs with the local stap, keeping its helper files in ``cache``."""
+
+    def __init__(self, cache: ModuleCache, toolchain: Toolchain) -> None:
+        self.cache = cache
+        self.toolchain = toolchain
+
+    def compile(self, spec: ModuleSpec) -> bytes:
+        """The module's bytes; stap's errors are raised as CompileError, pointing into
+        ``spec.origin``."""
+        headers = headers_dir(spec.release)  # refuses a release unfit for a path first
+        if spec.arch != platform.machine():
+            raise CompileError(
+                f"cannot build for {spec.arch} on this {platform.machine()} machine: "
+                "run stapctl on a machine of the target's architecture"
+            )
+        if not headers.exists():
+            raise CompileError(
+                f"no kernel headers for {spec.release} on this machine: "
+                f"install them (apt-get install linux-headers-{spec.release})"
+            )
+        argv = [self.toolchain.stap, "-p4", "-r", self._build_tree(spec),
+                "-m", spec.module_name]
+        runtime = self._runtime(spec)
+        if runtime is not None:
+            argv += ["-R", str(runtime)]
+        env = dict(os.environ, SYSTEMTAP_DIR=str(self.cache.directory("stap")))
+        with tempfile.TemporaryDirectory(dir=self.cache.directory("work"),
+                                         ignore_cleanup_errors=True) as tmp:
+            # named and padded like the user's file, so the line numbers stap puts in
+            # compile errors and into the module itself are the user's own
+            script = Path(tmp) / _script_name(Path(spec.origin).name)
+            script.write_text("\n" * (spec.first_line - 1) + spec.script)
+            proc = subprocess.run([*argv, *spec.options, script.name], cwd=tmp, env=env,
+                                  capture_output=True, text=True, check=False)
+            module = Path(tmp) / f"{spec.module_name}.ko"
+            origin = spec.origin or script.name
+            if proc.returncode != 0 or not module.is_file():
+                raise CompileError(
+                    f"{origin}:{spec.first_line}: stap could not build this probe for "
+                    f"{spec.release}",
+                    _user_facing_stderr(proc.stderr, script.name, origin, 1),
+                )
+            return module.read_bytes()
+
+    def store_symbol_map(self, kallsyms: bytes) -> str:
+        """Keep a System.map made from a host's /proc/kallsyms; returns its sha256.
+
+        Debian ships no kernel debuginfo, so `kprobe.function("x")` finds nothing in the
+        headers; stap resolves it from the System.map of the build tree it is given.
+        """
+        lines = [line for line in kallsyms.decode(errors="replace").splitlines()
+                 if line and not line.endswith("]")]  # module symbols end in [module]
+        if not lines or all(line.startswith("0000000000000000 ") for line in lines):
+            raise CompileError(
+                "the host's /proc/kallsyms shows no addresses (kernel.kptr_restrict hides "
+                "them from this user): log in as root, or use become: true")
+        data = ("\n".join(lines) + "\n").encode()
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.cache.directory("symbols") / f"{digest}.map"
+        if not target.exists():
+            partial = target.with_suffix(f".{os.getpid()}.part")
+            partial.write_bytes(data)
+            os.replace(partial, target)
+        return digest
+
+    def _build_tree(self, spec: ModuleSpec) -> str:
+        """What to pass to `stap -r`: the release, or a symlinked copy of its headers tree
+        holding the host's System.map."""
+        if not spec.symbol_map:
+            return spec.release
+        tree = self.cache.directory("trees") / f"{spec.release}-{spec.symbol_map[:16]}"
+        if (tree / ".complete").exists():
+            return str(tree)
+        with self.cache.locked(f"tree-{tree.name}"):
+            if not (tree / ".complete").exists():
+                shutil.rmtree(tree, ignore_errors=True)
+                subprocess.run(["cp", "-as", f"{headers_dir(spec.release).resolve()}/.",
+                                str(tree)], check=True)
+                shutil.copyfile(self.cache.directory("symbols") / f"{spec.symbol_map}.map",
+                                tree / "System.map")
+                (tree / ".complete").touch()
+        return str(tree)
+
+    def _runtime(self, spec: ModuleSpec) -> Path | None:
+        """A patched runtime copy for the spec's fixes, made once and kept in the cache."""
+        fixes = fixes_named(spec.runtime_fix)
+        if not fixes:
+            return None
+        name = re.sub(r"[^A-Za-z0-9.+_-]", "_", f"{self.toolchain.version}-{spec.runtime_fix}")
+        target = self.cache.directory("runtime") / name
+        if (target / ".complete").exists():
+            return target
+        with self.cache.locked(f"runtime-{name}"):
+            if not (target / ".complete").exists():
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(self.toolchain.runtime, target)
+                for fix in fixes:
+                    fix.apply(target)
+                (target / ".complete").touch()
+        return target
+
+
+def _script_name(name: str) -> str:
+    """A safe file name for stap that keeps the user's file name recognisable."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".-")
+    return safe or "probe.stp"
+
+
+def needs_symbol_map(script: str) -> bool:
+    """Whether a script probes kernel functions by name (see store_symbol_map)."""
+    return KPROBE_FUNCTION.search(script) is not None
+
+
+def check_syntax(script: str, origin: str, first_line: int) -> None:
+    """Run stap's parser (pass 1) on a rendered script; no kernel or headers involved."""
+    stap = shutil.which("stap")
+    # stap insists on some kernel's build tree even to parse; any installed one will do
+    releases = sorted(p.parent.name for p in MODULES_ROOT.glob("*/build"))
+    if stap is None or not releases:
+        return
+    with tempfile.TemporaryDirectory(prefix="stapctl-parse-") as tmp:
+        path = Path(tmp) / "probe.stp"
+        path.write_text(script)
+        proc = subprocess.run([stap, "-p1", "-r", releases[-1], str(path)],
+                              capture_output=True, text=True, check=False, cwd=tmp)
+        if proc.returncode != 0:
+            raise CompileError(f"{origin}:{first_line}: stap cannot parse this probe",
+                               _user_facing_stderr(proc.stderr, str(path), origin, first_line))
+
+
+def _user_facing_stderr(stderr: str, shown: str, origin: str, first_line: int) -> str:
+    """stap's message tail, with positions in our copy (named ``shown`` in stap's output)
+    mapped to the user's file."""
+
+    def relocate(match: re.Match[str]) -> str:
+        line = int(match.group(1)) + first_line - 1
+        return f"{origin}:{line}" + (match.group(2) or "")
+
+    own_name = r"(?<![\w/.-])" + re.escape(shown)
+    text = re.sub(own_name + r":(\d+)(:\d+)?", relocate, stderr)
+    text = re.sub(own_name, lambda match: origin, text)
+    lines = [line for line in text.splitlines()
+             if line.strip() and not line.startswith(NOISE)]
+    return "\n".join(lines[-STDERR_TAIL_LINES:])
