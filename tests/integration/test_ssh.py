@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,18 +15,9 @@ from stapctl.errors import AuthError, ConnectError, HostKeyError
 from stapctl.models import Host
 from tests.loopback_sshd import free_port, keygen
 
-from .conftest import Sshd
+from .conftest import Sshd, host_for
 
 pytestmark = pytest.mark.integration
-
-
-def host_for(sshd: Sshd, **changes: object) -> Host:
-    fields: dict[str, object] = {
-        "name": "loop", "address": "127.0.0.1", "port": sshd.port, "user": "root",
-        "key_file": str(sshd.client_key), "known_hosts": str(sshd.known_hosts),
-    }
-    fields.update(changes)
-    return Host(**fields)  # type: ignore[arg-type]
 
 
 def test_connects_with_a_known_host_key_and_runs_argv(sshd: Sshd) -> None:
@@ -72,33 +61,6 @@ def test_refused_port_is_a_connect_error() -> None:
     host = Host(name="nobody", address="127.0.0.1", port=free_port())
     with pytest.raises(ConnectError, match="refused"):
         connect(host, ConnectOptions(connect_timeout=2))
-
-
-@pytest.fixture
-def silent_server() -> Iterator[int]:
-    """Test double: accepts TCP connections and never says a word."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    held: list[socket.socket] = []
-    done = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not done.is_set():
-            try:
-                held.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield int(server.getsockname()[1])
-    done.set()
-    thread.join()
-    for sock in held:
-        sock.close()
-    server.close()
 
 
 def test_server_that_never_answers_times_out(silent_server: int) -> None:
