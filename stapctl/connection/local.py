@@ -96,12 +96,12 @@ class LocalConnection:
             shutil.copyfile(local, partial)
             os.chmod(partial, 0o600)
             os.replace(partial, remote)
-        except BaseException as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(partial)
-            if isinstance(exc, OSError):
-                raise ConnectError(f"copy of {local.name} to {remote} failed: "
-                                   f"{exc.strerror or exc}") from exc
+        except OSError as exc:
+            _remove_if_there(partial)
+            raise ConnectError(f"copy of {local.name} to {remote} failed: "
+                               f"{exc.strerror or exc}") from exc
+        except BaseException:
+            _remove_if_there(partial)
             raise
 
     def read_file(self, path: str, limit: int) -> bytes:
@@ -125,3 +125,8 @@ class LocalConnection:
 
     def close(self) -> None:
         return None
+
+
+def _remove_if_there(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

@@ -100,25 +100,26 @@ def jump_chain(spec: str | None) -> list[str]:
     return hops
 
 
-def jump_host(spec: str, template: Host) -> Host:
+def jump_host(spec: str, known_hosts: str | None) -> Host:
     """A host from one ProxyJump hop, trusting the same known_hosts as the target."""
     user, address, port = parse_jump(spec)
     return Host(name=f"jump:{address}", address=address, port=port, user=user,
-                known_hosts=template.known_hosts)
+                known_hosts=known_hosts)
+
+
+_GatewayKey = tuple[tuple[str, ...], str | None, ConnectOptions]
 
 
 @dataclass
 class _Gateway:
     """A jump host's connection and the number of targets reaching through it."""
 
+    key: _GatewayKey
     connection: SSHConnection
     users: int = 0
     opened: bool = False
     error: StapctlError | None = None
     opening: threading.Lock = field(default_factory=threading.Lock)
-
-
-_GatewayKey = tuple[tuple[str, ...], str | None, ConnectOptions]
 
 
 class _Gateways:
@@ -132,15 +133,15 @@ class _Gateways:
     def acquire(self, chain: list[str], known_hosts: str | None,
                 options: ConnectOptions) -> _Gateway:
         """The open gateway to the last hop of ``chain``; ``release`` it when done."""
-        key = (tuple(chain), known_hosts, replace(options, become=False))  # runs nothing
+        options = replace(options, become=False)  # a jump host runs no command
+        key = (tuple(chain), known_hosts, options)
         with self._lock:
             gateway = self._open.get(key)
             if gateway is None:
                 *before, last = chain
-                template = Host(name="", address="", known_hosts=known_hosts)
-                hop = SSHConnection(jump_host(last, template), options,
+                hop = SSHConnection(jump_host(last, known_hosts), options,
                                     via=",".join(before) or "none")
-                gateway = self._open[key] = _Gateway(hop)
+                gateway = self._open[key] = _Gateway(key, hop)
             gateway.users += 1
         with gateway.opening:  # the first user opens it, those behind wait for it
             if not gateway.opened and gateway.error is None:
@@ -159,7 +160,7 @@ class _Gateways:
             gateway.users -= 1
             last = gateway.users == 0
             if last:
-                self._open = {k: g for k, g in self._open.items() if g is not gateway}
+                del self._open[gateway.key]
         if last:
             gateway.connection.close()
 
@@ -176,12 +177,18 @@ def _answered_within(seconds: float, channel: paramiko.Channel,
                      request: Callable[[], None]) -> None:
     """Run a channel request (exec, subsystem), whose answer paramiko waits for without
     a limit; past ``seconds`` the channel is closed, and that is a TimeoutError."""
-    timer = threading.Timer(seconds, channel.close)
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        channel.close()
+
+    timer = threading.Timer(seconds, expire)
     timer.start()
     try:
         request()
     except (OSError, paramiko.SSHException, EOFError) as exc:
-        if not timer.is_alive():
+        if expired.is_set():
             raise TimeoutError from exc
         raise
     finally:
@@ -365,6 +372,8 @@ class SSHConnection:
         return (self.host.user or "root") == "root"
 
     def _transport(self) -> paramiko.Transport:
+        if not self._opened:
+            raise ConnectError(f"{self.host.name}: connection not opened yet")
         transport = self._client.get_transport()
         if self._closed or transport is None or not transport.is_active():
             raise ConnectError(f"{self.host.name}: connection closed")

@@ -130,6 +130,8 @@ def test_building_an_ssh_connection_does_no_io(tmp_path: Path) -> None:
         connection = SSHConnection(host, ConnectOptions(ssh_config=config))
         with pytest.raises(TimeoutError):
             listener.accept()
+        with pytest.raises(ConnectError, match="h: connection not opened yet"):
+            connection.start(["true"])
         connection.close()
         connection.close()  # idempotent
         with pytest.raises(ConnectError, match="opened only once"):
