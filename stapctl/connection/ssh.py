@@ -309,6 +309,12 @@ class SSHConnection:
         if self._closed:
             raise self._closed_error()
 
+    def _tunnel(self, address: str, port: int) -> paramiko.Channel:
+        """A TCP stream to (address, port) opened from this host: a ProxyJump hop."""
+        return self._transport().open_channel("direct-tcpip", (address, port),
+                                              ("127.0.0.1", 0),
+                                              timeout=self.options.connect_timeout)
+
     def _closed_error(self) -> ConnectError:
         return ConnectError(f"{self.host.name}: connection closed")
 
@@ -316,13 +322,8 @@ class SSHConnection:
         host, options = self.host, self.options
         where = f"{host.address}:{host.port}"
         if self._gateway is not None:
-            transport = self._gateway.connection._client.get_transport()
             try:
-                if transport is None or not transport.is_active():
-                    raise ConnectError("its connection is closed")
-                return transport.open_channel("direct-tcpip", (host.address, host.port),
-                                              ("127.0.0.1", 0),
-                                              timeout=options.connect_timeout)
+                return self._gateway.connection._tunnel(host.address, host.port)
             except (OSError, paramiko.SSHException, EOFError, ConnectError) as exc:
                 raise ConnectError(f"{where}: the jump host could not reach it: {exc}") \
                     from exc
