@@ -8,7 +8,9 @@ fails on every run, not only on the first.
 
 from __future__ import annotations
 
+import base64
 import fcntl
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +57,7 @@ def _read_entries(path: Path) -> list[tuple[str, paramiko.PKey]]:
 
 
 def entry_line(name: str, key: paramiko.PKey) -> str:
-    """One known_hosts line, as OpenSSH writes it (`[address]:port` off port 22)."""
+    """One known_hosts line, as OpenSSH writes it."""
     return f"{name} {key.get_name()} {key.get_base64()}\n"
 
 
@@ -104,10 +106,21 @@ class KnownHosts:
             os.close(fd)  # releases the lock
 
 
-def changed_key_error(name: str, key: paramiko.PKey, path: Path | str) -> HostKeyError:
+def known_hosts_name(address: str, port: int) -> str:
+    """A host's name in known_hosts, as OpenSSH writes it."""
+    return address if port == 22 else f"[{address}]:{port}"
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """As `ssh-keygen -l` shows it."""
+    digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).rstrip(b"=")
+    return f"SHA256:{digest.decode()}"
+
+
+def changed_key_error(name: str, key: paramiko.PKey, path: Path) -> HostKeyError:
     return HostKeyError(
-        f"{name}: host key CHANGED (got {key.get_name()} {key.get_fingerprint().hex()}); "
-        f"if this is expected, remove the old key from {path}")
+        f"{name}: host key CHANGED (now {key.get_name()} {fingerprint(key)}); if the host "
+        f"was reinstalled, remove the old key: ssh-keygen -R '{name}' -f {path}")
 
 
 class KnownHostsPolicy(paramiko.MissingHostKeyPolicy):

@@ -27,7 +27,7 @@ from stapctl.connection.base import (
     partial_name,
     privileged,
 )
-from stapctl.connection.known_hosts import KnownHosts, changed_key_error
+from stapctl.connection.known_hosts import KnownHosts, changed_key_error, known_hosts_name
 from stapctl.errors import AuthError, ConnectError, StapctlError
 from stapctl.models import Host
 
@@ -341,7 +341,8 @@ class SSHConnection:
         """paramiko's and the socket's failures, as errors that say what to do."""
         if isinstance(exc, paramiko.BadHostKeyException):
             assert self._known is not None
-            return changed_key_error(where, exc.key, self._known.in_use)
+            name = known_hosts_name(self.host.address, self.host.port)
+            return changed_key_error(name, exc.key, self._known.in_use)
         if isinstance(exc, paramiko.AuthenticationException):
             return AuthError(f"{where}: authentication failed as {self.host.user or 'root'}: "
                              f"{exc}")

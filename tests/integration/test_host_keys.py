@@ -69,9 +69,16 @@ def test_an_accepted_key_is_saved_and_a_changed_one_fails_on_every_run(
     (tmp_path / "second").mkdir()
     restartable.append(start_sshds(tmp_path / "second", ports=[port]))
     second_key = restartable[-1].client_key
+    listed = subprocess.run(["ssh-keygen", "-lf", str(tmp_path / "second" / "host_ed25519")],
+                            check=True, capture_output=True, text=True).stdout
+    new_fingerprint = listed.split()[1]
     for _ in range(2):  # run 2, run 3: the flag never accepts a changed key
-        with pytest.raises(HostKeyError, match="CHANGED"):
+        with pytest.raises(HostKeyError) as failure:
             runs(host(port, second_key), accepting)
+        assert str(failure.value) == (
+            f"[127.0.0.1]:{port}: host key CHANGED (now ssh-ed25519 {new_fingerprint}); "
+            f"if the host was reinstalled, remove the old key: "
+            f"ssh-keygen -R '[127.0.0.1]:{port}' -f {user_file}")
     assert len(user_file.read_text().splitlines()) == 1
 
 
