@@ -43,7 +43,7 @@ class Sshds:
 
 
 def start_sshds(base: Path, count: int = 1, extra_config: str = "",
-                ports: list[int] | None = None) -> Sshds:
+                ports: list[int] | None = None, sftp_server: str = SFTP_SERVER) -> Sshds:
     """``count`` sshd processes on free loopback ports (or on ``ports``), with a new host
     key; their logs are in ``base``.
 
@@ -63,7 +63,7 @@ def start_sshds(base: Path, count: int = 1, extra_config: str = "",
             f"PidFile {base}/sshd.{index}.pid\nStrictModes no\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nUsePAM no\nMaxStartups 500\nMaxSessions 50\n"
-            f"Subsystem sftp {SFTP_SERVER}\n{extra_config}")
+            f"Subsystem sftp {sftp_server}\n{extra_config}")
         log = open(base / f"sshd.{index}.log", "wb")
         processes.append(subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log))
     sshds = Sshds(ports, base / "client_ed25519", base / "known_hosts", processes)

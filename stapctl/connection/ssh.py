@@ -393,12 +393,12 @@ class SSHConnection:
                 channel.settimeout(timeout)  # every SFTP request waits this long at most
                 _answered_within(timeout, channel, lambda: channel.invoke_subsystem("sftp"))
                 sftp = paramiko.SFTPClient(channel)
-            except TimeoutError as exc:
-                raise ConnectError(f"{self.host.name}: SFTP: no answer within "
-                                   f"{timeout:g}s") from exc
             except (OSError, paramiko.SSHException, EOFError) as exc:
                 if channel is not None:
                     channel.close()
+                if isinstance(exc, TimeoutError):
+                    raise ConnectError(f"{self.host.name}: SFTP: no answer within "
+                                       f"{timeout:g}s") from exc
                 raise ConnectError(f"{self.host.name}: SFTP is not available: {exc}") from exc
             with self._lock:
                 if not self._closed:

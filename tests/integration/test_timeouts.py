@@ -71,6 +71,23 @@ def test_a_stuck_sftp_server_times_out(own_sshd: Sshds, tmp_path: Path) -> None:
         connection.close()
 
 
+def test_an_sftp_server_that_never_answers_times_out(tmp_path: Path) -> None:
+    servers = start_sshds(tmp_path, sftp_server="/bin/sleep 5")  # test double: mute SFTP
+    host = Host(name="mute", address="127.0.0.1", port=servers.ports[0], user="root",
+                key_file=str(servers.client_key), known_hosts=str(servers.known_hosts))
+    try:
+        connection = connect(host, ConnectOptions(ssh_config=None, io_timeout=1))
+        try:
+            started = time.monotonic()
+            with pytest.raises(ConnectError, match=r"mute: SFTP: no answer within 1s"):
+                connection.home()
+            assert time.monotonic() - started < 3
+        finally:
+            connection.close()
+    finally:
+        servers.stop()
+
+
 def test_close_from_another_thread_stops_a_handshake(silent_server: int) -> None:
     connection = SSHConnection(Host(name="mute", address="127.0.0.1", port=silent_server),
                                ConnectOptions(connect_timeout=30, ssh_config=None))
