@@ -12,7 +12,8 @@ import pytest
 from stapctl.connection import Connection, ConnectOptions, SSHConnection, connect, run_command
 from stapctl.connection.ssh import GATEWAYS
 from stapctl.errors import ConnectError, HostKeyError
-from stapctl.models import Host
+from stapctl.execute import Fleet, RunOptions
+from stapctl.models import Host, Manifest, Probe
 from tests.loopback_sshd import Sshds, children, free_port, start_sshds, wait_for
 
 pytestmark = pytest.mark.integration
@@ -120,3 +121,26 @@ def test_a_bad_proxyjump_fails_that_host_only(bastion_and_target: Sshds,
     assert "put an IPv6 address in brackets" in str(results[0])
     assert isinstance(results[1], SSHConnection)
     results[1].close()
+
+
+def test_in_a_fleet_a_bad_proxyjump_fails_that_host_and_the_others_go_on(
+        bastion_and_target: Sshds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    servers = bastion_and_target
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text("Host 127.0.0.2\n  HostName 127.0.0.1\n"
+                                          "  ProxyJump [::1]:22x\n")
+    monkeypatch.setenv("HOME", str(home))  # the user's ~/.ssh/config is the fleet's
+    bad = Host(name="bad", address="127.0.0.2", port=servers.ports[1], user="root",
+               key_file=str(servers.client_key), known_hosts=str(servers.known_hosts))
+    probe = Probe(name="p", template="probe oneshot {}", origin="t.yaml", first_line=1)
+    fleet = Fleet(Manifest(path=tmp_path / "t.yaml", name="t", probes=(probe,)),
+                  RunOptions(), lambda event: None)
+    try:
+        connected = fleet.connect([bad, target(servers, 1, servers.ports[1])])
+    finally:
+        fleet.close()
+    assert list(connected) == ["t1"]
+    [outcome] = fleet.outcomes
+    assert (outcome.host, outcome.status) == ("bad", "unreachable")
+    assert "ProxyJump '[::1]:22x'" in outcome.message
