@@ -79,6 +79,22 @@ def test_targets_share_one_bastion_connection(bastion_and_target: Sshds,
     assert wait_for(lambda: bastion_connections(servers) == 0)
 
 
+def test_two_hops_are_opened_in_order_and_both_closed(bastion_and_target: Sshds,
+                                                       tmp_path: Path) -> None:
+    """127.0.0.1 first, then [::1] reached through it (the same bastion, twice)."""
+    servers = bastion_and_target
+    bastion = servers.ports[0]
+    config = write_config(tmp_path, servers, f"root@127.0.0.1:{bastion},root@[::1]:{bastion}")
+    connection = connect(target(servers, 0, servers.ports[1]), ConnectOptions(ssh_config=config))
+    try:
+        assert run_command(connection, ["echo", "two hops"]).stdout == b"two hops\n"
+        assert GATEWAYS.count() == 2 and bastion_connections(servers) == 2
+    finally:
+        connection.close()
+    assert GATEWAYS.count() == 0
+    assert wait_for(lambda: bastion_connections(servers) == 0)
+
+
 def test_failed_targets_leave_no_session_on_the_bastion(bastion_and_target: Sshds,
                                                         tmp_path: Path) -> None:
     servers = bastion_and_target
