@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +42,10 @@ class Sshds:
             process.wait(timeout=10)
 
 
-def start_sshds(base: Path, count: int = 1, extra_config: str = "") -> Sshds:
-    """``count`` sshd processes on free loopback ports; their logs are in ``base``.
+def start_sshds(base: Path, count: int = 1, extra_config: str = "",
+                ports: list[int] | None = None, sftp_server: str = SFTP_SERVER) -> Sshds:
+    """``count`` sshd processes on free loopback ports (or on ``ports``), with a new host
+    key; their logs are in ``base``.
 
     Users log in with ``client_key`` (root included); a user's own
     ~/.ssh/authorized_keys is honoured too.
@@ -50,7 +53,7 @@ def start_sshds(base: Path, count: int = 1, extra_config: str = "") -> Sshds:
     host_pub = " ".join(keygen(base / "host_ed25519").split()[:2])
     (base / "authorized_keys").write_text(keygen(base / "client_ed25519") + "\n")
     Path("/run/sshd").mkdir(exist_ok=True)
-    ports = [free_port() for _ in range(count)]
+    ports = ports or [free_port() for _ in range(count)]
     processes = []
     for index, port in enumerate(ports):
         config = base / f"sshd_config.{index}"
@@ -60,7 +63,7 @@ def start_sshds(base: Path, count: int = 1, extra_config: str = "") -> Sshds:
             f"PidFile {base}/sshd.{index}.pid\nStrictModes no\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nUsePAM no\nMaxStartups 500\nMaxSessions 50\n"
-            f"Subsystem sftp {SFTP_SERVER}\n{extra_config}")
+            f"Subsystem sftp {sftp_server}\n{extra_config}")
         log = open(base / f"sshd.{index}.log", "wb")
         processes.append(subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log))
     sshds = Sshds(ports, base / "client_ed25519", base / "known_hosts", processes)
@@ -80,3 +83,32 @@ def start_sshds(base: Path, count: int = 1, extra_config: str = "") -> Sshds:
                         from None
                 time.sleep(0.05)
     return sshds
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``: for a listening sshd, one per connection."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            # the command name is in parentheses and may hold spaces: split after it
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    below = children(pid)
+    return below + [grandchild for child in below for grandchild in descendants(child)]
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 10) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass; whether it held."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

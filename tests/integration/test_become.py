@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stapctl.agent import AgentHost, AgentRequest
-from stapctl.connection import ConnectOptions, LocalConnection, SSHConnection
+from stapctl.connection import ConnectOptions, LocalConnection, connect
 from stapctl.models import Host, Manifest, Probe
 from stapctl.session import Session
 
@@ -80,7 +80,7 @@ def test_sudo_that_would_prompt_fails_the_host_clearly(sshd: Sshd, plain_user: s
 
 def test_passwordless_sudo_runs_the_agent_as_root(sshd: Sshd, plain_user: str,
                                                   passwordless_sudo: None) -> None:
-    connection = SSHConnection(user_host(sshd, plain_user), ConnectOptions(become=True))
+    connection = connect(user_host(sshd, plain_user), ConnectOptions(become=True))
     try:
         agent = AgentHost(connection)
         agent.install()
@@ -92,7 +92,7 @@ def test_passwordless_sudo_runs_the_agent_as_root(sshd: Sshd, plain_user: str,
 
 
 def test_without_become_the_agent_runs_as_the_login_user(sshd: Sshd, plain_user: str) -> None:
-    connection = SSHConnection(user_host(sshd, plain_user), ConnectOptions(become=False))
+    connection = connect(user_host(sshd, plain_user), ConnectOptions(become=False))
     try:
         agent = AgentHost(connection)
         agent.install()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,27 +10,18 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from stapctl.connection import ConnectOptions, SSHConnection, run_command
+from stapctl.connection import ConnectOptions, SSHConnection, connect, run_command
 from stapctl.errors import AuthError, ConnectError, HostKeyError
 from stapctl.models import Host
 from tests.loopback_sshd import free_port, keygen
 
-from .conftest import Sshd
+from .conftest import Sshd, host_for
 
 pytestmark = pytest.mark.integration
 
 
-def host_for(sshd: Sshd, **changes: object) -> Host:
-    fields: dict[str, object] = {
-        "name": "loop", "address": "127.0.0.1", "port": sshd.port, "user": "root",
-        "key_file": str(sshd.client_key), "known_hosts": str(sshd.known_hosts),
-    }
-    fields.update(changes)
-    return Host(**fields)  # type: ignore[arg-type]
-
-
 def test_connects_with_a_known_host_key_and_runs_argv(sshd: Sshd) -> None:
-    connection = SSHConnection(host_for(sshd), ConnectOptions())
+    connection = connect(host_for(sshd), ConnectOptions())
     try:
         done = run_command(connection, ["echo", "it's", "a $HOME"])  # quoted, not expanded
         assert done.status == 0
@@ -46,10 +35,10 @@ def test_changed_host_key_is_refused(sshd: Sshd, tmp_path: Path) -> None:
     known = tmp_path / "known_hosts"
     known.write_text(f"[127.0.0.1]:{sshd.port} {' '.join(other.split()[:2])}\n")
     with pytest.raises(HostKeyError, match="CHANGED"):
-        SSHConnection(host_for(sshd, known_hosts=str(known)), ConnectOptions())
+        connect(host_for(sshd, known_hosts=str(known)), ConnectOptions())
     # accepting new keys never accepts a changed one
     with pytest.raises(HostKeyError, match="CHANGED"):
-        SSHConnection(host_for(sshd, known_hosts=str(known)),
+        connect(host_for(sshd, known_hosts=str(known)),
                       ConnectOptions(accept_new_host_keys=True))
 
 
@@ -57,60 +46,33 @@ def test_unknown_host_key_is_refused_unless_accepted(sshd: Sshd, tmp_path: Path)
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     with pytest.raises(HostKeyError, match="unknown host key"):
-        SSHConnection(host_for(sshd, known_hosts=str(empty)), ConnectOptions())
-    SSHConnection(host_for(sshd, known_hosts=str(empty)),
+        connect(host_for(sshd, known_hosts=str(empty)), ConnectOptions())
+    connect(host_for(sshd, known_hosts=str(empty)),
                   ConnectOptions(accept_new_host_keys=True)).close()
 
 
 def test_wrong_key_is_an_auth_error(sshd: Sshd, tmp_path: Path) -> None:
     keygen(tmp_path / "stranger")
     with pytest.raises(AuthError, match="authentication failed"):
-        SSHConnection(host_for(sshd, key_file=str(tmp_path / "stranger")), ConnectOptions())
+        connect(host_for(sshd, key_file=str(tmp_path / "stranger")), ConnectOptions())
 
 
 def test_refused_port_is_a_connect_error() -> None:
     host = Host(name="nobody", address="127.0.0.1", port=free_port())
     with pytest.raises(ConnectError, match="refused"):
-        SSHConnection(host, ConnectOptions(connect_timeout=2))
-
-
-@pytest.fixture
-def silent_server() -> Iterator[int]:
-    """Test double: accepts TCP connections and never says a word."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    held: list[socket.socket] = []
-    done = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not done.is_set():
-            try:
-                held.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield int(server.getsockname()[1])
-    done.set()
-    thread.join()
-    for sock in held:
-        sock.close()
-    server.close()
+        connect(host, ConnectOptions(connect_timeout=2))
 
 
 def test_server_that_never_answers_times_out(silent_server: int) -> None:
     host = Host(name="mute", address="127.0.0.1", port=silent_server)
     started = time.monotonic()
     with pytest.raises(ConnectError):
-        SSHConnection(host, ConnectOptions(connect_timeout=1.5))
+        connect(host, ConnectOptions(connect_timeout=1.5))
     assert time.monotonic() - started < 10
 
 
 def test_upload_goes_to_a_private_directory(sshd: Sshd, tmp_path: Path) -> None:
-    connection = SSHConnection(host_for(sshd), ConnectOptions())
+    connection = connect(host_for(sshd), ConnectOptions())
     try:
         target = str(tmp_path / "remote" / "work")
         connection.ensure_private_dir(target)
@@ -138,9 +100,9 @@ def test_ssh_config_and_proxyjump(sshd: Sshd, tmp_path: Path) -> None:
         f"Host 127.0.0.1\n  IdentityFile {sshd.client_key}\n"
     )
     host = Host(name="t", address="target", known_hosts=str(sshd.known_hosts))
-    connection = SSHConnection(host, ConnectOptions(ssh_config=config))
+    connection = connect(host, ConnectOptions(ssh_config=config))
     try:
-        assert connection._jump is not None
+        assert isinstance(connection, SSHConnection) and connection._gateway is not None
         assert connection.host.port == sshd.port and connection.host.address == "127.0.0.1"
         transport = connection._client.get_transport()
         assert transport is not None and isinstance(transport.sock, paramiko.Channel)
@@ -170,7 +132,7 @@ def ssh_agent(sshd: Sshd, monkeypatch: pytest.MonkeyPatch,
 
 
 def test_keys_from_ssh_agent(sshd: Sshd, ssh_agent: None) -> None:
-    connection = SSHConnection(host_for(sshd, key_file=None), ConnectOptions(ssh_config=None))
+    connection = connect(host_for(sshd, key_file=None), ConnectOptions(ssh_config=None))
     try:
         assert run_command(connection, ["true"]).status == 0
     finally:

@@ -1,0 +1,166 @@
+"""The interface every kind of connection offers, and what is built on it alone."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from stapctl.errors import ConnectError
+from stapctl.models import Host
+
+STDERR_TAIL_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    connect_timeout: float = 10.0
+    accept_new_host_keys: bool = False  # like OpenSSH's StrictHostKeyChecking=accept-new
+    become: bool = False  # use `sudo -n` when the login user is not root
+    ssh_config: Path | None = Path("~/.ssh/config")  # None: read no ssh_config
+    # seconds an SFTP request (stat, upload, read...) may wait for the target's answer
+    io_timeout: float = 60.0
+    # like OpenSSH's UserKnownHostsFile (a host's own `known_hosts` wins) and
+    # GlobalKnownHostsFile (always trusted, never written)
+    user_known_hosts: Path = Path("~/.ssh/known_hosts")
+    global_known_hosts: Path = Path("/etc/ssh/ssh_known_hosts")
+
+
+class Process(Protocol):
+    """A command running on a target, with its stdin, stdout and stderr as streams."""
+
+    def send(self, data: bytes) -> None: ...
+    def close_stdin(self) -> None: ...
+    def recv(self, size: int) -> bytes: ...  # b"" at EOF
+    def stderr_tail(self) -> str: ...
+    def wait(self) -> int: ...
+    def kill(self) -> None: ...
+
+
+class Connection(Protocol):
+    """A target reached one way or another. Building one does no I/O; ``open`` does.
+    ``close`` may be called at any time, from any thread, any number of times."""
+
+    host: Host
+
+    def open(self) -> None: ...
+    def home(self) -> str: ...
+    def ensure_private_dir(self, path: str) -> None: ...
+    def exists(self, path: str, size: int) -> bool: ...
+    def put(self, local: Path, remote: str) -> None: ...  # the one way to upload
+    def read_file(self, path: str, limit: int) -> bytes: ...
+    def start(self, argv: Sequence[str]) -> Process: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Completed:
+    status: int
+    stdout: bytes
+    stderr: str  # the tail only
+
+
+def run_command(connection: Connection, argv: Sequence[str], stdin: bytes = b"",
+                timeout: float | None = None) -> Completed:
+    """Run a short command to its end: the one way to run something that is not the agent.
+
+    A command that stays silent (no output, no exit) for ``timeout`` seconds is killed
+    (``Process.kill``) and reported as a ConnectError.
+    """
+    process = connection.start(argv)
+    watchdog = _Watchdog(timeout, process.kill)
+    try:
+        if stdin:
+            process.send(stdin)
+        process.close_stdin()
+        chunks = []
+        while chunk := process.recv(65536):
+            watchdog.heard()
+            chunks.append(chunk)
+        status = process.wait()
+    except ConnectError as exc:
+        if watchdog.fired:
+            raise watchdog.error(connection.host.name, argv) from exc
+        raise
+    finally:
+        watchdog.stop()
+    if watchdog.fired:
+        raise watchdog.error(connection.host.name, argv)
+    return Completed(status, b"".join(chunks), process.stderr_tail())
+
+
+class _Watchdog:
+    """Calls ``kill`` once nothing has been heard for ``timeout`` seconds (never if None)."""
+
+    def __init__(self, timeout: float | None, kill: Callable[[], None]) -> None:
+        self.timeout = timeout
+        self.fired = False
+        self._kill = kill
+        self._heard = threading.Event()
+        self._stopped = threading.Event()
+        if timeout is not None:
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stopped.is_set():
+            if not self._heard.wait(self.timeout):
+                if not self._stopped.is_set():
+                    self.fired = True
+                    self._kill()
+                return
+            self._heard.clear()
+
+    def heard(self) -> None:
+        self._heard.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._heard.set()
+
+    def error(self, host: str, argv: Sequence[str]) -> ConnectError:
+        return ConnectError(f"{host}: {argv[0]}: no answer within {self.timeout:g}s")
+
+
+def privileged(argv: Sequence[str], user_is_root: bool, become: bool) -> list[str]:
+    """Prefix argv with a non-interactive sudo when the login user is not root."""
+    if user_is_root or not become:
+        return list(argv)
+    return ["sudo", "-n", "--", *argv]
+
+
+def partial_name(remote: str) -> str:
+    """Where an upload goes before its atomic rename: its own name, so two controllers
+    shipping the same file to one host at once do not write into each other's."""
+    return f"{remote}.{secrets.token_hex(4)}.part"
+
+
+class StderrCollector:
+    """Drains a stream in a thread, keeping the last STDERR_TAIL_BYTES.
+
+    Reading stderr as it comes keeps a chatty remote from filling the SSH window and
+    blocking the stdout we actually care about.
+    """
+
+    def __init__(self, read: Callable[[int], bytes]) -> None:
+        self._read = read
+        self._tail = bytearray()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                chunk = self._read(4096)
+            except Exception:  # whatever broke the stream, its tail is complete
+                return
+            if not chunk:
+                return
+            self._tail += chunk
+            del self._tail[:-STDERR_TAIL_BYTES]
+
+    def text(self) -> str:
+        self._thread.join(timeout=2)
+        return self._tail.decode(errors="replace")
