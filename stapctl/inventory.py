@@ -22,19 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from stapctl.errors import Issue, ManifestError
-from stapctl.manifest import (
+from stapctl.models import Host
+from stapctl.schema import did_you_mean, schema_issues, schema_validator
+from stapctl.yamldoc import (
     Document,
     KeyPath,
     UnreadableFile,
-    did_you_mean,
     format_path,
     parse_yaml,
     read_text,
     read_yaml,
-    schema_issues,
-    schema_validator,
 )
-from stapctl.models import Host
 
 MAX_HOSTS_PER_ENTRY = 10_000  # web[0:99999999] is a typo, not a fleet
 

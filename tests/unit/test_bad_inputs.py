@@ -14,8 +14,9 @@ import pytest
 
 from stapctl.errors import ManifestError
 from stapctl.inventory import host_vars, load_inventory
-from stapctl.manifest import MAX_FILE_BYTES, MAX_VALUES, load_manifest
+from stapctl.manifest import load_manifest
 from stapctl.render import render_script
+from stapctl.yamldoc import MAX_FILE_BYTES, MAX_VALUES
 
 pytestmark = pytest.mark.unit
 

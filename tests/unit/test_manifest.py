@@ -13,13 +13,13 @@ from stapctl.manifest import (
     check_stap_option,
     explain,
     load_manifest,
-    load_schema,
     parse_duration,
     parse_percentage,
-    parse_yaml,
 )
 from stapctl.models import Strategy
 from stapctl.render import render_script
+from stapctl.schema import load_schema
+from stapctl.yamldoc import parse_yaml
 
 pytestmark = pytest.mark.unit
 
