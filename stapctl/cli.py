@@ -36,7 +36,7 @@ from stapctl.execute import Fleet, RunOptions
 from stapctl.inventory import load_inventory
 from stapctl.manifest import explain as explain_key
 from stapctl.manifest import load_manifest, parse_duration
-from stapctl.models import Event, Host, HostOutcome, Manifest, Run
+from stapctl.models import Event, Host, HostOutcome, InlineInventory, Manifest, Run
 from stapctl.plan import (
     ModuleJob,
     Plan,
@@ -47,6 +47,7 @@ from stapctl.plan import (
 )
 from stapctl.render import parse_extra_vars
 from stapctl.store import RunRecorder, find_run, list_runs, safe_name
+from stapctl.yamldoc import Document
 
 err = Console(stderr=True, highlight=False)
 T = TypeVar("T")
@@ -76,18 +77,19 @@ def cli() -> None:
 def resolve_hosts(manifest: Manifest, inventory: Path | None, limit: str | None,
                   extra_vars: Mapping[str, Any]) -> list[Host]:
     """The hosts to work on: -i, else the manifest's inventory, else the running lab's."""
-    source: Path | Mapping[str, Any]
+    source: Path | InlineInventory
     if inventory is not None:
-        source, origin = inventory, inventory
+        source = inventory
     elif manifest.inventory is not None:
-        source, origin = manifest.inventory, manifest.path
+        source = manifest.inventory
     else:
         status = lab.status()
         if not any(guest.state == "running" for guest in status.guests):
             raise ManifestError(Issue(str(manifest.path), None, None, "inventory",
                                       "no inventory: pass -i INVENTORY, set `inventory:` in "
                                       "the manifest, or start the lab with `stapctl lab up`"))
-        source, origin = status.inventory, status.inventory
+        source = status.inventory
+    origin = manifest.document or Document(str(manifest.path), None)
     loaded = load_inventory(source, origin)
     return loaded.select(manifest.hosts, limit)
 

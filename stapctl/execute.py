@@ -9,7 +9,6 @@ hands to a single consumer.
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +20,7 @@ from stapctl.agent import AgentHost, Frame
 from stapctl.connection import Connection, ConnectOptions, connect
 from stapctl.errors import AgentError, ConnectError, StapctlError
 from stapctl.models import (
+    BatchSize,
     Event,
     EventKind,
     Host,
@@ -28,6 +28,7 @@ from stapctl.models import (
     HostOutcome,
     Manifest,
     OutcomeStatus,
+    Percent,
     Strategy,
 )
 from stapctl.plan import ModuleJob, Plan
@@ -43,18 +44,14 @@ class RunOptions:
     bufsize_mb: int = 0
 
 
-def batches(hosts: Sequence[str], serial: Sequence[int | str]) -> Iterator[list[str]]:
+def batches(hosts: Sequence[str], serial: Sequence[BatchSize]) -> Iterator[list[str]]:
     """Ansible's `serial`: batch sizes in order, the last one repeated until done."""
     remaining = list(hosts)
-    sizes = list(serial) or ["100%"]
+    sizes = list(serial) or [Percent(100)]
     index = 0
     while remaining:
         size = sizes[min(index, len(sizes) - 1)]
-        if isinstance(size, str):
-            count = math.floor(len(hosts) * float(size.rstrip("%")) / 100)
-        else:
-            count = size
-        count = max(1, count)
+        count = max(1, size.of(len(hosts)) if isinstance(size, Percent) else size)
         yield remaining[:count]
         remaining = remaining[count:]
         index += 1

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from stapctl.errors import Issue, ManifestError
-from stapctl.models import Manifest, OutputSpec, Probe, Strategy
+from stapctl.inventory import read_inline_inventory
+from stapctl.models import (
+    BatchSize,
+    InlineInventory,
+    Manifest,
+    OutputSpec,
+    Percent,
+    Probe,
+    Strategy,
+)
 from stapctl.render import check_template
 from stapctl.schema import (
     SCHEMA_BASE,
@@ -53,15 +62,15 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
-def parse_percentage(value: str) -> float:
-    """The number in ``"25%"``, from 0 (excluded) to 100; ValueError otherwise."""
+def parse_percentage(value: str) -> Percent:
+    """The share in ``"25%"``, from 0 (excluded) to 100; ValueError otherwise."""
     match = _PERCENTAGE.fullmatch(value.strip())
     if not match:
         raise ValueError(f"expected a percentage such as '25%', got {describe(value)}")
     percent = float(match["number"])
     if not 0 < percent <= 100:
         raise ValueError(f"a percentage must be more than 0% and at most 100%, got {value!r}")
-    return percent
+    return Percent(percent)
 
 
 _STAP_FLAGS = {"-b", "-t", "-u", "-w", "--skip-badvars", "--suppress-handler-errors",
@@ -161,7 +170,7 @@ class _ManifestBuilder:
             path=Path(self.doc.file), name=data["name"], probes=probes,
             description=data.get("description", ""), inventory=inventory,
             hosts=data.get("hosts", "all"), vars=data.get("vars") or {}, strategy=strategy,
-            become=data.get("become", False), output=output,
+            become=data.get("become", False), output=output, document=self.doc,
         )
 
     def _checked(self, path: KeyPath) -> bool:
@@ -254,29 +263,41 @@ class _ManifestBuilder:
         if not isinstance(raw, dict):
             return None
         defaults = Strategy()
-        serial_raw = raw.get("serial", list(defaults.serial))
-        serial = serial_raw if isinstance(serial_raw, list) else [serial_raw]
-        for index, batch in enumerate(serial):
-            where = ("strategy", "serial", *((index,) if isinstance(serial_raw, list) else ()))
-            if isinstance(batch, str) and self._checked(where):
-                try:
-                    parse_percentage(batch)
-                except ValueError as error:
-                    self._report(where, str(error))
+        serial = defaults.serial if "serial" not in raw else self._serial(raw["serial"])
         connect_timeout = self._duration(("strategy", "connect_timeout"),
                                          raw.get("connect_timeout"))
         return Strategy(
             forks=raw.get("forks", defaults.forks),
-            serial=tuple(serial),
+            serial=serial,
             max_fail_percentage=raw.get("max_fail_percentage", defaults.max_fail_percentage),
             connect_timeout=connect_timeout or defaults.connect_timeout,
             timeout=self._duration(("strategy", "timeout"), raw.get("timeout")),
         )
 
-    def _inventory(self, raw: Any) -> Path | Mapping[str, Any] | None:
+    def _serial(self, raw: Any) -> tuple[BatchSize, ...]:
+        """Batch sizes as numbers of hosts or Percents; a bad one is reported."""
+        sizes: list[BatchSize] = []
+        for index, batch in enumerate(raw if isinstance(raw, list) else [raw]):
+            where = ("strategy", "serial", *((index,) if isinstance(raw, list) else ()))
+            if isinstance(batch, int) and not isinstance(batch, bool):
+                sizes.append(batch)
+            elif isinstance(batch, str) and self._checked(where):
+                try:
+                    sizes.append(parse_percentage(batch))
+                except ValueError as error:
+                    self._report(where, str(error))
+        return tuple(sizes)
+
+    def _inventory(self, raw: Any) -> Path | InlineInventory | None:
+        if not self._checked(("inventory",)):
+            return None
         if isinstance(raw, dict):
-            return raw
-        if not isinstance(raw, str) or not self._checked(("inventory",)):
+            try:
+                return read_inline_inventory(self.doc, raw)
+            except ManifestError as error:
+                self.issues.extend(error.issues)
+                return None
+        if not isinstance(raw, str):
             return None
         inventory = self.base / raw
         if not inventory.is_file():

@@ -16,7 +16,7 @@ from stapctl.errors import ManifestError
 from stapctl.inventory import host_vars, load_inventory
 from stapctl.manifest import load_manifest
 from stapctl.render import render_script
-from stapctl.yamldoc import MAX_FILE_BYTES, MAX_VALUES
+from stapctl.yamldoc import MAX_FILE_BYTES, MAX_VALUES, Document
 
 pytestmark = pytest.mark.unit
 
@@ -27,12 +27,13 @@ CASES = sorted(path for path in BAD.iterdir() if path.is_file())
 def validate(path: Path) -> None:
     """Everything `stapctl validate` checks, without touching a host."""
     if path.name.startswith("inventory-"):
-        load_inventory(path, origin=path).select("all")
+        load_inventory(path, origin=Document(str(path), None)).select("all")
         return
     manifest = load_manifest(path)
     hosts_vars = [dict(manifest.vars)]
     if manifest.inventory is not None:
-        inventory = load_inventory(manifest.inventory, origin=manifest.path)
+        assert manifest.document is not None
+        inventory = load_inventory(manifest.inventory, origin=manifest.document)
         hosts_vars = [host_vars(host, manifest.vars, {})
                       for host in inventory.select(manifest.hosts)]
     for variables in hosts_vars:
@@ -88,7 +89,7 @@ def test_a_missing_manifest_is_bad_input(tmp_path: Path) -> None:
 
 def test_a_missing_inventory_file_is_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="inventory: file not found"):
-        load_inventory(tmp_path / "hosts.ini", origin=tmp_path / "trace.yaml")
+        load_inventory(tmp_path / "hosts.ini", origin=Document("trace.yaml", None))
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:

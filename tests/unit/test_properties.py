@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,9 @@ from hypothesis import strategies as st
 from stapctl.errors import ManifestError
 from stapctl.inventory import host_vars, load_inventory
 from stapctl.manifest import load_manifest
+from stapctl.models import InlineInventory
 from stapctl.render import render_script
+from stapctl.yamldoc import Document
 
 pytestmark = pytest.mark.unit
 
@@ -85,8 +86,8 @@ def load_only_manifest_errors(path: Path) -> None:
     """Load the manifest, its inline inventory and every host's scripts, as `validate` does."""
     try:
         loaded = load_manifest(path)
-        if isinstance(loaded.inventory, Mapping):
-            for host in load_inventory(loaded.inventory, loaded.path).select(loaded.hosts):
+        if isinstance(loaded.inventory, InlineInventory) and loaded.document is not None:
+            for host in load_inventory(loaded.inventory, loaded.document).select(loaded.hosts):
                 for probe in loaded.probes:
                     render_script(probe, host_vars(host, loaded.vars, {}))
     except ManifestError as error:
@@ -142,6 +143,6 @@ def test_damaged_inventories(workdir: Path, original: tuple[str, str], position:
     path = workdir / name
     path.write_text(text[:position] + insert + text[position + cut:])
     try:
-        load_inventory(path, origin=workdir / "trace.yaml").select(pattern)
+        load_inventory(path, origin=Document("trace.yaml", None)).select(pattern)
     except ManifestError as error:
         assert error.issues and all(issue.message for issue in error.issues)
