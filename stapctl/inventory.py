@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import ipaddress
 import itertools
 import re
 import shlex
@@ -49,6 +50,10 @@ _INI_SECTION = re.compile(r"\[(?P<group>[^:\]\s]+)(?::(?P<kind>\w+))?\]\s*(?:[#;
 _INI_GROUP_NAME = re.compile(r"(?P<group>[^:\]\s]+)\s*(?:[#;].*)?")
 _HOST_AND_PORT = re.compile(r"(?P<name>(?:[^:\[\]\s]|\[[^\]]*\])+)(?::(?P<port>[0-9]+))?")
 _BRACKETED_IPV6 = re.compile(r"\[(?P<name>[0-9A-Fa-f:.]+)\](?::(?P<port>[0-9]+))?")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_IP_TEXT = re.compile(r"[0-9A-Za-z:.%_-]+")  # also bounds an IPv6 scope (fe80::1%eth0)
+_USER = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
+_INTERPRETER = re.compile(r"(?:/[A-Za-z0-9._+-]+)+|[A-Za-z0-9_][A-Za-z0-9._+-]*")
 _RANGE = re.compile(r"\[(?P<start>[0-9]*|[A-Za-z]):(?P<end>[0-9]+|[A-Za-z])"
                     r"(?::(?P<step>[0-9]+))?\]")
 
@@ -165,7 +170,7 @@ class Inventory:
         become = variables.get("ansible_become")
         return Host(
             name=name,
-            address=str(variables.get("ansible_host", name)),
+            address=str(variables.get("ansible_host", name)).removeprefix("[").removesuffix("]"),
             port=int(variables.get("ansible_port", 22)),
             user=_optional_text(variables.get("ansible_user")),
             key_file=_optional_text(variables.get("ansible_ssh_private_key_file")),
@@ -298,12 +303,24 @@ class _Builder:
                 self.groups["ungrouped"].hosts.append(host)
         self.groups["all"].hosts.clear()  # every host is under 'all' through its groups
         inventory = Inventory(self.file, origin, self.hosts, self.groups)
+        self._check_names_used_as_addresses(inventory)
         self._raise_issues()
         return inventory
 
     def _raise_issues(self) -> None:
         if self.issues:
             raise ManifestError(sorted(self.issues, key=lambda i: (i.line or 0, i.column or 0)))
+
+    def _check_names_used_as_addresses(self, inventory: Inventory) -> None:
+        """A host without ``ansible_host`` is reached at its name, which must then be an
+        address too (an ``ansible_host`` is checked where it is written)."""
+        for name, where in self.host_written_at.items():
+            if "ansible_host" in inventory.host(name).vars:
+                continue
+            if address_problem(name) is not None:
+                self.report(where, f"host '{name}' has no ansible_host, so its name is its "
+                                   f"address, but it is not a host name, an IP address or "
+                                   f"'local': set ansible_host (address:) or rename it")
 
     def _check_cycles(self) -> None:
         """Report one cycle of children, if any, from the groups that could not be put in
@@ -337,7 +354,43 @@ def _connection_variable_problem(key: str, value: Any) -> str | None:
             return f"expected true or false (yes/no, 1/0), got {value!r}"
     elif key in _TEXT_VARIABLES and (not isinstance(value, str) or not value):
         return f"expected text, got {value!r}"
+    elif key == "ansible_host":
+        return address_problem(value)
+    elif key == "ansible_user" and not _USER.fullmatch(value):
+        return (f"user name {value!r} is not a plain user name: use letters, digits, '.', "
+                f"'_' and '-', not starting with '-'")
+    elif key == "ansible_python_interpreter" and not _INTERPRETER.fullmatch(value):
+        return (f"interpreter {value!r} is not an absolute path (/usr/bin/python3) or a "
+                f"command name (python3): no spaces, quotes or shell characters")
     return None
+
+
+def address_problem(address: str) -> str | None:
+    """What is wrong with a host address, or None if it is a host name (RFC 1123), an
+    IPv4 or IPv6 address (bracketed or not) or ``local`` (this machine, without SSH)."""
+    if address == "local" or _is_host_name(address) or _is_ip_address(address):
+        return None
+    return (f"{address!r} is not a host name, an IPv4 or IPv6 address or 'local': give "
+            f"only the address (letters, digits, '-' and '.'; port and user go in "
+            f"ansible_port and ansible_user)")
+
+
+def _is_host_name(text: str) -> bool:
+    labels = text.split(".")
+    return (len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+            and not labels[-1].isdigit())  # 10.0.0.999 is a mistyped address, not a name
+
+
+def _is_ip_address(text: str) -> bool:
+    bracketed = text.startswith("[") and text.endswith("]")
+    inner = text[1:-1] if bracketed else text
+    if not _IP_TEXT.fullmatch(inner):
+        return False
+    try:
+        address = ipaddress.ip_address(inner)
+    except ValueError:
+        return False
+    return address.version == 6 or not bracketed
 
 
 def _topological_order(groups: Mapping[str, Group]) -> list[str]:
@@ -609,8 +662,13 @@ def _read_inline_inventory(data: Mapping[str, Any], doc: Document, builder: _Bui
     for name, settings in hosts.items():
         variables = dict(settings.get("vars") or {})
         builder.check_variables(variables, _where(doc, root + ("hosts", name, "vars")))
-        variables.update({_INLINE_HOST_FIELDS[key]: value for key, value in settings.items()
-                          if key in _INLINE_HOST_FIELDS})
+        for key, value in settings.items():
+            if key in _INLINE_HOST_FIELDS:
+                variable = _INLINE_HOST_FIELDS[key]
+                problem = _connection_variable_problem(variable, value)
+                if problem:
+                    builder.report(_where(doc, root + ("hosts", name, key)), problem)
+                variables[variable] = value
         builder.add_host(name, None, variables,
                          _where(doc, root + ("hosts", name), of_key=True))
     for name, body in groups.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,13 @@ import pytest
 import yaml
 
 from stapctl.errors import ManifestError
-from stapctl.inventory import Inventory, expand_host_pattern, host_vars, load_inventory
+from stapctl.inventory import (
+    Inventory,
+    address_problem,
+    expand_host_pattern,
+    host_vars,
+    load_inventory,
+)
 from stapctl.manifest import load_manifest
 from stapctl.models import Manifest
 from stapctl.yamldoc import Document
@@ -313,3 +320,56 @@ def test_pattern_errors_have_no_line_when_the_origin_has_no_hosts_key(tmp_path: 
     (issue,) = caught.value.issues
     assert (issue.file, issue.line, issue.path) == (str(path), None, "hosts")
 
+
+@pytest.mark.parametrize("address", [
+    "web1", "web-1.example.com", "WEB1.Example.COM", "xn--bcher-kva.example", "10.0.0.5",
+    "::1", "[::1]", "2001:db8::7", "[2001:db8::7]", "fe80::1%eth0", "local", "a" * 63,
+])
+def test_addresses_that_are_accepted(address: str) -> None:
+    assert address_problem(address) is None
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1;reboot", "-oProxyCommand=x", "web1 -p 2222", "", "web_1", "[10.0.0.1]",
+    "10.0.0.999", "a..b", "-web", "web-", "a" * 64, "fe80::1%;reboot", "web1:22",
+    "root@web1", "$(reboot)", "web1\n", "[::1", "::1]", "localhost.", ".web1",
+    ".".join(["a" * 63] * 4) + ".b",
+])
+def test_addresses_that_are_refused(address: str) -> None:
+    problem = address_problem(address)
+    assert problem is not None and "is not a host name" in problem
+
+
+def test_a_bracketed_ipv6_address_is_connected_to_without_brackets(tmp_path: Path) -> None:
+    path = tmp_path / "hosts.ini"
+    path.write_text("v6 ansible_host=[2001:db8::7]\nplain ansible_host=::1\n")
+    hosts = {host.name: host for host in load_inventory(path, origin=ORIGIN).select("all")}
+    assert (hosts["v6"].address, hosts["plain"].address) == ("2001:db8::7", "::1")
+
+
+def test_a_name_that_is_no_address_is_fine_with_an_ansible_host(tmp_path: Path) -> None:
+    path = tmp_path / "hosts.ini"
+    path.write_text("[web]\nweb_1\n[web:vars]\nansible_host=10.0.0.5\n")
+    (host,) = load_inventory(path, origin=ORIGIN).select("all")
+    assert (host.name, host.address) == ("web_1", "10.0.0.5")
+
+
+@pytest.mark.parametrize(("setting", "good", "bad"), [
+    ("ansible_user", "deploy.bot_1-x", "-oProxyCommand=x"),
+    ("ansible_user", "root", "root;id"),
+    ("ansible_python_interpreter", "/usr/libexec/platform-python", "/usr/bin/env python3"),
+    ("ansible_python_interpreter", "python3.11", "bin/python3"),
+    ("ansible_python_interpreter", "auto_silent", "$(reboot)"),
+    ("ansible_port", "65535", "65536"),
+    ("ansible_port", "1", "0"),
+])
+def test_connection_settings_are_checked_where_written(tmp_path: Path, setting: str, good: str,
+                                                       bad: str) -> None:
+    path = tmp_path / "hosts.yaml"
+    path.write_text(yaml.safe_dump({"all": {"hosts": {"h": {setting: good}}}}))
+    load_inventory(path, origin=ORIGIN).select("all")
+    path.write_text(f"all:\n  hosts:\n    h:\n      {setting}: {json.dumps(bad)}\n")
+    with pytest.raises(ManifestError) as caught:
+        load_inventory(path, origin=ORIGIN)
+    (issue,) = caught.value.issues
+    assert (issue.line, issue.path) == (3, f"all.hosts.h.{setting}")  # at the host
