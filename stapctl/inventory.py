@@ -107,12 +107,12 @@ def read_inline_inventory(doc: Document, data: Mapping[str, Any]) -> InlineInven
     schema cannot see: undefined hosts or groups, cycles, bad connection settings."""
     builder = _Builder(doc.file)
     _read_inline_inventory(data, doc, builder)
-    builder.finish(doc)
+    inventory = builder.finish(doc)
     return InlineInventory(
-        hosts={name: dict(variables) for name, variables in builder.hosts.items()},
+        hosts={name: dict(variables) for name, variables in inventory.hosts.items()},
         groups={name: InlineGroup(tuple(group.hosts), tuple(group.children),
                                   dict(group.vars))
-                for name, group in builder.groups.items()},
+                for name, group in inventory.groups.items()},
     )
 
 

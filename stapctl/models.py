@@ -74,7 +74,8 @@ class InlineGroup:
 class InlineInventory:
     """A manifest's ``inventory:`` mapping, checked when the manifest is loaded. Host
     settings are already Ansible variables (``address`` → ``ansible_host``…), and the
-    inventory's own ``vars`` are the vars of the group ``all``."""
+    groups are as Ansible sees them: ``all`` holds the inventory's own ``vars`` and the
+    top groups, ``ungrouped`` the hosts in no group."""
 
     hosts: Mapping[str, Mapping[str, Any]]  # host name → its own variables
     groups: Mapping[str, InlineGroup]
