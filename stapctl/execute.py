@@ -10,7 +10,6 @@ connector, so the policy can be tested against fake connections.
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,6 +22,7 @@ from stapctl.connection import Connection, ConnectOptions, connect
 from stapctl.errors import AgentError, ConnectError, StapctlError
 from stapctl.models import (
     ENDING_EVENT,
+    BatchSize,
     Event,
     EventKind,
     FailureKind,
@@ -31,6 +31,7 @@ from stapctl.models import (
     HostOutcome,
     Manifest,
     OutcomeStatus,
+    Percent,
     Strategy,
 )
 from stapctl.plan import ModuleJob, Plan
@@ -54,18 +55,14 @@ class RunOptions:
     max_line: int = 64 << 10  # longer lines are split, with a warning
 
 
-def batches(hosts: Sequence[str], serial: Sequence[int | str]) -> Iterator[list[str]]:
+def batches(hosts: Sequence[str], serial: Sequence[BatchSize]) -> Iterator[list[str]]:
     """Ansible's `serial`: batch sizes in order, the last one repeated until done."""
     remaining = list(hosts)
-    sizes = list(serial) or ["100%"]
+    sizes = list(serial) or [Percent(100)]
     index = 0
     while remaining:
         size = sizes[min(index, len(sizes) - 1)]
-        if isinstance(size, str):
-            count = math.floor(len(hosts) * float(size.rstrip("%")) / 100)
-        else:
-            count = size
-        count = max(1, count)
+        count = max(1, size.of(len(hosts)) if isinstance(size, Percent) else size)
         yield remaining[:count]
         remaining = remaining[count:]
         index += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import ipaddress
 import itertools
 import re
 import shlex
@@ -22,19 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from stapctl.errors import Issue, ManifestError
-from stapctl.manifest import (
+from stapctl.models import Host, InlineGroup, InlineInventory
+from stapctl.schema import did_you_mean, schema_issues, schema_validator
+from stapctl.yamldoc import (
     Document,
     KeyPath,
     UnreadableFile,
-    did_you_mean,
     format_path,
     parse_yaml,
     read_text,
-    read_yaml,
-    schema_issues,
-    schema_validator,
 )
-from stapctl.models import Host
 
 MAX_HOSTS_PER_ENTRY = 10_000  # web[0:99999999] is a typo, not a fleet
 
@@ -52,6 +50,10 @@ _INI_SECTION = re.compile(r"\[(?P<group>[^:\]\s]+)(?::(?P<kind>\w+))?\]\s*(?:[#;
 _INI_GROUP_NAME = re.compile(r"(?P<group>[^:\]\s]+)\s*(?:[#;].*)?")
 _HOST_AND_PORT = re.compile(r"(?P<name>(?:[^:\[\]\s]|\[[^\]]*\])+)(?::(?P<port>[0-9]+))?")
 _BRACKETED_IPV6 = re.compile(r"\[(?P<name>[0-9A-Fa-f:.]+)\](?::(?P<port>[0-9]+))?")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_IP_TEXT = re.compile(r"[0-9A-Za-z:.%_-]+")  # also bounds an IPv6 scope (fe80::1%eth0)
+_USER = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
+_INTERPRETER = re.compile(r"(?:/[A-Za-z0-9._+-]+)+|[A-Za-z0-9_][A-Za-z0-9._+-]*")
 _RANGE = re.compile(r"\[(?P<start>[0-9]*|[A-Za-z]):(?P<end>[0-9]+|[A-Za-z])"
                     r"(?::(?P<step>[0-9]+))?\]")
 
@@ -68,28 +70,50 @@ class Group:
     vars: dict[str, Any] = field(default_factory=dict)
 
 
-def load_inventory(source: Path | Mapping[str, Any], origin: Path) -> Inventory:
-    """Read an inventory: an Ansible INI or YAML file, or a manifest's inline mapping.
+def load_inventory(source: Path | InlineInventory, origin: Document) -> Inventory:
+    """Read an inventory: an Ansible INI or YAML file, or a manifest's inline inventory.
 
-    ``origin`` is the manifest the inventory serves: an inline mapping is located in it,
-    and host-pattern errors point at its ``hosts:`` key. A file is read as YAML when it
-    ends in .yaml, .yml or .json or its first line is a ``key:``, and as INI otherwise.
+    ``origin`` is the manifest the inventory serves, as it was read: host-pattern errors
+    point at its ``hosts:`` key. A file is read as YAML when it ends in .yaml, .yml or
+    .json or its first line is a ``key:``, and as INI otherwise.
     """
-    if isinstance(source, Path):
-        try:
-            text = read_text(source)
-        except UnreadableFile as error:
-            raise ManifestError(
-                Issue(str(source), error.line, None, "", f"inventory: {error}")) from None
-        builder = _Builder(str(source))
-        if _looks_like_yaml(source, text):
-            _read_yaml_inventory(parse_yaml(text, str(source)), builder)
-        else:
-            _read_ini_inventory(text, builder)
+    if isinstance(source, InlineInventory):
+        builder = _Builder(origin.file)
+        for name, variables in source.hosts.items():
+            builder.add_host(name, None, variables, (None, None, ""))
+        for name, group in source.groups.items():
+            builder.group(name).vars.update(group.vars)
+            for host in group.hosts:
+                builder.add_host(host, name, {}, (None, None, ""))
+            for child in group.children:
+                builder.add_child(name, child, (None, None, ""))
+        return builder.finish(origin)
+    try:
+        text = read_text(source)
+    except UnreadableFile as error:
+        raise ManifestError(
+            Issue(str(source), error.line, None, "", f"inventory: {error}")) from None
+    builder = _Builder(str(source))
+    if _looks_like_yaml(source, text):
+        _read_yaml_inventory(parse_yaml(text, str(source)), builder)
     else:
-        builder = _Builder(str(origin))
-        _read_inline_inventory(source, _document_of(origin), builder)
+        _read_ini_inventory(text, builder)
     return builder.finish(origin)
+
+
+def read_inline_inventory(doc: Document, data: Mapping[str, Any]) -> InlineInventory:
+    """A manifest's ``inventory:`` mapping (``data``, found well formed by the schema
+    under the key ``inventory`` of ``doc``) as a typed value; ManifestError for what the
+    schema cannot see: undefined hosts or groups, cycles, bad connection settings."""
+    builder = _Builder(doc.file)
+    _read_inline_inventory(data, doc, builder)
+    inventory = builder.finish(doc)
+    return InlineInventory(
+        hosts={name: dict(variables) for name, variables in inventory.hosts.items()},
+        groups={name: InlineGroup(tuple(group.hosts), tuple(group.children),
+                                  dict(group.vars))
+                for name, group in inventory.groups.items()},
+    )
 
 
 def host_vars(host: Host, manifest_vars: Mapping[str, Any],
@@ -105,7 +129,7 @@ def host_vars(host: Host, manifest_vars: Mapping[str, Any],
 class Inventory:
     """Hosts and groups, in the order the inventory lists them."""
 
-    def __init__(self, source: str, origin: Path, hosts: dict[str, dict[str, Any]],
+    def __init__(self, source: str, origin: Document, hosts: dict[str, dict[str, Any]],
                  groups: dict[str, Group]) -> None:
         self.source = source  # the file the inventory was read from (or the manifest)
         self.origin = origin
@@ -146,7 +170,7 @@ class Inventory:
         become = variables.get("ansible_become")
         return Host(
             name=name,
-            address=str(variables.get("ansible_host", name)),
+            address=str(variables.get("ansible_host", name)).removeprefix("[").removesuffix("]"),
             port=int(variables.get("ansible_port", 22)),
             user=_optional_text(variables.get("ansible_user")),
             key_file=_optional_text(variables.get("ansible_ssh_private_key_file")),
@@ -218,8 +242,8 @@ class Inventory:
         """Located at the origin's ``hosts:`` key when it has one (else at no line)."""
         if where != "hosts":
             return Issue(where, None, None, "", message)
-        line, column = _document_of(self.origin).values.get(("hosts",), (None, None))
-        return Issue(str(self.origin), line, column, "hosts", message)
+        line, column = self.origin.values.get(("hosts",), (None, None))
+        return Issue(self.origin.file, line, column, "hosts", message)
 
 
 # --- building an inventory -------------------------------------------------------------
@@ -234,6 +258,7 @@ class _Builder:
         self.hosts: dict[str, dict[str, Any]] = {}
         self.groups: dict[str, Group] = {"all": Group("all"), "ungrouped": Group("ungrouped")}
         self.child_written_at: dict[tuple[str, str], Where] = {}
+        self.host_written_at: dict[str, Where] = {}
         self.issues: list[Issue] = []
 
     def report(self, where: Where, message: str) -> None:
@@ -243,7 +268,9 @@ class _Builder:
     def group(self, name: str) -> Group:
         return self.groups.setdefault(name, Group(name))
 
-    def add_host(self, name: str, group: str | None, variables: Mapping[str, Any]) -> None:
+    def add_host(self, name: str, group: str | None, variables: Mapping[str, Any],
+                 where: Where) -> None:
+        self.host_written_at.setdefault(name, where)
         self.hosts.setdefault(name, {}).update(variables)
         if group is not None and name not in self.group(group).hosts:
             self.group(group).hosts.append(name)
@@ -262,10 +289,9 @@ class _Builder:
                 line, column, path = where
                 self.report((line, column, f"{path}.{key}" if path else key), problem)
 
-    def finish(self, origin: Path) -> Inventory:
+    def finish(self, origin: Document) -> Inventory:
         self._check_cycles()
-        if self.issues:
-            raise ManifestError(sorted(self.issues, key=lambda i: (i.line or 0, i.column or 0)))
+        self._raise_issues()
         children = {child for group in self.groups.values() for child in group.children}
         for name in self.groups:
             if name != "all" and name not in children:
@@ -276,7 +302,25 @@ class _Builder:
             if host not in grouped:
                 self.groups["ungrouped"].hosts.append(host)
         self.groups["all"].hosts.clear()  # every host is under 'all' through its groups
-        return Inventory(self.file, origin, self.hosts, self.groups)
+        inventory = Inventory(self.file, origin, self.hosts, self.groups)
+        self._check_names_used_as_addresses(inventory)
+        self._raise_issues()
+        return inventory
+
+    def _raise_issues(self) -> None:
+        if self.issues:
+            raise ManifestError(sorted(self.issues, key=lambda i: (i.line or 0, i.column or 0)))
+
+    def _check_names_used_as_addresses(self, inventory: Inventory) -> None:
+        """A host without ``ansible_host`` is reached at its name, which must then be an
+        address too (an ``ansible_host`` is checked where it is written)."""
+        for name, where in self.host_written_at.items():
+            if "ansible_host" in inventory.host(name).vars:
+                continue
+            if address_problem(name) is not None:
+                self.report(where, f"host '{name}' has no ansible_host, so its name is its "
+                                   f"address, but it is not a host name, an IP address or "
+                                   f"'local': set ansible_host (address:) or rename it")
 
     def _check_cycles(self) -> None:
         """Report one cycle of children, if any, from the groups that could not be put in
@@ -310,7 +354,43 @@ def _connection_variable_problem(key: str, value: Any) -> str | None:
             return f"expected true or false (yes/no, 1/0), got {value!r}"
     elif key in _TEXT_VARIABLES and (not isinstance(value, str) or not value):
         return f"expected text, got {value!r}"
+    elif key == "ansible_host":
+        return address_problem(value)
+    elif key == "ansible_user" and not _USER.fullmatch(value):
+        return (f"user name {value!r} is not a plain user name: use letters, digits, '.', "
+                f"'_' and '-', not starting with '-'")
+    elif key == "ansible_python_interpreter" and not _INTERPRETER.fullmatch(value):
+        return (f"interpreter {value!r} is not an absolute path (/usr/bin/python3) or a "
+                f"command name (python3): no spaces, quotes or shell characters")
     return None
+
+
+def address_problem(address: str) -> str | None:
+    """What is wrong with a host address, or None if it is a host name (RFC 1123), an
+    IPv4 or IPv6 address (bracketed or not) or ``local`` (this machine, without SSH)."""
+    if address == "local" or _is_host_name(address) or _is_ip_address(address):
+        return None
+    return (f"{address!r} is not a host name, an IPv4 or IPv6 address or 'local': give "
+            f"only the address (letters, digits, '-' and '.'; port and user go in "
+            f"ansible_port and ansible_user)")
+
+
+def _is_host_name(text: str) -> bool:
+    labels = text.split(".")
+    return (len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+            and not labels[-1].isdigit())  # 10.0.0.999 is a mistyped address, not a name
+
+
+def _is_ip_address(text: str) -> bool:
+    bracketed = text.startswith("[") and text.endswith("]")
+    inner = text[1:-1] if bracketed else text
+    if not _IP_TEXT.fullmatch(inner):
+        return False
+    try:
+        address = ipaddress.ip_address(inner)
+    except ValueError:
+        return False
+    return address.version == 6 or not bracketed
 
 
 def _topological_order(groups: Mapping[str, Group]) -> list[str]:
@@ -370,14 +450,6 @@ def _optional_text(value: Any) -> str | None:
 def _priority(variables: Mapping[str, Any]) -> int:
     priority = variables.get("ansible_group_priority", 1)
     return priority if isinstance(priority, int) else 1
-
-
-def _document_of(origin: Path) -> Document:
-    """The manifest, to locate things in it; an empty document if it can't be read."""
-    try:
-        return read_yaml(origin)
-    except ManifestError:
-        return Document(str(origin), None)
 
 
 def expand_host_pattern(text: str) -> tuple[list[str], int | None]:
@@ -520,9 +592,10 @@ def _read_ini_host_line(line: str, group: str, where: Where, builder: _Builder) 
             builder.report(where, f"expected key=value after the host name, got '{token}'")
             return
         variables[key] = _ini_value(value)
-    builder.check_variables(variables, (where[0], where[1], tokens[0]))
+    where = (where[0], where[1], tokens[0])
+    builder.check_variables(variables, where)
     for name in names:
-        builder.add_host(name, group, variables)
+        builder.add_host(name, group, variables, where)
 
 
 def _ini_value(text: str) -> Any:
@@ -568,7 +641,7 @@ def _read_yaml_group(doc: Document, builder: _Builder, name: str, body: Any,
         variables = {**({} if port is None else {"ansible_port": port}), **(variables or {})}
         builder.check_variables(variables, where)
         for host in names:
-            builder.add_host(host, None if name == "all" else name, variables)
+            builder.add_host(host, None if name == "all" else name, variables, where)
     for child, child_body in (body.get("children") or {}).items():
         child_path = path + ("children", child)
         builder.add_child(name, child, _where(doc, child_path, of_key=True))
@@ -579,10 +652,6 @@ def _read_inline_inventory(data: Mapping[str, Any], doc: Document, builder: _Bui
     """A manifest's ``inventory:`` mapping: ``hosts`` with settings, ``groups`` listing
     hosts and children, ``vars`` for all. Located in ``doc`` under the key ``inventory``."""
     root: KeyPath = ("inventory",)
-    found = schema_issues(doc, data, schema_validator("inventory.schema.json"), root)
-    builder.issues.extend(issue for _, issue in found)
-    if found:
-        return
     hosts: dict[str, Any] = {name: settings or {} for name, settings in
                              (data.get("hosts") or {}).items()}
     groups: dict[str, Any] = {name: body or {} for name, body in
@@ -593,9 +662,15 @@ def _read_inline_inventory(data: Mapping[str, Any], doc: Document, builder: _Bui
     for name, settings in hosts.items():
         variables = dict(settings.get("vars") or {})
         builder.check_variables(variables, _where(doc, root + ("hosts", name, "vars")))
-        variables.update({_INLINE_HOST_FIELDS[key]: value for key, value in settings.items()
-                          if key in _INLINE_HOST_FIELDS})
-        builder.add_host(name, None, variables)
+        for key, value in settings.items():
+            if key in _INLINE_HOST_FIELDS:
+                variable = _INLINE_HOST_FIELDS[key]
+                problem = _connection_variable_problem(variable, value)
+                if problem:
+                    builder.report(_where(doc, root + ("hosts", name, key)), problem)
+                variables[variable] = value
+        builder.add_host(name, None, variables,
+                         _where(doc, root + ("hosts", name), of_key=True))
     for name, body in groups.items():
         path = root + ("groups", name)
         group_vars = body.get("vars") or {}
@@ -603,7 +678,7 @@ def _read_inline_inventory(data: Mapping[str, Any], doc: Document, builder: _Bui
         builder.group(name).vars.update(group_vars)
         for index, host in enumerate(body.get("hosts") or []):
             if host in hosts:
-                builder.add_host(host, name, {})
+                builder.add_host(host, name, {}, _where(doc, path + ("hosts", index)))
             else:
                 builder.report(_where(doc, path + ("hosts", index)),
                                f"host '{host}' is not defined under inventory.hosts"

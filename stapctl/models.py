@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # the reader imports the errors, which import these models
+    from stapctl.yamldoc import Document
 
 OutputFormat = Literal["prefix", "merged", "json"]
 
@@ -29,9 +33,26 @@ class Probe:
 
 
 @dataclass(frozen=True)
+class Percent:
+    """A share of the hosts, as in ``serial: '25%'``: more than 0, at most 100."""
+
+    value: float
+
+    def of(self, count: int) -> int:
+        """How many of ``count`` hosts, rounded down as Ansible rounds a batch."""
+        return math.floor(count * self.value / 100)
+
+    def __str__(self) -> str:
+        return f"{self.value:g}%"
+
+
+BatchSize = int | Percent  # a number of hosts, or a share of them
+
+
+@dataclass(frozen=True)
 class Strategy:
     forks: int = 50
-    serial: tuple[int | str, ...] = ("100%",)
+    serial: tuple[BatchSize, ...] = (Percent(100),)
     max_fail_percentage: float = 100.0
     connect_timeout: float = 10.0
     timeout: float | None = None  # per host, seconds
@@ -44,17 +65,40 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class InlineGroup:
+    """A group of a manifest's inline inventory."""
+
+    hosts: tuple[str, ...] = ()
+    children: tuple[str, ...] = ()
+    vars: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InlineInventory:
+    """A manifest's ``inventory:`` mapping, checked when the manifest is loaded. Host
+    settings are already Ansible variables (``address`` → ``ansible_host``…), and the
+    groups are as Ansible sees them: ``all`` holds the inventory's own ``vars`` and the
+    top groups, ``ungrouped`` the hosts in no group."""
+
+    hosts: Mapping[str, Mapping[str, Any]]  # host name → its own variables
+    groups: Mapping[str, InlineGroup]
+
+
+@dataclass(frozen=True)
 class Manifest:
     path: Path
     name: str
     probes: tuple[Probe, ...]
     description: str = ""
-    inventory: Path | Mapping[str, Any] | None = None  # a file, an inline mapping, or none
+    inventory: Path | InlineInventory | None = None  # a file, an inline inventory, or none
     hosts: str = "all"
     vars: Mapping[str, Any] = field(default_factory=dict)
     strategy: Strategy = Strategy()
     become: bool = False
     output: OutputSpec = OutputSpec()
+    # The file as read, to locate problems found later (a host pattern that selects
+    # nothing) without reading it again; None for a manifest built in code.
+    document: Document | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,10 @@ from stapctl.connection import connect
 from stapctl.errors import Issue, ManifestError, StapctlError
 from stapctl.execute import Connector, Fleet, RunOptions
 from stapctl.inventory import load_inventory
-from stapctl.models import Event, Host, HostFacts, HostOutcome, Manifest, Run
+from stapctl.models import Event, Host, HostFacts, HostOutcome, InlineInventory, Manifest, Run
 from stapctl.plan import ModuleJob, Plan, build_plan, check_scripts, gather_symbol_maps, make_plan
 from stapctl.store import RunRecorder
+from stapctl.yamldoc import Document
 
 T = TypeVar("T")
 FORCE_GRACE = 3.0  # seconds to collect the outcomes of cut connections after a 2nd interrupt
@@ -78,18 +79,19 @@ class Silent:
 def select_hosts(manifest: Manifest, inventory: Path | None = None,
                  limit: str | None = None) -> list[Host]:
     """The hosts to work on: -i, else the manifest's inventory, else the running lab's."""
-    source: Path | Mapping[str, Any]
+    source: Path | InlineInventory
     if inventory is not None:
-        source, origin = inventory, inventory
+        source = inventory
     elif manifest.inventory is not None:
-        source, origin = manifest.inventory, manifest.path
+        source = manifest.inventory
     else:
         status = lab.status()
         if not any(guest.state == "running" for guest in status.guests):
             raise ManifestError(Issue(str(manifest.path), None, None, "inventory",
                                       "no inventory: pass -i INVENTORY, set `inventory:` in "
                                       "the manifest, or start the lab with `stapctl lab up`"))
-        source, origin = status.inventory, status.inventory
+        source = status.inventory
+    origin = manifest.document or Document(str(manifest.path), None)
     return load_inventory(source, origin).select(manifest.hosts, limit)
 
 

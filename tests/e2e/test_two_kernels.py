@@ -20,6 +20,7 @@ from stapctl.execute import Fleet, RunOptions
 from stapctl.inventory import load_inventory
 from stapctl.manifest import load_manifest
 from stapctl.plan import ModuleJob, build_plan, make_plan
+from stapctl.yamldoc import Document
 
 from .helpers import guest_host, write_manifest
 
@@ -82,7 +83,7 @@ def test_two_releases_two_parallel_compiles_then_none(
     manifest_path.write_text(yaml.safe_dump(document))
 
     manifest = load_manifest(manifest_path)
-    targets = load_inventory(inventory, inventory).select("all")
+    targets = load_inventory(inventory, Document(str(inventory), None)).select("all")
     fleet = Fleet(manifest, RunOptions(), lambda event: None)
     try:
         connected = fleet.connect(targets)

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from stapctl.errors import ManifestError
-from stapctl.inventory import host_vars, load_inventory
-from stapctl.manifest import MAX_FILE_BYTES, MAX_VALUES, load_manifest
-from stapctl.render import render_script
+from stapctl.inventory import load_inventory
+from stapctl.manifest import load_manifest
+from stapctl.session import Session, select_hosts
+from stapctl.yamldoc import MAX_FILE_BYTES, MAX_VALUES, Document
 
 pytestmark = pytest.mark.unit
 
@@ -24,19 +25,13 @@ CASES = sorted(path for path in BAD.iterdir() if path.is_file())
 
 
 def validate(path: Path) -> None:
-    """Everything `stapctl validate` checks, without touching a host."""
+    """Everything `stapctl validate` checks, through the session, without touching a host."""
     if path.name.startswith("inventory-"):
-        load_inventory(path, origin=path).select("all")
+        load_inventory(path, origin=Document(str(path), None)).select("all")
         return
     manifest = load_manifest(path)
-    hosts_vars = [dict(manifest.vars)]
-    if manifest.inventory is not None:
-        inventory = load_inventory(manifest.inventory, origin=manifest.path)
-        hosts_vars = [host_vars(host, manifest.vars, {})
-                      for host in inventory.select(manifest.hosts)]
-    for variables in hosts_vars:
-        for probe in manifest.probes:
-            render_script(probe, variables)
+    hosts = select_hosts(manifest) if manifest.inventory is not None else []
+    Session(manifest, hosts, record=False).validate()
 
 
 def expected_fragment(path: Path) -> str:
@@ -87,7 +82,7 @@ def test_a_missing_manifest_is_bad_input(tmp_path: Path) -> None:
 
 def test_a_missing_inventory_file_is_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="inventory: file not found"):
-        load_inventory(tmp_path / "hosts.ini", origin=tmp_path / "trace.yaml")
+        load_inventory(tmp_path / "hosts.ini", origin=Document("trace.yaml", None))
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:

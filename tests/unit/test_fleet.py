@@ -13,7 +13,7 @@ from stapctl.runtime import stapctl_agent as agent
 
 from stapctl.agent import Timing
 from stapctl.execute import Fleet, RunOptions
-from stapctl.models import Event, FailureKind, HostOutcome, Manifest, Probe, Strategy
+from stapctl.models import Event, FailureKind, HostOutcome, Manifest, Percent, Probe, Strategy
 from stapctl.session import Session
 from tests.agent.fakekernel import Scenario
 from tests.fleet_double import FakeBuilder, FakeFleet
@@ -110,7 +110,7 @@ def test_an_unreachable_host_fails_alone(tmp_path: Path) -> None:
 
 def test_the_canary_ends_before_any_other_host_starts(tmp_path: Path) -> None:
     fleet = FakeFleet(tmp_path, {f"h{i}": Scenario(**HELLO_EXIT) for i in range(4)})
-    run_session, listener = session(tmp_path, fleet, Strategy(serial=(1, "100%")))
+    run_session, listener = session(tmp_path, fleet, Strategy(serial=(1, Percent(100))))
     run = run_session.apply()
 
     assert run.exit_code == 0
@@ -124,7 +124,7 @@ def test_a_failed_canary_past_max_fail_percentage_skips_the_rest(tmp_path: Path)
     scenarios = {"h0": Scenario(load_errno=8)}  # ENOEXEC: built for another kernel
     scenarios.update({f"h{i}": Scenario(**HELLO_EXIT) for i in range(1, 4)})
     fleet = FakeFleet(tmp_path, scenarios)
-    strategy = Strategy(serial=(1, "100%"), max_fail_percentage=0)
+    strategy = Strategy(serial=(1, Percent(100)), max_fail_percentage=0)
     run = session(tmp_path, fleet, strategy)[0].apply()
 
     outcomes = by_host(run.outcomes)

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from stapctl.errors import ManifestError
-from stapctl.inventory import Inventory, expand_host_pattern, host_vars, load_inventory
+from stapctl.inventory import (
+    Inventory,
+    address_problem,
+    expand_host_pattern,
+    host_vars,
+    load_inventory,
+)
+from stapctl.manifest import load_manifest
+from stapctl.models import Manifest
+from stapctl.yamldoc import Document
 
 pytestmark = pytest.mark.unit
 
@@ -76,6 +87,25 @@ INLINE: dict[str, Any] = {
     },
 }
 
+ORIGIN = Document("trace.yaml", None)  # a manifest to serve, with nothing to locate in it
+
+
+def inline_manifest(tmp_path: Path, inventory: dict[str, Any], hosts: str = "all") -> Manifest:
+    """A manifest with ``inventory`` as its inline inventory, loaded as stapctl loads it."""
+    path = tmp_path / "trace.yaml"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "stapctl/v1", "kind": "Trace", "name": "t", "hosts": hosts,
+        "probes": [{"name": "p", "script": "probe oneshot { exit() }"}],
+        "inventory": inventory}, sort_keys=False))
+    return load_manifest(path)
+
+
+def load_inline(tmp_path: Path, inventory: dict[str, Any], hosts: str = "all") -> Inventory:
+    manifest = inline_manifest(tmp_path, inventory, hosts)
+    assert manifest.inventory is not None and manifest.document is not None
+    return load_inventory(manifest.inventory, origin=manifest.document)
+
+
 ALL_HOSTS = ["bastion", "web01.example.com", "web02.example.com", "web03.example.com",
              "canary", "db1"]
 
@@ -83,12 +113,11 @@ ALL_HOSTS = ["bastion", "web01.example.com", "web02.example.com", "web03.example
 @pytest.fixture(params=["ini", "yaml", "inline"])
 def inventory(request: pytest.FixtureRequest, tmp_path: Path) -> Inventory:
     """The same fleet, written in each of the three formats."""
-    manifest = tmp_path / "trace.yaml"
     if request.param == "inline":
-        return load_inventory(INLINE, origin=manifest)
+        return load_inline(tmp_path, INLINE)
     path = tmp_path / f"hosts.{request.param}"
     path.write_text(INI if request.param == "ini" else YAML)
-    return load_inventory(path, origin=manifest)
+    return load_inventory(path, origin=ORIGIN)
 
 
 def names(inventory: Inventory, pattern: str, limit: str | None = None) -> list[str]:
@@ -169,19 +198,16 @@ def test_a_limit_matching_nothing_names_the_limit(inventory: Inventory) -> None:
 
 
 def test_pattern_errors_point_at_the_manifests_hosts_key(tmp_path: Path) -> None:
-    manifest = tmp_path / "trace.yaml"
-    manifest.write_text("apiVersion: stapctl/v1\nkind: Trace\nname: t\nhosts: webz\n")
-    inventory = load_inventory({"hosts": {"web1": None}}, origin=manifest)
+    inventory = load_inline(tmp_path, {"hosts": {"web1": None}}, hosts="webz")
     with pytest.raises(ManifestError) as caught:
         inventory.select("webz")
     (issue,) = caught.value.issues
-    assert (issue.file, issue.line, issue.path) == (str(manifest), 4, "hosts")
+    assert (issue.file, issue.line, issue.path) == (str(tmp_path / "trace.yaml"), 4, "hosts")
 
 
-def test_host_vars_precedence() -> None:
-    inventory = load_inventory({"vars": {"a": "group", "b": "group"},
-                                "hosts": {"h": {"vars": {"b": "host", "c": "host"}}}},
-                               origin=Path("trace.yaml"))
+def test_host_vars_precedence(tmp_path: Path) -> None:
+    inventory = load_inline(tmp_path, {"vars": {"a": "group", "b": "group"},
+                                       "hosts": {"h": {"vars": {"b": "host", "c": "host"}}}})
     (host,) = inventory.select("all")
     merged = host_vars(host, {"a": "manifest", "b": "manifest", "c": "manifest",
                               "d": "manifest", "e": "manifest"}, {"e": "extra"})
@@ -192,15 +218,15 @@ def test_host_vars_precedence() -> None:
 def test_group_priority_orders_sibling_groups(tmp_path: Path) -> None:
     path = tmp_path / "hosts.ini"
     path.write_text("[a]\nh\n[b]\nh\n[a:vars]\nx=a\nansible_group_priority=10\n[b:vars]\nx=b\n")
-    assert load_inventory(path, origin=tmp_path / "trace.yaml").host("h").vars["x"] == "a"
+    assert load_inventory(path, origin=ORIGIN).host("h").vars["x"] == "a"
     path.write_text("[a]\nh\n[b]\nh\n[a:vars]\nx=a\n[b:vars]\nx=b\n")
-    assert load_inventory(path, origin=tmp_path / "trace.yaml").host("h").vars["x"] == "b"
+    assert load_inventory(path, origin=ORIGIN).host("h").vars["x"] == "b"
 
 
 def test_ini_values_are_python_literals_when_they_parse(tmp_path: Path) -> None:
     path = tmp_path / "hosts"
     path.write_text("[g]\nh n=5 s=abc q=\"a b\" l=[1,2] t=True\n[g:vars]\nv = 7 # note\n")
-    variables = load_inventory(path, origin=tmp_path / "t.yaml").host("h").vars
+    variables = load_inventory(path, origin=ORIGIN).host("h").vars
     assert (variables["n"], variables["s"], variables["q"], variables["l"]) == (5, "abc", "a b",
                                                                                 [1, 2])
     assert variables["t"] is True and variables["v"] == 7
@@ -212,26 +238,26 @@ def test_files_without_a_suffix_are_recognised(tmp_path: Path, first_line: str, 
     path = tmp_path / "hosts"
     path.write_text("# comment\n" + first_line + ("\n  hosts: {web1: }\n" if kind == "yaml"
                                                   else "\nweb1\n"))
-    assert names(load_inventory(path, origin=tmp_path / "t.yaml"), "all") == ["web1"]
+    assert names(load_inventory(path, origin=ORIGIN), "all") == ["web1"]
 
 
 def test_become_words_as_ansible_reads_them(tmp_path: Path) -> None:
     path = tmp_path / "hosts.ini"
     path.write_text("a ansible_become=yes\nb ansible_become=False\nc ansible_become=0\n")
-    inventory = load_inventory(path, origin=tmp_path / "t.yaml")
+    inventory = load_inventory(path, origin=ORIGIN)
     assert [host.become for host in inventory.select("all")] == [True, False, False]
 
 
 def test_python_discovery_means_python3(tmp_path: Path) -> None:
     path = tmp_path / "hosts.ini"
     path.write_text("a ansible_python_interpreter=auto_silent\n")
-    assert load_inventory(path, origin=tmp_path / "t.yaml").host("a").python == "python3"
+    assert load_inventory(path, origin=ORIGIN).host("a").python == "python3"
 
 
 def test_known_hosts_and_key_file(tmp_path: Path) -> None:
     path = tmp_path / "hosts.ini"
     path.write_text("a stapctl_known_hosts=/lab/known_hosts ansible_ssh_private_key_file=/k\n")
-    host = load_inventory(path, origin=tmp_path / "t.yaml").host("a")
+    host = load_inventory(path, origin=ORIGIN).host("a")
     assert (host.known_hosts, host.key_file) == ("/lab/known_hosts", "/k")
 
 
@@ -269,19 +295,19 @@ def test_long_chains_of_groups_need_no_recursion(tmp_path: Path) -> None:
     path = tmp_path / "hosts.ini"
     path.write_text("".join(f"[g{n}:children]\ng{n + 1}\n" for n in range(count))
                     + f"[g{count}]\nh x=1\n")
-    inventory = load_inventory(path, origin=tmp_path / "t.yaml")
+    inventory = load_inventory(path, origin=ORIGIN)
     assert names(inventory, "g0") == ["h"]
     assert inventory.groups_of("h")[-1] == f"g{count}"
     path.write_text(path.read_text() + f"[g{count}:children]\ng0\n")
     with pytest.raises(ManifestError, match="is its own ancestor"):
-        load_inventory(path, origin=tmp_path / "t.yaml")
+        load_inventory(path, origin=ORIGIN)
 
 
 def test_a_cycle_is_found_from_a_group_below_it(tmp_path: Path) -> None:
     path = tmp_path / "hosts.ini"
     path.write_text("[c]\nh\n[b]\n[a]\n[a:children]\nb\n[b:children]\nc\na\n")
     with pytest.raises(ManifestError) as caught:
-        load_inventory(path, origin=tmp_path / "t.yaml")
+        load_inventory(path, origin=ORIGIN)
     (issue,) = caught.value.issues
     assert issue.line == 9 and "b → a → b" in issue.message
 
@@ -290,6 +316,60 @@ def test_pattern_errors_have_no_line_when_the_origin_has_no_hosts_key(tmp_path: 
     path = tmp_path / "inventory.yaml"
     path.write_text("all:\n  hosts:\n    web1:\n")
     with pytest.raises(ManifestError) as caught:
-        load_inventory(path, origin=path).select("db")
+        load_inventory(path, origin=Document(str(path), None)).select("db")
     (issue,) = caught.value.issues
     assert (issue.file, issue.line, issue.path) == (str(path), None, "hosts")
+
+
+@pytest.mark.parametrize("address", [
+    "web1", "web-1.example.com", "WEB1.Example.COM", "xn--bcher-kva.example", "10.0.0.5",
+    "::1", "[::1]", "2001:db8::7", "[2001:db8::7]", "fe80::1%eth0", "local", "a" * 63,
+])
+def test_addresses_that_are_accepted(address: str) -> None:
+    assert address_problem(address) is None
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1;reboot", "-oProxyCommand=x", "web1 -p 2222", "", "web_1", "[10.0.0.1]",
+    "10.0.0.999", "a..b", "-web", "web-", "a" * 64, "fe80::1%;reboot", "web1:22",
+    "root@web1", "$(reboot)", "web1\n", "[::1", "::1]", "localhost.", ".web1",
+    ".".join(["a" * 63] * 4) + ".b",
+])
+def test_addresses_that_are_refused(address: str) -> None:
+    problem = address_problem(address)
+    assert problem is not None and "is not a host name" in problem
+
+
+def test_a_bracketed_ipv6_address_is_connected_to_without_brackets(tmp_path: Path) -> None:
+    path = tmp_path / "hosts.ini"
+    path.write_text("v6 ansible_host=[2001:db8::7]\nplain ansible_host=::1\n")
+    hosts = {host.name: host for host in load_inventory(path, origin=ORIGIN).select("all")}
+    assert (hosts["v6"].address, hosts["plain"].address) == ("2001:db8::7", "::1")
+
+
+def test_a_name_that_is_no_address_is_fine_with_an_ansible_host(tmp_path: Path) -> None:
+    path = tmp_path / "hosts.ini"
+    path.write_text("[web]\nweb_1\n[web:vars]\nansible_host=10.0.0.5\n")
+    (host,) = load_inventory(path, origin=ORIGIN).select("all")
+    assert (host.name, host.address) == ("web_1", "10.0.0.5")
+
+
+@pytest.mark.parametrize(("setting", "good", "bad"), [
+    ("ansible_user", "deploy.bot_1-x", "-oProxyCommand=x"),
+    ("ansible_user", "root", "root;id"),
+    ("ansible_python_interpreter", "/usr/libexec/platform-python", "/usr/bin/env python3"),
+    ("ansible_python_interpreter", "python3.11", "bin/python3"),
+    ("ansible_python_interpreter", "auto_silent", "$(reboot)"),
+    ("ansible_port", "65535", "65536"),
+    ("ansible_port", "1", "0"),
+])
+def test_connection_settings_are_checked_where_written(tmp_path: Path, setting: str, good: str,
+                                                       bad: str) -> None:
+    path = tmp_path / "hosts.yaml"
+    path.write_text(yaml.safe_dump({"all": {"hosts": {"h": {setting: good}}}}))
+    load_inventory(path, origin=ORIGIN).select("all")
+    path.write_text(f"all:\n  hosts:\n    h:\n      {setting}: {json.dumps(bad)}\n")
+    with pytest.raises(ManifestError) as caught:
+        load_inventory(path, origin=ORIGIN)
+    (issue,) = caught.value.issues
+    assert (issue.line, issue.path) == (3, f"all.hosts.h.{setting}")  # at the host

@@ -13,13 +13,13 @@ from stapctl.manifest import (
     check_stap_option,
     explain,
     load_manifest,
-    load_schema,
     parse_duration,
     parse_percentage,
-    parse_yaml,
 )
-from stapctl.models import Strategy
+from stapctl.models import InlineGroup, InlineInventory, Percent, Strategy
 from stapctl.render import render_script
+from stapctl.schema import load_schema
+from stapctl.yamldoc import parse_yaml
 
 pytestmark = pytest.mark.unit
 
@@ -90,7 +90,7 @@ def test_the_contract_example_loads(tmp_path: Path) -> None:
     assert manifest.hosts == "webservers:!canary"
     assert manifest.vars == {"threshold_us": 500}
     assert manifest.become is True
-    assert manifest.strategy == Strategy(forks=50, serial=(1, "25%", "100%"),
+    assert manifest.strategy == Strategy(forks=50, serial=(1, Percent(25), Percent(100)),
                                          max_fail_percentage=20, connect_timeout=10.0,
                                          timeout=300.0)
     assert manifest.output.format == "prefix"
@@ -129,15 +129,31 @@ def test_a_script_file_is_read_relative_to_the_manifest(tmp_path: Path) -> None:
     assert probe.first_line == 1
 
 
-def test_an_inline_inventory_is_kept_as_a_mapping(tmp_path: Path) -> None:
-    text = MINIMAL + "inventory:\n  hosts: {web1: {address: 10.0.0.5, port: 2222}}\n"
+def test_an_inline_inventory_becomes_a_typed_value(tmp_path: Path) -> None:
+    text = MINIMAL + ("inventory:\n  hosts: {web1: {address: 10.0.0.5, port: 2222}}\n"
+                      "  groups: {web: {hosts: [web1]}}\n  vars: {x: 1}\n")
     manifest = load_manifest(write(tmp_path, text))
-    assert manifest.inventory == {"hosts": {"web1": {"address": "10.0.0.5", "port": 2222}}}
+    assert isinstance(manifest.inventory, InlineInventory)
+    assert manifest.inventory.hosts == {"web1": {"ansible_host": "10.0.0.5",
+                                                 "ansible_port": 2222}}
+    assert manifest.inventory.groups["web"] == InlineGroup(hosts=("web1",))
+    assert manifest.inventory.groups["all"].vars == {"x": 1}
+
+
+def test_the_manifest_keeps_the_document_it_was_read_from(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    manifest = load_manifest(path)
+    assert manifest.document is not None and manifest.document.file == str(path)
+    assert manifest.document.values[("name",)] == (3, 7)
+    path.unlink()  # nothing reads the file again to locate a problem
+    assert manifest.document.position(("probes", 0, "name")) is not None
+    assert manifest == load_manifest(write(tmp_path, MINIMAL + "\n"))  # not compared
 
 
 def test_a_single_serial_value_becomes_one_batch_size(tmp_path: Path) -> None:
     manifest = load_manifest(write(tmp_path, MINIMAL + "strategy:\n  serial: 30%\n"))
-    assert manifest.strategy.serial == ("30%",)
+    assert manifest.strategy.serial == (Percent(30),)
+    assert manifest.strategy.serial[0].of(10) == 3
 
 
 def test_keys_are_kept_as_written(tmp_path: Path) -> None:
@@ -181,7 +197,7 @@ def test_the_schema_and_the_parser_agree_on_durations() -> None:
 
 @pytest.mark.parametrize(("text", "percent"), [("25%", 25.0), ("100%", 100.0), ("0.5%", 0.5)])
 def test_percentages(text: str, percent: float) -> None:
-    assert parse_percentage(text) == percent
+    assert parse_percentage(text) == Percent(percent)
 
 
 @pytest.mark.parametrize("text", ["0%", "101%", "25", "%", "-5%", "abc%"])

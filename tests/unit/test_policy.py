@@ -8,7 +8,7 @@ import pytest
 
 from stapctl import report
 from stapctl.execute import batches
-from stapctl.models import Event, HostOutcome, Run
+from stapctl.models import BatchSize, Event, HostOutcome, Percent, Run
 
 pytestmark = pytest.mark.unit
 
@@ -16,14 +16,14 @@ HOSTS = [f"h{i}" for i in range(10)]
 
 
 @pytest.mark.parametrize(("serial", "sizes"), [
-    (["100%"], [10]),
-    ([1, "100%"], [1, 9]),
+    ([Percent(100)], [10]),
+    ([1, Percent(100)], [1, 9]),
     ([3], [3, 3, 3, 1]),
-    ([1, "25%", "100%"], [1, 2, 7]),
-    (["1%"], [1] * 10),
+    ([1, Percent(25), Percent(100)], [1, 2, 7]),
+    ([Percent(1)], [1] * 10),
     ([], [10]),
 ])
-def test_serial_batches_follow_ansible(serial: list[int | str], sizes: list[int]) -> None:
+def test_serial_batches_follow_ansible(serial: list[BatchSize], sizes: list[int]) -> None:
     got = list(batches(HOSTS, serial))
     assert [len(b) for b in got] == sizes
     assert [h for b in got for h in b] == HOSTS

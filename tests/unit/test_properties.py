@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stapctl.errors import ManifestError
-from stapctl.inventory import host_vars, load_inventory
+from stapctl.inventory import address_problem, host_vars, load_inventory
 from stapctl.manifest import load_manifest
+from stapctl.models import InlineInventory
 from stapctl.render import render_script
+from stapctl.yamldoc import Document
 
 pytestmark = pytest.mark.unit
 
@@ -85,8 +87,8 @@ def load_only_manifest_errors(path: Path) -> None:
     """Load the manifest, its inline inventory and every host's scripts, as `validate` does."""
     try:
         loaded = load_manifest(path)
-        if isinstance(loaded.inventory, Mapping):
-            for host in load_inventory(loaded.inventory, loaded.path).select(loaded.hosts):
+        if isinstance(loaded.inventory, InlineInventory) and loaded.document is not None:
+            for host in load_inventory(loaded.inventory, loaded.document).select(loaded.hosts):
                 for probe in loaded.probes:
                     render_script(probe, host_vars(host, loaded.vars, {}))
     except ManifestError as error:
@@ -142,6 +144,27 @@ def test_damaged_inventories(workdir: Path, original: tuple[str, str], position:
     path = workdir / name
     path.write_text(text[:position] + insert + text[position + cut:])
     try:
-        load_inventory(path, origin=workdir / "trace.yaml").select(pattern)
+        load_inventory(path, origin=Document("trace.yaml", None)).select(pattern)
     except ManifestError as error:
         assert error.issues and all(issue.message for issue in error.issues)
+
+
+@settings(max_examples=500, deadline=None)
+@given(address=st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet="abc019.-:[]%_;$ `'\"|&@/\n", max_size=20),
+    st.ip_addresses().map(str),
+))
+def test_an_accepted_address_is_plain(address: str) -> None:
+    """Nothing a shell, ssh or paramiko would read as more than an address gets through."""
+    if address_problem(address) is None:
+        assert re.fullmatch(r"[A-Za-z0-9.:%_\[\]-]+", address), address
+        assert not address.startswith("-")
+
+
+@settings(max_examples=300, deadline=None)
+@given(address=st.ip_addresses())
+def test_every_ip_address_is_accepted(address: Any) -> None:
+    assert address_problem(str(address)) is None
+    if address.version == 6:
+        assert address_problem(f"[{address}]") is None
