@@ -25,9 +25,9 @@ pytestmark = pytest.mark.agent
 @pytest.fixture(autouse=True)
 def quick_agent(monkeypatch):
     """Failure paths wait for timeouts; shorten them."""
-    monkeypatch.setattr(agent.Agent, "startup_timeout", 2.0)
-    monkeypatch.setattr(agent.Agent, "open_retry", 0.5)
-    monkeypatch.setattr(agent.Agent, "unload_retry", 1.0)
+    monkeypatch.setattr(agent.Run, "startup_timeout", 2.0)
+    monkeypatch.setattr(agent.ControlChannel, "open_retry", 0.5)
+    monkeypatch.setattr(agent.Run, "unload_retry", 1.0)
 
 
 def kernel_for(tmp_path, **scenario):
@@ -335,7 +335,7 @@ def test_a_system_command_outliving_the_module_still_reaches_the_controller(tmp_
 
 
 def test_a_system_command_that_never_ends_is_left_behind(tmp_path, monkeypatch):
-    monkeypatch.setattr(agent.Agent, "children_wait", 0.5)
+    monkeypatch.setattr(agent.Run, "children_wait", 0.5)
     kernel = kernel_for(tmp_path, running=[("system", "echo early; exec sleep 30"),
                                            ("sleep", 0.3), ("request_exit",)])
     started = time.monotonic()
@@ -516,3 +516,4 @@ def test_a_broken_stdout_does_not_stop_the_cleanup_with_compression(tmp_path):
     code = drive(kernel, request, read_stdout=False)
     assert code == 0
     assert_cleaned_up(kernel, request)
+
