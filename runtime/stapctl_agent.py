@@ -42,6 +42,8 @@ FRAME_ZOUTPUT = "Z"  # OUTPUT as the next piece of the run's one zlib stream
 FRAME_TYPES = (FRAME_HELLO, FRAME_OUTPUT, FRAME_EVENT, FRAME_RESULT, FRAME_ZOUTPUT)
 FRAME_HEADER = struct.Struct(">BI")
 MAX_FRAME = 64 << 20
+MAX_OUTPUT_FRAME = 4 << 20  # output bytes one OUTPUT or Z frame carries, before compression
+MAX_FRAME_OUTPUT = 16 << 20  # what OutputInflater lets one Z frame inflate to (4x the above)
 
 KINDS = ("preflight-refused", "insmod-refused", "start-failed", "runtime-error", "timed-out",
          "stopped", "transport-lost", "agent-error")
@@ -154,27 +156,40 @@ class OutputDeflater(object):
 
 class OutputInflater(object):
     """The controller's side: the payloads of one stream's Z frames, in order, in;
-    the output bytes out, in pieces of at most ``limit`` bytes."""
+    the output bytes out, in pieces of at most ``piece`` bytes.
 
-    def __init__(self, limit=1 << 20):
-        self.limit = limit
+    zlib inflates up to ~1000:1, so one 2 MB frame could become 2 GB: a frame is inflated
+    a piece at a time and refused once it passes ``max_frame_output`` bytes (the agent
+    never puts more than MAX_OUTPUT_FRAME bytes into one frame).
+    """
+
+    def __init__(self, piece=1 << 20, max_frame_output=MAX_FRAME_OUTPUT):
+        self.piece = piece
+        self.max_frame_output = max_frame_output
         self._z = zlib.decompressobj()
 
     def feed(self, payload):
-        """The output carried by one Z frame; ValueError if the stream is corrupt."""
-        pieces = []
+        """An iterator over the output one Z frame carries; use it up before the next
+        frame. It raises ValueError if the stream is corrupt or inflates too far."""
         data = payload
-        try:
-            while data:
-                piece = self._z.decompress(data, self.limit)
-                if piece:
-                    pieces.append(piece)
-                data = self._z.unconsumed_tail
-        except zlib.error as e:
-            raise ValueError("corrupt compressed output: %s" % e) from None
+        total = 0
+        while True:
+            room = min(self.piece, self.max_frame_output + 1 - total)
+            try:
+                piece = self._z.decompress(data, room)
+            except zlib.error as e:
+                raise ValueError("corrupt compressed output: %s" % e) from None
+            total += len(piece)
+            if total > self.max_frame_output:
+                raise ValueError("compressed output frame inflates past %d bytes"
+                                 % self.max_frame_output)
+            if piece:
+                yield piece
+            data = self._z.unconsumed_tail
+            if not data and len(piece) < room:  # a full piece may leave output in zlib
+                break
         if self._z.eof:
             raise ValueError("corrupt compressed output: the zlib stream ended")
-        return pieces
 
 
 def compress_level(request):
@@ -831,8 +846,11 @@ class FrameWriter(object):
         self._thread.start()
 
     def output(self, data):
-        """Probe output: an OUTPUT frame, or a Z frame once compress() was asked for."""
-        self.send(FRAME_OUTPUT if self.deflater is None else FRAME_ZOUTPUT, data)
+        """Probe output: OUTPUT frames, or Z frames once compress() was asked for, of at
+        most MAX_OUTPUT_FRAME bytes each."""
+        ftype = FRAME_OUTPUT if self.deflater is None else FRAME_ZOUTPUT
+        for start in range(0, len(data), MAX_OUTPUT_FRAME):
+            self.send(ftype, data[start:start + MAX_OUTPUT_FRAME])
 
     def _put(self, ftype, payload):
         with self._cond:
@@ -875,14 +893,17 @@ class FrameWriter(object):
 
     @staticmethod
     def _coalesce(batch):
-        """Consecutive output pieces as one (one compress and one flush, not many)."""
-        merged = []
+        """Consecutive output pieces as one (one compress and one flush, not many), up to
+        MAX_OUTPUT_FRAME bytes."""
+        merged = []  # [type, parts, size]
         for ftype, payload in batch:
-            if ftype == FRAME_ZOUTPUT and merged and merged[-1][0] == FRAME_ZOUTPUT:
+            if ftype == FRAME_ZOUTPUT and merged and merged[-1][0] == FRAME_ZOUTPUT and \
+                    merged[-1][2] + len(payload) <= MAX_OUTPUT_FRAME:
                 merged[-1][1].append(payload)
+                merged[-1][2] += len(payload)
             else:
-                merged.append((ftype, [payload]))
-        return [(ftype, b"".join(parts)) for ftype, parts in merged]
+                merged.append([ftype, [payload], len(payload)])
+        return [(ftype, b"".join(parts)) for ftype, parts, _size in merged]
 
     def close(self):
         """Writes what is queued (unless stdout is gone) and stops the thread."""

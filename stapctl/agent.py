@@ -193,11 +193,10 @@ def read_frames(recv: Callable[[int], bytes]) -> Iterator[Frame]:
             if letter != wire.FRAME_ZOUTPUT:
                 yield Frame(FRAME_KINDS[letter], data)
                 continue
-            try:
-                pieces = inflater.feed(data)
+            try:  # piece by piece: a frame may inflate far past what memory holds
+                for piece in inflater.feed(data):
+                    yield Frame("output", piece)
             except ValueError as exc:
                 raise AgentError(f"the agent's stream is corrupt: {exc}") from exc
-            for piece in pieces:
-                yield Frame("output", piece)
     if reader.pending:
         raise AgentError("the agent's stream ended in the middle of a frame")
