@@ -523,7 +523,7 @@ def module_params(params, bufsize_mb=0):
     """The init_module parameter string: ``_stp_bufsize=N`` then the script's globals.
 
     Values with blanks are double-quoted for the kernel's parser; values it cannot carry
-    (a double quote, NUL, newline) are refused rather than mangled.
+    are refused rather than mangled (param_problem).
     """
     if isinstance(bufsize_mb, bool) or not isinstance(bufsize_mb, int) or bufsize_mb < 0:
         raise ValueError("bufsize_mb must be a non-negative integer, not %r" % (bufsize_mb,))
@@ -538,14 +538,37 @@ def module_params(params, bufsize_mb=0):
             raise ValueError("parameter %s must be a string or an integer, not %s"
                              % (name, type(value).__name__))
         text = str(value)
-        for bad, what in (('"', "a double quote"), ("\0", "a NUL"), ("\n", "a newline")):
-            if bad in text:
-                raise ValueError("parameter %s contains %s, which the kernel cannot pass"
-                                 % (name, what))
+        problem = param_problem(text)
+        if problem:
+            raise ValueError("parameter %s contains %s, which the kernel cannot pass"
+                             % (name, problem))
         if not text or any(c.isspace() for c in text):
             text = '"%s"' % text
         parts.append("%s=%s" % (name, text))
     return " ".join(parts)
+
+
+def param_problem(text):
+    """What in ``text`` the kernel's parameter parser would misread, or None.
+
+    Its parser splits on isspace() outside double quotes, and the kernel's ctype
+    (lib/ctype.c) counts 0xA0 as a space: unquoted, the A0 inside UTF-8 text such as
+    "\u00e0" would end the value and start another parameter (``_stp_*`` ones too).
+    Control bytes and 0xA0 are refused outright, quotes could not be escaped anyway.
+    """
+    for bad, what in (('"', "a double quote"), ("\0", "a NUL"), ("\n", "a newline")):
+        if bad in text:
+            return what
+    try:
+        raw = bytearray(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "text that is not valid UTF-8"
+    for byte in raw:
+        if byte < 0x20 or byte == 0x7F:
+            return "the control byte 0x%02x" % byte
+        if byte == 0xA0:
+            return "the byte 0xa0 (in UTF-8 letters such as \u00e0), a blank to the kernel"
+    return None
 
 
 def insmod_message(err, name):

@@ -409,10 +409,22 @@ def test_preflight_refuses_an_unsigned_module_under_lockdown(tmp_path):
 
 @pytest.mark.parametrize("params, words", [
     ({"bad name": "x"}, "not an identifier"), ({"x": 'say "hi"'}, "double quote"),
-    ({"x": "a\nb"}, "newline"), ({"_stp_bufsize": 1}, "reserved"), ({"x": 1.5}, "float")])
+    ({"x": "a\nb"}, "newline"), ({"_stp_bufsize": 1}, "reserved"), ({"x": 1.5}, "float"),
+    # UTF-8 \u00e0 is C3 A0: the kernel's parser ends the value at A0 and reads the rest
+    # as another parameter, here one of the runtime's
+    ({"x": "\u00e0_stp_bufsize=64"}, "0xa0"), ({"x": "no\u00a0break"}, "0xa0"),
+    ({"x": "a\tb"}, "control byte 0x09"), ({"x": "a\rb"}, "control byte 0x0d"),
+    ({"x": "a\x7fb"}, "control byte 0x7f"), ({"x": "\ud800"}, "not valid UTF-8")])
 def test_preflight_refuses_bad_parameters(tmp_path, params, words):
     kernel = FakeKernel(tmp_path / "root")
     assert words in refused(tmp_path, kernel, params=params)
+
+
+def test_other_non_ascii_parameter_values_pass(tmp_path):
+    kernel = kernel_for(tmp_path, **HELLO_EXIT)
+    outcome = drive(kernel, run_request(tmp_path, params={"who": "caf\u00e9 \u20ac"}))
+    assert outcome.result["status"] == "ok", outcome.result
+    assert kernel.loads[0][1] == '_stp_bufsize=0 who="caf\u00e9 \u20ac"'
 
 
 def test_facts_and_preflight_actions(tmp_path):
