@@ -44,6 +44,7 @@ FRAME_HEADER = struct.Struct(">BI")
 MAX_FRAME = 64 << 20
 MAX_OUTPUT_FRAME = 4 << 20  # output bytes one OUTPUT or Z frame carries, before compression
 MAX_FRAME_OUTPUT = 16 << 20  # what OutputInflater lets one Z frame inflate to (4x the above)
+HEARTBEAT_INTERVAL = 5.0  # seconds without any frame after which a running agent sends one
 
 KINDS = ("preflight-refused", "insmod-refused", "start-failed", "runtime-error", "timed-out",
          "stopped", "transport-lost", "agent-error")
@@ -818,6 +819,7 @@ class FrameWriter(object):
         self.stall_timeout = stall_timeout
         self.broken = False
         self.deflater = None
+        self.last_frame = time.monotonic()  # when the last frame was handed over
         self.poller = select.poll()
         self.poller.register(fd, select.POLLOUT)
         self._queue = []  # (type, payload); FRAME_ZOUTPUT payloads still uncompressed
@@ -831,6 +833,7 @@ class FrameWriter(object):
             log("stdout stays blocking: %s" % e)
 
     def send(self, ftype, payload):
+        self.last_frame = time.monotonic()
         if self._thread is not None:
             self._put(ftype, payload)
         else:
@@ -1319,7 +1322,7 @@ class Run(object):
 
     def step(self, timeout, listen=False):
         """Waits up to ``timeout`` seconds and hands each ready descriptor to its part
-        (stdin too if ``listen``)."""
+        (stdin too if ``listen``); then a heartbeat if no frame went out for a while."""
         handlers = {}
         for part in (self.channel, self.relays, self.children):
             if part is not None:
@@ -1332,6 +1335,8 @@ class Run(object):
             poller.register(fd, select.POLLIN)
         for fd, events in poller.poll(timeout * 1000):
             handlers[fd](fd, events)
+        if time.monotonic() - self.out.last_frame >= HEARTBEAT_INTERVAL:
+            self.out.event("heartbeat")
 
     def wait_for(self, condition, what):
         """Runs the loop until ``condition()``; False after startup_timeout."""

@@ -529,3 +529,44 @@ def test_a_broken_stdout_does_not_stop_the_cleanup_with_compression(tmp_path):
     assert code == 0
     assert_cleaned_up(kernel, request)
 
+
+# ---------------------------------------------------------------- heartbeat
+
+def test_a_quiet_run_sends_heartbeats_and_a_busy_one_does_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent, "HEARTBEAT_INTERVAL", 0.5)
+    busy = [action for i in range(30) for action in (("print", 0, b"%d\n" % i), ("sleep", 0.05))]
+    kernel = kernel_for(tmp_path, running=busy + [("sleep", 1.8), ("request_exit",)])
+    outcome = drive(kernel, run_request(tmp_path))
+    assert outcome.result["status"] == "ok"
+    assert outcome.output == b"".join(b"%d\n" % i for i in range(30))
+
+    kinds = [("heartbeat" if t == "E" and b'"heartbeat"' in p else t) for t, p in outcome.frames]
+    first_output, last_output = kinds.index("O"), len(kinds) - 1 - kinds[::-1].index("O")
+    assert "heartbeat" not in kinds[first_output:last_output]  # output kept the line busy
+    beats = [e for e in outcome.events if e["event"] == "heartbeat"]
+    assert 2 <= len(beats) <= 4, kinds  # 1.8 s of silence, one per 0.5 s
+    assert beats == [{"event": "heartbeat"}] * len(beats)
+    names = outcome.event_names()
+    assert names.index("started") < names.index("heartbeat") and "heartbeat" not in \
+        names[names.index("stopping"):]
+
+
+def test_heartbeats_come_at_the_interval(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent, "HEARTBEAT_INTERVAL", 0.3)
+    kernel = kernel_for(tmp_path)
+    outcome = drive(kernel, run_request(tmp_path, duration=2.0))
+    times = heartbeat_times(outcome)
+    assert 4 <= len(times) <= 7, times
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert all(0.25 < gap < 0.6 for gap in gaps), gaps
+
+
+def heartbeat_times(outcome):
+    """When each heartbeat event reached the controller."""
+    reader, times = agent.FrameReader(), []
+    for when, chunk in outcome.arrivals:
+        for ftype, payload in reader.feed(chunk):
+            if ftype == agent.FRAME_EVENT and b'"heartbeat"' in payload:
+                times.append(when)
+    return times
+
