@@ -1295,6 +1295,7 @@ class Run(object):
         facts = collect_facts(self.kernel)
         self.out.event("facts", facts=facts)
         image, name, params = preflight(request, facts)
+        touch(request["module"])
         loaded_name = runtime_name(name, str(os.getpid()))
         if loaded_name is None or is_signed(image):
             # Renaming would break a signature; a name this short cannot take a tag.
@@ -1588,6 +1589,8 @@ class Run(object):
 def preflight(request, facts):
     """Every check that must pass before insmod: (image, module name, params string).
 
+    A module file whose sha256 is not the request's is deleted before the refusal, so
+    the controller's next upload sends it again.
     """
     def refuse(message):
         return Failure("preflight-refused", message)
@@ -1612,8 +1615,9 @@ def preflight(request, facts):
         raise refuse("cannot read module %s: %s" % (path, e.strerror)) from None
     digest = hashlib.sha256(image).hexdigest()
     if digest != request.get("sha256"):
-        raise refuse("module %s has sha256 %s, expected %s: the upload is corrupt or stale"
-                     % (path, digest, request.get("sha256")))
+        remove_file(path)
+        raise refuse("module %s: sha256 mismatch (%s, expected %s): the upload is corrupt or "
+                     "stale, so it was deleted" % (path, digest, request.get("sha256")))
     try:
         info = modinfo(image)
     except ValueError as e:
@@ -1647,6 +1651,46 @@ def remove_file(path):
     except OSError as e:
         if e.errno != errno.ENOENT:
             log("cannot remove %s: %s" % (path, e))
+
+
+def touch(path):
+    """Marks a file as in use, so that remove_stale_files spares it."""
+    try:
+        os.utime(path, None)
+    except OSError as e:
+        log("cannot touch %s: %s" % (path, e))
+
+
+STALE_AGE = 7 * 86400  # seconds since a module or agent file was last used
+STALE_PART_AGE = 3600  # seconds since an unfinished upload was last written
+UPLOADED = re.compile(r"(?:[0-9a-f]{64}\.ko|agent-[0-9a-f]+\.py)\Z")
+
+
+def remove_stale_files(directory, keep, now=None):
+    """Removes from the agent's work directory the modules (``<sha256>.ko``) and agents
+    (``agent-<hex>.py``) unused for STALE_AGE, and unfinished uploads (``*.part``)
+    older than STALE_PART_AGE; never ``keep`` (this agent's own file)."""
+    now = time.time() if now is None else now
+    try:
+        names = os.listdir(directory)
+    except OSError as e:
+        log("cannot list %s: %s" % (directory, e))
+        return
+    keep = os.path.realpath(keep)
+    for name in names:
+        if UPLOADED.match(name):
+            age = STALE_AGE
+        elif name.endswith(".part"):
+            age = STALE_PART_AGE
+        else:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            stale = os.lstat(path).st_mtime < now - age
+        except OSError:
+            continue
+        if stale and os.path.realpath(path) != keep:
+            remove_file(path)
 
 
 class Agent(object):
@@ -1685,6 +1729,9 @@ class Agent(object):
             result["message"] = "%s; %s" % (result["message"], self.run.unload_problem)
         for path in request.get("remove_files") or ():
             remove_file(path)
+        if request.get("action") == "run" and isinstance(request.get("module"), str):
+            remove_stale_files(os.path.dirname(os.path.abspath(request["module"])),
+                               os.path.abspath(__file__))
         self.out.json(FRAME_RESULT, result)
         self.out.close()
         return 0 if result["status"] == "ok" else 1

@@ -378,9 +378,25 @@ def test_preflight_refuses_when_modules_are_disabled(tmp_path):
     assert "modules_disabled" in refused(tmp_path, kernel)
 
 
-def test_preflight_refuses_a_corrupt_upload(tmp_path):
+@pytest.mark.parametrize("action", ["run", "preflight"])
+def test_a_corrupt_upload_is_deleted_and_refused(tmp_path, action):
+    # deleted, so the controller's next upload (sent only when the file is missing) fixes it
     kernel = FakeKernel(tmp_path / "root")
-    assert "sha256" in refused(tmp_path, kernel, sha256="0" * 64)
+    request = run_request(tmp_path, action=action, sha256="0" * 64, remove_files=[])
+    outcome = drive(kernel, request)
+    assert outcome.result["kind"] == "preflight-refused"
+    assert "sha256 mismatch" in outcome.result["message"]
+    assert not os.path.exists(request["module"])
+    assert kernel.loads == []
+
+
+def test_a_good_upload_is_kept_and_touched(tmp_path):
+    kernel = kernel_for(tmp_path, **HELLO_EXIT)
+    request = run_request(tmp_path, remove_files=[])
+    os.utime(request["module"], (1000, 1000))
+    outcome = drive(kernel, request)
+    assert outcome.result["status"] == "ok"
+    assert time.time() - os.stat(request["module"]).st_mtime < 60
 
 
 def test_preflight_refuses_a_missing_module(tmp_path):
@@ -570,3 +586,42 @@ def heartbeat_times(outcome):
                 times.append(when)
     return times
 
+
+# ---------------------------------------------------------------- the work directory
+
+DAY = 86400
+
+
+def test_stale_uploads_are_removed_and_fresh_ones_kept(tmp_path):
+    now = time.time()
+    ages = {"a" * 64 + ".ko": 8 * DAY, "b" * 64 + ".ko": 6 * DAY,
+            "agent-0123456789abcdef.py": 8 * DAY, "agent-fedcba9876543210.py": 1 * DAY,
+            "c" * 64 + ".ko.1a2b3c4d.part": 2 * 3600, "d" * 64 + ".ko.5e6f7a8b.part": 600,
+            "notes.txt": 30 * DAY, "stapctl_x.ko": 30 * DAY, "e" * 63 + ".ko": 30 * DAY,
+            "agent-mine.py": 30 * DAY, "agent-aaaa.py": 30 * DAY}
+    for name, age in ages.items():
+        (tmp_path / name).write_text("x")
+        os.utime(tmp_path / name, (now - age, now - age))
+    agent.remove_stale_files(str(tmp_path), str(tmp_path / "agent-aaaa.py"), now)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        "b" * 64 + ".ko", "agent-fedcba9876543210.py", "d" * 64 + ".ko.5e6f7a8b.part",
+        "notes.txt", "stapctl_x.ko", "e" * 63 + ".ko", "agent-mine.py", "agent-aaaa.py"])
+
+
+def test_a_run_cleans_its_work_directory(tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    path, digest, name = module_file(tmp_path)
+    module = workdir / (digest + ".ko")
+    os.rename(path, module)
+    old = time.time() - 8 * DAY
+    os.utime(module, (old, old))  # in use now, however old
+    stale = workdir / ("f" * 64 + ".ko")
+    stale.write_text("old module")
+    os.utime(stale, (old, old))
+    kernel = kernel_for(tmp_path, **HELLO_EXIT)
+    request = run_request(tmp_path, module=str(module), sha256=digest, module_name=name,
+                          remove_files=[])
+    outcome = drive(kernel, request)
+    assert outcome.result["status"] == "ok", outcome.result
+    assert module.exists() and not stale.exists()
