@@ -334,9 +334,14 @@ def test_a_run_removes_stale_uploads_from_the_work_directory(
     stale = f"{workdir}/{secrets.token_hex(32)}.ko"
     fresh = f"{workdir}/{secrets.token_hex(32)}.ko"
     part = f"{workdir}/{secrets.token_hex(32)}.ko.{secrets.token_hex(4)}.part"
-    guest_run(lab, f"touch -d '8 days ago' {stale} && touch -d '2 hours ago' {part} && "
-                   f"touch -d '6 days ago' {fresh}")
+    ages = {stale: 8 * 86400, part: 2 * 3600, fresh: 6 * 86400}
+    guest_run(lab, "python3 -c 'import os, sys, time\n"  # busybox touch takes no '8 days ago'
+                   "for path, age in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+                   "    open(path, \"w\").close()\n"
+                   "    os.utime(path, (time.time() - int(age),) * 2)' " +
+              " ".join(f"{path} {age}" for path, age in ages.items()))
     try:
+        assert len(guest_run(lab, f"ls {stale} {part} {fresh}").split()) == 3
         run.stop.set()
         assert_clean_ending(run, "failed", "stopped", "stop")
         assert guest_run(lab, f"ls {stale} {part} {fresh} 2>/dev/null; true").split() == [fresh]
