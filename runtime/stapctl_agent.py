@@ -42,6 +42,9 @@ FRAME_ZOUTPUT = "Z"  # OUTPUT as the next piece of the run's one zlib stream
 FRAME_TYPES = (FRAME_HELLO, FRAME_OUTPUT, FRAME_EVENT, FRAME_RESULT, FRAME_ZOUTPUT)
 FRAME_HEADER = struct.Struct(">BI")
 MAX_FRAME = 64 << 20
+MAX_OUTPUT_FRAME = 4 << 20  # output bytes one OUTPUT or Z frame carries, before compression
+MAX_FRAME_OUTPUT = 16 << 20  # what OutputInflater lets one Z frame inflate to (4x the above)
+HEARTBEAT_INTERVAL = 5.0  # seconds without any frame after which a running agent sends one
 
 KINDS = ("preflight-refused", "insmod-refused", "start-failed", "runtime-error", "timed-out",
          "stopped", "transport-lost", "agent-error")
@@ -154,27 +157,40 @@ class OutputDeflater(object):
 
 class OutputInflater(object):
     """The controller's side: the payloads of one stream's Z frames, in order, in;
-    the output bytes out, in pieces of at most ``limit`` bytes."""
+    the output bytes out, in pieces of at most ``piece`` bytes.
 
-    def __init__(self, limit=1 << 20):
-        self.limit = limit
+    zlib inflates up to ~1000:1, so one 2 MB frame could become 2 GB: a frame is inflated
+    a piece at a time and refused once it passes ``max_frame_output`` bytes (the agent
+    never puts more than MAX_OUTPUT_FRAME bytes into one frame).
+    """
+
+    def __init__(self, piece=1 << 20, max_frame_output=MAX_FRAME_OUTPUT):
+        self.piece = piece
+        self.max_frame_output = max_frame_output
         self._z = zlib.decompressobj()
 
     def feed(self, payload):
-        """The output carried by one Z frame; ValueError if the stream is corrupt."""
-        pieces = []
+        """An iterator over the output one Z frame carries; use it up before the next
+        frame. It raises ValueError if the stream is corrupt or inflates too far."""
         data = payload
-        try:
-            while data:
-                piece = self._z.decompress(data, self.limit)
-                if piece:
-                    pieces.append(piece)
-                data = self._z.unconsumed_tail
-        except zlib.error as e:
-            raise ValueError("corrupt compressed output: %s" % e) from None
+        total = 0
+        while True:
+            room = min(self.piece, self.max_frame_output + 1 - total)
+            try:
+                piece = self._z.decompress(data, room)
+            except zlib.error as e:
+                raise ValueError("corrupt compressed output: %s" % e) from None
+            total += len(piece)
+            if total > self.max_frame_output:
+                raise ValueError("compressed output frame inflates past %d bytes"
+                                 % self.max_frame_output)
+            if piece:
+                yield piece
+            data = self._z.unconsumed_tail
+            if not data and len(piece) < room:  # a full piece may leave output in zlib
+                break
         if self._z.eof:
             raise ValueError("corrupt compressed output: the zlib stream ended")
-        return pieces
 
 
 def compress_level(request):
@@ -508,7 +524,7 @@ def module_params(params, bufsize_mb=0):
     """The init_module parameter string: ``_stp_bufsize=N`` then the script's globals.
 
     Values with blanks are double-quoted for the kernel's parser; values it cannot carry
-    (a double quote, NUL, newline) are refused rather than mangled.
+    are refused rather than mangled (param_problem).
     """
     if isinstance(bufsize_mb, bool) or not isinstance(bufsize_mb, int) or bufsize_mb < 0:
         raise ValueError("bufsize_mb must be a non-negative integer, not %r" % (bufsize_mb,))
@@ -523,14 +539,37 @@ def module_params(params, bufsize_mb=0):
             raise ValueError("parameter %s must be a string or an integer, not %s"
                              % (name, type(value).__name__))
         text = str(value)
-        for bad, what in (('"', "a double quote"), ("\0", "a NUL"), ("\n", "a newline")):
-            if bad in text:
-                raise ValueError("parameter %s contains %s, which the kernel cannot pass"
-                                 % (name, what))
+        problem = param_problem(text)
+        if problem:
+            raise ValueError("parameter %s contains %s, which the kernel cannot pass"
+                             % (name, problem))
         if not text or any(c.isspace() for c in text):
             text = '"%s"' % text
         parts.append("%s=%s" % (name, text))
     return " ".join(parts)
+
+
+def param_problem(text):
+    """What in ``text`` the kernel's parameter parser would misread, or None.
+
+    Its parser splits on isspace() outside double quotes, and the kernel's ctype
+    (lib/ctype.c) counts 0xA0 as a space: unquoted, the A0 inside UTF-8 text such as
+    "\u00e0" would end the value and start another parameter (``_stp_*`` ones too).
+    Control bytes and 0xA0 are refused outright, quotes could not be escaped anyway.
+    """
+    for bad, what in (('"', "a double quote"), ("\0", "a NUL"), ("\n", "a newline")):
+        if bad in text:
+            return what
+    try:
+        raw = bytearray(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "text that is not valid UTF-8"
+    for byte in raw:
+        if byte < 0x20 or byte == 0x7F:
+            return "the control byte 0x%02x" % byte
+        if byte == 0xA0:
+            return "the byte 0xa0 (in UTF-8 letters such as \u00e0), a blank to the kernel"
+    return None
 
 
 def insmod_message(err, name):
@@ -780,6 +819,7 @@ class FrameWriter(object):
         self.stall_timeout = stall_timeout
         self.broken = False
         self.deflater = None
+        self.last_frame = time.monotonic()  # when the last frame was handed over
         self.poller = select.poll()
         self.poller.register(fd, select.POLLOUT)
         self._queue = []  # (type, payload); FRAME_ZOUTPUT payloads still uncompressed
@@ -793,6 +833,7 @@ class FrameWriter(object):
             log("stdout stays blocking: %s" % e)
 
     def send(self, ftype, payload):
+        self.last_frame = time.monotonic()
         if self._thread is not None:
             self._put(ftype, payload)
         else:
@@ -817,6 +858,10 @@ class FrameWriter(object):
     def json(self, ftype, obj):
         self.send(ftype, json.dumps(obj, sort_keys=True).encode("utf-8"))
 
+    def event(self, name, **fields):
+        fields["event"] = name
+        self.json(FRAME_EVENT, fields)
+
     def compress(self, level):
         """From now on, output goes as FRAME_ZOUTPUT pieces of one zlib stream."""
         if not level or self._thread is not None:
@@ -827,8 +872,11 @@ class FrameWriter(object):
         self._thread.start()
 
     def output(self, data):
-        """Probe output: an OUTPUT frame, or a Z frame once compress() was asked for."""
-        self.send(FRAME_OUTPUT if self.deflater is None else FRAME_ZOUTPUT, data)
+        """Probe output: OUTPUT frames, or Z frames once compress() was asked for, of at
+        most MAX_OUTPUT_FRAME bytes each."""
+        ftype = FRAME_OUTPUT if self.deflater is None else FRAME_ZOUTPUT
+        for start in range(0, len(data), MAX_OUTPUT_FRAME):
+            self.send(ftype, data[start:start + MAX_OUTPUT_FRAME])
 
     def _put(self, ftype, payload):
         with self._cond:
@@ -871,14 +919,17 @@ class FrameWriter(object):
 
     @staticmethod
     def _coalesce(batch):
-        """Consecutive output pieces as one (one compress and one flush, not many)."""
-        merged = []
+        """Consecutive output pieces as one (one compress and one flush, not many), up to
+        MAX_OUTPUT_FRAME bytes."""
+        merged = []  # [type, parts, size]
         for ftype, payload in batch:
-            if ftype == FRAME_ZOUTPUT and merged and merged[-1][0] == FRAME_ZOUTPUT:
+            if ftype == FRAME_ZOUTPUT and merged and merged[-1][0] == FRAME_ZOUTPUT and \
+                    merged[-1][2] + len(payload) <= MAX_OUTPUT_FRAME:
                 merged[-1][1].append(payload)
+                merged[-1][2] += len(payload)
             else:
-                merged.append((ftype, [payload]))
-        return [(ftype, b"".join(parts)) for ftype, parts in merged]
+                merged.append([ftype, [payload], len(payload)])
+        return [(ftype, b"".join(parts)) for ftype, parts, _size in merged]
 
     def close(self):
         """Writes what is queued (unless stdout is gone) and stops the thread."""
@@ -940,266 +991,94 @@ class LineReader(object):
             self.fill()
 
 
-class Agent(object):
-    """One request, one result: facts, preflight, or a whole run of one module."""
+# The control channel's one state: START not yet answered, then the probe runs, then EXIT
+# is sent and the module runs its end probes, then it has answered EXIT.
+STARTING, RUNNING, STOPPING, EXITED = "starting", "running", "stopping", "exited"
+
+
+class ControlChannel(object):
+    """The module's .cmd: the SystemTap control protocol, and where the run stands in it.
+
+    What the module says goes to ``listener``: on_started(), on_text(text) for
+    OOB_DATA and on_system(command) for SYSTEM. REQUEST_EXIT (the script's exit()) may
+    come before START's reply, so it is only noted in ``exit_requested``.
+    """
 
     open_retry = 2.0  # seconds to retry .cmd's EBUSY (a previous opener closing)
-    startup_timeout = 15.0  # for TRANSPORT and START's reply
-    unload_retry = 3.0  # seconds to retry delete_module while the module is in use
-    drain_timeout = 5.0
-    children_wait = 5.0  # for system() commands still running when the module is gone
-    settle_time = 0.3  # to collect the module's ERROR text after a failed START
-    tick = 0.1  # the steady state's longest sleep: timers are checked at least this often
-    request_timeout = 60.0
 
-    def __init__(self, kernel=None, stdin_fd=0, stdout_fd=1, gap_wait=1.0):
-        self.kernel = kernel or Kernel()
-        self.out = FrameWriter(stdout_fd)
-        self.stdin = LineReader(stdin_fd)
-        self.merger = Merger(gap_wait)
-        self.stats = {"bytes": 0, "records": 0, "lost_records": 0, "transport_failures": 0,
-                      "warnings": 0, "desyncs": 0, "lost_bytes": 0}
-        self.signalled = None
-        self.module = None
-        self.unload_problem = None
-        self.cmd = None
-        self.relays = []  # (cpu, fd, RecordParser) per CPU
-        self.relay_poll = select.poll()
-        self.live_relays = set()  # relay fds not finalized: waited on for data
-        self.home_cpus = None  # where this thread may run when it is not reading a relay
-        self.unpinned = set()  # CPUs whose relay file had to be read from elsewhere
-        self.children = []  # system() commands whose output we forward
-        self.generation = None
-        self.transport = False
-        self.start_res = None
+    def __init__(self, fd, listener):
+        self.fd = fd
+        self.listener = listener
+        self.state = STARTING
+        self.generation = None  # 4 or 5, told by TRANSPORT's number
+        self.start_res = None  # START's reply: 0 when the module started
         self.exit_requested = False
-        self.exit_reply = False
-        self.stop_reason = None
-        self.exit_sent = None
-        self.exit_problem = None
-        self.started = None
-        self.errors = []
-        self.seen_warnings = set()
+        self.exit_sent = None  # when EXIT was written (time.monotonic())
 
-    # -- plumbing
-
-    def event(self, name, **fields):
-        fields["event"] = name
-        self.out.json(FRAME_EVENT, fields)
-
-    def on_signal(self, signum, _frame):
-        self.signalled = signum
-
-    def serve(self):
-        """Answers one request; returns the process exit status (0 when the result is ok)."""
-        self.out.json(FRAME_HELLO, {"protocol": PROTOCOL_VERSION, "agent": AGENT_VERSION,
-                                    "python": "%d.%d.%d" % tuple(sys.version_info[:3]),
-                                    "pid": os.getpid()})
-        request = {}
-        try:
-            request = self.read_request()
-            result = self.handle(request)
-        except Failure as e:
-            result = self.result(e.kind, e.message)
-        except Exception:
-            log(traceback.format_exc())
-            result = self.result("agent-error", traceback.format_exc())
-        if self.unload_problem:
-            result["status"] = "failed"
-            result["kind"] = result["kind"] or "agent-error"
-            result["message"] = "%s; %s" % (result["message"], self.unload_problem)
-        self.remove_files(request.get("remove_files") if isinstance(request, dict) else None)
-        self.out.json(FRAME_RESULT, result)
-        self.out.close()
-        return 0 if result["status"] == "ok" else 1
-
-    def read_request(self):
-        line = self.stdin.first_line(self.request_timeout)
-        try:
-            request = json.loads(line.decode("utf-8"))
-        except ValueError as e:
-            raise Failure("agent-error", "the request is not JSON: %s" % e) from None
-        if not isinstance(request, dict):
-            raise Failure("agent-error", "the request is not a JSON object")
-        return request
-
-    def result(self, kind, message, **extra):
-        extra.update({"status": "failed" if kind else "ok", "kind": kind, "message": message,
-                      "stats": dict(self.stats)})
-        return extra
-
-    def remove_files(self, paths):
-        for path in paths or ():
-            try:
-                os.unlink(path)
-            except OSError as e:
-                if e.errno != errno.ENOENT:
-                    log("cannot remove %s: %s" % (path, e))
-
-    def handle(self, request):
-        if request.get("protocol") != PROTOCOL_VERSION:
-            raise Failure("agent-error", "protocol %r requested; this agent speaks %d"
-                          % (request.get("protocol"), PROTOCOL_VERSION))
-        action = request.get("action")
-        if action == "facts":
-            return self.result(None, "facts collected", facts=collect_facts(self.kernel))
-        if action == "preflight":
-            facts = collect_facts(self.kernel)
-            try:
-                _image, name, _params = self.preflight(request, facts)
-            except Failure as e:
-                return self.result(e.kind, e.message, facts=facts)
-            return self.result(None, "module %s can be loaded" % name, facts=facts)
-        if action == "run":
-            return self.run(request)
-        raise Failure("agent-error", "unknown action %r" % (action,))
-
-    # -- preflight
-
-    def preflight(self, request, facts):
-        """Every check that must pass before insmod: (image, module name, params string)."""
-        def refuse(message):
-            return Failure("preflight-refused", message)
-
-        if facts["euid"] != 0:
-            raise refuse("the agent runs as uid %d, not root: loading a kernel module needs "
-                         "root (use become)" % facts["euid"])
-        if not facts["module_support"]:
-            raise refuse("this kernel has no loadable module support (no /proc/modules)")
-        if facts["modules_disabled"]:
-            raise refuse("/proc/sys/kernel/modules_disabled is 1: this kernel accepts no "
-                         "modules until it reboots")
-        if not facts["procfs"]:
-            raise refuse("/proc is not mounted: the module's control channel lives there")
-        path = request.get("module")
-        if not path:
-            raise refuse("the request names no module file")
-        try:
-            with open(path, "rb") as f:
-                image = f.read()
-        except (OSError, IOError) as e:
-            raise refuse("cannot read module %s: %s" % (path, e.strerror)) from None
-        digest = hashlib.sha256(image).hexdigest()
-        if digest != request.get("sha256"):
-            raise refuse("module %s has sha256 %s, expected %s: the upload is corrupt or stale"
-                         % (path, digest, request.get("sha256")))
-        try:
-            info = modinfo(image)
-        except ValueError as e:
-            raise refuse("%s is not a kernel module: %s" % (path, e)) from None
-        built_for = (info.get("vermagic") or "").split()
-        if not built_for:
-            raise refuse("%s has no vermagic: not a kernel module" % path)
-        if built_for[0] != facts["release"]:
-            raise refuse("module %s was built for kernel %s, but this host runs %s"
-                         % (path, built_for[0], facts["release"]))
-        name = request.get("module_name") or info.get("name")
-        if not name or _name_offset(image, name) is None:
-            raise refuse("module name %r is not the name embedded in %s" % (name, path))
-        strict = facts["sig_enforce"] or facts["lockdown"] in ("integrity", "confidentiality")
-        if strict and not is_signed(image):
-            raise refuse("this kernel only loads signed modules (sig_enforce=%s, lockdown=%s) "
-                         "and %s is unsigned" % (facts["sig_enforce"], facts["lockdown"], path))
-        params = request.get("params") or {}
-        if not isinstance(params, dict):
-            raise refuse("params must be a JSON object of name: value")
-        try:
-            params = module_params(params, request.get("bufsize_mb") or 0)
-        except ValueError as e:
-            raise refuse(str(e)) from None
-        return image, name, params
-
-    # -- run
-
-    def run(self, request):
-        self.out.compress(compress_level(request))
-        facts = collect_facts(self.kernel)
-        self.event("facts", facts=facts)
-        image, name, params = self.preflight(request, facts)
-        loaded_name = runtime_name(name, str(os.getpid()))
-        if loaded_name is None or is_signed(image):
-            # Renaming would break a signature; a name this short cannot take a tag.
-            self.event("warning", text="module %s is loaded under its own name: a second run "
-                                       "of it on this host will fail with EEXIST" % name)
-            loaded_name = name
-        else:
-            image = rename_module(image, name, loaded_name)
-        try:
-            self.kernel.load(image, params)
-        except OSError as e:
-            raise Failure("insmod-refused", insmod_message(e, loaded_name)) from None
-        self.module = loaded_name
-        self.event("loaded", module=loaded_name)
-        try:
-            self.attach(request)
-            self.steady_state(request)
-            self.drain()
-        finally:
-            self.teardown()
-            self.finish_children()
-        return self.outcome(request)
-
-    def attach(self, request):
-        """staprun's and stapio's startup: handshake, relocations, relay files, START.
-
-        TRANSPORT is queued by the module's init, so it is read first: its number tells
-        4.x from 5.x before anything is written.
-        """
-        self.cmd = self.open_control()
-        if not self.wait_for(lambda: self.transport, "TRANSPORT"):
-            raise Failure("start-failed", "the module sent no TRANSPORT message within %.0f s"
-                          % self.startup_timeout)
-        self.send("PRIVILEGE_CREDENTIALS", pack_privilege(), required=False)
-        self.send_relocations()
-        now = time.localtime()
-        self.send("TZINFO", pack_tzinfo(now.tm_gmtoff, (now.tm_zone or "UTC")[:63]),
-                  required=False)
-        if isinstance(request.get("remote_id"), int):
-            self.send("REMOTE_ID", pack_remote_id(request["remote_id"],
-                                                  str(request.get("remote_uri", ""))[:127]),
-                      required=False)
-        self.send("READY", required=False)
-        self.relays = [(cpu, fd, RecordParser(self.generation))
-                       for cpu, fd in self.kernel.open_relays(self.module)]
-        for _cpu, fd, _parser in self.relays:
-            self.relay_poll.register(fd, select.POLLIN)
-            self.live_relays.add(fd)
-        self.home_cpus = self.kernel.cpus()
-        self.send("START", pack_start(0, 0))  # blocks while begin probes run
-        if not self.wait_for(lambda: self.start_res is not None, "START's reply"):
-            raise Failure("start-failed", "the module did not answer START within %.0f s"
-                          % self.startup_timeout)
-        if self.start_res != 0:
-            deadline = time.monotonic() + self.settle_time
-            while time.monotonic() < deadline:
-                self.wait(0.05)
-                self.pump_control()
-            raise Failure("start-failed", self.errors[0] if self.errors else
-                          "the module's initialization returned %d" % self.start_res)
-
-    def open_control(self):
-        deadline = time.monotonic() + self.open_retry
+    @classmethod
+    def open(cls, kernel, module, listener):
+        deadline = time.monotonic() + cls.open_retry
         while True:
             try:
-                return self.kernel.open_control(self.module)
+                return cls(kernel.open_control(module), listener)
             except OSError as e:
                 if e.errno != errno.EBUSY or time.monotonic() > deadline:
                     raise Failure("start-failed", "cannot open the control channel of %s: %s"
-                                  % (self.module, e.strerror)) from None
+                                  % (module, e.strerror)) from None
                 time.sleep(0.05)
 
-    def wait_for(self, condition, what):
-        """Reads control messages until ``condition()``; False after startup_timeout."""
-        deadline = time.monotonic() + self.startup_timeout
-        while not condition():
-            if self.signalled:
-                raise Failure("stopped", "stopped by signal %d while waiting for %s"
-                              % (self.signalled, what))
-            if time.monotonic() > deadline:
-                return False
-            self.wait(0.05)
-            self.pump_control()
-        return True
+    def watched(self):
+        return [] if self.fd is None else [self.fd]
+
+    def on_ready(self, _fd, _events):
+        self.pump()
+
+    def pump(self):
+        """Handles every message queued on .cmd."""
+        while self.fd is not None:
+            try:
+                data = os.read(self.fd, CTL_READ_SIZE)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EINTR):
+                    log("reading the control channel: %s" % e)
+                return
+            if not data:
+                return
+            self._on_message(data)
+
+    def _on_message(self, data):
+        if len(data) < 4:
+            log("ignoring a %d-byte control message" % len(data))
+            return
+        mtype = struct.unpack_from("=I", data)[0]
+        if self.generation is None:
+            generation = generation_of(mtype)
+            if generation is None or mtype != message_type("TRANSPORT", generation):
+                log("ignoring control message of type %d before TRANSPORT" % mtype)
+                return
+            self.generation = generation
+        name, payload = decode_message(data, self.generation)
+        if name == "TRANSPORT":
+            pass
+        elif name == "START" and self.state == STARTING and self.start_res is None:
+            try:
+                self.start_res = unpack_start(payload)[1]
+            except ValueError as e:
+                log("ignoring a malformed START reply: %s" % e)
+                return
+            if self.start_res == 0:  # now, before the messages queued after it
+                self.state = RUNNING
+                self.listener.on_started()
+        elif name == "OOB_DATA":
+            self.listener.on_text(message_text(payload))
+        elif name == "SYSTEM":
+            self.listener.on_system(payload.split(b"\0", 1)[0])
+        elif name == "REQUEST_EXIT":
+            self.exit_requested = True
+        elif name == "EXIT":
+            self.state = EXITED
+        else:
+            log("ignoring control message %s (type %d)" % (name, mtype))
 
     def send(self, name, payload=b"", required=True):
         """Writes one control message; a failure of a required one fails the start."""
@@ -1207,7 +1086,7 @@ class Agent(object):
         deadline = time.monotonic() + 1.0
         while True:
             try:
-                written = os.write(self.cmd, message)
+                written = os.write(self.fd, message)
                 problem = None if written > 0 else "the module accepted 0 bytes"
             except OSError as e:
                 problem = e.strerror
@@ -1221,84 +1100,262 @@ class Agent(object):
             log("%s not accepted: %s" % (name, problem))
         return problem is None
 
-    def send_relocations(self):
-        """The kernel's own addresses (6.x exports no kallsyms_lookup_name) and sections."""
-        with self.kernel.addresses_visible():
-            symbols = self.kernel.kernel_symbols()
-            sections = self.kernel.module_sections()
-        for symbol in KERNEL_SYMBOLS:
-            if symbol in symbols:
-                self.send("RELOCATION", pack_relocation("kernel", symbol, symbols[symbol]),
-                          required=False)
-        if "_stext" in symbols and self.kernel.has_build_id_note():
-            self.send("RELOCATION", pack_relocation("kernel", ".note.gnu.build-id", 2),
-                      required=False)
-        for module, section, address in sections:
-            if len(module) < 127 and len(section) < 127:
-                self.send("RELOCATION", pack_relocation(module, section, address),
-                          required=False)
+    def send_exit(self):
+        """Asks the module to stop (its end probes run before it answers); False if the
+        module refused the message."""
+        self.state = STOPPING
+        self.exit_sent = time.monotonic()
+        return self.send("EXIT", required=False)
 
-    def steady_state(self, request):
-        duration = request.get("duration")
-        exit_timeout = float(request.get("exit_timeout") or 10.0)
-        deadman = request.get("deadman", 30.0)
-        self.out.stall_timeout = float(deadman or 60.0)
-        while True:
-            listen = not self.stdin.eof and self.exit_sent is None
-            if self.stdin.fd in self.wait(self.tick, with_stdin=listen):
-                self.stdin.fill()
-            self.read_stdin()
-            self.pump_control()
-            self.read_relays()
-            self.forward_children()
-            self.emit_output(time.monotonic())
-            if self.exit_reply:
-                return
-            now = time.monotonic()
-            if self.stop_reason is None:
-                if self.exit_requested:
-                    self.stop("error" if self.errors else "exit()")
-                elif self.signalled:
-                    self.stop("signal")
-                elif duration is not None and now - self.started >= duration:
-                    self.stop("duration")
-                elif deadman and now - self.stdin.last_line > deadman:
-                    self.stop("deadman")
-            if self.stop_reason is not None and self.exit_sent is None:
-                self.exit_sent = now
-                if not self.send("EXIT", required=False):
-                    self.exit_problem = "the module refused EXIT"
-                    return
-            if self.exit_sent is not None and now - self.exit_sent > exit_timeout:
-                self.exit_problem = "the module did not answer EXIT within %.0f s" % exit_timeout
-                return
+    def close(self):
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
 
-    def wait(self, timeout, with_stdin=False):
-        """Polls the control channel, the relay files, system() output and maybe stdin;
-        the readable fds.
 
-        Relay files are read as soon as they have data, as stapio does: a CPU's buffer
-        read early has its records start sub-buffers afresh, so 4.x drops fewer of them
-        (a record whose header does not fit at a sub-buffer's end is lost). A finalized
-        relay file polls POLLERR for ever, so it is left out from then on.
+class RelaySet(object):
+    """The module's relay files, one per CPU, read on their CPU and merged in order.
+
+    Relay files are read as soon as they have data, as stapio does: a CPU's buffer read
+    early has its records start sub-buffers afresh, so 4.x drops fewer of them (a record
+    whose header does not fit at a sub-buffer's end is lost). A finalized relay file
+    polls POLLERR for ever, so it is no longer watched from then on.
+    """
+
+    def __init__(self, kernel, opened, generation, gap_wait):
+        self.kernel = kernel
+        self.relays = dict((fd, (cpu, RecordParser(generation))) for cpu, fd in opened)
+        self.live = set(self.relays)  # not finalized: waited on for data
+        self.merger = Merger(gap_wait)
+        self.home_cpus = kernel.cpus()  # where this thread runs when not reading a relay
+        self.unpinned = set()  # CPUs whose relay file had to be read from elsewhere
+
+    def watched(self):
+        return list(self.live)
+
+    def on_ready(self, fd, events):
+        if events & (select.POLLERR | select.POLLHUP):
+            self.live.discard(fd)
+        self.read(fd)
+
+    def read(self, fd):
+        """Reads one relay file until it has nothing more; True if anything arrived.
+
+        A CPU's file is read on that CPU, as stapio's per-CPU threads do: a read closes
+        the buffer's current sub-buffer, and from another CPU that races with the CPU's
+        own writer (seen on 6.1 with 4.8: records cut short, transport failures).
         """
-        poller = select.poll()
-        fds = [self.cmd] + [child.stdout.fileno() for child in self.children]
-        if with_stdin:
-            fds.append(self.stdin.fd)
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
-        for fd in self.live_relays:
-            poller.register(fd, select.POLLIN)
-        ready = set()
-        for fd, events in poller.poll(timeout * 1000):
-            if fd in self.live_relays and events & (select.POLLERR | select.POLLHUP):
-                self.live_relays.discard(fd)
-            ready.add(fd)
-        return ready
+        cpu, parser = self.relays[fd]
+        moved = self.kernel.run_on([cpu])
+        if not moved and cpu not in self.unpinned:
+            self.unpinned.add(cpu)
+            log("cannot run on CPU %d: reading its relay file from another CPU" % cpu)
+        now = time.monotonic()
+        got = False
+        for _ in range(64):  # bounded, so .cmd is served even under a flood
+            try:
+                data = os.read(fd, 65536)
+            except OSError as e:
+                if e.errno not in (errno.ENODATA, errno.EAGAIN, errno.EINTR):
+                    log("reading relay file: %s" % e)
+                break
+            if not data:
+                break
+            got = True
+            for seq, record in parser.feed(data):
+                self.merger.add(seq, record, now)
+        if moved:
+            self.kernel.run_on(self.home_cpus)
+        return got
 
-    def read_stdin(self):
-        """Handles the controller's complete lines: ping keeps the dead-man quiet, stop stops."""
+    def read_all(self):
+        """Reads every relay file that has data, finalized or not; True if any had.
+        Polling (unlike reading) changes nothing, so it picks the files worth a move."""
+        poller = select.poll()
+        for fd in self.relays:
+            poller.register(fd, select.POLLIN)
+        return [self.read(fd) for fd, _events in poller.poll(0)].count(True) > 0
+
+    def finish(self, now):
+        """At the end: what the parsers still hold, cut records included."""
+        for _cpu, parser in self.relays.values():
+            for seq, record in parser.finish():
+                self.merger.add(seq, record, now)
+
+    def close(self, stats):
+        """Closes every relay file and adds what was skipped or lost to ``stats``."""
+        for fd, (_cpu, parser) in self.relays.items():
+            stats["desyncs"] += parser.desyncs
+            stats["lost_bytes"] += parser.lost_bytes
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        stats["lost_records"] = self.merger.lost
+        self.relays = {}
+        self.live = set()
+
+
+class Children(object):
+    """The script's system() commands, whose output we forward."""
+
+    def __init__(self, out):
+        self.out = out
+        self.running = {}  # stdout fd -> Popen
+
+    def start(self, command):
+        """Runs ``command`` by sh without waiting, as stapio does; None, or why it could
+        not start.
+
+        It gets neither our stdin (the controller's channel) nor our descriptors (an
+        inherited .cmd would keep the module loaded).
+        """
+        try:
+            child = subprocess.Popen([b"sh", b"-c", command], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     close_fds=True)
+        except OSError as e:
+            return str(e)
+        os.set_blocking(child.stdout.fileno(), False)
+        self.running[child.stdout.fileno()] = child
+        return None
+
+    def watched(self):
+        return list(self.running)
+
+    def on_ready(self, fd, _events):
+        """Forwards what the child wrote; at its EOF, forgets it."""
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EAGAIN: nothing yet
+            return
+        if data:
+            self.out.output(data)
+        else:
+            child = self.running.pop(fd)
+            child.stdout.close()
+            child.poll()
+
+    def forward_available(self):
+        for fd in list(self.running):
+            self.on_ready(fd, 0)
+
+    def abandon(self):
+        """Stops listening to the commands still running; they run on by themselves."""
+        for child in self.running.values():
+            child.stdout.close()
+        self.running = {}
+
+
+def new_stats():
+    return {"bytes": 0, "records": 0, "lost_records": 0, "transport_failures": 0,
+            "warnings": 0, "desyncs": 0, "lost_bytes": 0}
+
+
+class Run(object):
+    """One run of one module: load, attach, run, stop, drain, unload.
+
+    One poll loop (step) serves the parts: each ready descriptor goes to the part that
+    watches it (the control channel, the relay files, the system() commands, stdin).
+    """
+
+    startup_timeout = 15.0  # for TRANSPORT and START's reply
+    unload_retry = 3.0  # seconds to retry delete_module while the module is in use
+    drain_timeout = 5.0
+    children_wait = 5.0  # for system() commands still running when the module is gone
+    settle_time = 0.3  # to collect the module's ERROR text after a failed START
+    tick = 0.1  # the steady state's longest sleep: timers are checked at least this often
+
+    def __init__(self, agent, request, gap_wait):
+        self.agent = agent
+        self.kernel = agent.kernel
+        self.out = agent.out
+        self.stdin = agent.stdin
+        self.request = request
+        self.gap_wait = gap_wait
+        self.stats = new_stats()
+        self.module = None
+        self.channel = None
+        self.relays = None
+        self.children = Children(self.out)
+        self.started = None  # when START's reply came
+        self.stop_reason = None
+        self.exit_problem = None
+        self.unload_problem = None
+        self.errors = []
+        self.seen_warnings = set()
+
+    def execute(self):
+        """The run's result; Failure when it ends before the module starts."""
+        request = self.request
+        self.out.compress(compress_level(request))
+        facts = collect_facts(self.kernel)
+        self.out.event("facts", facts=facts)
+        image, name, params = preflight(request, facts)
+        touch(request["module"])
+        loaded_name = runtime_name(name, str(os.getpid()))
+        if loaded_name is None or is_signed(image):
+            # Renaming would break a signature; a name this short cannot take a tag.
+            self.out.event("warning", text="module %s is loaded under its own name: a second "
+                                           "run of it on this host will fail with EEXIST" % name)
+            loaded_name = name
+        else:
+            image = rename_module(image, name, loaded_name)
+        try:
+            self.kernel.load(image, params)
+        except OSError as e:
+            raise Failure("insmod-refused", insmod_message(e, loaded_name)) from None
+        self.module = loaded_name
+        self.out.event("loaded", module=loaded_name)
+        try:
+            self.attach()
+            self.steady_state()
+            self.drain()
+        finally:
+            self.teardown()
+            self.finish_children()
+        return self.outcome()
+
+    # -- the loop
+
+    def step(self, timeout, listen=False):
+        """Waits up to ``timeout`` seconds and hands each ready descriptor to its part
+        (stdin too if ``listen``); then a heartbeat if no frame went out for a while."""
+        handlers = {}
+        for part in (self.channel, self.relays, self.children):
+            if part is not None:
+                for fd in part.watched():
+                    handlers[fd] = part.on_ready
+        if listen and not self.stdin.eof:
+            handlers[self.stdin.fd] = self.on_stdin
+        poller = select.poll()
+        for fd in handlers:
+            poller.register(fd, select.POLLIN)
+        for fd, events in poller.poll(timeout * 1000):
+            handlers[fd](fd, events)
+        if time.monotonic() - self.out.last_frame >= HEARTBEAT_INTERVAL:
+            self.out.event("heartbeat")
+
+    def wait_for(self, condition, what):
+        """Runs the loop until ``condition()``; False after startup_timeout."""
+        deadline = time.monotonic() + self.startup_timeout
+        while not condition():
+            if self.agent.signalled:
+                raise Failure("stopped", "stopped by signal %d while waiting for %s"
+                              % (self.agent.signalled, what))
+            if time.monotonic() > deadline:
+                return False
+            self.step(0.05)
+        return True
+
+    # -- what the parts report
+
+    def on_stdin(self, _fd, _events):
+        """The controller's lines: ping keeps the dead-man quiet, stop stops."""
+        self.stdin.fill()
         while True:
             line = self.stdin.next_line()
             if line is None:
@@ -1315,56 +1372,9 @@ class Agent(object):
         if self.stdin.eof:
             self.stop("controller-gone")
 
-    def stop(self, reason):
-        if self.stop_reason is None:
-            self.stop_reason = reason
-            self.event("stopping", reason=reason)
-
-    def pump_control(self):
-        """Handles every message queued on .cmd."""
-        while self.cmd is not None:
-            try:
-                data = os.read(self.cmd, CTL_READ_SIZE)
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EINTR):
-                    log("reading the control channel: %s" % e)
-                return
-            if not data:
-                return
-            self.on_message(data)
-
-    def on_message(self, data):
-        if len(data) < 4:
-            log("ignoring a %d-byte control message" % len(data))
-            return
-        mtype = struct.unpack_from("=I", data)[0]
-        if self.generation is None:
-            self.generation = generation_of(mtype)
-            if self.generation is None:
-                log("ignoring control message of unknown type %d" % mtype)
-                return
-        name, payload = decode_message(data, self.generation)
-        if name == "TRANSPORT":
-            self.transport = True
-        elif name == "START" and self.start_res is None:
-            try:
-                self.start_res = unpack_start(payload)[1]
-            except ValueError as e:
-                log("ignoring a malformed START reply: %s" % e)
-                return
-            if self.start_res == 0:  # now, before the messages queued after it
-                self.started = time.monotonic()
-                self.event("started")
-        elif name == "OOB_DATA":
-            self.on_text(message_text(payload))
-        elif name == "SYSTEM":
-            self.system(payload.split(b"\0", 1)[0])
-        elif name == "REQUEST_EXIT":  # may come before START's reply: acted on in steady state
-            self.exit_requested = True
-        elif name == "EXIT":
-            self.exit_reply = True
-        else:
-            log("ignoring control message %s (type %d)" % (name, mtype))
+    def on_started(self):
+        self.started = time.monotonic()
+        self.out.event("started")
 
     def on_text(self, text):
         """OOB_DATA: errors fail the run; warnings are counted and shown once each."""
@@ -1372,7 +1382,7 @@ class Agent(object):
             text = text[7:]
             if len(self.errors) < 100:
                 self.errors.append(text)
-            self.event("error", text=text)
+            self.out.event("error", text=text)
             return
         if text.startswith("WARNING: "):
             text = text[9:]
@@ -1382,93 +1392,111 @@ class Agent(object):
             self.stats["transport_failures"] += int(failures.group(1))
         if text not in self.seen_warnings and len(self.seen_warnings) < 1024:
             self.seen_warnings.add(text)
-            self.event("warning", text=text)
+            self.out.event("warning", text=text)
 
-    def system(self, command):
-        """The script's system(): run by sh without waiting, as stapio does.
-
-        Its output joins the probe output; it gets neither our stdin (the controller's
-        channel) nor our descriptors (an inherited .cmd would keep the module loaded).
-        """
+    def on_system(self, command):
+        """The script's system(): its output joins the probe output."""
         if not command:
             return
-        try:
-            child = subprocess.Popen([b"sh", b"-c", command], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     close_fds=True)
-        except OSError as e:
+        problem = self.children.start(command)
+        if problem:
             self.on_text("WARNING: system(%s) could not start: %s"
-                         % (command.decode("utf-8", "replace"), e))
-            return
-        os.set_blocking(child.stdout.fileno(), False)
-        self.children.append(child)
+                         % (command.decode("utf-8", "replace"), problem))
 
-    def forward_children(self):
-        for child in list(self.children):
-            try:
-                data = os.read(child.stdout.fileno(), 65536)
-            except OSError:  # EAGAIN: nothing yet
-                continue
-            if data:
-                self.out.output(data)
-            else:
-                child.stdout.close()
-                child.poll()
-                self.children.remove(child)
+    def stop(self, reason):
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.out.event("stopping", reason=reason)
 
-    def finish_children(self):
-        """After the unload: the output of system() commands still running is the
-        script's output too (stapio's children write to its terminal even after it
-        ends), so it is forwarded until they end or children_wait has passed."""
-        deadline = time.monotonic() + self.children_wait
-        while self.children and time.monotonic() < deadline:
-            poller = select.poll()
-            for child in self.children:
-                poller.register(child.stdout.fileno(), select.POLLIN)
-            poller.poll(min(self.tick, max(0.0, deadline - time.monotonic())) * 1000)
-            self.forward_children()
-        for child in self.children:
-            child.stdout.close()
-        self.children = []
+    # -- the phases
 
-    def read_relays(self):
-        """Reads each relay file that has data until it has none; True if anything arrived.
+    def attach(self):
+        """staprun's and stapio's startup: handshake, relocations, relay files, START.
 
-        A CPU's file is read on that CPU, as stapio's per-CPU threads do: a read closes
-        the buffer's current sub-buffer, and from another CPU that races with the CPU's
-        own writer (seen on 6.1 with 4.8: records cut short, transport failures).
-        Polling (unlike reading) changes nothing, so it picks the files worth a move.
+        TRANSPORT is queued by the module's init, so it is read first: its number tells
+        4.x from 5.x before anything is written.
         """
-        now = time.monotonic()
-        got = False
-        ready = set(fd for fd, _ in self.relay_poll.poll(0))
-        moved = False
-        for cpu, fd, parser in self.relays:
-            if fd not in ready:
-                continue
-            if self.kernel.run_on([cpu]):
-                moved = True
-            elif cpu not in self.unpinned:
-                self.unpinned.add(cpu)
-                log("cannot run on CPU %d: reading its relay file from another CPU" % cpu)
-            for _ in range(64):  # bounded, so .cmd is served even under a flood
-                try:
-                    data = os.read(fd, 65536)
-                except OSError as e:
-                    if e.errno not in (errno.ENODATA, errno.EAGAIN, errno.EINTR):
-                        log("reading relay file: %s" % e)
-                    break
-                if not data:
-                    break
-                got = True
-                for seq, record in parser.feed(data):
-                    self.merger.add(seq, record, now)
-        if moved:
-            self.kernel.run_on(self.home_cpus)
-        return got
+        channel = self.channel = ControlChannel.open(self.kernel, self.module, self)
+        if not self.wait_for(lambda: channel.generation is not None, "TRANSPORT"):
+            raise Failure("start-failed", "the module sent no TRANSPORT message within %.0f s"
+                          % self.startup_timeout)
+        channel.send("PRIVILEGE_CREDENTIALS", pack_privilege(), required=False)
+        self.send_relocations()
+        now = time.localtime()
+        channel.send("TZINFO", pack_tzinfo(now.tm_gmtoff, (now.tm_zone or "UTC")[:63]),
+                     required=False)
+        request = self.request
+        if isinstance(request.get("remote_id"), int):
+            channel.send("REMOTE_ID", pack_remote_id(request["remote_id"],
+                                                     str(request.get("remote_uri", ""))[:127]),
+                         required=False)
+        channel.send("READY", required=False)
+        self.relays = RelaySet(self.kernel, self.kernel.open_relays(self.module),
+                               channel.generation, self.gap_wait)
+        channel.send("START", pack_start(0, 0))  # blocks while begin probes run
+        if not self.wait_for(lambda: channel.start_res is not None, "START's reply"):
+            raise Failure("start-failed", "the module did not answer START within %.0f s"
+                          % self.startup_timeout)
+        if channel.start_res != 0:
+            deadline = time.monotonic() + self.settle_time
+            while time.monotonic() < deadline:
+                self.step(0.05)
+            raise Failure("start-failed", self.errors[0] if self.errors else
+                          "the module's initialization returned %d" % channel.start_res)
+
+    def send_relocations(self):
+        """The kernel's own addresses (6.x exports no kallsyms_lookup_name) and sections."""
+        with self.kernel.addresses_visible():
+            symbols = self.kernel.kernel_symbols()
+            sections = self.kernel.module_sections()
+        relocations = [("kernel", symbol, symbols[symbol])
+                       for symbol in KERNEL_SYMBOLS if symbol in symbols]
+        if "_stext" in symbols and self.kernel.has_build_id_note():
+            relocations.append(("kernel", ".note.gnu.build-id", 2))
+        relocations += [(module, section, address) for module, section, address in sections
+                        if len(module) < 127 and len(section) < 127]
+        for module, section, address in relocations:
+            self.channel.send("RELOCATION", pack_relocation(module, section, address),
+                              required=False)
+
+    def steady_state(self):
+        """Runs until EXIT's reply, sending EXIT when a reason to stop comes up."""
+        exit_timeout = float(self.request.get("exit_timeout") or 10.0)
+        self.out.stall_timeout = float(self.request.get("deadman", 30.0) or 60.0)
+        channel = self.channel
+        while True:
+            self.step(self.tick, listen=channel.state == RUNNING)
+            now = time.monotonic()
+            self.emit_output(now)
+            if channel.state == EXITED:
+                return
+            if self.stop_reason is None:
+                reason = self.reason_to_stop(now)
+                if reason:
+                    self.stop(reason)
+            if channel.state == RUNNING and self.stop_reason is not None:
+                if not channel.send_exit():
+                    self.exit_problem = "the module refused EXIT"
+                    return
+            elif channel.state == STOPPING and now - channel.exit_sent > exit_timeout:
+                self.exit_problem = "the module did not answer EXIT within %.0f s" % exit_timeout
+                return
+
+    def reason_to_stop(self, now):
+        duration = self.request.get("duration")
+        deadman = self.request.get("deadman", 30.0)
+        if self.channel.exit_requested:
+            return "error" if self.errors else "exit()"
+        if self.agent.signalled:
+            return "signal"
+        if duration is not None and now - self.started >= duration:
+            return "duration"
+        if deadman and now - self.stdin.last_line > deadman:
+            return "deadman"
+        return None
 
     def emit_output(self, now, final=False):
-        ready = self.merger.pop(now, final)
+        ready = self.relays.merger.pop(now, final)
         if ready:
             data = b"".join(ready)
             self.stats["records"] += len(ready)
@@ -1482,30 +1510,21 @@ class Agent(object):
         buffer takes a while over a slow link); without the reply, drain_timeout bounds it.
         """
         deadline = time.monotonic() + self.drain_timeout
-        while self.read_relays() and (self.exit_reply or time.monotonic() < deadline):
+        while self.relays.read_all() and (self.channel.state == EXITED or
+                                          time.monotonic() < deadline):
             self.emit_output(time.monotonic())
-        self.pump_control()
+        self.channel.pump()
         now = time.monotonic()
-        for _cpu, _fd, parser in self.relays:
-            for seq, record in parser.finish():
-                self.merger.add(seq, record, now)
+        self.relays.finish(now)
         self.emit_output(now, final=True)
-        self.forward_children()
+        self.children.forward_available()
 
     def teardown(self):
         """Close every descriptor, then rmmod: whatever happened before, never raising."""
-        for _cpu, _fd, parser in self.relays:
-            self.stats["desyncs"] += parser.desyncs
-            self.stats["lost_bytes"] += parser.lost_bytes
-        for fd in [fd for _cpu, fd, _parser in self.relays] + [self.cmd]:
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self.relays = []
-        self.live_relays = set()
-        self.cmd = None
+        if self.relays is not None:
+            self.relays.close(self.stats)
+        if self.channel is not None:
+            self.channel.close()
         deadline = time.monotonic() + self.unload_retry
         while True:
             try:
@@ -1525,16 +1544,28 @@ class Agent(object):
             except Exception as e:
                 self.unload_problem = "module %s may still be loaded: %r" % (self.module, e)
                 return
-        self.event("unloaded", module=self.module)
+        self.out.event("unloaded", module=self.module)
 
-    def outcome(self, request):
-        self.stats["lost_records"] = self.merger.lost
+    def finish_children(self):
+        """After the unload: the output of system() commands still running is the
+        script's output too (stapio's children write to its terminal even after it
+        ends), so it is forwarded until they end or children_wait has passed."""
+        deadline = time.monotonic() + self.children_wait
+        while self.children.running:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.step(min(self.tick, left))
+        self.children.abandon()
+
+    def outcome(self):
+        request = self.request
         messages = {
             "exit()": "the script called exit()",
             "error": "the script stopped on an error",
             "duration": "the duration of %s s was reached" % request.get("duration"),
             "stop": "stopped by the controller",
-            "signal": "stopped by signal %s" % self.signalled,
+            "signal": "stopped by signal %s" % self.agent.signalled,
             "controller-gone": "stdin closed: the controller is gone",
             "deadman": "no word from the controller for %s s" % request.get("deadman", 30.0),
         }
@@ -1544,13 +1575,201 @@ class Agent(object):
                        % self.exit_problem
         if self.errors:
             more = len(self.errors) - 1
-            return self.result("runtime-error", self.errors[0] + (
+            return self.agent.result("runtime-error", self.errors[0] + (
                 " (and %d more errors)" % more if more else ""))
         if self.exit_problem:
-            return self.result("timed-out", message)
+            return self.agent.result("timed-out", message)
         kind = {"stop": "stopped", "signal": "stopped", "controller-gone": "transport-lost",
                 "deadman": "transport-lost"}.get(self.stop_reason)
-        return self.result(kind, message)
+        return self.agent.result(kind, message)
+
+
+# ---------------------------------------------------------------- preflight and files
+
+def preflight(request, facts):
+    """Every check that must pass before insmod: (image, module name, params string).
+
+    A module file whose sha256 is not the request's is deleted before the refusal, so
+    the controller's next upload sends it again.
+    """
+    def refuse(message):
+        return Failure("preflight-refused", message)
+
+    if facts["euid"] != 0:
+        raise refuse("the agent runs as uid %d, not root: loading a kernel module needs "
+                     "root (use become)" % facts["euid"])
+    if not facts["module_support"]:
+        raise refuse("this kernel has no loadable module support (no /proc/modules)")
+    if facts["modules_disabled"]:
+        raise refuse("/proc/sys/kernel/modules_disabled is 1: this kernel accepts no "
+                     "modules until it reboots")
+    if not facts["procfs"]:
+        raise refuse("/proc is not mounted: the module's control channel lives there")
+    path = request.get("module")
+    if not path or not isinstance(path, str):
+        raise refuse("the request names no module file")
+    try:
+        with open(path, "rb") as f:
+            image = f.read()
+    except (OSError, IOError) as e:
+        raise refuse("cannot read module %s: %s" % (path, e.strerror)) from None
+    digest = hashlib.sha256(image).hexdigest()
+    if digest != request.get("sha256"):
+        remove_file(path)
+        raise refuse("module %s: sha256 mismatch (%s, expected %s): the upload is corrupt or "
+                     "stale, so it was deleted" % (path, digest, request.get("sha256")))
+    try:
+        info = modinfo(image)
+    except ValueError as e:
+        raise refuse("%s is not a kernel module: %s" % (path, e)) from None
+    built_for = (info.get("vermagic") or "").split()
+    if not built_for:
+        raise refuse("%s has no vermagic: not a kernel module" % path)
+    if built_for[0] != facts["release"]:
+        raise refuse("module %s was built for kernel %s, but this host runs %s"
+                     % (path, built_for[0], facts["release"]))
+    name = request.get("module_name") or info.get("name")
+    if not name or _name_offset(image, name) is None:
+        raise refuse("module name %r is not the name embedded in %s" % (name, path))
+    strict = facts["sig_enforce"] or facts["lockdown"] in ("integrity", "confidentiality")
+    if strict and not is_signed(image):
+        raise refuse("this kernel only loads signed modules (sig_enforce=%s, lockdown=%s) "
+                     "and %s is unsigned" % (facts["sig_enforce"], facts["lockdown"], path))
+    params = request.get("params") or {}
+    if not isinstance(params, dict):
+        raise refuse("params must be a JSON object of name: value")
+    try:
+        params = module_params(params, request.get("bufsize_mb") or 0)
+    except ValueError as e:
+        raise refuse(str(e)) from None
+    return image, name, params
+
+
+def remove_file(path):
+    try:
+        os.unlink(path)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log("cannot remove %s: %s" % (path, e))
+
+
+def touch(path):
+    """Marks a file as in use, so that remove_stale_files spares it."""
+    try:
+        os.utime(path, None)
+    except OSError as e:
+        log("cannot touch %s: %s" % (path, e))
+
+
+STALE_AGE = 7 * 86400  # seconds since a module or agent file was last used
+STALE_PART_AGE = 3600  # seconds since an unfinished upload was last written
+UPLOADED = re.compile(r"(?:[0-9a-f]{64}\.ko|agent-[0-9a-f]+\.py)\Z")
+
+
+def remove_stale_files(directory, keep, now=None):
+    """Removes from the agent's work directory the modules (``<sha256>.ko``) and agents
+    (``agent-<hex>.py``) unused for STALE_AGE, and unfinished uploads (``*.part``)
+    older than STALE_PART_AGE; never ``keep`` (this agent's own file)."""
+    now = time.time() if now is None else now
+    try:
+        names = os.listdir(directory)
+    except OSError as e:
+        log("cannot list %s: %s" % (directory, e))
+        return
+    keep = os.path.realpath(keep)
+    for name in names:
+        if UPLOADED.match(name):
+            age = STALE_AGE
+        elif name.endswith(".part"):
+            age = STALE_PART_AGE
+        else:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            stale = os.lstat(path).st_mtime < now - age
+        except OSError:
+            continue
+        if stale and os.path.realpath(path) != keep:
+            remove_file(path)
+
+
+class Agent(object):
+    """One request, one result: facts, preflight, or a whole run of one module."""
+
+    request_timeout = 60.0
+
+    def __init__(self, kernel=None, stdin_fd=0, stdout_fd=1, gap_wait=1.0):
+        self.kernel = kernel or Kernel()
+        self.out = FrameWriter(stdout_fd)
+        self.stdin = LineReader(stdin_fd)
+        self.gap_wait = gap_wait
+        self.signalled = None
+        self.run = None
+
+    def on_signal(self, signum, _frame):
+        self.signalled = signum
+
+    def serve(self):
+        """Answers one request; returns the process exit status (0 when the result is ok)."""
+        self.out.json(FRAME_HELLO, {"protocol": PROTOCOL_VERSION, "agent": AGENT_VERSION,
+                                    "python": "%d.%d.%d" % tuple(sys.version_info[:3]),
+                                    "pid": os.getpid()})
+        request = {}
+        try:
+            request = self.read_request()
+            result = self.handle(request)
+        except Failure as e:
+            result = self.result(e.kind, e.message)
+        except Exception:
+            log(traceback.format_exc())
+            result = self.result("agent-error", traceback.format_exc())
+        if self.run is not None and self.run.unload_problem:
+            result["status"] = "failed"
+            result["kind"] = result["kind"] or "agent-error"
+            result["message"] = "%s; %s" % (result["message"], self.run.unload_problem)
+        for path in request.get("remove_files") or ():
+            remove_file(path)
+        if request.get("action") == "run" and isinstance(request.get("module"), str):
+            remove_stale_files(os.path.dirname(os.path.abspath(request["module"])),
+                               os.path.abspath(__file__))
+        self.out.json(FRAME_RESULT, result)
+        self.out.close()
+        return 0 if result["status"] == "ok" else 1
+
+    def read_request(self):
+        line = self.stdin.first_line(self.request_timeout)
+        try:
+            request = json.loads(line.decode("utf-8"))
+        except ValueError as e:
+            raise Failure("agent-error", "the request is not JSON: %s" % e) from None
+        if not isinstance(request, dict):
+            raise Failure("agent-error", "the request is not a JSON object")
+        return request
+
+    def result(self, kind, message, **extra):
+        stats = self.run.stats if self.run is not None else new_stats()
+        extra.update({"status": "failed" if kind else "ok", "kind": kind, "message": message,
+                      "stats": dict(stats)})
+        return extra
+
+    def handle(self, request):
+        if request.get("protocol") != PROTOCOL_VERSION:
+            raise Failure("agent-error", "protocol %r requested; this agent speaks %d"
+                          % (request.get("protocol"), PROTOCOL_VERSION))
+        action = request.get("action")
+        if action == "facts":
+            return self.result(None, "facts collected", facts=collect_facts(self.kernel))
+        if action == "preflight":
+            facts = collect_facts(self.kernel)
+            try:
+                _image, name, _params = preflight(request, facts)
+            except Failure as e:
+                return self.result(e.kind, e.message, facts=facts)
+            return self.result(None, "module %s can be loaded" % name, facts=facts)
+        if action == "run":
+            self.run = Run(self, request, self.gap_wait)
+            return self.run.execute()
+        raise Failure("agent-error", "unknown action %r" % (action,))
 
 
 def serve(kernel=None, stdin_fd=0, stdout_fd=1, **options):

@@ -347,7 +347,7 @@ def read_frames(recv: Callable[[int], bytes]) -> Iterator[Frame]:
             if letter != wire.FRAME_ZOUTPUT:
                 yield Frame(FRAME_KINDS[letter], data)
                 continue
-            try:
+            try:  # piece by piece: a frame may inflate far past what memory holds
                 for piece in inflater.feed(data):
                     yield Frame("output", piece)
             except ValueError as exc:

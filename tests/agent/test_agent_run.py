@@ -25,9 +25,9 @@ pytestmark = pytest.mark.agent
 @pytest.fixture(autouse=True)
 def quick_agent(monkeypatch):
     """Failure paths wait for timeouts; shorten them."""
-    monkeypatch.setattr(agent.Agent, "startup_timeout", 2.0)
-    monkeypatch.setattr(agent.Agent, "open_retry", 0.5)
-    monkeypatch.setattr(agent.Agent, "unload_retry", 1.0)
+    monkeypatch.setattr(agent.Run, "startup_timeout", 2.0)
+    monkeypatch.setattr(agent.ControlChannel, "open_retry", 0.5)
+    monkeypatch.setattr(agent.Run, "unload_retry", 1.0)
 
 
 def kernel_for(tmp_path, **scenario):
@@ -335,7 +335,7 @@ def test_a_system_command_outliving_the_module_still_reaches_the_controller(tmp_
 
 
 def test_a_system_command_that_never_ends_is_left_behind(tmp_path, monkeypatch):
-    monkeypatch.setattr(agent.Agent, "children_wait", 0.5)
+    monkeypatch.setattr(agent.Run, "children_wait", 0.5)
     kernel = kernel_for(tmp_path, running=[("system", "echo early; exec sleep 30"),
                                            ("sleep", 0.3), ("request_exit",)])
     started = time.monotonic()
@@ -378,9 +378,25 @@ def test_preflight_refuses_when_modules_are_disabled(tmp_path):
     assert "modules_disabled" in refused(tmp_path, kernel)
 
 
-def test_preflight_refuses_a_corrupt_upload(tmp_path):
+@pytest.mark.parametrize("action", ["run", "preflight"])
+def test_a_corrupt_upload_is_deleted_and_refused(tmp_path, action):
+    # deleted, so the controller's next upload (sent only when the file is missing) fixes it
     kernel = FakeKernel(tmp_path / "root")
-    assert "sha256" in refused(tmp_path, kernel, sha256="0" * 64)
+    request = run_request(tmp_path, action=action, sha256="0" * 64, remove_files=[])
+    outcome = drive(kernel, request)
+    assert outcome.result["kind"] == "preflight-refused"
+    assert "sha256 mismatch" in outcome.result["message"]
+    assert not os.path.exists(request["module"])
+    assert kernel.loads == []
+
+
+def test_a_good_upload_is_kept_and_touched(tmp_path):
+    kernel = kernel_for(tmp_path, **HELLO_EXIT)
+    request = run_request(tmp_path, remove_files=[])
+    os.utime(request["module"], (1000, 1000))
+    outcome = drive(kernel, request)
+    assert outcome.result["status"] == "ok"
+    assert time.time() - os.stat(request["module"]).st_mtime < 60
 
 
 def test_preflight_refuses_a_missing_module(tmp_path):
@@ -409,10 +425,22 @@ def test_preflight_refuses_an_unsigned_module_under_lockdown(tmp_path):
 
 @pytest.mark.parametrize("params, words", [
     ({"bad name": "x"}, "not an identifier"), ({"x": 'say "hi"'}, "double quote"),
-    ({"x": "a\nb"}, "newline"), ({"_stp_bufsize": 1}, "reserved"), ({"x": 1.5}, "float")])
+    ({"x": "a\nb"}, "newline"), ({"_stp_bufsize": 1}, "reserved"), ({"x": 1.5}, "float"),
+    # UTF-8 \u00e0 is C3 A0: the kernel's parser ends the value at A0 and reads the rest
+    # as another parameter, here one of the runtime's
+    ({"x": "\u00e0_stp_bufsize=64"}, "0xa0"), ({"x": "no\u00a0break"}, "0xa0"),
+    ({"x": "a\tb"}, "control byte 0x09"), ({"x": "a\rb"}, "control byte 0x0d"),
+    ({"x": "a\x7fb"}, "control byte 0x7f"), ({"x": "\ud800"}, "not valid UTF-8")])
 def test_preflight_refuses_bad_parameters(tmp_path, params, words):
     kernel = FakeKernel(tmp_path / "root")
     assert words in refused(tmp_path, kernel, params=params)
+
+
+def test_other_non_ascii_parameter_values_pass(tmp_path):
+    kernel = kernel_for(tmp_path, **HELLO_EXIT)
+    outcome = drive(kernel, run_request(tmp_path, params={"who": "caf\u00e9 \u20ac"}))
+    assert outcome.result["status"] == "ok", outcome.result
+    assert kernel.loads[0][1] == '_stp_bufsize=0 who="caf\u00e9 \u20ac"'
 
 
 def test_facts_and_preflight_actions(tmp_path):
@@ -516,3 +544,84 @@ def test_a_broken_stdout_does_not_stop_the_cleanup_with_compression(tmp_path):
     code = drive(kernel, request, read_stdout=False)
     assert code == 0
     assert_cleaned_up(kernel, request)
+
+
+# ---------------------------------------------------------------- heartbeat
+
+def test_a_quiet_run_sends_heartbeats_and_a_busy_one_does_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent, "HEARTBEAT_INTERVAL", 0.5)
+    busy = [action for i in range(30) for action in (("print", 0, b"%d\n" % i), ("sleep", 0.05))]
+    kernel = kernel_for(tmp_path, running=busy + [("sleep", 1.8), ("request_exit",)])
+    outcome = drive(kernel, run_request(tmp_path))
+    assert outcome.result["status"] == "ok"
+    assert outcome.output == b"".join(b"%d\n" % i for i in range(30))
+
+    kinds = [("heartbeat" if t == "E" and b'"heartbeat"' in p else t) for t, p in outcome.frames]
+    first_output, last_output = kinds.index("O"), len(kinds) - 1 - kinds[::-1].index("O")
+    assert "heartbeat" not in kinds[first_output:last_output]  # output kept the line busy
+    beats = [e for e in outcome.events if e["event"] == "heartbeat"]
+    assert 2 <= len(beats) <= 4, kinds  # 1.8 s of silence, one per 0.5 s
+    assert beats == [{"event": "heartbeat"}] * len(beats)
+    names = outcome.event_names()
+    assert names.index("started") < names.index("heartbeat") and "heartbeat" not in \
+        names[names.index("stopping"):]
+
+
+def test_heartbeats_come_at_the_interval(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent, "HEARTBEAT_INTERVAL", 0.3)
+    kernel = kernel_for(tmp_path)
+    outcome = drive(kernel, run_request(tmp_path, duration=2.0))
+    times = heartbeat_times(outcome)
+    assert 4 <= len(times) <= 7, times
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert all(0.25 < gap < 0.6 for gap in gaps), gaps
+
+
+def heartbeat_times(outcome):
+    """When each heartbeat event reached the controller."""
+    reader, times = agent.FrameReader(), []
+    for when, chunk in outcome.arrivals:
+        for ftype, payload in reader.feed(chunk):
+            if ftype == agent.FRAME_EVENT and b'"heartbeat"' in payload:
+                times.append(when)
+    return times
+
+
+# ---------------------------------------------------------------- the work directory
+
+DAY = 86400
+
+
+def test_stale_uploads_are_removed_and_fresh_ones_kept(tmp_path):
+    now = time.time()
+    ages = {"a" * 64 + ".ko": 8 * DAY, "b" * 64 + ".ko": 6 * DAY,
+            "agent-0123456789abcdef.py": 8 * DAY, "agent-fedcba9876543210.py": 1 * DAY,
+            "c" * 64 + ".ko.1a2b3c4d.part": 2 * 3600, "d" * 64 + ".ko.5e6f7a8b.part": 600,
+            "notes.txt": 30 * DAY, "stapctl_x.ko": 30 * DAY, "e" * 63 + ".ko": 30 * DAY,
+            "agent-mine.py": 30 * DAY, "agent-aaaa.py": 30 * DAY}
+    for name, age in ages.items():
+        (tmp_path / name).write_text("x")
+        os.utime(tmp_path / name, (now - age, now - age))
+    agent.remove_stale_files(str(tmp_path), str(tmp_path / "agent-aaaa.py"), now)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        "b" * 64 + ".ko", "agent-fedcba9876543210.py", "d" * 64 + ".ko.5e6f7a8b.part",
+        "notes.txt", "stapctl_x.ko", "e" * 63 + ".ko", "agent-mine.py", "agent-aaaa.py"])
+
+
+def test_a_run_cleans_its_work_directory(tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    path, digest, name = module_file(tmp_path)
+    module = workdir / (digest + ".ko")
+    os.rename(path, module)
+    old = time.time() - 8 * DAY
+    os.utime(module, (old, old))  # in use now, however old
+    stale = workdir / ("f" * 64 + ".ko")
+    stale.write_text("old module")
+    os.utime(stale, (old, old))
+    kernel = kernel_for(tmp_path, **HELLO_EXIT)
+    request = run_request(tmp_path, module=str(module), sha256=digest, module_name=name,
+                          remove_files=[])
+    outcome = drive(kernel, request)
+    assert outcome.result["status"] == "ok", outcome.result
+    assert module.exists() and not stale.exists()

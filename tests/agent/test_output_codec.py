@@ -1,6 +1,8 @@
 """Compressed output (Z frames): the agent's codec and the controller's decoding of it."""
 
 import os
+import threading
+import tracemalloc
 import zlib
 
 import pytest
@@ -29,13 +31,13 @@ def compressed_stream():
 
 
 def decode_output(stream, step):
-    reader, inflater, output = agent.FrameReader(), agent.OutputInflater(limit=1000), b""
+    reader, inflater, output = agent.FrameReader(), agent.OutputInflater(piece=1000), b""
     types = []
     for i in range(0, len(stream), step):
         for ftype, payload in reader.feed(stream[i:i + step]):
             types.append(ftype)
             if ftype == agent.FRAME_ZOUTPUT:
-                pieces = inflater.feed(payload)
+                pieces = list(inflater.feed(payload))
                 assert all(0 < len(p) <= 1000 for p in pieces)
                 output += b"".join(pieces)
             elif ftype == agent.FRAME_OUTPUT:
@@ -61,10 +63,10 @@ def test_each_compressed_frame_decodes_on_its_own_arrival():
 
 def test_a_corrupt_compressed_frame_is_an_error():
     with pytest.raises(ValueError, match="corrupt compressed output"):
-        agent.OutputInflater().feed(b"\x00not zlib")
+        list(agent.OutputInflater().feed(b"\x00not zlib"))
     finished = zlib.compress(b"done")  # a stream that ends: no agent sends that
     with pytest.raises(ValueError, match="ended"):
-        agent.OutputInflater().feed(finished)
+        list(agent.OutputInflater().feed(finished))
 
 
 def test_the_controller_presents_compressed_output_as_output_frames():
@@ -98,3 +100,93 @@ def test_compression_stops_when_it_does_not_pay():
     assert text.consumed >= text.TRIAL and text.worthwhile
     assert noise.consumed >= noise.TRIAL and not noise.worthwhile
     assert agent.OutputDeflater(1).worthwhile  # undecided until the trial is done
+
+
+def zlib_bomb(megabytes):
+    """One Z frame payload: ``megabytes`` MiB of zeros, compressed ~1000:1. Built from one
+    full-flushed block repeated, so making it costs nothing like inflating it."""
+    deflater = zlib.compressobj(9)
+    zeros = bytes(1 << 20)
+    first = deflater.compress(zeros) + deflater.flush(zlib.Z_FULL_FLUSH)
+    block = deflater.compress(zeros) + deflater.flush(zlib.Z_FULL_FLUSH)
+    return first + block * (megabytes - 1)
+
+
+def peak_memory(action):
+    """The peak of Python allocations while ``action()`` runs, in bytes."""
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_zlib_bomb_is_refused_without_inflating_it():
+    bomb = zlib_bomb(2000)  # 2 MB on the wire, 2000 MiB inflated
+    assert len(bomb) < 3 << 20
+
+    def inflate():
+        with pytest.raises(ValueError, match="inflates past 16777216 bytes"):
+            for piece in agent.OutputInflater().feed(bomb):
+                assert len(piece) <= 1 << 20
+
+    assert peak_memory(inflate) < 64 << 20
+
+
+def test_the_controller_refuses_a_zlib_bomb_with_little_memory():
+    frame = agent.encode_frame(agent.FRAME_ZOUTPUT, zlib_bomb(2000))
+    chunks = [frame[i:i + 65536] for i in range(0, len(frame), 65536)]
+
+    def read():
+        with pytest.raises(AgentError, match="inflates past"):
+            for _frame in read_frames(lambda size: chunks.pop(0) if chunks else b""):
+                pass
+
+    assert peak_memory(read) < 64 << 20
+
+
+def test_a_frame_may_inflate_up_to_the_bound_and_no_further():
+    deflater = agent.OutputDeflater(1)
+    data = os.urandom(1000) * 100  # 100 kB
+    exact = agent.OutputInflater(piece=4096, max_frame_output=len(data))
+    assert b"".join(exact.feed(deflater.encode(data))) == data
+    assert b"".join(exact.feed(deflater.encode(data))) == data  # the bound is per frame
+    over = agent.OutputInflater(piece=4096, max_frame_output=len(data) - 1)
+    with pytest.raises(ValueError, match="inflates past"):
+        list(over.feed(agent.OutputDeflater(1).encode(data)))
+
+
+def test_the_agent_never_puts_more_than_the_bound_into_one_frame():
+    """However much output is ready at once, no frame carries more than MAX_OUTPUT_FRAME
+    bytes, so no agent frame trips the controller's inflate bound."""
+    assert agent.MAX_OUTPUT_FRAME * 4 <= agent.MAX_FRAME_OUTPUT
+    read_fd, write_fd = os.pipe()
+    frames = []
+    reader = threading.Thread(target=lambda: frames.extend(read_all_frames(read_fd)))
+    reader.start()
+    writer = agent.FrameWriter(write_fd)
+    writer.compress(1)
+    big = b"%08d\n" % 7 * (3 * agent.MAX_OUTPUT_FRAME // 9 + 5)  # more than two frames' worth
+    writer.output(big)
+    writer.output(b"tail\n" * 1000)
+    writer.close()
+    os.close(write_fd)
+    reader.join(30)
+    os.close(read_fd)
+    inflater, output = agent.OutputInflater(), b""
+    for ftype, payload in frames:
+        assert ftype == agent.FRAME_ZOUTPUT
+        piece = b"".join(inflater.feed(payload))
+        assert len(piece) <= agent.MAX_OUTPUT_FRAME
+        output += piece
+    assert output == big + b"tail\n" * 1000 and len(frames) >= 3
+
+
+def read_all_frames(fd):
+    reader, frames = agent.FrameReader(), []
+    while True:
+        data = os.read(fd, 1 << 20)
+        if not data:
+            return frames
+        frames += reader.feed(data)

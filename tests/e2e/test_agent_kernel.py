@@ -307,6 +307,69 @@ def test_a_module_for_another_kernel_is_refused_before_insmod(
     assert left.strip() == ""
 
 
+def test_a_parameter_the_kernel_would_split_is_refused_before_insmod(
+        lab: LabStatus, ticker: ModuleArtifact) -> None:
+    # UTF-8 \u00e0 is C3 A0, and the kernel's parser takes A0 for a blank
+    run = Run(lab, ticker, params={"stop_after": "3\u00e0_stp_bufsize=1"})
+    result = run.finish()
+    assert (result["status"], result["kind"]) == ("failed", "preflight-refused"), result
+    assert "0xa0" in result["message"]
+    assert [e["event"] for e in run.events()] == ["facts"]  # nothing was loaded
+
+
+def test_a_corrupt_upload_is_deleted_so_the_next_upload_replaces_it(
+        lab: LabStatus, ticker: ModuleArtifact) -> None:
+    run = Run(lab, ticker, sha256="0" * 64, remove_files=[])
+    result = run.finish()
+    assert (result["status"], result["kind"]) == ("failed", "preflight-refused"), result
+    assert "sha256 mismatch" in result["message"]
+    assert guest_run(lab, f"ls {run.copy} 2>/dev/null; true").strip() == ""
+
+
+def test_a_run_removes_stale_uploads_from_the_work_directory(
+        lab: LabStatus, ticker: ModuleArtifact) -> None:
+    run = Run(lab, ticker)
+    run.wait_started()
+    workdir = run.copy.rsplit("/", 1)[0]
+    stale = f"{workdir}/{secrets.token_hex(32)}.ko"
+    fresh = f"{workdir}/{secrets.token_hex(32)}.ko"
+    part = f"{workdir}/{secrets.token_hex(32)}.ko.{secrets.token_hex(4)}.part"
+    ages = {stale: 8 * 86400, part: 2 * 3600, fresh: 6 * 86400}
+    guest_run(lab, "python3 -c 'import os, sys, time\n"  # busybox touch takes no '8 days ago'
+                   "for path, age in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+                   "    open(path, \"w\").close()\n"
+                   "    os.utime(path, (time.time() - int(age),) * 2)' " +
+              " ".join(f"{path} {age}" for path, age in ages.items()))
+    try:
+        assert len(guest_run(lab, f"ls {stale} {part} {fresh}").split()) == 3
+        run.stop.set()
+        assert_clean_ending(run, "failed", "stopped", "stop")
+        assert guest_run(lab, f"ls {stale} {part} {fresh} 2>/dev/null; true").split() == [fresh]
+    finally:
+        guest_run(lab, f"rm -f {stale} {part} {fresh}")
+
+
+# -- liveness ---------------------------------------------------------------------------
+
+QUIET = """
+global seconds
+probe timer.s(1) { seconds++ }
+probe end { printf("quiet for %d s\\n", seconds) }
+"""
+
+
+def test_a_quiet_probe_sends_heartbeats(lab: LabStatus, release: str) -> None:
+    """Nothing to print for 7 s: the agent says it is alive every 5 s all the same."""
+    run = Run(lab, build(QUIET, release), duration=7.0)
+    result = run.finish()
+    assert (result["status"], result["kind"]) == ("ok", None), result
+    names = [e["event"] for e in run.events()]
+    beats = names.count("heartbeat")
+    assert beats >= 1 and names.index("started") < names.index("heartbeat"), names
+    assert run.output().startswith(b"quiet for ")
+    run.assert_nothing_left()
+
+
 # -- what scripts do, through `stapctl apply` -----------------------------------------
 
 def apply_json(lab: LabStatus, manifest: Path, *args: str,

@@ -29,9 +29,9 @@ QUICK = Timing(exit_timeout=1.0)
 @pytest.fixture(autouse=True)
 def quick_agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The agent's own retry waits, shortened; run records in the test's folder."""
-    monkeypatch.setattr(agent.Agent, "startup_timeout", 2.0)
-    monkeypatch.setattr(agent.Agent, "open_retry", 0.2)
-    monkeypatch.setattr(agent.Agent, "unload_retry", 0.5)
+    monkeypatch.setattr(agent.Run, "startup_timeout", 2.0)
+    monkeypatch.setattr(agent.ControlChannel, "open_retry", 0.2)
+    monkeypatch.setattr(agent.Run, "unload_retry", 0.5)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
 
 
