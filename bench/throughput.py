@@ -26,13 +26,13 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from stapctl import lab
-from stapctl.agent import COMPRESS, AgentHost, Frame
+from stapctl.agent import COMPRESS, AgentHost, AgentRequest, Frame
 from stapctl.build import Builder
-from stapctl.connection import ConnectOptions, SSHConnection
+from stapctl.connection import Connection, ConnectOptions, connect
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LINE = 80  # bytes per line: "%08d " + 70 characters + "\n"
@@ -86,10 +86,10 @@ class Run:
 
 @dataclass
 class Bench:
-    connection: SSHConnection
+    connection: Connection
     agent: AgentHost
     ko: str  # the module as staprun wants it: named after the module
-    request: dict[str, object]  # the agent's run request, less the parameters
+    request: AgentRequest  # the agent's run request, less the parameters
     per_hit: int
     bufsize: int
 
@@ -108,7 +108,7 @@ class Bench:
         return Run("staprun", lines, float(seconds), lost, f"transport failures {lost}")
 
     def agent_alone(self, lines: int) -> Run:
-        line = json.dumps({**self.request, "protocol": 1, "params": self.params(lines)})
+        line = replace(self.request, params=self.params(lines)).encode().decode().strip()
         out = shell(self.connection, f"{TIMED} {shlex.quote(line)} python3 -I "
                                      f"{self.agent.path}")
         seconds, code = out.split("\n", 1)[0].split()
@@ -124,13 +124,13 @@ class Bench:
                 received.extend(frame.data)
 
         started = time.monotonic()
-        result = self.agent.call({**self.request, "params": self.params(lines)}, on_frame)
+        result = self.agent.call(replace(self.request, params=self.params(lines)), on_frame)
         seconds = time.monotonic() - started
         numbers = [int(line[:8]) for line in received.splitlines()]
         whole = numbers == sorted(set(numbers)) and len(received) == LINE * len(numbers)
-        if result["status"] != "ok" or not whole:
-            sys.exit(f"stapctl: {result['kind']}: {result['message']}; lines whole: {whole}")
-        stats = result["stats"]
+        if not result.ok or not whole:
+            sys.exit(f"stapctl: {result.kind}: {result.message}; lines whole: {whole}")
+        stats = result.stats
         lost = stats["transport_failures"] + stats["lost_records"]
         return Run("stapctl", lines, seconds, lost,
                    f"transport failures {stats['transport_failures']}, lost_records "
@@ -138,7 +138,7 @@ class Bench:
                    f"{lines - len(numbers)}")
 
 
-def shell(connection: SSHConnection, command: str) -> str:
+def shell(connection: Connection, command: str) -> str:
     process = connection.start(["sh", "-c", command])
     out = b""
     while chunk := process.recv(65536):
@@ -164,7 +164,7 @@ def main() -> None:
     status = lab.status()
     if not any(g.name == args.host and g.state == "running" for g in status.guests):
         sys.exit(f"{args.host} is not running: stapctl lab up")
-    connection = SSHConnection(status.host(args.host), ConnectOptions())
+    connection = connect(status.host(args.host), ConnectOptions())
     builder = Builder()
     release = shell(connection, "uname -r").strip()
     # the producer is meant to saturate its CPU: no overload check
@@ -176,11 +176,10 @@ def main() -> None:
     remote = agent.upload_module(artifact.path, artifact.sha256)
     ko = f"/tmp/{artifact.module_name}.ko"  # staprun names the module after the file
     shell(connection, f"cp {remote} {ko}")
-    bench = Bench(connection, agent, ko, {
-        "action": "run", "module": remote, "sha256": artifact.sha256,
-        "module_name": artifact.module_name, "bufsize_mb": args.bufsize,
-        "compress": args.compress},
-        PER_HIT[args.mode], args.bufsize)
+    request = AgentRequest(action="run", module=remote, sha256=artifact.sha256,
+                           module_name=artifact.module_name, bufsize_mb=args.bufsize,
+                           compress=args.compress)
+    bench = Bench(connection, agent, ko, request, PER_HIT[args.mode], args.bufsize)
     tools = [bench.staprun, bench.agent_alone, bench.stapctl]
     runs: list[Run] = []
     for round_ in range(args.rounds):

@@ -78,10 +78,13 @@ class AgentRequest:
     bufsize_mb: int = 0
     deadman: float = Timing.deadman
     compress: int = COMPRESS
+    remove_files: tuple[str, ...] = ()  # deleted when the agent ends, whatever happened
     protocol: int = wire.PROTOCOL_VERSION
 
     def encode(self) -> bytes:
-        return json.dumps({**asdict(self), "params": dict(self.params)}).encode() + b"\n"
+        fields = {**asdict(self), "params": dict(self.params),
+                  "remove_files": list(self.remove_files)}
+        return json.dumps(fields).encode() + b"\n"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from stapctl.agent import AgentHost, Frame
+from stapctl.agent import AgentHost, AgentRequest, Frame, RunResult
 from stapctl.build import Builder
 from stapctl.connection import ConnectOptions, Process, SSHConnection
 from stapctl.errors import ConnectError, StapctlError
@@ -117,6 +117,7 @@ class Run:
     def __init__(self, lab: LabStatus, artifact: ModuleArtifact, **request: Any) -> None:
         self.lab = lab
         self.connection = TappedConnection(guest_host(lab), ConnectOptions())
+        self.connection.open()
         agent = AgentHost(self.connection)
         agent.install()
         self.copy = f"{agent.workdir}/run-{secrets.token_hex(6)}.ko"
@@ -124,15 +125,15 @@ class Run:
         self.frames: list[Frame] = []
         self.started = threading.Event()
         self.stop = threading.Event()
-        self.result: dict[str, Any] | None = None
+        self.result: RunResult | None = None
         self.error: StapctlError | None = None
-        full = {"action": "run", "module": self.copy, "sha256": artifact.sha256,
-                "module_name": artifact.module_name, "remove_files": [self.copy],
-                "exit_timeout": 10.0, **request}
+        full = AgentRequest(action="run", module=self.copy, sha256=artifact.sha256,
+                            module_name=artifact.module_name, remove_files=(self.copy,),
+                            exit_timeout=10.0, **request)
         self.thread = threading.Thread(target=self._call, args=(agent, full), daemon=True)
         self.thread.start()
 
-    def _call(self, agent: AgentHost, request: dict[str, Any]) -> None:
+    def _call(self, agent: AgentHost, request: AgentRequest) -> None:
         try:
             self.result = agent.call(request, self._frame, self.stop)
         except StapctlError as exc:
@@ -156,7 +157,7 @@ class Run:
             assert self.thread.is_alive(), (self.error, self.result)
             time.sleep(0.1)
 
-    def finish(self, timeout: float = 120) -> dict[str, Any]:
+    def finish(self, timeout: float = 120) -> RunResult:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "the run did not end"
         assert self.error is None, self.error
@@ -193,6 +194,10 @@ class Run:
         assert self.events("unloaded") in ([], [{"event": "unloaded", "module": self.module}])
 
 
+def status_of(result: RunResult) -> tuple[str, str | None]:
+    return ("ok" if result.ok else "failed", result.kind)
+
+
 def ticks(output: bytes) -> list[int]:
     return [int(n) for n in re.findall(rb"^tick (\d+)$", output, re.M)]
 
@@ -200,13 +205,13 @@ def ticks(output: bytes) -> list[int]:
 def assert_clean_ending(run: Run, status: str, kind: str | None, reason: str) -> list[int]:
     """The result, the `stopping` reason, whole output with the end probe's line last."""
     result = run.finish()
-    assert (result["status"], result["kind"]) == (status, kind), result
+    assert status_of(result) == (status, kind), result
     assert [e["reason"] for e in run.events("stopping")] == [reason]
     assert run.events("unloaded") == [{"event": "unloaded", "module": run.module}]
     counted = ticks(run.output())
     assert counted == list(range(1, len(counted) + 1)), run.output()
     assert run.output().endswith(b"end after %d\n" % counted[-1])
-    assert result["stats"]["lost_records"] == 0
+    assert result.stats["lost_records"] == 0
     run.assert_nothing_left()
     return counted
 
@@ -298,8 +303,8 @@ def test_a_module_for_another_kernel_is_refused_before_insmod(
     foreign = build(TICKER, others[-1])
     run = Run(lab, foreign)
     result = run.finish()
-    assert (result["status"], result["kind"]) == ("failed", "preflight-refused")
-    assert result["message"] == (f"module {run.copy} was built for kernel {others[-1]}, "
+    assert status_of(result) == ("failed", "preflight-refused")
+    assert result.message == (f"module {run.copy} was built for kernel {others[-1]}, "
                                  f"but this host runs {release}")
     assert [e["event"] for e in run.events()] == ["facts"]  # nothing was loaded
     left = guest_run(lab, f"grep '^{foreign.module_name[:16]}' /proc/modules; "
@@ -312,8 +317,8 @@ def test_a_parameter_the_kernel_would_split_is_refused_before_insmod(
     # UTF-8 \u00e0 is C3 A0, and the kernel's parser takes A0 for a blank
     run = Run(lab, ticker, params={"stop_after": "3\u00e0_stp_bufsize=1"})
     result = run.finish()
-    assert (result["status"], result["kind"]) == ("failed", "preflight-refused"), result
-    assert "0xa0" in result["message"]
+    assert status_of(result) == ("failed", "preflight-refused"), result
+    assert "0xa0" in result.message
     assert [e["event"] for e in run.events()] == ["facts"]  # nothing was loaded
 
 
@@ -321,8 +326,8 @@ def test_a_corrupt_upload_is_deleted_so_the_next_upload_replaces_it(
         lab: LabStatus, ticker: ModuleArtifact) -> None:
     run = Run(lab, ticker, sha256="0" * 64, remove_files=[])
     result = run.finish()
-    assert (result["status"], result["kind"]) == ("failed", "preflight-refused"), result
-    assert "sha256 mismatch" in result["message"]
+    assert status_of(result) == ("failed", "preflight-refused"), result
+    assert "sha256 mismatch" in result.message
     assert guest_run(lab, f"ls {run.copy} 2>/dev/null; true").strip() == ""
 
 
@@ -362,7 +367,7 @@ def test_a_quiet_probe_sends_heartbeats(lab: LabStatus, release: str) -> None:
     """Nothing to print for 7 s: the agent says it is alive every 5 s all the same."""
     run = Run(lab, build(QUIET, release), duration=7.0)
     result = run.finish()
-    assert (result["status"], result["kind"]) == ("ok", None), result
+    assert status_of(result) == ("ok", None), result
     names = [e["event"] for e in run.events()]
     beats = names.count("heartbeat")
     assert beats >= 1 and names.index("started") < names.index("heartbeat"), names
