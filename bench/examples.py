@@ -168,8 +168,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--host", default="lab-1")
     args = parser.parse_args()
-    status = lab.status()
-    if not any(g.name == args.host and g.state == "running" for g in status.guests):
+    status = lab.Lab.default().status()
+    if not any(g.name == args.host and g.state is lab.GuestState.RUNNING
+               for g in status.guests):
         sys.exit(f"{args.host} is not running: stapctl lab up")
     host = status.host(args.host)
     paths = sorted(p for p in args.directory.rglob("*.stp")

@@ -82,8 +82,8 @@ def resolve_hosts(manifest: Manifest, inventory: Path | None, limit: str | None,
     elif manifest.inventory is not None:
         source, origin = manifest.inventory, manifest.path
     else:
-        status = lab.status()
-        if not any(guest.state == "running" for guest in status.guests):
+        status = lab.Lab.default().status()
+        if not any(guest.state is lab.GuestState.RUNNING for guest in status.guests):
             raise ManifestError(Issue(str(manifest.path), None, None, "inventory",
                                       "no inventory: pass -i INVENTORY, set `inventory:` in "
                                       "the manifest, or start the lab with `stapctl lab up`"))
@@ -565,7 +565,8 @@ def lab_group() -> None:
 def up(count: int, release: str | None) -> None:
     """Build the guest image if needed and boot COUNT guests."""
     with err.status("lab…") as status:
-        result = lab.up(count, progress=lambda text: status.update(text), release=release)
+        result = lab.Lab.default().up(count, progress=lambda text: status.update(text),
+                                      release=release)
     show_lab(result, as_json=False)
 
 
@@ -573,14 +574,14 @@ def up(count: int, release: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
 def status(as_json: bool) -> None:
     """Show each guest and the inventory path."""
-    show_lab(lab.status(), as_json)
+    show_lab(lab.Lab.default().status(), as_json)
 
 
 @lab_group.command()
 def down() -> None:
     """Stop every guest the lab started."""
     with err.status("stopping guests…") as status:
-        lab.down(progress=lambda text: status.update(text))
+        lab.Lab.default().down(progress=lambda text: status.update(text))
     err.print("lab is down")
 
 
@@ -588,7 +589,8 @@ def show_lab(result: lab.LabStatus, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({
             "guests": [{"name": g.name, "host": g.host, "port": g.port, "user": g.user,
-                        "key": g.key, "release": g.release, "pid": g.pid, "state": g.state}
+                        "key": g.key, "release": g.release, "pid": g.pid,
+                        "state": g.state.value}
                        for g in result.guests],
             "inventory": str(result.inventory),
         }))
@@ -597,6 +599,7 @@ def show_lab(result: lab.LabStatus, as_json: bool) -> None:
     for column in ("name", "ssh", "kernel", "pid", "state"):
         table.add_column(column)
     for g in result.guests:
-        table.add_row(g.name, f"{g.user}@{g.host}:{g.port}", g.release, str(g.pid), g.state)
+        table.add_row(g.name, f"{g.user}@{g.host}:{g.port}", g.release, str(g.pid),
+                      g.state.value)
     Console().print(table)
     click.echo(f"inventory: {result.inventory}")
