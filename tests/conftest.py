@@ -27,6 +27,7 @@ os.environ["XDG_DATA_HOME"] = str(STATE / "data")
 for inherited in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE",
                   "TTY_INTERACTIVE", "COLORTERM", "SSH_AUTH_SOCK"):
     os.environ.pop(inherited, None)
+    os.unsetenv(inherited)  # readline, which pytest imports, exports COLUMNS and LINES unseen
 os.environ["TERM"] = "dumb"
 os.environ["LC_ALL"] = "C.UTF-8"  # English messages from stap and gcc, UTF-8 pipes
 
