@@ -13,6 +13,7 @@ Set when this file is imported, so the CLI's subprocesses inherit it as well:
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,17 @@ def own_run_records(tmp_path_factory: pytest.TempPathFactory,
     """A fresh history and runs folder, so a test sees only the runs it made."""
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data")))
 
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config: pytest.Config,
+                                  items: list[pytest.Item]) -> Generator[None, None, None]:
+    """A selection that leaves no test to run is an error, not a green run of nothing
+    (`pytest tests/e2e` without `-m e2e`, a mistyped -k)."""
+    collected = len(items)
+    yield
+    if collected and not items:
+        selection = " ".join(f"{flag} {value!r}" for flag, value in (
+            ("-m", config.option.markexpr), ("-k", config.option.keyword)) if value)
+        raise pytest.UsageError(
+            f"no test left to run: {selection} deselected all {collected} collected tests; "
+            "end-to-end tests need `-m e2e`, and scripts/test.sh runs every tier")
