@@ -6,7 +6,10 @@ import paramiko
 import pytest
 import yaml
 
+from stapctl.build import Builder
 from stapctl.lab import GuestState, Lab, LabStatus, guest_release
+
+from .helpers import stap_module_names, unload_stap_modules
 
 pytestmark = pytest.mark.e2e
 
@@ -49,3 +52,25 @@ def test_up_again_keeps_the_guest_and_its_inventory(lab: LabStatus) -> None:
     assert host["ansible_port"] == first.port
     assert host["stapctl_known_hosts"] == str(again.known_hosts)
     assert f"[127.0.0.1]:{first.port} ssh-ed25519 " in again.known_hosts.read_text()
+
+
+def test_a_module_left_loaded_and_held_open_is_unloaded(lab: LabStatus) -> None:
+    """What the e2e conftest does after a test that left a module behind: kill its holder,
+    then rmmod."""
+    builder = Builder()
+    script = 'probe timer.s(1) { printf("left behind\\n") }'
+    artifact = builder.build(builder.spec(script, guest_release(), "x86_64", ()), "test_lab", 1)
+    name = artifact.module_name
+    with _connect(lab) as client:
+        with client.open_sftp() as sftp:
+            sftp.put(str(artifact.path), f"/tmp/{name}.ko")
+        _run(client, f"insmod /tmp/{name}.ko && rm /tmp/{name}.ko")
+        holder = _run(client, f"sleep 600 < /proc/systemtap/{name}/.cmd >/dev/null 2>&1 & "
+                              "echo $!")
+        _, out, _ = client.exec_command(f"rmmod {name}", timeout=120)
+        assert out.channel.recv_exit_status() != 0  # held open, a plain rmmod fails
+        assert name in stap_module_names(lab)
+
+        assert unload_stap_modules(lab, {name}) == set()
+        assert name not in stap_module_names(lab)
+        assert _run(client, f"kill -0 {holder} 2>/dev/null || echo gone") == "gone"
