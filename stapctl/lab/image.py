@@ -95,44 +95,6 @@ def preflight(release: str) -> None:
                        f"apt-get install linux-headers-{release}")
 
 
-@dataclass(frozen=True)
-class _Inputs:
-    """What goes into the image, and the package versions that name it in the cache."""
-
-    release: str
-    python: str  # "3.11"
-    copied: tuple[str, ...]  # packages whose files are copied from this machine
-    downloads: tuple[str, ...]  # guest-only packages fetched with apt-get download
-    kernel_installed: bool  # else linux-image-RELEASE is downloaded too
-    versions: dict[str, str]
-
-
-def _inputs(release: str) -> _Inputs:
-    kernel_pkg = f"linux-image-{release}"
-    installed = _installed([kernel_pkg, *HOST_PACKAGES, *OPTIONAL_PACKAGES])
-    for pkg in HOST_PACKAGES:
-        if pkg not in installed:
-            raise LabError(f"{pkg} is not installed: apt-get install {pkg}")
-    copied = [p for p in (*HOST_PACKAGES, *OPTIONAL_PACKAGES) if p in installed]
-    kernel_installed = (kernel_pkg in installed and Path(f"/boot/vmlinuz-{release}").exists()
-                        and Path(f"/lib/modules/{release}/kernel").is_dir())
-    versions = {p: installed[p][0] for p in copied}
-    if kernel_installed:
-        versions[kernel_pkg] = installed[kernel_pkg][0]
-    downloads = ["openssh-sftp-server"] + ([] if kernel_installed else [kernel_pkg])
-    apt = _apt_show(["python3-minimal", *downloads])
-    match = re.search(r"^(?:Pre-)?Depends:.*?\bpython(3\.\d+)-minimal\b",
-                      apt["python3-minimal"], re.M)
-    if match is None:
-        raise LabError("cannot tell which python3 the distribution ships (python3-minimal)")
-    py = match.group(1)
-    pythons = [f"python{py}-minimal", f"libpython{py}-minimal", f"libpython{py}-stdlib"]
-    apt |= _apt_show(pythons)
-    downloads += pythons
-    versions |= {p: _field(apt[p], "Version") for p in downloads}
-    return _Inputs(release, py, tuple(copied), tuple(downloads), kernel_installed, versions)
-
-
 def guest_image(folder: Path, release: str, keys: Keys, progress: Progress) -> Path:
     """The guest's vmlinux + initramfs in FOLDER/images, rebuilt only when an input package
     version or a key changes; downloaded packages are kept in FOLDER/cache."""
@@ -176,6 +138,44 @@ def guest_image(folder: Path, release: str, keys: Keys, progress: Progress) -> P
     size = (image / "initramfs.cpio").stat().st_size / 2**20
     progress(f"guest image built in {time.monotonic() - t0:.1f} s (initramfs {size:.0f} MB)")
     return image
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What goes into the image, and the package versions that name it in the cache."""
+
+    release: str
+    python: str  # "3.11"
+    copied: tuple[str, ...]  # packages whose files are copied from this machine
+    downloads: tuple[str, ...]  # guest-only packages fetched with apt-get download
+    kernel_installed: bool  # else linux-image-RELEASE is downloaded too
+    versions: dict[str, str]
+
+
+def _inputs(release: str) -> _Inputs:
+    kernel_pkg = f"linux-image-{release}"
+    installed = _installed([kernel_pkg, *HOST_PACKAGES, *OPTIONAL_PACKAGES])
+    for pkg in HOST_PACKAGES:
+        if pkg not in installed:
+            raise LabError(f"{pkg} is not installed: apt-get install {pkg}")
+    copied = [p for p in (*HOST_PACKAGES, *OPTIONAL_PACKAGES) if p in installed]
+    kernel_installed = (kernel_pkg in installed and Path(f"/boot/vmlinuz-{release}").exists()
+                        and Path(f"/lib/modules/{release}/kernel").is_dir())
+    versions = {p: installed[p][0] for p in copied}
+    if kernel_installed:
+        versions[kernel_pkg] = installed[kernel_pkg][0]
+    downloads = ["openssh-sftp-server"] + ([] if kernel_installed else [kernel_pkg])
+    apt = _apt_show(["python3-minimal", *downloads])
+    match = re.search(r"^(?:Pre-)?Depends:.*?\bpython(3\.\d+)-minimal\b",
+                      apt["python3-minimal"], re.M)
+    if match is None:
+        raise LabError("cannot tell which python3 the distribution ships (python3-minimal)")
+    py = match.group(1)
+    pythons = [f"python{py}-minimal", f"libpython{py}-minimal", f"libpython{py}-stdlib"]
+    apt |= _apt_show(pythons)
+    downloads += pythons
+    versions |= {p: _field(apt[p], "Version") for p in downloads}
+    return _Inputs(release, py, tuple(copied), tuple(downloads), kernel_installed, versions)
 
 
 def _rootfs(root: Path, work: Path, inputs: _Inputs, debs: list[Path], kernel_root: Path,
