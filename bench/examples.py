@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from stapctl import lab
-from stapctl.connection import ConnectOptions, SSHConnection, run_command
+from stapctl.connection import ConnectOptions, connect, run_command
 from stapctl.models import Host
 
 RESULTS = Path(__file__).resolve().parent / "results" / "examples.json"
@@ -102,7 +102,7 @@ def probe_types(script: str) -> str:
 
 
 def guest_run(host: Host, command: str) -> str:
-    connection = SSHConnection(host, ConnectOptions())
+    connection = connect(host, ConnectOptions())
     try:
         return run_command(connection, ["sh", "-c", command]).stdout.decode(errors="replace")
     finally:
@@ -168,8 +168,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--host", default="lab-1")
     args = parser.parse_args()
-    status = lab.status()
-    if not any(g.name == args.host and g.state == "running" for g in status.guests):
+    status = lab.Lab.default().status()
+    if not any(g.name == args.host and g.state is lab.GuestState.RUNNING
+               for g in status.guests):
         sys.exit(f"{args.host} is not running: stapctl lab up")
     host = status.host(args.host)
     paths = sorted(p for p in args.directory.rglob("*.stp")

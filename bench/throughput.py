@@ -161,8 +161,9 @@ def main() -> None:
                         help="zlib level of the agent's output stream, 0 for plain frames "
                              "(the agent in the guest compresses too)")
     args = parser.parse_args()
-    status = lab.status()
-    if not any(g.name == args.host and g.state == "running" for g in status.guests):
+    status = lab.Lab.default().status()
+    if not any(g.name == args.host and g.state is lab.GuestState.RUNNING
+               for g in status.guests):
         sys.exit(f"{args.host} is not running: stapctl lab up")
     connection = connect(status.host(args.host), ConnectOptions())
     builder = Builder()

@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 scripts/install.sh
 .venv/bin/ruff check .
 .venv/bin/mypy
-exec .venv/bin/python -m pytest -ra "$@"
+# pyproject's addopts leave e2e out of a plain `pytest`; select every tier here
+exec .venv/bin/python -m pytest -ra -m "e2e or not e2e" "$@"

@@ -283,7 +283,8 @@ def lab_group() -> None:
 def up(count: int, release: str | None) -> None:
     """Build the guest image if needed and boot COUNT guests."""
     with err.status("lab…") as status:
-        result = lab.up(count, progress=lambda text: status.update(text), release=release)
+        result = lab.Lab.default().up(count, progress=lambda text: status.update(text),
+                                      release=release)
     show_lab(result, as_json=False)
 
 
@@ -291,14 +292,14 @@ def up(count: int, release: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
 def status(as_json: bool) -> None:
     """Show each guest and the inventory path."""
-    show_lab(lab.status(), as_json)
+    show_lab(lab.Lab.default().status(), as_json)
 
 
 @lab_group.command()
 def down() -> None:
     """Stop every guest the lab started."""
     with err.status("stopping guests…") as status:
-        lab.down(progress=lambda text: status.update(text))
+        lab.Lab.default().down(progress=lambda text: status.update(text))
     err.print("lab is down")
 
 
@@ -306,7 +307,8 @@ def show_lab(result: lab.LabStatus, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({
             "guests": [{"name": g.name, "host": g.host, "port": g.port, "user": g.user,
-                        "key": g.key, "release": g.release, "pid": g.pid, "state": g.state}
+                        "key": g.key, "release": g.release, "pid": g.pid,
+                        "state": g.state.value}
                        for g in result.guests],
             "inventory": str(result.inventory),
         }))
@@ -315,6 +317,7 @@ def show_lab(result: lab.LabStatus, as_json: bool) -> None:
     for column in ("name", "ssh", "kernel", "pid", "state"):
         table.add_column(column)
     for g in result.guests:
-        table.add_row(g.name, f"{g.user}@{g.host}:{g.port}", g.release, str(g.pid), g.state)
+        table.add_row(g.name, f"{g.user}@{g.host}:{g.port}", g.release, str(g.pid),
+                      g.state.value)
     Console().print(table)
     click.echo(f"inventory: {result.inventory}")

@@ -31,12 +31,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from stapctl import lab
 from stapctl.build import Builder
 from stapctl.connection import connect
 from stapctl.errors import Issue, ManifestError, StapctlError
 from stapctl.execute import Connector, Fleet, RunOptions
 from stapctl.inventory import load_inventory
+from stapctl.lab import GuestState, Lab
 from stapctl.models import Event, Host, HostFacts, HostOutcome, InlineInventory, Manifest, Run
 from stapctl.plan import ModuleJob, Plan, build_plan, check_scripts, gather_symbol_maps, make_plan
 from stapctl.store import RunRecorder
@@ -85,8 +85,8 @@ def select_hosts(manifest: Manifest, inventory: Path | None = None,
     elif manifest.inventory is not None:
         source = manifest.inventory
     else:
-        status = lab.status()
-        if not any(guest.state == "running" for guest in status.guests):
+        status = Lab.default().status()
+        if not any(guest.state is GuestState.RUNNING for guest in status.guests):
             raise ManifestError(Issue(str(manifest.path), None, None, "inventory",
                                       "no inventory: pass -i INVENTORY, set `inventory:` in "
                                       "the manifest, or start the lab with `stapctl lab up`"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from stapctl.connection import ConnectOptions, SSHConnection, run_command
+from stapctl.connection import ConnectOptions, connect, run_command
 from stapctl.lab import LabStatus
 from stapctl.models import Host
 
@@ -40,7 +41,7 @@ def guest_host(lab: LabStatus, index: int = 0) -> Host:
 
 def guest_run(lab: LabStatus, command: str, index: int = 0) -> str:
     """Run a shell command in a guest and return its stdout."""
-    connection = SSHConnection(guest_host(lab, index), ConnectOptions())
+    connection = connect(guest_host(lab, index), ConnectOptions())
     try:
         return run_command(connection, ["sh", "-c", command]).stdout.decode()
     finally:
@@ -53,3 +54,24 @@ def stap_modules_loaded(lab: LabStatus, index: int = 0) -> str:
         lab, "grep -E '^(stapctl|stap)_' /proc/modules; ls -A /proc/systemtap 2>/dev/null; true",
         index,
     ).strip()
+
+
+def stap_module_names(lab: LabStatus, index: int = 0) -> set[str]:
+    """The names of the SystemTap modules loaded in a guest."""
+    return set(guest_run(
+        lab, "grep -oE '^(stapctl|stap)_[A-Za-z0-9_]+' /proc/modules; true", index).split())
+
+
+def unload_stap_modules(lab: LabStatus, names: set[str], index: int = 0) -> set[str]:
+    """Kill whatever holds each module's /proc/systemtap files open (an agent, stapio), then
+    rmmod it; returns those still loaded."""
+    script = "".join(f"""
+        for fd in /proc/[0-9]*/fd/*; do
+          case "$(readlink "$fd" 2>/dev/null)" in
+            /proc/systemtap/{name}/*) pid=${{fd#/proc/}}; kill -KILL "${{pid%%/*}}" ;;
+          esac
+        done
+        for try in 1 2 3 4 5; do rmmod {name} 2>/dev/null && break; sleep 1; done
+        """ for name in sorted(names) if re.fullmatch(r"\w+", name))
+    guest_run(lab, script, index)
+    return stap_module_names(lab, index) & names

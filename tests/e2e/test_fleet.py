@@ -18,9 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from stapctl import lab as stapctl_lab
 from stapctl.agent import Timing
-from stapctl.lab import LabStatus
+from stapctl.lab import Lab, LabStatus
 
 from .helpers import guest_run, write_manifest
 
@@ -160,7 +159,7 @@ def test_b_a_host_that_dies_mid_run_is_transport_lost_and_the_others_complete(
         os.kill(victim.pid, signal.SIGKILL)
         code = apply.finish()
     finally:
-        stapctl_lab.up(len(HOSTS))  # boot the victim again for the tests that follow
+        Lab.default().up(len(HOSTS))  # boot the victim again for the tests that follow
     assert code == 3, apply.stderr
     outcomes = apply.outcomes()
     assert outcomes[victim.name]["kind"] in ("transport-lost", "unreachable"), outcomes

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 
-from stapctl import lab as stapctl_lab
-from stapctl.build import Builder
-from stapctl.execute import Fleet, RunOptions
-from stapctl.inventory import load_inventory
+from stapctl.lab import Lab, LabStatus, guest_release
 from stapctl.manifest import load_manifest
-from stapctl.plan import ModuleJob, build_plan, make_plan
-from stapctl.yamldoc import Document
+from stapctl.plan import ModuleJob
+from stapctl.session import Session, Silent, select_hosts
 
 from .helpers import guest_host, write_manifest
 
@@ -29,7 +24,7 @@ pytestmark = pytest.mark.e2e
 
 def second_release() -> str:
     """A kernel release with installed headers other than the lab's default one."""
-    default = stapctl_lab.guest_release()
+    default = guest_release()
     others = sorted(p.parent.name for p in Path("/lib/modules").glob("*/build")
                     if p.parent.name != default and p.parent.name.endswith("-amd64"))
     if not others:
@@ -37,37 +32,21 @@ def second_release() -> str:
     return others[-1]
 
 
-@contextmanager
-def lab_directory(path: Path) -> Iterator[None]:
-    """Point stapctl.lab at another lab directory, only for the calls made inside."""
-    saved = os.environ.get("STAPCTL_LAB_DIR")
-    os.environ["STAPCTL_LAB_DIR"] = str(path)
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["STAPCTL_LAB_DIR"]
-        else:
-            os.environ["STAPCTL_LAB_DIR"] = saved
-
-
 @pytest.fixture(scope="module")
-def other_lab() -> Iterator[stapctl_lab.LabStatus]:
-    """One guest booting the second release, in a lab directory of its own, stopped as
-    soon as this module's tests are done."""
+def other_lab() -> Iterator[LabStatus]:
+    """One guest booting the second release, in a lab folder of its own, stopped as soon as
+    this module's tests are done."""
     release = second_release()
-    directory = stapctl_lab.lab_dir().parent / f"lab-{release}"
-    with lab_directory(directory):
-        status = stapctl_lab.up(1, release=release)
+    other = Lab(Lab.default().directory.parent / f"lab-{release}")
+    status = other.up(1, release=release)
     try:
         yield status
     finally:
-        with lab_directory(directory):
-            stapctl_lab.down()
+        other.down()
 
 
 def test_two_releases_two_parallel_compiles_then_none(
-        lab: stapctl_lab.LabStatus, other_lab: stapctl_lab.LabStatus, tmp_path: Path) -> None:
+        lab: LabStatus, other_lab: LabStatus, tmp_path: Path) -> None:
     hosts = {"main": guest_host(lab), "other": guest_host(other_lab)}
     inventory = tmp_path / "inventory.yaml"
     inventory.write_text(yaml.safe_dump({"all": {"hosts": {
@@ -83,24 +62,23 @@ def test_two_releases_two_parallel_compiles_then_none(
     manifest_path.write_text(yaml.safe_dump(document))
 
     manifest = load_manifest(manifest_path)
-    targets = load_inventory(inventory, Document(str(inventory), None)).select("all")
-    fleet = Fleet(manifest, RunOptions(), lambda event: None)
+    times: dict[tuple[str, str], float] = {}
+
+    class BuildTimes(Silent):
+        def build(self, job: ModuleJob, state: str) -> None:
+            times[(job.spec.release, state)] = time.monotonic()
+
+    session = Session(manifest, select_hosts(manifest), listener=BuildTimes(), record=False)
     try:
-        connected = fleet.connect(targets)
+        connected = session.connect()
     finally:
-        fleet.close()
+        session.finish()
     releases = {facts.release for _, facts in connected.values()}
     assert len(releases) == 2, releases
 
-    builder = Builder()
-    plan = make_plan(manifest, connected, builder, {})
+    plan = session.plan(connected)
     assert len(plan.jobs) == 2 and not any(job.cached for job in plan.jobs)
-    times: dict[tuple[str, str], float] = {}
-
-    def progress(job: ModuleJob, state: str) -> None:
-        times[(job.spec.release, state)] = time.monotonic()
-
-    built = build_plan(plan, builder, progress)
+    built = session.build(plan)
     assert all(job.cached for job in built.jobs), [job.error for job in built.jobs]
     first, second = sorted(releases)
     # in parallel: each compile started before the other one finished

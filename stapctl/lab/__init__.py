@@ -1,0 +1,14 @@
+"""The local lab: real Debian kernels booted in qemu guests, reachable over SSH on loopback.
+
+Machines without module support (this one, CI) can only load a probe inside a guest. The
+guest is built from this machine's own Debian packages, so its kernel is exactly the one
+``stap -r RELEASE`` compiles against. See shared/docs/lab.md for the measured facts.
+
+``image`` builds what the guests boot; ``guests`` holds ``Lab``, one lab folder with its
+guests' lifecycle: ``Lab.default().up(3)``, ``.status()``, ``.down()``.
+"""
+
+from stapctl.lab.guests import Guest, GuestState, Lab, LabStatus
+from stapctl.lab.image import guest_release
+
+__all__ = ["Guest", "GuestState", "Lab", "LabStatus", "guest_release"]
