@@ -248,12 +248,12 @@ def explain(key: str) -> None:
 
 
 # -- cache -------------------------------------------------------------------------------
-@cli.group()
-def cache() -> None:
+@cli.group(name="cache")
+def cache_group() -> None:
     """The local module cache."""
 
 
-@cache.command(name="list")
+@cache_group.command(name="list")
 def cache_list() -> None:
     table = Table()
     for column in ("key", "module", "kernel", "size", "stap", "fix"):
@@ -264,7 +264,7 @@ def cache_list() -> None:
     Console().print(table)
 
 
-@cache.command(name="prune")
+@cache_group.command(name="prune")
 @click.option("--keep", type=click.IntRange(0), default=0, help="Newest modules to keep.")
 def cache_prune(keep: int) -> None:
     message(f"removed {ModuleCache(cache_dir()).prune(keep)} module(s)")

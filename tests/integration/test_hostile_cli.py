@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -114,6 +115,15 @@ def test_a_hostile_target_cannot_drive_the_operators_terminal(tmp_path: Path) ->
     assert "\\x1b]52;c;ZXZpbA==" in screen  # shown, as text
     assert "[/x][bold]markup[/bold]" in screen  # shown, not interpreted
     assert "[man error::fault]" in screen
+
+    # the host's log, shown later, is as safe as the live output
+    found = re.search(r"\(run ([\w.-]+)\)", screen)
+    assert found, screen
+    shown = subprocess.run([sys.executable, "-m", "stapctl", "runs", "show", found.group(1),
+                            "--host", "evil"], capture_output=True, text=True, env=env,
+                           check=True)
+    assert not any(sequence in shown.stdout for sequence in FORBIDDEN), shown.stdout
+    assert "\\x1b]52;c;ZXZpbA==" in shown.stdout
 
 
 def test_the_json_format_stays_lossless(tmp_path: Path) -> None:

@@ -6,22 +6,24 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import tracemalloc
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from stapctl.runtime import stapctl_agent as wire
 
 from stapctl import display as display_module
+from stapctl import execute
 from stapctl.agent import Timing
 from stapctl.display import Display
 from stapctl.execute import RunOptions
 from stapctl.models import Event, FailureKind, Manifest, Probe, Run
 from stapctl.session import Session
 from tests.agent.fakekernel import Scenario
-from tests.fleet_double import FakeBuilder, FakeFleet, HostileProcess
+from tests.fleet_double import FakeBuilder, FakeConnection, FakeFleet, HostileProcess
 
 pytestmark = pytest.mark.unit
 
@@ -34,8 +36,13 @@ QUICK = Timing(exit_timeout=1.0)
 
 
 @pytest.fixture(autouse=True)
-def records(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+def no_thread_dies(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Whatever a target does, no controller thread ends in a traceback."""
+    died: list[str] = []
+    monkeypatch.setattr(threading, "excepthook",
+                        lambda args: died.append(f"{args.thread}: {args.exc_value!r}"))
+    yield
+    assert died == []
 
 
 class Counting:
@@ -238,4 +245,53 @@ def test_escape_sequences_and_markup_never_reach_the_terminal(
     assert "[/x][bold]markup[/bold]" in out
     assert "[man error::fault]" in err
     assert outcome_of(run, "evil")[:2] == ("failed", FailureKind.RUNTIME_ERROR)
+    assert_the_rest_went_on(run, session, fleet)
+
+
+def test_an_agent_that_ignores_its_duration_is_stopped_at_the_default_deadline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(execute, "DEADLINE_GRACE", 0.2)
+    beat = wire.encode_json_frame(wire.FRAME_EVENT, {"event": "heartbeat"})
+
+    def never_ends(stdout: object) -> None:  # alive, and deaf to its duration and to stop
+        stdout.sendall(HELLO)  # type: ignore[attr-defined]
+        for _ in range(200):
+            stdout.sendall(beat)  # type: ignore[attr-defined]
+            time.sleep(0.05)
+
+    fleet = FakeFleet(tmp_path, {"good": GOOD, "evil": Scenario()},
+                      agents={"evil": lambda kernel: HostileProcess(never_ends)})
+    session = Session(manifest(tmp_path), fleet.hosts(), listener=Counting(),
+                      options=RunOptions(duration=0.2, timing=Timing(exit_timeout=0.1,
+                                                                     stop_grace=0.3)),
+                      builder=FakeBuilder(tmp_path / "cache"), connector=fleet.connect)
+    started = time.monotonic()
+    run = session.apply()
+
+    status, kind, message = outcome_of(run, "evil")
+    assert (status, kind) == ("failed", FailureKind.TIMED_OUT), message
+    assert "cut off" in message
+    assert time.monotonic() - started < 5
+    assert_the_rest_went_on(run, session, fleet)
+
+
+def test_a_fault_of_the_controller_on_one_host_is_that_hosts_outcome(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet = FakeFleet(tmp_path, {"good": GOOD, "evil": Scenario()})
+    original = FakeConnection.put
+
+    def broken_put(self: FakeConnection, local: Path, remote: str) -> None:
+        if self.host.name == "evil" and remote.endswith(".ko"):
+            raise RuntimeError("a bug")
+        original(self, local, remote)
+
+    monkeypatch.setattr(FakeConnection, "put", broken_put)
+    session = Session(manifest(tmp_path), fleet.hosts(), listener=Counting(),
+                      options=RunOptions(timing=QUICK), builder=FakeBuilder(tmp_path / "c"),
+                      connector=fleet.connect)
+    run = session.apply()
+
+    status, kind, message = outcome_of(run, "evil")
+    assert (status, kind) == ("failed", FailureKind.CONTROLLER_ERROR)
+    assert "RuntimeError: a bug" in message
     assert_the_rest_went_on(run, session, fleet)
