@@ -272,7 +272,7 @@ def test_a_signal_to_the_agent_stops_the_run(lab: LabStatus, ticker: ModuleArtif
     run.wait_output(b"tick 3\n")
     guest_run(lab, f"kill -{signum.name[3:]} {run.pid}")
     assert_clean_ending(run, "failed", "stopped", "signal")
-    assert run.finish()["message"] == f"stopped by signal {int(signum)}"
+    assert run.finish().message == f"stopped by signal {int(signum)}"
 
 
 # -- two runs of one module -----------------------------------------------------------
