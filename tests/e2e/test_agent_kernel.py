@@ -127,9 +127,9 @@ class Run:
         self.stop = threading.Event()
         self.result: RunResult | None = None
         self.error: StapctlError | None = None
-        full = AgentRequest(action="run", module=self.copy, sha256=artifact.sha256,
-                            module_name=artifact.module_name, remove_files=(self.copy,),
-                            exit_timeout=10.0, **request)
+        full = AgentRequest(**{"action": "run", "module": self.copy, "sha256": artifact.sha256,
+                               "module_name": artifact.module_name,
+                               "remove_files": (self.copy,), "exit_timeout": 10.0, **request})
         self.thread = threading.Thread(target=self._call, args=(agent, full), daemon=True)
         self.thread.start()
 
@@ -324,7 +324,7 @@ def test_a_parameter_the_kernel_would_split_is_refused_before_insmod(
 
 def test_a_corrupt_upload_is_deleted_so_the_next_upload_replaces_it(
         lab: LabStatus, ticker: ModuleArtifact) -> None:
-    run = Run(lab, ticker, sha256="0" * 64, remove_files=[])
+    run = Run(lab, ticker, sha256="0" * 64, remove_files=())
     result = run.finish()
     assert status_of(result) == ("failed", "preflight-refused"), result
     assert "sha256 mismatch" in result.message

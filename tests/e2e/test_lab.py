@@ -59,7 +59,7 @@ def test_a_module_left_loaded_and_held_open_is_unloaded(lab: LabStatus) -> None:
     then rmmod."""
     builder = Builder()
     script = 'probe timer.s(1) { printf("left behind\\n") }'
-    artifact = builder.build(builder.spec(script, guest_release(), "x86_64", ()), "test_lab", 1)
+    artifact = builder.build(builder.spec(script, guest_release(), "x86_64", (), origin="test_lab"))
     name = artifact.module_name
     with _connect(lab) as client:
         with client.open_sftp() as sftp:
