@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict
 
 from stapctl.models import Event, HostOutcome, Run
@@ -50,21 +50,6 @@ def summary_json(run: Run) -> str:
         "exit_code": run.exit_code, "interrupted": run.interrupted,
         "outcomes": [asdict(o) for o in run.outcomes],
     })
-
-
-def merged(events: Iterable[Event], many_probes: bool) -> list[str]:
-    """Identical output grouped under the hosts that produced it (like clubak -b)."""
-    per_host: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for event in events:
-        if event.kind == "output":
-            per_host[(event.probe, event.host)].append(event.text)
-    groups: dict[tuple[str, tuple[str, ...]], list[str]] = defaultdict(list)
-    for (probe, host), lines in per_host.items():
-        groups[(probe, tuple(lines))].append(host)
-    text: list[str] = []
-    for (probe, output), hosts in sorted(groups.items(), key=lambda item: sorted(item[1])):
-        text += [*merged_heading(hosts, probe, many_probes), *output]
-    return text
 
 
 def merged_heading(hosts: Sequence[str], probe: str, many_probes: bool) -> list[str]:

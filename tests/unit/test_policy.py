@@ -47,14 +47,6 @@ def test_exit_codes(outcomes: list[HostOutcome], interrupted: bool, code: int) -
     assert Run("r", tuple(outcomes), interrupted).exit_code == code
 
 
-def test_merged_groups_identical_output() -> None:
-    events = [Event(h, "output", "p", line) for h in ("a", "b") for line in ("x", "y")]
-    events += [Event("c", "output", "p", "z"), Event("c", "started", "p")]
-    text = report.merged(events, many_probes=False)
-    assert "a,b (2)" in text and "c (1)" in text
-    assert text[text.index("a,b (2)") + 2:text.index("a,b (2)") + 4] == ["x", "y"]
-
-
 def test_json_lines_parse_and_carry_the_schema_version() -> None:
     line = report.event_json(Event("a", "output", "p", "hello", 1.5))
     assert json.loads(line) == {"v": 1, "type": "event", "host": "a", "kind": "output",
