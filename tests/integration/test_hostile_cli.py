@@ -38,8 +38,9 @@ def headers_release() -> str:
     return releases[-1]
 
 
-def hostile_target(tmp_path: Path, release: str) -> tuple[Path, dict[str, str]]:
-    """An inventory with one hostile local host, and the environment that fakes uname."""
+def hostile_target(tmp_path: Path, release: str,
+                   names: tuple[str, ...] = ("evil",)) -> tuple[Path, dict[str, str]]:
+    """An inventory of hostile local hosts, and the environment that fakes uname."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     uname = bin_dir / "uname"
@@ -63,8 +64,9 @@ def hostile_target(tmp_path: Path, release: str) -> tuple[Path, dict[str, str]]:
     for script in (uname, agent):
         script.chmod(0o755)
     inventory = tmp_path / "hosts.yaml"
-    inventory.write_text(yaml.safe_dump({"all": {"hosts": {"evil": {
-        "ansible_host": "local", "ansible_python_interpreter": str(agent)}}}}))
+    inventory.write_text(yaml.safe_dump({"all": {"hosts": {name: {
+        "ansible_host": "local", "ansible_python_interpreter": str(agent)}
+        for name in names}}}))
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}",
                XDG_DATA_HOME=str(tmp_path / "data"))
     return inventory, env
@@ -136,6 +138,20 @@ def test_the_json_format_stays_lossless(tmp_path: Path) -> None:
     outputs = [r["text"] for r in records if r.get("kind") == "output"]
     assert outputs == [EVIL]
     assert "\x1b" not in done.stdout  # JSON escapes it, losing nothing
+
+
+def test_the_merged_format_groups_hosts_and_stays_safe(tmp_path: Path) -> None:
+    inventory, env = hostile_target(tmp_path, headers_release(), ("evil1", "evil2"))
+    done = subprocess.run([sys.executable, "-m", "stapctl", "apply", "-i", str(inventory),
+                           "--format", "merged", str(manifest(tmp_path))],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert "evil1,evil2 (2)" in lines
+    assert lines.count("\\x1b]52;c;ZXZpbA==\\x07\\x1b[2J\\x1b]0;owned\\x07\\x9b31m\\u202e"
+                       "[/x][bold]markup[/bold]") == 1
+    assert not any(sequence in done.stdout for sequence in FORBIDDEN)
 
 
 @pytest.mark.parametrize("release", ["[/x]", "../../x", "/x"])
