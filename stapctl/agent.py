@@ -41,6 +41,7 @@ from stapctl.runtime import stapctl_agent as wire
 # probe output compresses well even so, and an emulated guest's CPU is the scarce thing.
 COMPRESS = 1
 FACTS_SCRIPT = 'uname -r && uname -m && command -v "$0"'  # $0: the interpreter
+FACTS_TIMEOUT = 30.0  # seconds the facts command may stay silent (a hung home, a stuck sudo)
 MAX_FRAME = 8 << 20  # the agent batches output in pieces of a few MiB at most
 MAX_TEXT = 4096  # characters kept of any text field the agent sends (messages, events)
 PING = b'{"op": "ping"}\n'
@@ -158,7 +159,8 @@ class AgentHost:
         arch become paths and arguments here, so one that is not a plain name raises
         BadFactsError.
         """
-        done = run_command(self.connection, ["sh", "-c", FACTS_SCRIPT, self.python])
+        done = run_command(self.connection, ["sh", "-c", FACTS_SCRIPT, self.python],
+                           timeout=FACTS_TIMEOUT)
         code = done.status
         lines = done.stdout.decode(errors="replace").splitlines()
         if code != 0 or len(lines) != 3:
