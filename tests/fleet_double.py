@@ -35,6 +35,7 @@ class SocketProcess:
         self.stdout_ours, self.stdout_theirs = socket.socketpair()
         self.code = 0
         self.done = threading.Event()
+        self.killed = threading.Event()
 
     def send(self, data: bytes) -> None:
         try:
@@ -60,6 +61,7 @@ class SocketProcess:
         return self.code
 
     def kill(self) -> None:
+        self.killed.set()
         for end in (self.stdin_ours, self.stdout_ours):
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
@@ -100,8 +102,8 @@ class HostileProcess(SocketProcess):
                 self.stream(self.stdout_theirs)
             else:
                 self.stdout_theirs.sendall(self.stream)
-            while self.hang and self.stdin_theirs.recv(65536):
-                pass  # reads the controller's pings, says nothing, until cut off
+            if self.hang:
+                self.killed.wait(60)  # says nothing more, whatever it is sent, until cut off
         except OSError:
             pass
         finally:

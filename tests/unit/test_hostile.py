@@ -9,15 +9,17 @@ import threading
 import time
 import tracemalloc
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from stapctl.runtime import stapctl_agent as wire
 
+from stapctl import agent as agent_module
 from stapctl import display as display_module
 from stapctl import execute
 from stapctl.agent import Timing
+from stapctl.connection import Process
 from stapctl.display import Display
 from stapctl.execute import RunOptions
 from stapctl.models import Event, FailureKind, Manifest, Probe, Run
@@ -294,4 +296,26 @@ def test_a_fault_of_the_controller_on_one_host_is_that_hosts_outcome(
     status, kind, message = outcome_of(run, "evil")
     assert (status, kind) == ("failed", FailureKind.CONTROLLER_ERROR)
     assert "RuntimeError: a bug" in message
+    assert_the_rest_went_on(run, session, fleet)
+
+
+def test_a_facts_command_that_never_answers_times_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_module, "FACTS_TIMEOUT", 0.3)
+    original = FakeConnection.start
+
+    def stuck_facts(self: FakeConnection, argv: Sequence[str]) -> Process:
+        if self.host.name == "evil" and argv[0] == "sh":
+            return HostileProcess(b"", hang=True)  # a hung home directory, a stuck sudo
+        return original(self, argv)
+
+    monkeypatch.setattr(FakeConnection, "start", stuck_facts)
+    fleet = FakeFleet(tmp_path, {"good": GOOD, "evil": Scenario()})
+    session = Session(manifest(tmp_path), fleet.hosts(), listener=Counting(),
+                      options=RunOptions(timing=QUICK), builder=FakeBuilder(tmp_path / "c"),
+                      connector=fleet.connect)
+    run = session.apply()
+
+    status, kind, message = outcome_of(run, "evil")
+    assert status == "failed" and "no answer within 0.3" in message, (kind, message)
     assert_the_rest_went_on(run, session, fleet)
