@@ -331,11 +331,11 @@ class _ManifestBuilder:
         for key in raw:
             if key != "type" and key not in self._SINK_KEYS[kind]:
                 allowed = ", ".join(sorted(self._SINK_KEYS[kind]))
-                self._report(path + (key,), f"'{key}' is not a key of a {kind} sink "
-                                            f"(its keys: type, {allowed})")
+                self._report(path + (key,), f"'{key}' is not a key of a sink of type "
+                                            f"'{kind}' (its keys: type, {allowed})")
         needed = self._SINK_REQUIRED.get(kind)
         if needed is not None and needed not in raw:
-            self._report(path, f"a {kind} sink needs '{needed}'")
+            self._report(path, f"a sink of type '{kind}' needs '{needed}'")
             return None
         if kind == "jsonl":
             return JsonLinesSink(self.base / raw["path"], raw.get("max_bytes", 10 << 20),
