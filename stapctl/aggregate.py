@@ -52,6 +52,7 @@ _ROW = re.compile(r" *(?P<bound>[<>]?)(?P<value>-?[0-9]{1,20}) \|@* +(?P<count>[
 _ELIDED = re.compile(r" *~")
 
 Bucket = tuple[HistogramBound, int]
+_BOUNDS: dict[str, HistogramBound] = {"<": "<", "": "", ">": ">"}
 _BOUND_ORDER = {"<": 0, "": 1, ">": 2}
 
 
@@ -143,7 +144,7 @@ class Aggregator:
             return False
         if (row := _ROW.fullmatch(text)) is not None:
             count = int(row["count"])
-            bucket: Bucket = (row["bound"], int(row["value"]))  # type: ignore[assignment]
+            bucket: Bucket = (_BOUNDS[row["bound"]], int(row["value"]))
             if count > MAX_VALUE or (bucket not in reading.buckets
                                      and len(reading.buckets) >= MAX_BUCKETS):
                 del self._reading[stream]

@@ -17,8 +17,9 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,7 +63,15 @@ def deliver(run: Run, manifest: Manifest,
     warnings: list[str] = []
     for sink in manifest.output.sinks:
         try:
-            _SENDERS[type(sink)](sink, run, manifest, data)
+            match sink:
+                case JsonLinesSink():
+                    send_jsonl(sink, data)
+                case SyslogSink():
+                    send_syslog(sink, run, manifest)
+                case HttpSink():
+                    send_http(sink, data)
+                case TextfileSink():
+                    send_textfile(sink, run, manifest)
         except (OSError, http.client.HTTPException, ValueError) as error:
             warnings.append(f"sink {describe(sink)} failed: {error}")
     return warnings
@@ -80,8 +89,7 @@ def describe(sink: Sink) -> str:
 
 
 # -- JSON lines --------------------------------------------------------------------------
-def send_jsonl(sink: JsonLinesSink, run: Run, manifest: Manifest,
-               data: dict[str, Any]) -> None:
+def send_jsonl(sink: JsonLinesSink, data: dict[str, Any]) -> None:
     line = (json.dumps(data, separators=(",", ":")) + "\n").encode()
     with suppress(FileNotFoundError):
         size = sink.path.stat().st_size
@@ -103,8 +111,7 @@ def _rotate(path: Path, keep: int) -> None:
 
 
 # -- syslog ------------------------------------------------------------------------------
-def send_syslog(sink: SyslogSink, run: Run, manifest: Manifest,
-                data: dict[str, Any]) -> None:
+def send_syslog(sink: SyslogSink, run: Run, manifest: Manifest) -> None:
     """One datagram per outcome and one for the run, on the local socket."""
     messages = [syslog_message(sink, "outcome",
                                SYSLOG_INFO if outcome.ok else SYSLOG_WARNING,
@@ -129,8 +136,7 @@ def syslog_message(sink: SyslogSink, message_id: str, severity: int,
                    params: Mapping[str, str], text: str) -> bytes:
     """An RFC 5424 message: header, one structured-data element, the text on one line."""
     priority = SYSLOG_FACILITIES[sink.facility] * 8 + severity
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + \
-        f".{int(time.time() * 1e6) % 1_000_000:06d}Z"
+    stamp = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     hostname = _syslog_name(socket.gethostname(), 255)
     element = " ".join(f'{name}="{_sd_escape(value)}"' for name, value in params.items())
     line = " ".join(report.printable(text[:MAX_SYSLOG_TEXT]).split())
@@ -153,7 +159,7 @@ def _sd_escape(value: str) -> str:
 
 
 # -- HTTP --------------------------------------------------------------------------------
-def send_http(sink: HttpSink, run: Run, manifest: Manifest, data: dict[str, Any]) -> None:
+def send_http(sink: HttpSink, data: dict[str, Any]) -> None:
     """POST the payload as JSON; anything but a 2xx answer is a failure (redirects are
     not followed: a POST must not turn into a GET)."""
     url = urlsplit(sink.url)
@@ -176,8 +182,7 @@ def send_http(sink: HttpSink, run: Run, manifest: Manifest, data: dict[str, Any]
 
 
 # -- node_exporter textfile --------------------------------------------------------------
-def send_textfile(sink: TextfileSink, run: Run, manifest: Manifest,
-                  data: dict[str, Any]) -> None:
+def send_textfile(sink: TextfileSink, run: Run, manifest: Manifest) -> None:
     """Write the metrics to a temporary file beside the target and rename it over, so
     node_exporter never reads half a file (it skips files not ending in .prom)."""
     text = prometheus_text(run, manifest)
@@ -235,8 +240,3 @@ def prometheus_text(run: Run, manifest: Manifest) -> str:
 def _label_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
-
-_SENDERS: dict[type, Callable[[Any, Run, Manifest, dict[str, Any]], None]] = {
-    JsonLinesSink: send_jsonl, SyslogSink: send_syslog, HttpSink: send_http,
-    TextfileSink: send_textfile,
-}
