@@ -10,6 +10,7 @@ import pytest
 from stapctl import aggregate
 from stapctl.aggregate import Aggregator, draw_histogram
 from stapctl.models import Aggregates, Event, HistogramBucket
+from stapctl.report import aggregate_lines
 
 pytestmark = pytest.mark.unit
 DATA = Path(__file__).parent / "data"
@@ -192,3 +193,22 @@ def test_the_number_of_keys_and_aggregates_is_bounded(monkeypatch: pytest.Monkey
 def test_a_histogram_without_its_closing_line_is_taken_at_the_end() -> None:
     result = feed({"a": ["@agg hist lat", *hist_log([(1, 2), (2, 1)])[:-1]]})
     assert buckets(result.histograms[0].buckets) == {"1": 2, "2": 1}
+
+
+def test_after_a_run_counts_show_the_fleet_s_top_keys_and_histograms_as_stap_draws() -> None:
+    result = feed({
+        "a": [f"@agg count calls {n} prog{n:02}" for n in range(1, 13)]
+             + ["@agg count calls 100 evil\x1b[2J", "@agg hist lat", *hist_log([(1, 1)])],
+        "b": ["@agg count calls 20 prog01", "@agg hist lat", *hist_log([(2, 3)])],
+    })
+    lines = aggregate_lines(result, top=3)
+    assert lines[:4] == ["calls [p], 2 host(s): top 3 of 13",
+                         "  100  evil\\x1b[2J",  # a target's key is escaped
+                         "   21  prog01",
+                         "   12  prog12"]
+    start = lines.index("lat [p], 2 host(s)")
+    assert lines[start + 1:start + 4] == [
+        "value |-------------------------------------------------- count",
+        "    1 |@                                                  1",
+        "    2 |@@@                                                3",
+    ]
