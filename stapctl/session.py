@@ -2,10 +2,11 @@
 
 The stages run in this order, and only here: connect (agent shipped, facts gathered) →
 plan (render per host, group into modules) → build (compile what is not cached) → run
-(under the rollout policy) → finish (record). Each stage's work runs in a thread of its
-own while the calling thread hands each event to the run record and to a Listener, so a
-display never races the workers, and an interrupt (a signal handler calling
-``interrupt``) is acted on within a fraction of a second, whatever the stage::
+(under the rollout policy) → finish (aggregates, sinks, record). Each stage's work runs
+in a thread of its own while the calling thread hands each event to the run record, the
+aggregator and a Listener, so a display never races the workers, and an interrupt (a
+signal handler calling ``interrupt``) is acted on within a fraction of a second, whatever
+the stage::
 
     from stapctl.manifest import load_manifest
     from stapctl.session import Session, select_hosts
@@ -152,7 +153,7 @@ class Session:
             secrets.token_hex(2)
         self.record = record
         self.recorder: RunRecorder | None = None
-        self.aggregator = Aggregator()
+        self._aggregator = Aggregator()
         self._lines: Counter[tuple[str, str]] = Counter()  # (host, probe) → output lines
         self._interrupts = 0
         self._signal = int(signal.SIGINT)
@@ -209,7 +210,7 @@ class Session:
         run = Run(id=self.run_id, outcomes=tuple(self.fleet.outcomes),
                   interrupted=self.interrupted, by_signal=self._signal,
                   fatal_exit=_exit_code(error), lines=dict(self._lines),
-                  aggregates=self.aggregator.result())
+                  aggregates=self._aggregator.result())
         if self.recorder is not None:
             if self.manifest.output.sinks:
                 self.listener.phase(f"sending to {len(self.manifest.output.sinks)} sink(s)…")
@@ -317,7 +318,7 @@ class Session:
             self.recorder.event(event)
         if event.kind == "output":
             self._lines[(event.host, event.probe)] += 1
-            self.aggregator.feed(event)
+            self._aggregator.feed(event)
         self.listener.event(event)
 
 

@@ -73,7 +73,8 @@ def deliver(run: Run, manifest: Manifest,
                 case TextfileSink():
                     send_textfile(sink, run, manifest)
         except (OSError, http.client.HTTPException, ValueError) as error:
-            warnings.append(f"sink {describe(sink)} failed: {error}")
+            reason = report.printable(str(error)[:MAX_SYSLOG_TEXT])  # a server's words
+            warnings.append(f"sink {describe(sink)} failed: {reason}")
     return warnings
 
 
