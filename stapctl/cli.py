@@ -120,7 +120,12 @@ def report_run(run: Run, session: Session, display: Display) -> None:
         for line in merged_output(session.recorder.dir, hosts, display.many):
             display.out(report.printable(line))
     if session.manifest.output.format == "json":
+        if run.aggregates:
+            display.out(report.aggregates_line(run.aggregates))
         display.out(report.summary_json(run))
+    else:
+        for line in report.aggregate_lines(run.aggregates):
+            display.out(line)
     if run.failed:
         err.print(outcomes_table(run.outcomes, f"run {run.id}"))
     message(f"{report.summary_counts(run.outcomes)}  (run {run.id})")

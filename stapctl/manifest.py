@@ -17,12 +17,17 @@ from stapctl.errors import Issue, ManifestError
 from stapctl.inventory import read_inline_inventory
 from stapctl.models import (
     BatchSize,
+    HttpSink,
     InlineInventory,
+    JsonLinesSink,
     Manifest,
     OutputSpec,
     Percent,
     Probe,
+    Sink,
     Strategy,
+    SyslogSink,
+    TextfileSink,
 )
 from stapctl.render import check_template
 from stapctl.schema import (
@@ -309,8 +314,39 @@ class _ManifestBuilder:
         if not isinstance(raw, dict) or not self._checked(("output",)):
             return None
         directory = raw.get("dir")
+        sinks = [self._sink(("output", "sinks", index), entry)
+                 for index, entry in enumerate(raw.get("sinks", []))]
         return OutputSpec(format=raw.get("format", "prefix"),
-                          dir=None if directory is None else self.base / directory)
+                          dir=None if directory is None else self.base / directory,
+                          sinks=tuple(sink for sink in sinks if sink is not None))
+
+    _SINK_KEYS = {"jsonl": {"path", "max_bytes", "keep"},
+                  "syslog": {"socket", "facility", "app_name"},
+                  "http": {"url", "timeout", "headers"}, "textfile": {"path"}}
+    _SINK_REQUIRED = {"jsonl": "path", "http": "url", "textfile": "path"}
+
+    def _sink(self, path: KeyPath, raw: dict[str, Any]) -> Sink | None:
+        """A sink whose keys belong to its type; each stray or missing key reported."""
+        kind = raw["type"]
+        for key in raw:
+            if key != "type" and key not in self._SINK_KEYS[kind]:
+                allowed = ", ".join(sorted(self._SINK_KEYS[kind]))
+                self._report(path + (key,), f"'{key}' is not a key of a sink of type "
+                                            f"'{kind}' (its keys: type, {allowed})")
+        needed = self._SINK_REQUIRED.get(kind)
+        if needed is not None and needed not in raw:
+            self._report(path, f"a sink of type '{kind}' needs '{needed}'")
+            return None
+        if kind == "jsonl":
+            return JsonLinesSink(self.base / raw["path"], raw.get("max_bytes", 10 << 20),
+                                 raw.get("keep", 3))
+        if kind == "syslog":
+            return SyslogSink(self.base / raw.get("socket", "/dev/log"),
+                              raw.get("facility", "user"), raw.get("app_name", "stapctl"))
+        if kind == "http":
+            timeout = self._duration(path + ("timeout",), raw.get("timeout"))
+            return HttpSink(raw["url"], timeout or 10.0, raw.get("headers") or {})
+        return TextfileSink(self.base / raw["path"])
 
 
 # --- explain ---------------------------------------------------------------------------

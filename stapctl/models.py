@@ -59,9 +59,51 @@ class Strategy:
 
 
 @dataclass(frozen=True)
+class JsonLinesSink:
+    """Each run appended to a file as one JSON line; the file is rotated by size."""
+
+    path: Path
+    max_bytes: int = 10 << 20  # rotate before a line would make the file bigger
+    keep: int = 3  # rotated files kept: path.1 (newest) … path.KEEP
+
+
+SyslogFacility = Literal["user", "daemon", "auth", "authpriv", "local0", "local1", "local2",
+                         "local3", "local4", "local5", "local6", "local7"]
+
+
+@dataclass(frozen=True)
+class SyslogSink:
+    """RFC 5424 messages to the local syslog socket: one per outcome, one for the run."""
+
+    socket: Path = Path("/dev/log")
+    facility: SyslogFacility = "user"
+    app_name: str = "stapctl"
+
+
+@dataclass(frozen=True)
+class HttpSink:
+    """The run's summary and its difference POSTed as JSON."""
+
+    url: str
+    timeout: float = 10.0
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TextfileSink:
+    """A node_exporter textfile (Prometheus text format), replaced after each run."""
+
+    path: Path
+
+
+Sink = JsonLinesSink | SyslogSink | HttpSink | TextfileSink
+
+
+@dataclass(frozen=True)
 class OutputSpec:
     format: OutputFormat = "prefix"
     dir: Path | None = None
+    sinks: tuple[Sink, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -249,12 +291,58 @@ class HostOutcome:
 
 
 @dataclass(frozen=True)
+class CountTotal:
+    """A count aggregate (``@agg count``) summed over the hosts that sent it."""
+
+    probe: str
+    name: str
+    hosts: tuple[str, ...]  # the hosts that sent records for it
+    totals: tuple[tuple[str, int], ...]  # (key, fleet total), largest first
+
+
+HistogramBound = Literal["<", "", ">"]  # under the first bucket, a bucket, over the last
+
+
+@dataclass(frozen=True)
+class HistogramBucket:
+    bound: HistogramBound
+    value: int  # the bucket's low end (for "<" and ">": the edge stap labels it with)
+    count: int
+
+
+@dataclass(frozen=True)
+class HistogramTotal:
+    """A histogram (``@agg hist``) added bucket by bucket over the hosts that sent it."""
+
+    probe: str
+    name: str
+    hosts: tuple[str, ...]
+    kind: Literal["log", "linear"]  # as far as its buckets tell
+    buckets: tuple[HistogramBucket, ...]  # in order, every bucket some host printed
+
+
+@dataclass(frozen=True)
+class Aggregates:
+    """What the probes' ``@agg`` records add up to over the fleet (stapctl.aggregate)."""
+
+    counts: tuple[CountTotal, ...] = ()
+    histograms: tuple[HistogramTotal, ...] = ()
+    rejected: int = 0  # ``@agg`` lines that were malformed or past a limit
+
+    def __bool__(self) -> bool:
+        return bool(self.counts or self.histograms or self.rejected)
+
+
+@dataclass(frozen=True)
 class Run:
     id: str
     outcomes: tuple[HostOutcome, ...]
     interrupted: bool = False
     by_signal: int = int(signal.SIGINT)  # what interrupted it: the exit code is 128 + this
     fatal_exit: int | None = None  # it stopped on an error before its hosts ran
+    lines: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (host, probe) → lines
+    aggregates: Aggregates = Aggregates()
+    warnings: tuple[str, ...] = ()  # what went wrong around the run (sinks), not on hosts
 
     @property
     def succeeded(self) -> tuple[HostOutcome, ...]:

@@ -12,10 +12,13 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import Any
 
-from stapctl.models import Event, HostOutcome, Run
+from stapctl.aggregate import aggregates_json, draw_histogram
+from stapctl.models import Aggregates, Event, HostOutcome, Run
 
 JSON_SCHEMA_VERSION = 1
+TOP_KEYS = 10  # keys of a count aggregate shown after a run
 # bytes a terminal acts on: C0 but tab and newline, DEL, C1, and the bidirectional
 # overrides that reorder what is shown (so a line cannot hide or fake its content)
 UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -44,12 +47,43 @@ def event_json(event: Event) -> str:
     return json.dumps({"v": JSON_SCHEMA_VERSION, "type": "event", **asdict(event)})
 
 
-def summary_json(run: Run) -> str:
-    return json.dumps({
+def summary_data(run: Run) -> dict[str, Any]:
+    """The summary as JSON data: the `json` format's last line, and what sinks send."""
+    return {
         "v": JSON_SCHEMA_VERSION, "type": "summary", "run": run.id,
         "exit_code": run.exit_code, "interrupted": run.interrupted,
         "outcomes": [asdict(o) for o in run.outcomes],
-    })
+    }
+
+
+def summary_json(run: Run) -> str:
+    return json.dumps(summary_data(run))
+
+
+def aggregates_line(aggregates: Aggregates) -> str:
+    """The aggregates as one line of the `json` format, before the summary."""
+    return json.dumps({"v": JSON_SCHEMA_VERSION, "type": "aggregates",
+                       **aggregates_json(aggregates)})
+
+
+def aggregate_lines(aggregates: Aggregates, top: int = TOP_KEYS) -> list[str]:
+    """The aggregates for a person: each count aggregate as a table of its fleet's top
+    keys, each histogram drawn as stap draws it. Keys come from targets: escaped."""
+    lines: list[str] = []
+    for count in aggregates.counts:
+        shown = count.totals[:top]
+        lines.append(f"{count.name} [{count.probe}], {len(count.hosts)} host(s): top "
+                     f"{len(shown)} of {len(count.totals)}")
+        width = max(len(str(value)) for _, value in shown) if shown else 1
+        lines += [f"  {value:>{width}}  {key or '-'}" for key, value in shown]
+        lines.append("")
+    for histogram in aggregates.histograms:
+        lines.append(f"{histogram.name} [{histogram.probe}], {len(histogram.hosts)} host(s)")
+        lines += [*draw_histogram(histogram), ""]
+    if aggregates.rejected:
+        lines.append(f"{aggregates.rejected} @agg record(s) rejected: malformed or past a "
+                     "limit")
+    return [printable(line) for line in lines]
 
 
 def merged_heading(hosts: Sequence[str], probe: str, many_probes: bool) -> list[str]:

@@ -2,10 +2,11 @@
 
 The stages run in this order, and only here: connect (agent shipped, facts gathered) →
 plan (render per host, group into modules) → build (compile what is not cached) → run
-(under the rollout policy) → finish (record). Each stage's work runs in a thread of its
-own while the calling thread hands each event to the run record and to a Listener, so a
-display never races the workers, and an interrupt (a signal handler calling
-``interrupt``) is acted on within a fraction of a second, whatever the stage::
+(under the rollout policy) → finish (aggregates, sinks, record). Each stage's work runs
+in a thread of its own while the calling thread hands each event to the run record, the
+aggregator and a Listener, so a display never races the workers, and an interrupt (a
+signal handler calling ``interrupt``) is acted on within a fraction of a second, whatever
+the stage::
 
     from stapctl.manifest import load_manifest
     from stapctl.session import Session, select_hosts
@@ -26,11 +27,13 @@ import secrets
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from stapctl.aggregate import Aggregator
 from stapctl.build import Builder
 from stapctl.connection import connect
 from stapctl.errors import Issue, ManifestError, StapctlError
@@ -39,6 +42,7 @@ from stapctl.inventory import load_inventory
 from stapctl.lab import GuestState, Lab
 from stapctl.models import Event, Host, HostFacts, HostOutcome, InlineInventory, Manifest, Run
 from stapctl.plan import ModuleJob, Plan, build_plan, check_scripts, gather_symbol_maps, make_plan
+from stapctl.sinks import deliver
 from stapctl.store import RunRecorder
 from stapctl.yamldoc import Document
 
@@ -149,6 +153,8 @@ class Session:
             secrets.token_hex(2)
         self.record = record
         self.recorder: RunRecorder | None = None
+        self._aggregator = Aggregator()
+        self._lines: Counter[tuple[str, str]] = Counter()  # (host, probe) → output lines
         self._interrupts = 0
         self._signal = int(signal.SIGINT)
         # phases and build progress from the workers, delivered in the caller's thread
@@ -194,16 +200,24 @@ class Session:
         self._in_background(lambda: self.fleet.run(plan))
 
     def finish(self, error: BaseException | None = None) -> Run:
-        """Close every connection, give each host not yet ended its outcome, and finish
-        the record: always the last stage, whatever happened before."""
+        """Close every connection, give each host not yet ended its outcome, send the
+        run to the manifest's sinks and finish the record: always the last stage,
+        whatever happened before. A sink that fails is a warning of the run."""
         self.fleet.close()
         self.fleet.settle()
         self._deliver_waiting()
         self.listener.phase("interrupted" if self.interrupted else "done")
         run = Run(id=self.run_id, outcomes=tuple(self.fleet.outcomes),
                   interrupted=self.interrupted, by_signal=self._signal,
-                  fatal_exit=_exit_code(error))
+                  fatal_exit=_exit_code(error), lines=dict(self._lines),
+                  aggregates=self._aggregator.result())
         if self.recorder is not None:
+            if self.manifest.output.sinks:
+                self.listener.phase(f"sending to {len(self.manifest.output.sinks)} sink(s)…")
+                warnings = deliver(run, self.manifest)
+                for warning in warnings:
+                    self.listener.note(warning)
+                run = replace(run, warnings=tuple(warnings))
             self.recorder.finish(run)
             for warning in self.recorder.warnings:
                 self.listener.note(f"run record: {warning}")
@@ -302,6 +316,9 @@ class Session:
     def _deliver(self, event: Event) -> None:
         if self.recorder is not None:
             self.recorder.event(event)
+        if event.kind == "output":
+            self._lines[(event.host, event.probe)] += 1
+            self._aggregator.feed(event)
         self.listener.event(event)
 
 

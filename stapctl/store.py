@@ -30,6 +30,7 @@ from typing import Any
 import platformdirs
 
 from stapctl import report
+from stapctl.aggregate import aggregates_json
 from stapctl.errors import StapctlError
 from stapctl.models import Event, Manifest, Run
 from stapctl.plan import Plan
@@ -137,9 +138,14 @@ class RunRecorder:
             summary = json.dumps({
                 "run": run.id, "exit_code": run.exit_code, "interrupted": run.interrupted,
                 "outcomes": [asdict(o) for o in run.outcomes],
+                "warnings": list(run.warnings),
             }, indent=2)
             self._attempt("write summary.json",
                           lambda: self._replace_file("summary.json", summary.encode()))
+            if run.aggregates:
+                aggregates = json.dumps(aggregates_json(run.aggregates), indent=2)
+                self._attempt("write aggregates.json", lambda: self._replace_file(
+                    "aggregates.json", aggregates.encode()))
             self._dir_fd = None
             self._attempt("close the run folder", lambda: os.close(dir_fd))
         self._attempt("finish the run in the history", lambda: self._finish_history(run))
