@@ -74,7 +74,7 @@ def read_difference(folder: Path) -> Difference | None:
 def difference_lines(difference: Difference) -> Iterator[str]:
     """diff(1)-like text: each changed host, then its lines with '+' or '-'."""
     for host in difference.hosts:
-        yield f"--- {host}"
+        yield f"--- {host.host}"
         for sign, lines, total in (("+", host.added, host.added_total),
                                    ("-", host.removed, host.removed_total)):
             for line in lines:

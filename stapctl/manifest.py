@@ -329,15 +329,18 @@ class _ManifestBuilder:
                           dir=None if directory is None else self.base / directory)
 
     def _diff(self, raw: Any) -> DiffSpec | None:
-        if not isinstance(raw, dict) or not self._checked(("diff",)):
+        if not isinstance(raw, dict):
             return None
         patterns = raw.get("ignore_patterns", [])
-        for index, pattern in enumerate(patterns):
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                self._report(("diff", "ignore_patterns", index),
-                             f"'{pattern}' is not a regular expression: {error}")
+        if self._checked(("diff", "ignore_patterns")):
+            for index, pattern in enumerate(patterns):
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    self._report(("diff", "ignore_patterns", index),
+                                 f"'{pattern}' is not a regular expression: {error}")
+        if not self._checked(("diff",)):
+            return None
         return DiffSpec(ignore_fields=tuple(raw.get("ignore_fields", [])),
                         ignore_patterns=tuple(patterns))
 
