@@ -167,12 +167,16 @@ def read(directory: Path, name: str) -> Schedule:
 
 
 def remove(directory: Path, name: str) -> None:
-    schedule = read(directory, name)
-    for path in (schedule.timer, schedule.service):
-        if not _is_ours(path):
+    """Remove both units, whatever their commands say, if stapctl wrote them."""
+    units = _units(directory, name)
+    if not any(path.is_file() for path in units):
+        raise UsageError(f"no schedule {name} in {directory} (`stapctl schedule list` shows "
+                         "them; --user for user units)")
+    for path in units:
+        if path.is_file() and not _is_ours(path):
             raise UsageError(f"{path} was not written by stapctl: remove it yourself")
-    for path in (schedule.timer, schedule.service):
-        path.unlink()
+    for path in units:
+        path.unlink(missing_ok=True)
 
 
 def run_now(schedule: Schedule) -> int:

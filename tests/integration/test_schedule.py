@@ -141,3 +141,27 @@ def test_bad_schedules_are_one_clear_line(tmp_path: Path) -> None:
                    str(units)).returncode == 0
     again = stapctl("schedule", "add", manifest, "--every", "1h", "--unit-dir", str(units))
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_a_unit_edited_by_hand_is_what_runs_and_what_stapctl_cannot_expand_is_refused(
+        tmp_path: Path) -> None:
+    units = tmp_path / "units"
+    assert stapctl("schedule", "add", str(write_manifest(tmp_path)), "--every", "1h",
+                   "--unit-dir", str(units)).returncode == 0
+    service = units / "stapctl-nightly-audit.service"
+    text = service.read_text()
+    marker = tmp_path / "ran it"
+    edited = text.replace("\nExecStart=", f'\nExecStart=/usr/bin/touch "{marker}"\n#', 1)
+    service.write_text(edited)
+    ran = stapctl("schedule", "run", "nightly-audit", "--unit-dir", str(units))
+    assert ran.returncode == 0 and marker.exists()
+
+    service.write_text(text.replace("\nExecStart=", "\nExecStart=/usr/bin/touch %h/x\n#", 1))
+    refused = stapctl("schedule", "run", "nightly-audit", "--unit-dir", str(units))
+    assert refused.returncode == 2 and "systemd specifier" in refused.stderr
+
+    timer = units / "stapctl-nightly-audit.timer"
+    timer.write_text(timer.read_text().replace("# Written by", "# Mine, not", 1))
+    kept = stapctl("schedule", "remove", "nightly-audit", "--unit-dir", str(units))
+    assert kept.returncode == 2 and "not written by stapctl" in kept.stderr
+    assert timer.exists() and service.exists()
