@@ -395,11 +395,13 @@ def find_run(run_id: str, history: Path | None = None) -> dict[str, Any]:
 
 def previous_run(name: str, before: str, history: Path | None = None) -> dict[str, Any] | None:
     """The newest finished run of the manifest ``name`` other than the run ``before``
-    (the baseline `apply --baseline last` compares with)."""
+    that was not interrupted (exit 128 + a signal): the baseline `apply --baseline last`
+    compares with. An interrupted run printed only part of what it would have."""
     with _history_to_read(history) as db:
         db.row_factory = sqlite3.Row
         row = db.execute("SELECT * FROM runs WHERE name = ? AND id != ? AND finished IS NOT "
-                         "NULL ORDER BY started DESC LIMIT 1", (name, before)).fetchone()
+                         "NULL AND exit_code < 128 ORDER BY started DESC LIMIT 1",
+                         (name, before)).fetchone()
     return None if row is None else dict(row)
 
 

@@ -105,11 +105,11 @@ def test_the_report_page_in_a_real_browser(tmp_path: Path) -> None:
     assert "&lt;b&gt;bash&lt;/b&gt;" in dom and dom.count('class="bar"') == 3
     assert 'style="width:100.0%"' in dom and 'style="width:25.0%"' in dom
 
-    screenshot = tmp_path / "report.png"
+    # $STAPCTL_REPORT_SCREENSHOT keeps the screenshot where a person can look at it
+    screenshot = Path(os.environ.get("STAPCTL_REPORT_SCREENSHOT") or tmp_path / "report.png")
     taken = chromium(page, tmp_path, f"--screenshot={screenshot}")
     assert taken.returncode == 0, taken.stderr
     pixels = rgb_pixels(screenshot.read_bytes())
     assert len(pixels) == 1000 * 1000
     # the histogram's bars (12, 6, 3 of a 24em column) are drawn: thousands of blue pixels
     assert sum(pixel == BAR_BLUE for pixel in pixels) > 2000
-    shutil.copy(screenshot, Path(os.environ.get("STAPCTL_REPORT_SCREENSHOT", screenshot)))

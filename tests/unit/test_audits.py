@@ -199,3 +199,14 @@ def test_runs_prune_on_the_command_line(tmp_path: Path) -> None:
     assert nothing.returncode == 2 and "--keep" in nothing.stderr
     bad = stapctl("runs", "prune", "--older-than", "soon")
     assert bad.returncode == 2 and "30d" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_an_interrupted_run_is_no_baseline(tmp_path: Path) -> None:
+    history = tmp_path / "history.sqlite"
+    record(tmp_path, history, "done", "a", 20)
+    record(tmp_path, history, "cut", "a", 10)
+    with store._history(history) as db:
+        db.execute("UPDATE runs SET exit_code = 143 WHERE id = 'cut'")
+    row = store.previous_run("a", before="now", history=history)
+    assert row is not None and row["id"] == "done"
+    assert store.previous_run("b", before="now", history=history) is None
