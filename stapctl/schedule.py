@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from stapctl.errors import UsageError
+from stapctl.errors import StapctlError, UsageError
 from stapctl.models import Manifest
 from stapctl.store import data_dir
 
@@ -103,21 +103,20 @@ def add(manifest: Manifest, directory: Path, *, name: str | None = None,
     when = (f"OnCalendar={_escape_specifiers(on_calendar)}\nPersistent=true"
             if on_calendar is not None else f"OnBootSec={every:g}s\nOnUnitActiveSec={every:g}s")
     network = "" if user else "Wants=network-online.target\nAfter=network-online.target\n"
-    directory.mkdir(parents=True, exist_ok=True)
-    service.write_text(
+    retention = (f"ExecStopPost={_quote_command(prune)}\n"
+                 if keep is not None or older_than is not None else "")
+    _write(service, (
         f"{MARK.format(name=name)}\n[Unit]\n"
         f"Description=stapctl apply {_escape_specifiers(manifest.name)} (schedule {name})\n"
         f"{network}\n[Service]\nType=oneshot\n"
         + "".join(f"Environment={_quote_word(f'{key}={value}', dollar=False)}\n"
                   for key, value in environment.items())
-        + f"ExecStart={_quote_command(apply)}\n"
-        + (f"ExecStopPost={_quote_command(prune)}\n" if keep is not None or older_than
-           is not None else "")
-        + f"KillMode=mixed\nKillSignal=SIGTERM\nTimeoutStopSec={STOP_TIMEOUT}\n"
-          "SuccessExitStatus=143\n")
-    timer.write_text(
+        + f"ExecStart={_quote_command(apply)}\n{retention}"
+        f"KillMode=mixed\nKillSignal=SIGTERM\nTimeoutStopSec={STOP_TIMEOUT}\n"
+        "SuccessExitStatus=143\n"))
+    _write(timer, (
         f"{MARK.format(name=name)}\n[Unit]\nDescription=stapctl schedule {name}\n\n"
-        f"[Timer]\n{when}\nUnit={service.name}\n\n[Install]\nWantedBy=timers.target\n")
+        f"[Timer]\n{when}\nUnit={service.name}\n\n[Install]\nWantedBy=timers.target\n"))
     return read(directory, name)
 
 
@@ -176,7 +175,11 @@ def remove(directory: Path, name: str) -> None:
         if path.is_file() and not _is_ours(path):
             raise UsageError(f"{path} was not written by stapctl: remove it yourself")
     for path in units:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            raise StapctlError(f"cannot remove {path}: {error.strerror} (as root, or --user "
+                               "for user units)") from None
 
 
 def run_now(schedule: Schedule) -> int:
@@ -186,7 +189,11 @@ def run_now(schedule: Schedule) -> int:
     SIGTERM and SIGHUP are passed on to the command (it stops its probes cleanly);
     Ctrl-C reaches it from the terminal directly, so here SIGINT is only waited out."""
     environment = {**os.environ, **schedule.environment}
-    process = subprocess.Popen(schedule.command, env=environment)
+    try:
+        process = subprocess.Popen(schedule.command, env=environment)
+    except OSError as error:
+        raise StapctlError(f"{schedule.service}: cannot run {schedule.command[0]}: "
+                           f"{error.strerror}") from None
 
     def pass_on(signum: int, frame: FrameType | None) -> None:
         process.send_signal(signum)
@@ -208,6 +215,15 @@ def run_now(schedule: Schedule) -> int:
 def _units(directory: Path, name: str) -> tuple[Path, Path]:
     return (directory / f"{UNIT_PREFIX}{name}.timer",
             directory / f"{UNIT_PREFIX}{name}.service")
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as error:
+        raise StapctlError(f"cannot write {path}: {error.strerror} (as root, or --user for "
+                           "user units, or --unit-dir)") from None
 
 
 def _is_ours(path: Path) -> bool:

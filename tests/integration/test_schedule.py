@@ -165,3 +165,12 @@ def test_a_unit_edited_by_hand_is_what_runs_and_what_stapctl_cannot_expand_is_re
     kept = stapctl("schedule", "remove", "nightly-audit", "--unit-dir", str(units))
     assert kept.returncode == 2 and "not written by stapctl" in kept.stderr
     assert timer.exists() and service.exists()
+
+
+def test_a_unit_folder_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    added = stapctl("schedule", "add", str(write_manifest(tmp_path)), "--every", "1h",
+                    "--unit-dir", str(blocked / "units"))
+    assert added.returncode == 1 and "cannot write" in added.stderr
+    assert "Traceback" not in added.stderr and len(added.stderr.splitlines()) == 1
