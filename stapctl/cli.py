@@ -25,6 +25,7 @@ from stapctl.cache import ModuleCache, cache_dir
 from stapctl.difference import (
     compare,
     difference_lines,
+    read_difference,
     recorded_hosts,
     recorded_many_probes,
 )
@@ -210,6 +211,8 @@ def runs_show(run_id: str, host: str | None, as_html: bool) -> None:
         if (folder / "summary.json").exists() else {"outcomes": [], "exit_code": None}
     message(f"run {row['id']}  exit {summary['exit_code']}  folder {folder}")
     Console().print(outcomes_table([HostOutcome(**outcome) for outcome in summary["outcomes"]]))
+    if (difference := read_difference(folder)) is not None:
+        show_difference(difference)
 
 
 def known_run(run_id: str) -> dict[str, Any]:

@@ -114,6 +114,10 @@ def test_baseline_last_records_exactly_the_planted_change(tmp_path: Path) -> Non
     assert recorded["baseline"] == first.id
     assert [h["host"] for h in recorded["hosts"]] == ["h1", "h2"]
 
+    shown = stapctl("runs", "show", second.id)
+    assert shown.returncode == 0 and f"changed from run {first.id}: 2 host(s)" in shown.stderr
+    assert "--- h1\n+ * exec /tmp/planted\n--- h2\n- * exec /bin/cat" in shown.stderr
+
     unchanged, _ = apply(tmp_path, manifest, {"h1": AFTER, "h2": BEFORE[:1]}, baseline="last")
     assert unchanged.difference is not None and not unchanged.difference.changed
     assert unchanged.difference.baseline == second.id
