@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   systemtap systemtap-runtime linux-headers-amd64 qemu-system-x86 busybox-static
   dropbear-bin kmod cpio openssh-client openssh-server python3-venv sudo
+  systemd chromium  # systemd-analyze checks schedules' units; chromium opens HTML reports
 )
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -20,18 +20,32 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from stapctl import lab, report
+from stapctl import html_report, lab, report, schedule
 from stapctl.cache import ModuleCache, cache_dir
+from stapctl.difference import (
+    compare,
+    difference_lines,
+    read_difference,
+    recorded_hosts,
+    recorded_many_probes,
+)
 from stapctl.display import Display, err, message, signals_to
-from stapctl.errors import StapctlError
+from stapctl.errors import StapctlError, UsageError
 from stapctl.execute import RunOptions
 from stapctl.manifest import explain as explain_key
-from stapctl.manifest import load_manifest, parse_duration
-from stapctl.models import HostOutcome, Manifest, Run
+from stapctl.manifest import load_diff_spec, load_manifest, parse_duration, parse_period
+from stapctl.models import Difference, HostOutcome, Manifest, Run
 from stapctl.plan import Plan
 from stapctl.render import parse_extra_vars
 from stapctl.session import Session, select_hosts
-from stapctl.store import find_run, host_log_path, list_runs, merged_output
+from stapctl.store import (
+    difference_json,
+    find_run,
+    host_log_path,
+    list_runs,
+    merged_output,
+    prune_runs,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -91,10 +105,13 @@ def with_overrides(manifest: Manifest, forks: int | None, fmt: str | None) -> Ma
 @click.option("--format", "fmt", type=click.Choice(["prefix", "merged", "json"]))
 @click.option("--check", is_flag=True,
               help="Connect, upload and run the preflight; load nothing.")
+@click.option("--baseline", metavar="RUN|last",
+              help="Compare the output with this run of the same manifest ('last': the "
+              "newest) and record the difference with the run.")
 @accept_new_host_keys_option
 def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tuple[str, ...],
           forks: int | None, duration: str | None, fmt: str | None, check: bool,
-          accept_new_host_keys: bool) -> None:
+          baseline: str | None, accept_new_host_keys: bool) -> None:
     """Compile the manifest's probes and run them on its hosts."""
     try:
         seconds = parse_duration(duration) if duration else None
@@ -106,7 +123,8 @@ def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tupl
     options = RunOptions(duration=seconds, check=check,
                          accept_new_host_keys=accept_new_host_keys)
     display = Display(loaded, [host.name for host in hosts])
-    session = Session(loaded, hosts, extra_vars=extra_vars, options=options, listener=display)
+    session = Session(loaded, hosts, extra_vars=extra_vars, options=options, listener=display,
+                      baseline=baseline)
     with display, signals_to(session):
         run = session.apply()
     report_run(run, session, display)
@@ -128,7 +146,20 @@ def report_run(run: Run, session: Session, display: Display) -> None:
             display.out(line)
     if run.failed:
         err.print(outcomes_table(run.outcomes, f"run {run.id}"))
+    if run.difference is not None:
+        show_difference(run.difference)
     message(f"{report.summary_counts(run.outcomes)}  (run {run.id})")
+
+
+def show_difference(difference: Difference) -> None:
+    """The difference from the baseline, on stderr after the run."""
+    if not difference.changed:
+        message(f"no change from run {difference.baseline}")
+        return
+    message(f"changed from run {difference.baseline}: {len(difference.hosts)} host(s)",
+            "yellow")
+    for line in difference_lines(difference):
+        err.print(Text(report.printable(line)))
 
 
 def outcomes_table(outcomes: Sequence[HostOutcome], title: str = "") -> Table:
@@ -164,13 +195,14 @@ def runs_list(limit: int) -> None:
 @runs.command(name="show")
 @click.argument("run_id")
 @click.option("--host", help="Print this host's output.")
-def runs_show(run_id: str, host: str | None) -> None:
-    try:
-        row = find_run(run_id)
-    except StapctlError as exc:
-        raise click.BadParameter(f"{exc} (`stapctl runs list` shows the runs)",
-                                 param_hint="RUN_ID") from None
+@click.option("--html", "as_html", is_flag=True,
+              help="One self-contained HTML page: summary, hosts, difference, aggregates.")
+def runs_show(run_id: str, host: str | None, as_html: bool) -> None:
+    row = known_run(run_id)
     folder = Path(row["dir"])
+    if as_html:
+        click.echo(html_report.render(row, folder), nl=False)
+        return
     if host is not None:
         log = host_log_path(folder, host)
         if not log.exists():
@@ -184,6 +216,145 @@ def runs_show(run_id: str, host: str | None) -> None:
         if (folder / "summary.json").exists() else {"outcomes": [], "exit_code": None}
     message(f"run {row['id']}  exit {summary['exit_code']}  folder {folder}")
     Console().print(outcomes_table([HostOutcome(**outcome) for outcome in summary["outcomes"]]))
+    if (difference := read_difference(folder)) is not None:
+        show_difference(difference)
+
+
+def known_run(run_id: str) -> dict[str, Any]:
+    try:
+        return find_run(run_id)
+    except StapctlError as exc:
+        raise click.BadParameter(f"{exc} (`stapctl runs list` shows the runs)",
+                                 param_hint="RUN") from None
+
+
+@runs.command(name="diff")
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--json", "as_json", is_flag=True, help="The difference as one JSON object.")
+def runs_diff(run_a: str, run_b: str, as_json: bool) -> None:
+    """What each host printed in RUN_B and not in RUN_A (+), and the other way round (-),
+    after the manifest's `diff:` normalisation. Exit 0 same, 1 different, 2 trouble."""
+    before, after = known_run(run_a), known_run(run_b)
+    if before["name"] != after["name"]:
+        raise UsageError(f"runs {before['id']} and {after['id']} are of different manifests "
+                         f"('{before['name']}', '{after['name']}'): compare runs of one")
+    try:
+        folder_a, folder_b = Path(before["dir"]), Path(after["dir"])
+        spec = load_diff_spec(folder_b / "manifest.yaml")
+        difference = compare(
+            after["id"], folder_b, before["id"], folder_a,
+            set(recorded_hosts(folder_a)) | set(recorded_hosts(folder_b)), spec,
+            recorded_many_probes(folder_a) or recorded_many_probes(folder_b))
+    except StapctlError as exc:
+        raise UsageError(str(exc)) from None
+    if as_json:
+        click.echo(difference_json(difference))
+    else:
+        for line in difference_lines(difference):
+            click.echo(report.printable(line))
+    sys.exit(1 if difference.changed else 0)
+
+
+@runs.command(name="prune")
+@click.option("--keep", type=click.IntRange(0), help="Keep the newest N runs.")
+@click.option("--older-than", "older_than", metavar="AGE",
+              help="Remove runs started longer ago than AGE (e.g. 30d, 12h).")
+@click.option("--manifest", "name", metavar="NAME", help="Only runs of this manifest name.")
+def runs_prune(keep: int | None, older_than: str | None, name: str | None) -> None:
+    """Remove old runs: their folders and their rows in the history."""
+    if keep is None and older_than is None:
+        raise click.UsageError("say what to keep: --keep N and/or --older-than AGE")
+    age = parse_period_option(older_than, "--older-than")
+    removed = prune_runs(keep=keep, older_than=age, name=name)
+    message(f"removed {len(removed)} run(s)")
+
+
+def parse_period_option(text: str | None, option: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_period(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+# -- schedule ----------------------------------------------------------------------------
+@cli.group(name="schedule")
+def schedule_group() -> None:
+    """Apply a manifest on a timer (systemd units); each run is compared with the last."""
+
+
+def unit_options(command: F) -> F:
+    for option in reversed([
+        click.option("--user", is_flag=True, help="User units (~/.config/systemd/user)."),
+        click.option("--unit-dir", type=click.Path(path_type=Path),
+                     help="Folder of the units; default /etc/systemd/system, with --user "
+                     "~/.config/systemd/user ($STAPCTL_UNIT_DIR overrides both)."),
+    ]):
+        command = option(command)
+    return command
+
+
+@schedule_group.command(name="add")
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("--every", metavar="INTERVAL", help="Run every INTERVAL (e.g. 15m, 1h, 1d).")
+@click.option("--on-calendar", metavar="SPEC",
+              help="Run when systemd's calendar expression says (e.g. hourly, '*-*-* 02:00').")
+@click.option("--name", help="Schedule name; default the manifest's name.")
+@click.option("-i", "--inventory", type=click.Path(path_type=Path),
+              help="Inventory file; overrides the manifest's `inventory:`.")
+@click.option("--keep", type=click.IntRange(1), help="Retention: keep this manifest's newest "
+              "N runs.")
+@click.option("--older-than", "older_than", metavar="AGE",
+              help="Retention: remove this manifest's runs older than AGE (e.g. 30d).")
+@unit_options
+def schedule_add(manifest: Path, every: str | None, on_calendar: str | None,
+                 name: str | None, inventory: Path | None, keep: int | None,
+                 older_than: str | None, user: bool, unit_dir: Path | None) -> None:
+    """Write a timer and a service that apply MANIFEST with --baseline last."""
+    loaded = load_manifest(manifest)
+    interval = parse_period_option(every, "--every")
+    added = schedule.add(loaded, schedule.unit_dir(user, unit_dir), name=name,
+                         every=interval, on_calendar=on_calendar, user=user,
+                         inventory=inventory, keep=keep,
+                         older_than=parse_period_option(older_than, "--older-than"))
+    scope = "--user " if user else ""
+    message(f"wrote {added.timer} and {added.service}")
+    message(f"start it: systemctl {scope}daemon-reload && systemctl {scope}enable --now "
+            f"{added.timer.name}")
+
+
+@schedule_group.command(name="list")
+@unit_options
+def schedule_list(user: bool, unit_dir: Path | None) -> None:
+    """The schedules in the unit folder."""
+    table = Table()
+    for column in ("name", "when", "command", "retention"):
+        table.add_column(column, overflow="fold")
+    for entry in schedule.list_schedules(schedule.unit_dir(user, unit_dir)):
+        table.add_row(Text(entry.name), Text(entry.when), Text(" ".join(entry.command)),
+                      Text(entry.retention))
+    (Console() if sys.stdout.isatty() else Console(width=1000)).print(table)
+
+
+@schedule_group.command(name="remove")
+@click.argument("name")
+@unit_options
+def schedule_remove(name: str, user: bool, unit_dir: Path | None) -> None:
+    """Remove a schedule's timer and service (stop the timer with systemctl first)."""
+    directory = schedule.unit_dir(user, unit_dir)
+    schedule.remove(directory, name)
+    message(f"removed {schedule.UNIT_PREFIX}{name}.timer and .service from {directory}")
+
+
+@schedule_group.command(name="run")
+@click.argument("name")
+@unit_options
+def schedule_run(name: str, user: bool, unit_dir: Path | None) -> None:
+    """Run a schedule's service command now, in the foreground, then its retention."""
+    entry = schedule.read(schedule.unit_dir(user, unit_dir), name)
+    sys.exit(schedule.run_now(entry))
 
 
 # -- validate / plan / explain -----------------------------------------------------------

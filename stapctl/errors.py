@@ -63,6 +63,13 @@ class ManifestError(StapctlError):
         super().__init__("\n".join(str(i) for i in self.issues))
 
 
+class UsageError(StapctlError):
+    """A command-line argument that cannot be used (a run that does not exist, runs of
+    different manifests): bad input, exit 2, as diff(1)'s trouble."""
+
+    exit_code = 2
+
+
 class PlanError(StapctlError):
     exit_code = 2
 

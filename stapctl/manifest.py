@@ -17,6 +17,7 @@ from stapctl.errors import Issue, ManifestError
 from stapctl.inventory import read_inline_inventory
 from stapctl.models import (
     BatchSize,
+    DiffSpec,
     HttpSink,
     InlineInventory,
     JsonLinesSink,
@@ -47,6 +48,7 @@ SUPPORTED_API_VERSION = "stapctl/v1"
 _DURATION = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?)(?P<unit>ms|s|m|h)?")
 _PERCENTAGE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?)%")
 _SECONDS_PER_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DAYS = re.compile(r"(?P<days>[0-9]+)d")
 
 
 # --- durations, percentages, stap options ----------------------------------------------
@@ -65,6 +67,18 @@ def parse_duration(value: object) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"a duration must be more than zero, got {describe(value)}")
     return seconds
+
+
+def parse_period(value: str) -> float:
+    """Seconds in a duration (parse_duration) or a number of days, ``30d``: how often a
+    schedule runs, how old a run is."""
+    if (match := _DAYS.fullmatch(value.strip())) and int(match["days"]) > 0:
+        return int(match["days"]) * 86400.0
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise ValueError(f"expected a period such as 30s, 15m, 1h, 30d, got {describe(value)}")\
+            from None
 
 
 def parse_percentage(value: str) -> Percent:
@@ -169,13 +183,15 @@ class _ManifestBuilder:
         strategy = self._strategy(data.get("strategy", {}))
         inventory = self._inventory(data.get("inventory"))
         output = self._output(data.get("output", {}))
-        if self.issues or self.schema_failures or not probes or not strategy or not output:
+        diff = self._diff(data.get("diff", {}))
+        if self.issues or self.schema_failures or not probes or not strategy or not output \
+                or not diff:
             return None
         return Manifest(
             path=Path(self.doc.file), name=data["name"], probes=probes,
             description=data.get("description", ""), inventory=inventory,
             hosts=data.get("hosts", "all"), vars=data.get("vars") or {}, strategy=strategy,
-            become=data.get("become", False), output=output, document=self.doc,
+            become=data.get("become", False), output=output, diff=diff, document=self.doc,
         )
 
     def _checked(self, path: KeyPath) -> bool:
@@ -347,6 +363,38 @@ class _ManifestBuilder:
             timeout = self._duration(path + ("timeout",), raw.get("timeout"))
             return HttpSink(raw["url"], timeout or 10.0, raw.get("headers") or {})
         return TextfileSink(self.base / raw["path"])
+
+    def _diff(self, raw: Any) -> DiffSpec | None:
+        if not isinstance(raw, dict):
+            return None
+        patterns = raw.get("ignore_patterns", [])
+        if self._checked(("diff", "ignore_patterns")):
+            for index, pattern in enumerate(patterns):
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    self._report(("diff", "ignore_patterns", index),
+                                 f"'{pattern}' is not a regular expression: {error}")
+        if not self._checked(("diff",)):
+            return None
+        return DiffSpec(ignore_fields=tuple(raw.get("ignore_fields", [])),
+                        ignore_patterns=tuple(patterns))
+
+
+def load_diff_spec(path: Path) -> DiffSpec:
+    """The ``diff:`` of a manifest (a run record's copy, whose relative files may be
+    gone): only that key is read and checked."""
+    doc = read_yaml(path)
+    data = doc.data if isinstance(doc.data, dict) else {}
+    found = [(bad, issue) for bad, issue in
+             schema_issues(doc, data, schema_validator("manifest.schema.json"))
+             if bad[:1] == ("diff",)]
+    builder = _ManifestBuilder(doc, {bad for bad, _ in found})
+    spec = builder._diff(data.get("diff", {}))
+    issues = [issue for _, issue in found] + builder.issues
+    if issues or spec is None:
+        raise ManifestError(issues or [Issue(doc.file, None, None, "diff", "unreadable")])
+    return spec
 
 
 # --- explain ---------------------------------------------------------------------------

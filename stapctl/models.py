@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -107,6 +108,24 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class DiffSpec:
+    """What of each output line two runs' comparison ignores (the manifest's ``diff:``):
+    fields dropped first (counted from 1), then each pattern's matches replaced by '*'."""
+
+    ignore_fields: tuple[int, ...] = ()
+    ignore_patterns: tuple[str, ...] = ()  # checked to compile when the manifest is loaded
+
+    def normalise(self, line: str) -> str:
+        if self.ignore_fields:
+            dropped = set(self.ignore_fields)
+            line = " ".join(field for number, field in enumerate(line.split(), 1)
+                            if number not in dropped)
+        for pattern in self.ignore_patterns:
+            line = re.sub(pattern, "*", line)
+        return line
+
+
+@dataclass(frozen=True)
 class InlineGroup:
     """A group of a manifest's inline inventory."""
 
@@ -138,6 +157,7 @@ class Manifest:
     strategy: Strategy = Strategy()
     become: bool = False
     output: OutputSpec = OutputSpec()
+    diff: DiffSpec = DiffSpec()
     # The file as read, to locate problems found later (a host pattern that selects
     # nothing) without reading it again; None for a manifest built in code.
     document: Document | None = field(default=None, compare=False, repr=False)
@@ -334,6 +354,33 @@ class Aggregates:
 
 
 @dataclass(frozen=True)
+class HostDifference:
+    """What one host printed in a run and not in its baseline (added), and the other way
+    round (removed): normalised lines, sorted, at most MAX_DIFFERENCE_LINES each; the
+    totals count them all."""
+
+    host: str
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    added_total: int = 0
+    removed_total: int = 0
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A run's output against a baseline run of the same manifest: the hosts whose
+    output changed (difference.json in the run folder)."""
+
+    run: str
+    baseline: str
+    hosts: tuple[HostDifference, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.hosts)
+
+
+@dataclass(frozen=True)
 class Run:
     id: str
     outcomes: tuple[HostOutcome, ...]
@@ -343,6 +390,7 @@ class Run:
     lines: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (host, probe) → lines
     aggregates: Aggregates = Aggregates()
     warnings: tuple[str, ...] = ()  # what went wrong around the run (sinks), not on hosts
+    difference: Difference | None = None  # from the baseline, with `apply --baseline`
 
     @property
     def succeeded(self) -> tuple[HostOutcome, ...]:

@@ -36,14 +36,24 @@ from typing import Any, Protocol, TypeVar
 from stapctl.aggregate import Aggregator
 from stapctl.build import Builder
 from stapctl.connection import connect
-from stapctl.errors import Issue, ManifestError, StapctlError
+from stapctl.difference import compare, recorded_hosts, recorded_many_probes
+from stapctl.errors import Issue, ManifestError, StapctlError, UsageError
 from stapctl.execute import Connector, Fleet, RunOptions
 from stapctl.inventory import load_inventory
 from stapctl.lab import GuestState, Lab
-from stapctl.models import Event, Host, HostFacts, HostOutcome, InlineInventory, Manifest, Run
+from stapctl.models import (
+    Difference,
+    Event,
+    Host,
+    HostFacts,
+    HostOutcome,
+    InlineInventory,
+    Manifest,
+    Run,
+)
 from stapctl.plan import ModuleJob, Plan, build_plan, check_scripts, gather_symbol_maps, make_plan
 from stapctl.sinks import deliver
-from stapctl.store import RunRecorder
+from stapctl.store import RunRecorder, find_run, previous_run
 from stapctl.yamldoc import Document
 
 T = TypeVar("T")
@@ -141,7 +151,9 @@ class Session:
                  extra_vars: Mapping[str, Any] | None = None,
                  options: RunOptions | None = None, listener: Listener | None = None,
                  builder: Builder | None = None, connector: Connector = connect,
-                 record: bool = True) -> None:
+                 record: bool = True, baseline: str | None = None) -> None:
+        """``baseline``: a run id (or unique prefix) of the same manifest, or "last" (its
+        newest finished run), whose output the run's is compared with when it ends."""
         self.manifest = manifest
         self.hosts = hosts
         self.extra_vars = dict(extra_vars or {})
@@ -155,6 +167,8 @@ class Session:
         self.recorder: RunRecorder | None = None
         self._aggregator = Aggregator()
         self._lines: Counter[tuple[str, str]] = Counter()  # (host, probe) → output lines
+        self.baseline = self._baseline(baseline) if baseline is not None else None
+        self._compare = baseline is not None
         self._interrupts = 0
         self._signal = int(signal.SIGINT)
         # phases and build progress from the workers, delivered in the caller's thread
@@ -210,7 +224,8 @@ class Session:
         run = Run(id=self.run_id, outcomes=tuple(self.fleet.outcomes),
                   interrupted=self.interrupted, by_signal=self._signal,
                   fatal_exit=_exit_code(error), lines=dict(self._lines),
-                  aggregates=self._aggregator.result())
+                  aggregates=self._aggregator.result(),
+                  difference=self._difference(complete=error is None and not self.interrupted))
         if self.recorder is not None:
             if self.manifest.output.sinks:
                 self.listener.phase(f"sending to {len(self.manifest.output.sinks)} sink(s)…")
@@ -253,6 +268,43 @@ class Session:
     @property
     def outcomes(self) -> list[HostOutcome]:
         return self.fleet.outcomes
+
+    def _baseline(self, wanted: str) -> dict[str, Any] | None:
+        """The history row of the run to compare with; checked before anything runs."""
+        if wanted == "last":
+            return previous_run(self.manifest.name, before=self.run_id)
+        try:
+            row = find_run(wanted)
+        except StapctlError as error:
+            raise UsageError(f"--baseline: {error} (`stapctl runs list` shows the runs)") \
+                from None
+        if row["name"] != self.manifest.name:
+            raise UsageError(f"--baseline: run {row['id']} is of the manifest '{row['name']}',"
+                             f" not '{self.manifest.name}': give a run of the same manifest")
+        return row
+
+    def _difference(self, complete: bool) -> Difference | None:
+        """This run's output against the baseline's, from both run folders; a comparison
+        that cannot be made is a note, never the run's failure. A run cut short is not
+        compared: what it did not get to print would show as removed."""
+        if not self._compare or self.recorder is None:
+            return None
+        if not complete:
+            self.listener.note("not compared with a baseline: the run did not complete")
+            return None
+        if self.baseline is None:
+            self.listener.note(f"no earlier run of {self.manifest.name} to compare with: "
+                               "this run is the baseline of the next")
+            return None
+        baseline_folder = Path(self.baseline["dir"])
+        try:
+            hosts = {o.host for o in self.fleet.outcomes} | set(recorded_hosts(baseline_folder))
+            many = len(self.manifest.probes) > 1 or recorded_many_probes(baseline_folder)
+            return compare(self.run_id, self.recorder.dir, self.baseline["id"],
+                           baseline_folder, hosts, self.manifest.diff, many)
+        except StapctlError as error:
+            self.listener.note(f"cannot compare with run {self.baseline['id']}: {error}")
+            return None
 
     def _connect(self) -> dict[str, tuple[Host, HostFacts]]:
         connected = self.fleet.connect(self.hosts)

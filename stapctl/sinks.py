@@ -35,6 +35,7 @@ from stapctl.models import (
     SyslogSink,
     TextfileSink,
 )
+from stapctl.store import difference_json
 
 FILE_MODE = 0o600
 SYSLOG_FACILITIES = {"user": 1, "daemon": 3, "auth": 4, "authpriv": 10,
@@ -45,21 +46,20 @@ MAX_SYSLOG_TEXT = 1024  # characters of one outcome's message in a syslog messag
 MAX_TEXTFILE_KEYS = 50  # keys of a count aggregate exported to Prometheus: the top ones
 
 
-def payload(run: Run, manifest: Manifest,
-            difference: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What every sink sends: the summary and the difference (or null)."""
+def payload(run: Run, manifest: Manifest) -> dict[str, Any]:
+    """What every sink sends: the summary and the difference from the baseline (or null)."""
     summary = report.summary_data(run)
     summary["name"] = manifest.name
     summary["lines"] = [{"host": host, "probe": probe, "lines": lines}
                         for (host, probe), lines in sorted(run.lines.items())]
     summary["aggregates"] = aggregates_json(run.aggregates)
+    difference = json.loads(difference_json(run.difference)) if run.difference else None
     return {"summary": summary, "difference": difference}
 
 
-def deliver(run: Run, manifest: Manifest,
-            difference: Mapping[str, Any] | None = None) -> list[str]:
+def deliver(run: Run, manifest: Manifest) -> list[str]:
     """Send the run to each of the manifest's sinks; one warning per sink that failed."""
-    data = payload(run, manifest, difference)
+    data = payload(run, manifest)
     warnings: list[str] = []
     for sink in manifest.output.sinks:
         try:

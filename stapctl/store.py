@@ -32,12 +32,14 @@ import platformdirs
 from stapctl import report
 from stapctl.aggregate import aggregates_json
 from stapctl.errors import StapctlError
-from stapctl.models import Event, Manifest, Run
+from stapctl.models import Difference, Event, Manifest, Run
 from stapctl.plan import Plan
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 OPEN_HOST_LOGS = 32  # host logs kept open at once; the others are reopened when they print
+DIFFERENCE_FILE = "difference.json"  # a run's difference from its baseline
+DIFFERENCE_VERSION = 1
 MAX_NAME = 100  # characters of a name kept in a file name (file names stop at 255 bytes)
 _WRITE = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -146,6 +148,9 @@ class RunRecorder:
                 aggregates = json.dumps(aggregates_json(run.aggregates), indent=2)
                 self._attempt("write aggregates.json", lambda: self._replace_file(
                     "aggregates.json", aggregates.encode()))
+            if (difference := run.difference) is not None:
+                self._attempt("write difference.json", lambda: self._replace_file(
+                    DIFFERENCE_FILE, difference_json(difference).encode()))
             self._dir_fd = None
             self._attempt("close the run folder", lambda: os.close(dir_fd))
         self._attempt("finish the run in the history", lambda: self._finish_history(run))
@@ -307,6 +312,11 @@ def file_name(name: str) -> str:
     return f"{safe}~{digest[:12]}"
 
 
+def difference_json(difference: Difference) -> str:
+    """difference.json: the difference as recorded with its run."""
+    return json.dumps({"v": DIFFERENCE_VERSION, **asdict(difference)}, indent=2)
+
+
 def _host_log_name(host: str) -> str:
     return f"hosts/{file_name(host)}.log"
 
@@ -326,7 +336,7 @@ def merged_output(run_folder: Path, hosts: Iterable[str], many_probes: bool) -> 
     groups: dict[tuple[str, bytes], list[str]] = {}
     for host in dict.fromkeys(hosts):
         digests: dict[str, hashlib._Hash] = {}
-        for probe, line in _read_log(run_folder, host, many_probes):
+        for probe, line in read_log(run_folder, host, many_probes):
             digest = digests.get(probe)
             if digest is None:
                 digest = digests[probe] = hashlib.sha256()
@@ -335,12 +345,12 @@ def merged_output(run_folder: Path, hosts: Iterable[str], many_probes: bool) -> 
             groups.setdefault((probe, digest.digest()), []).append(host)
     for (probe, _), members in sorted(groups.items(), key=lambda group: sorted(group[1])):
         yield from report.merged_heading(members, probe, many_probes)
-        for line_probe, line in _read_log(run_folder, min(members), many_probes):
+        for line_probe, line in read_log(run_folder, min(members), many_probes):
             if line_probe == probe:
                 yield line.decode("utf-8", "replace")
 
 
-def _read_log(run_folder: Path, host: str, many_probes: bool) -> Iterator[tuple[str, bytes]]:
+def read_log(run_folder: Path, host: str, many_probes: bool) -> Iterator[tuple[str, bytes]]:
     """(probe, line) for each line of a host's log; nothing if the host printed nothing."""
     path = host_log_path(run_folder, host)
     try:
@@ -387,3 +397,47 @@ def find_run(run_id: str, history: Path | None = None) -> dict[str, Any]:
         raise StapctlError(f"no run matches {run_id!r}" if not rows else
                            f"{run_id!r} matches {len(rows)} runs; give more of the id")
     return rows[0]
+
+
+def previous_run(name: str, before: str, history: Path | None = None) -> dict[str, Any] | None:
+    """The newest finished run of the manifest ``name`` other than the run ``before``
+    that was not interrupted (exit 128 + a signal): the baseline `apply --baseline last`
+    compares with. An interrupted run printed only part of what it would have."""
+    with _history_to_read(history) as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT * FROM runs WHERE name = ? AND id != ? AND finished IS NOT "
+                         "NULL AND exit_code < 128 ORDER BY started DESC LIMIT 1",
+                         (name, before)).fetchone()
+    return None if row is None else dict(row)
+
+
+def prune_runs(keep: int | None = None, older_than: float | None = None,
+               name: str | None = None, history: Path | None = None) -> list[str]:
+    """Remove finished runs (folder and history row) beyond the newest ``keep``, or
+    started more than ``older_than`` seconds ago, of the manifest ``name`` or of all;
+    returns their ids. A run not finished (running now, or cut short) is never removed."""
+    with _history_to_read(history) as db:
+        db.row_factory = sqlite3.Row
+        rows = [dict(row) for row in db.execute(
+            "SELECT * FROM runs WHERE finished IS NOT NULL AND (? IS NULL OR name = ?) "
+            "ORDER BY started DESC", (name, name))]
+        doomed = [row for index, row in enumerate(rows)
+                  if (keep is not None and index >= keep)
+                  or (older_than is not None and row["started"] < time.time() - older_than)]
+        for row in doomed:
+            _remove_run_folder(Path(row["dir"]))
+            db.execute("DELETE FROM runs WHERE id = ?", (row["id"],))
+    return [row["id"] for row in doomed]
+
+
+def _remove_run_folder(folder: Path) -> None:
+    """A run folder and what it holds; a symlink in its place is only unlinked."""
+    try:
+        if folder.is_symlink():
+            folder.unlink()
+        else:
+            shutil.rmtree(folder)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise StapctlError(f"cannot remove the run folder {folder}: {_reason(error)}") from None

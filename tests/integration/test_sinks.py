@@ -22,7 +22,9 @@ from stapctl.agent import Timing
 from stapctl.execute import RunOptions
 from stapctl.manifest import load_manifest
 from stapctl.models import (
+    Difference,
     FailureKind,
+    HostDifference,
     HostOutcome,
     HttpSink,
     JsonLinesSink,
@@ -112,13 +114,17 @@ def a_run() -> Run:
 def test_http_posts_the_summary_and_the_difference(tmp_path: Path,
                                                    receiver: Receiver) -> None:
     sink = HttpSink(receiver.url, headers={"Authorization": "Bearer t0ken"})
-    difference = {"added": [{"host": "web1", "line": "x"}], "removed": []}
-    assert sinks.deliver(a_run(), a_manifest(tmp_path, sink), difference) == []
+    difference = Difference(run="20261129-000000-audit-abcd", baseline="20261128-000000-audit-0123",
+                            hosts=(HostDifference("web1", added=("x",), added_total=1),))
+    run = replace(a_run(), difference=difference)
+    assert sinks.deliver(run, a_manifest(tmp_path, sink)) == []
     [(path, headers, body)] = receiver.bodies
     assert path == "/hook?from=stapctl"
     assert headers["Authorization"] == "Bearer t0ken"
     assert headers["Content-Type"] == "application/json"
-    assert body["difference"] == difference
+    assert body["difference"]["baseline"] == "20261128-000000-audit-0123"
+    assert body["difference"]["hosts"] == [{"host": "web1", "added": ["x"], "removed": [],
+                                            "added_total": 1, "removed_total": 0}]
     summary = body["summary"]
     assert (summary["run"], summary["name"], summary["exit_code"]) == \
         ("20261129-000000-audit-abcd", "audit", 3)
