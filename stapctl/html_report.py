@@ -1,9 +1,10 @@
 """`stapctl runs show RUN --html`: one self-contained page about a recorded run.
 
 The summary, each host's outcome, the difference from the baseline (difference.json)
-and the merged aggregates (aggregates.json: any JSON object; a list of [bucket, count]
-pairs is drawn as a histogram of CSS bars). No script, no external asset: the page is
-one file to attach or archive. Everything a target sent is escaped with html.escape.
+and the fleet-wide aggregates (aggregates.json, as stapctl.aggregate writes it: each
+count's totals and each histogram's buckets drawn as CSS bars). No script, no external
+asset: the page is one file to attach or archive. Everything a target sent is escaped
+with html.escape.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from stapctl.errors import StapctlError
 from stapctl.models import Difference, HostOutcome
 
 MAX_AGGREGATES = 4 << 20  # bytes of aggregates.json read into a page
-MAX_DEPTH = 6  # levels of nested aggregates shown; deeper ones are shown as JSON text
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #1d1d1f; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; } h3 { font-size: 1em; }
 table { border-collapse: collapse; margin: .5em 0; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
 th { background: #f2f2f2; }
@@ -51,7 +51,7 @@ def render(row: Mapping[str, Any], folder: Path) -> str:
     ]
     aggregates = _json(folder / "aggregates.json", MAX_AGGREGATES)
     if aggregates is not None:
-        parts += ["<h2>Aggregates</h2>", _value(aggregates, 0)]
+        parts += ["<h2>Aggregates</h2>", _aggregates(aggregates)]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -95,32 +95,33 @@ def _difference(difference: Difference | None) -> str:
         ("host", "change", "lines"), rows)
 
 
-def _value(value: Any, depth: int) -> str:
-    """Any JSON value as HTML: objects as tables, histograms as bars."""
-    if depth >= MAX_DEPTH:
-        return f"<pre>{_text(json.dumps(value))}</pre>"
-    if isinstance(value, dict):
-        return _table(("name", "value"), [(_text(str(key)), _value(item, depth + 1))
-                                          for key, item in value.items()])
-    if _is_histogram(value):
-        return _histogram(value)
-    if isinstance(value, list):
-        return "".join(f"<div>{_value(item, depth + 1)}</div>" for item in value) or "[]"
-    return _text(value if isinstance(value, str) else json.dumps(value))
+def _aggregates(data: Mapping[str, Any]) -> str:
+    """Each count as its keys' fleet totals, each histogram as its buckets, as bars."""
+    parts = []
+    for count in data.get("counts", []):
+        parts += [_aggregate_title(count), _bars(
+            ("key", "total"), [(str(t["key"]), int(t["value"])) for t in count["totals"]])]
+    for histogram in data.get("histograms", []):
+        parts += [_aggregate_title(histogram), _bars(
+            ("value", "count"), [(f"{b['bound']}{b['value']}", int(b["count"]))
+                                 for b in histogram["buckets"]])]
+    if data.get("rejected"):
+        parts.append(f"<p>{int(data['rejected'])} malformed or excess record(s) rejected.</p>")
+    return "".join(parts) or "<p>No aggregates.</p>"
 
 
-def _is_histogram(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], int | float)
-        and not isinstance(pair[1], bool) for pair in value)
+def _aggregate_title(aggregate: Mapping[str, Any]) -> str:
+    hosts = len(aggregate.get("hosts", []))
+    return (f"<h3>{_text(str(aggregate['name']))} <small>(probe "
+            f"{_text(str(aggregate['probe']))}, {hosts} host(s))</small></h3>")
 
 
-def _histogram(pairs: list[list[Any]]) -> str:
-    largest = max((abs(count) for _, count in pairs), default=0) or 1
-    rows = [(_text(str(bucket)), escape(str(count)),
-             f'<div class="bar" style="width:{100 * abs(count) / largest:.1f}%"></div>')
-            for bucket, count in pairs]
-    return _table(("bucket", "count", ""), rows, bars=True)
+def _bars(columns: tuple[str, str], rows: Sequence[tuple[str, int]]) -> str:
+    largest = max((abs(value) for _, value in rows), default=0) or 1
+    cells = [(_text(label), escape(str(value)),
+              f'<div class="bar" style="width:{100 * abs(value) / largest:.1f}%"></div>')
+             for label, value in rows]
+    return _table((*columns, ""), cells, bars=True)
 
 
 def _text(text: str) -> str:

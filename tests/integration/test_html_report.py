@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from stapctl import store
+from stapctl.aggregate import aggregates_json
+from stapctl.models import Aggregates, CountTotal, HistogramBucket, HistogramTotal
 from tests.unit.test_audits import AFTER, BEFORE, apply, quick_agent, write_manifest
 
 pytestmark = pytest.mark.integration
@@ -25,10 +27,12 @@ __all__ = ["quick_agent"]  # the agent's waits shortened, run records in the tes
 CHROMIUM = shutil.which("chromium")
 HOSTILE = b"t1 t2 <img src=x onerror=alert(1)> \x1b[2J"  # the first two fields are ignored
 BAR_BLUE = (0x3B, 0x6F, 0xD8)  # .bar's colour in stapctl/html_report.py
-AGGREGATES = {
-    "execs per program": [["<b>bash</b>", 12], ["ls", 6], ["/tmp/planted", 3]],
-    "per host": {"h1": {"lines": 3}, "<h2>": {"lines": 1}},
-}
+AGGREGATES = aggregates_json(Aggregates(
+    counts=(CountTotal("execs", "execs per program", ("h1", "h2"),
+                       (("<b>bash</b>", 12), ("ls", 6), ("/tmp/planted", 3))),),
+    histograms=(HistogramTotal("execs", "<h2>latency_us", ("h1",), "log", (
+        HistogramBucket("", 1, 4), HistogramBucket("", 2, 8), HistogramBucket(">", 4, 2))),),
+    rejected=1))
 
 
 def chromium(page: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -102,8 +106,10 @@ def test_the_report_page_in_a_real_browser(tmp_path: Path) -> None:
     assert "+ * exec /tmp/planted" in dom
     assert "+ &lt;img src=x onerror=alert(1)&gt; \\x1b[2J" in dom
     assert "<img" not in dom and "<h2>&lt;" not in dom
-    assert "&lt;b&gt;bash&lt;/b&gt;" in dom and dom.count('class="bar"') == 3
-    assert 'style="width:100.0%"' in dom and 'style="width:25.0%"' in dom
+    assert "&lt;b&gt;bash&lt;/b&gt;" in dom and dom.count('class="bar"') == 6
+    assert dom.count('style="width:100.0%"') == 2  # bash's 12, the bucket of 8
+    assert dom.count('style="width:25.0%"') == 2  # /tmp/planted's 3, the bucket >4 of 2
+    assert "&gt;4" in dom and "1 malformed or excess record(s) rejected" in dom
 
     # $STAPCTL_REPORT_SCREENSHOT keeps the screenshot where a person can look at it
     screenshot = Path(os.environ.get("STAPCTL_REPORT_SCREENSHOT") or tmp_path / "report.png")
