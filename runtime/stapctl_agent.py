@@ -1938,9 +1938,12 @@ def start_detached(agent, request):
         if current.get("state") != "starting":
             return detached_result(agent, current)
         time.sleep(0.05)
+        if time.monotonic() - agent.out.last_frame >= HEARTBEAT_INTERVAL:
+            agent.out.event("heartbeat")
+    with open(os.path.join(folder, "stop"), "w"):  # should it start after all, it stops
+        pass
     return agent.result("start-failed", "the detached run did not start within %.0f s"
-                        % (deadline - time.monotonic() + 2 * Run.startup_timeout + 10),
-                        detached=state)
+                        % (2 * Run.startup_timeout + 10), detached=state)
 
 
 def serve_detached(agent, request, folder, limits, state):

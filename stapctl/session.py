@@ -28,18 +28,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from stapctl.build import Builder
 from stapctl.connection import connect
+from stapctl.detach import DetachedRun
 from stapctl.errors import Issue, ManifestError, StapctlError
 from stapctl.execute import Connector, Fleet, RunOptions
 from stapctl.inventory import load_inventory
 from stapctl.lab import GuestState, Lab
+from stapctl.manifest import load_manifest
 from stapctl.models import Event, Host, HostFacts, HostOutcome, InlineInventory, Manifest, Run
 from stapctl.plan import ModuleJob, Plan, build_plan, check_scripts, gather_symbol_maps, make_plan
-from stapctl.store import RunRecorder
+from stapctl.store import RunRecorder, find_run, read_detached
 from stapctl.yamldoc import Document
 
 T = TypeVar("T")
@@ -74,6 +77,33 @@ class Silent:
 
     def interrupted(self, count: int, signum: int) -> None:
         pass
+
+
+def detached_run(run_id: str, inventory: Path | None = None, limit: str | None = None, *,
+                 accept_new_host_keys: bool = False,
+                 connector: Connector = connect) -> DetachedRun:
+    """The detached probes of a past `apply --detach` (a run id or a unique prefix), on
+    their hosts as the inventory names them now (-i, else the manifest's, else the lab's:
+    a lab guest started again has a new port); ``limit`` keeps some of the hosts."""
+    row = find_run(run_id)
+    folder = Path(row["dir"])
+    probes = read_detached(folder)
+    if not probes:
+        raise StapctlError(f"run {row['id']} started nothing detached (it was not applied "
+                           "with --detach, or no host started)")
+    current: dict[str, Host] = {}
+    try:
+        manifest = load_manifest(Path(row["manifest"]))
+        current = {host.name: host for host in select_hosts(manifest, inventory, limit)}
+    except StapctlError:
+        if inventory is not None or limit is not None:
+            raise
+    if limit is not None:
+        probes = [p for p in probes if p.host.name in current]
+    probes = [replace(p, host=replace(current[p.host.name], become=p.host.become))
+              if p.host.name in current else p for p in probes]
+    return DetachedRun(row["id"], folder, probes, accept_new_host_keys=accept_new_host_keys,
+                       connector=connector)
 
 
 def select_hosts(manifest: Manifest, inventory: Path | None = None,
@@ -144,9 +174,10 @@ class Session:
         self.listener: Listener = listener or Silent()
         self.builder = builder or Builder()
         self.channel = EventChannel()
-        self.fleet = Fleet(manifest, options or RunOptions(), self.channel.put, connector)
         self.run_id = time.strftime("%Y%m%d-%H%M%S-") + manifest.name + "-" + \
             secrets.token_hex(2)
+        self.fleet = Fleet(manifest, options or RunOptions(), self.channel.put, connector,
+                           run_name=self.run_id)
         self.record = record
         self.recorder: RunRecorder | None = None
         self._interrupts = 0
@@ -204,6 +235,8 @@ class Session:
                   interrupted=self.interrupted, by_signal=self._signal,
                   fatal_exit=_exit_code(error))
         if self.recorder is not None:
+            if self.fleet.detached:
+                self.recorder.detached(self.fleet.detached)
             self.recorder.finish(run)
             for warning in self.recorder.warnings:
                 self.listener.note(f"run record: {warning}")

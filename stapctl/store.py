@@ -31,7 +31,7 @@ import platformdirs
 
 from stapctl import report
 from stapctl.errors import StapctlError
-from stapctl.models import Event, Manifest, Run
+from stapctl.models import DetachedProbe, Event, Host, Manifest, Run
 from stapctl.plan import Plan
 
 DIR_MODE = 0o700
@@ -126,6 +126,13 @@ class RunRecorder:
 
     def plan(self, plan: Plan) -> None:
         self._attempt("write the scripts and plan.json", lambda: self._write_plan(plan))
+
+    def detached(self, probes: Iterable[DetachedProbe]) -> None:
+        """detached.json: where each probe started detached runs, for the commands that
+        reach it later (runs show, attach, collect, stop)."""
+        data = json.dumps([asdict(probe) for probe in probes], indent=2, default=str)
+        self._attempt("write detached.json",
+                      lambda: self._replace_file("detached.json", data.encode()))
 
     def finish(self, run: Run) -> None:
         """Close the record: summary.json and the history row are each written even if
@@ -381,3 +388,89 @@ def find_run(run_id: str, history: Path | None = None) -> dict[str, Any]:
         raise StapctlError(f"no run matches {run_id!r}" if not rows else
                            f"{run_id!r} matches {len(rows)} runs; give more of the id")
     return rows[0]
+
+
+# -- detached runs -----------------------------------------------------------------------
+def read_detached(run_folder: Path) -> list[DetachedProbe]:
+    """The probes a run started detached (none for an attached run)."""
+    try:
+        with os.fdopen(os.open(run_folder / "detached.json", _READ), "rb") as stream:
+            entries = json.loads(stream.read())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as error:
+        raise StapctlError(f"cannot read {run_folder / 'detached.json'}: {error}") from None
+    return [DetachedProbe(host=Host(**entry["host"]), probe=entry["probe"],
+                          name=entry["name"], workdir=entry["workdir"]) for entry in entries]
+
+
+class CollectedOutput:
+    """What `collect` fetched of a run's detached probes: per host and probe, the output's
+    bytes in `collected/<host>/<probe>.out` and, in `collected/offsets.json`, the offset
+    in the output the next collect starts from (rotation on the host may have skipped
+    bytes, so it can be past the file's size). Private, never through a symlink."""
+
+    def __init__(self, run_folder: Path) -> None:
+        self.dir = run_folder / "collected"
+        self.dir.mkdir(mode=DIR_MODE, exist_ok=True)
+        try:
+            self.offsets: dict[str, int] = json.loads((self.dir / "offsets.json").read_text())
+        except FileNotFoundError:
+            self.offsets = {}
+        except (OSError, ValueError) as error:
+            raise StapctlError(f"cannot read {self.dir / 'offsets.json'}: {error}") from None
+
+    def path(self, host: str, probe: str) -> Path:
+        return self.dir / file_name(host) / f"{file_name(probe)}.out"
+
+    def offset(self, host: str, probe: str) -> int:
+        return self.offsets.get(f"{host}\0{probe}", 0)
+
+    def append(self, host: str, probe: str, data: bytes) -> None:
+        path = self.path(host, probe)
+        path.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+        fd = os.open(path, _WRITE | os.O_APPEND, FILE_MODE)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+
+    def done(self, host: str, probe: str, end: int) -> None:
+        """Record that the output up to ``end`` is here (written after the bytes, so a
+        collect cut short fetches again what it had not recorded)."""
+        self.offsets[f"{host}\0{probe}"] = end
+        temporary = self.dir / ".offsets.json.tmp"
+        fd = os.open(temporary, _WRITE | os.O_TRUNC, FILE_MODE)
+        with os.fdopen(fd, "w") as stream:
+            json.dump(self.offsets, stream)
+        os.replace(temporary, self.dir / "offsets.json")
+
+
+def iso_time(timestamp: float | None) -> str | None:
+    """An ISO 8601 UTC time, as the JSON forms of `runs` give times."""
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def read_summary(run_folder: Path) -> dict[str, Any] | None:
+    """A finished run's summary.json, None while it is unfinished."""
+    try:
+        with os.fdopen(os.open(run_folder / "summary.json", _READ), "rb") as stream:
+            summary = json.loads(stream.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise StapctlError(f"cannot read {run_folder / 'summary.json'}: {error}") from None
+    return summary if isinstance(summary, dict) else None
+
+
+def run_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A run of the history as `runs list --json` gives it."""
+    summary = read_summary(Path(row["dir"])) or {}
+    counts: dict[str, int] = {}
+    for outcome in summary.get("outcomes", []):
+        counts[outcome["status"]] = counts.get(outcome["status"], 0) + 1
+    return {"id": row["id"], "name": row["name"], "started": iso_time(row["started"]),
+            "finished": iso_time(row["finished"]), "exit_code": row["exit_code"],
+            "hosts": row["hosts"], "outcomes": counts}
