@@ -252,7 +252,7 @@ def runs_show(run_id: str, host: str | None, as_json: bool, inventory: Path | No
     message(f"run {row['id']}  exit {summary['exit_code']}  folder {folder}")
     Console().print(outcomes_table([HostOutcome(**outcome) for outcome in summary["outcomes"]]))
     if read_detached(folder):
-        Console().print(detached_table(open_detached(row["id"], inventory).status()))
+        Console().print(detached_table(detached_states(row["id"], inventory)))
 
 
 def run_show_json(row: dict[str, Any], inventory: Path | None) -> dict[str, Any]:
@@ -265,7 +265,7 @@ def run_show_json(row: dict[str, Any], inventory: Path | None) -> dict[str, Any]
                              "outcomes_detail": summary.get("outcomes", [])}
     if read_detached(folder):
         states: dict[str, list[str]] = {}
-        for probe in open_detached(row["id"], inventory).status():
+        for probe in detached_states(row["id"], inventory):
             states.setdefault(probe.host, []).append(probe.word)
         shown["detached"] = {host: host_state(words) for host, words in states.items()}
     return shown
@@ -280,6 +280,12 @@ def open_detached(run_id: str, inventory: Path | None = None,
     except StapctlError as exc:
         raise click.BadParameter(f"{exc} (`stapctl runs list` shows the runs)",
                                  param_hint="RUN") from None
+
+
+def detached_states(run_id: str, inventory: Path | None) -> list[ProbeState]:
+    run = open_detached(run_id, inventory)
+    with err.status(f"asking {len({p.host.name for p in run.probes})} host(s)…"):
+        return run.status()
 
 
 def detached_table(states: Sequence[ProbeState]) -> Table:

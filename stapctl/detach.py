@@ -93,6 +93,13 @@ class DetachedRun:
 
     # -- the commands --------------------------------------------------------------------
     def status(self) -> list[ProbeState]:
+        """Each probe's state: asked of its host, or as it ended for a probe whose files
+        a final collect removed from its host."""
+        collected = CollectedOutput(self.folder)
+        ended = [ProbeState(p.host.name, p.probe, state) for p in self.probes
+                 if (state := collected.final_state(p.host.name, p.probe)) is not None]
+        done = {(e.host, e.probe) for e in ended}
+
         def work(agent: AgentHost, probes: list[DetachedProbe]) -> list[ProbeState]:
             result = agent.call(AgentRequest(action="status", workdir=probes[0].workdir,
                                              names=tuple(p.name for p in probes)),
@@ -102,16 +109,22 @@ class DetachedRun:
                         for p in probes]
             return [ProbeState(p.host.name, p.probe, detached_state(result.detached.get(p.name)))
                     for p in probes]
-        return self._on_each_host(work, _state_failed)
+        return ended + self._on_each_host(work, _state_failed,
+                                          lambda p: (p.host.name, p.probe) not in done)
 
     def collect(self, remove: bool = False) -> list[Fetched]:
         """Fetch each probe's output past what the run folder has; with ``remove``, the
         files of a run that has ended are removed from its host once all is here."""
         collected = CollectedOutput(self.folder)
 
+        ended = [Fetched(p.host.name, p.probe, 0, 0, state) for p in self.probes
+                 if (state := collected.final_state(p.host.name, p.probe)) is not None]
+        done = {(e.host, e.probe) for e in ended}
+
         def work(agent: AgentHost, probes: list[DetachedProbe]) -> list[Fetched]:
             return [self._collect_one(agent, probe, collected, remove) for probe in probes]
-        return self._on_each_host(work, _fetch_failed)
+        return ended + self._on_each_host(work, _fetch_failed,
+                                          lambda p: (p.host.name, p.probe) not in done)
 
     def stop(self) -> list[Fetched]:
         """Stop each probe (EXIT, drain, unload), then collect what is left and remove
@@ -126,7 +139,9 @@ class DetachedRun:
                     unreachable(result.message)
                 states.append(ProbeState(probe.host.name, probe.probe, state))
             return states
-        self._on_each_host(work, _state_failed)
+        collected = CollectedOutput(self.folder)
+        self._on_each_host(work, _state_failed, lambda p: collected.final_state(
+            p.host.name, p.probe) is None)
         return self.collect(remove=True)
 
     def attach(self, on_line: OnLine, from_start: bool = False) -> list[ProbeState]:
@@ -162,13 +177,11 @@ class DetachedRun:
                             on_frame, timing=self.timing, max_output=MAX_FETCH)
         if not result.ok:
             return Fetched(host, probe.probe, new_bytes, 0, unreachable(result.message))
-        with self._lock:
-            collected.done(host, probe.probe, max(offset, result.end))
         skipped = max(0, result.first - offset) if new_bytes else 0
         state = detached_state(result.detached)
-        if result.removed:
-            state["message"] = (state["message"] + "; " if state["message"] else "") + \
-                "its files were removed from the host"
+        with self._lock:
+            collected.done(host, probe.probe, max(offset, result.end),
+                           state if result.removed else None)
         return Fetched(host, probe.probe, new_bytes, skipped, state)
 
     def _tail_one(self, agent: AgentHost, probe: DetachedProbe, on_line: OnLine,
@@ -190,12 +203,14 @@ class DetachedRun:
 
     # -- fan-out -------------------------------------------------------------------------
     def _on_each_host(self, work: Callable[[AgentHost, list[DetachedProbe]], list[T]],
-                      failed: Callable[[DetachedProbe, str], T]) -> list[T]:
-        """``work`` once per host, all hosts at once, each over a fresh connection; a host
-        that cannot be reached gets ``unreachable`` states (or fetches) for its probes."""
+                      failed: Callable[[DetachedProbe, str], T],
+                      wanted: Callable[[DetachedProbe], bool] = lambda _: True) -> list[T]:
+        """``work`` once per host with its ``wanted`` probes, all hosts at once, each over
+        a fresh connection; a host that cannot be reached gets ``failed`` for its probes."""
         by_host: dict[str, list[DetachedProbe]] = {}
         for probe in self.probes:
-            by_host.setdefault(probe.host.name, []).append(probe)
+            if wanted(probe):
+                by_host.setdefault(probe.host.name, []).append(probe)
 
         def one(probes: list[DetachedProbe]) -> list[T]:
             host = probes[0].host

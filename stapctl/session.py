@@ -95,8 +95,11 @@ def detached_run(run_id: str, inventory: Path | None = None, limit: str | None =
     try:
         manifest = load_manifest(Path(row["manifest"]))
         current = {host.name: host for host in select_hosts(manifest, inventory, limit)}
-    except StapctlError:
-        if inventory is not None or limit is not None:
+    except StapctlError:  # the manifest moved or changed since: the inventory alone
+        if inventory is not None:
+            inventory_hosts = load_inventory(inventory, Document(str(inventory), None))
+            current = {host.name: host for host in inventory_hosts.select("all", limit)}
+        elif limit is not None:
             raise
     if limit is not None:
         probes = [p for p in probes if p.host.name in current]

@@ -406,19 +406,25 @@ def read_detached(run_folder: Path) -> list[DetachedProbe]:
 
 class CollectedOutput:
     """What `collect` fetched of a run's detached probes: per host and probe, the output's
-    bytes in `collected/<host>/<probe>.out` and, in `collected/offsets.json`, the offset
+    bytes in `collected/<host>/<probe>.out` and, in `collected/record.json`, the offset
     in the output the next collect starts from (rotation on the host may have skipped
-    bytes, so it can be past the file's size). Private, never through a symlink."""
+    bytes, so it can be past the file's size) and, once its files were removed from the
+    host, the probe's final state. Private, never through a symlink."""
 
     def __init__(self, run_folder: Path) -> None:
         self.dir = run_folder / "collected"
-        self.dir.mkdir(mode=DIR_MODE, exist_ok=True)
         try:
-            self.offsets: dict[str, int] = json.loads((self.dir / "offsets.json").read_text())
+            record = json.loads((self.dir / "record.json").read_text())
         except FileNotFoundError:
-            self.offsets = {}
+            record = {}
         except (OSError, ValueError) as error:
-            raise StapctlError(f"cannot read {self.dir / 'offsets.json'}: {error}") from None
+            raise StapctlError(f"cannot read {self.dir / 'record.json'}: {error}") from None
+        self.offsets: dict[str, int] = record.get("offsets", {})
+        self.ended: dict[str, dict[str, Any]] = record.get("ended", {})
+
+    def final_state(self, host: str, probe: str) -> dict[str, Any] | None:
+        """The state a probe ended in, once its files are gone from its host."""
+        return self.ended.get(f"{host}\0{probe}")
 
     def path(self, host: str, probe: str) -> Path:
         return self.dir / file_name(host) / f"{file_name(probe)}.out"
@@ -428,22 +434,28 @@ class CollectedOutput:
 
     def append(self, host: str, probe: str, data: bytes) -> None:
         path = self.path(host, probe)
-        path.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         fd = os.open(path, _WRITE | os.O_APPEND, FILE_MODE)
         try:
             _write_all(fd, data)
         finally:
             os.close(fd)
 
-    def done(self, host: str, probe: str, end: int) -> None:
+    def done(self, host: str, probe: str, end: int,
+             final_state: dict[str, Any] | None = None) -> None:
         """Record that the output up to ``end`` is here (written after the bytes, so a
-        collect cut short fetches again what it had not recorded)."""
-        self.offsets[f"{host}\0{probe}"] = end
-        temporary = self.dir / ".offsets.json.tmp"
+        collect cut short fetches again what it had not recorded), and the final state
+        of a probe whose files were removed from its host."""
+        key = f"{host}\0{probe}"
+        self.offsets[key] = end
+        if final_state is not None:
+            self.ended[key] = final_state
+        self.dir.mkdir(mode=DIR_MODE, exist_ok=True)
+        temporary = self.dir / ".record.json.tmp"
         fd = os.open(temporary, _WRITE | os.O_TRUNC, FILE_MODE)
         with os.fdopen(fd, "w") as stream:
-            json.dump(self.offsets, stream)
-        os.replace(temporary, self.dir / "offsets.json")
+            json.dump({"offsets": self.offsets, "ended": self.ended}, stream)
+        os.replace(temporary, self.dir / "record.json")
 
 
 def iso_time(timestamp: float | None) -> str | None:

@@ -125,7 +125,7 @@ def test_a_detached_on_three_guests_attach_collect_twice_and_stop(
     assert stopped.returncode == 0, stopped.stderr
     final = ticks_in(collected)
     assert final == list(range(1, len(final) + 1)) and len(final) >= len(twice)
-    assert show(lab, run_id)["detached"] == dict.fromkeys(HOSTS, "lost")  # files removed
+    assert show(lab, run_id)["detached"] == dict.fromkeys(HOSTS, "finished")
     for index in range(len(HOSTS)):
         assert clean(lab, index) == ("", "")
         assert guest_run(lab, f"ls ~/.cache/stapctl-agent/detached/ | grep -c {run_id}; true",

@@ -106,6 +106,9 @@ def test_detached_probes_are_recorded_and_reached_again(tmp_path: Path) -> None:
     assert out.read_bytes() == b"tick 0\ntick 1\ntick 2\n"
     assert not (fleet.root / "a" / "home" / ".cache" / "stapctl-agent" / "detached"
                 / f"{run_id}.p").exists()  # the final collect removed its files
+    fleet.unreachable.update(scenarios)  # the run folder remembers how they ended
+    assert {s.state["reason"] for s in detached_run(run_id, connector=fleet.connect)
+            .status()} == {"stop"}
 
 
 def test_attach_streams_until_the_runs_end(tmp_path: Path) -> None:
