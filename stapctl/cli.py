@@ -341,6 +341,8 @@ def collect(run_id: str, inventory: Path | None) -> None:
     with err.status(f"collecting from {len({p.host.name for p in run.probes})} host(s)…"):
         fetched = run.collect()
     show_fetched(run, fetched)
+    if any(f.state["state"] == "unreachable" for f in fetched):
+        sys.exit(1)
 
 
 @cli.command()

@@ -196,3 +196,15 @@ def test_a_start_failure_is_the_detach_result(tmp_path):
     outcome = detach(kernel, workdir, tmp_path)
     assert outcome.result["kind"] == "start-failed" and "no good" in outcome.result["message"]
     assert kernel.modules == {}
+
+
+def test_the_module_s_own_error_ends_it_failed_and_unloaded(tmp_path):
+    kernel, workdir = setup(tmp_path, running=[("sleep", 0.2), ("oob", "ERROR: division by 0"),
+                                               ("request_exit",)])
+    assert detach(kernel, workdir, tmp_path).result["status"] == "ok"
+    state = wait_for_state(kernel, workdir, "finished")
+    assert state["reason"] == "error" and state["kind"] == "runtime-error"
+    assert "division by 0" in state["message"]
+    assert kernel.modules == {}
+    events = open(os.path.join(workdir, "detached", "run-1", "events.jsonl")).read()
+    assert '"event": "error"' in events and '"event": "unloaded"' in events
