@@ -1989,6 +1989,10 @@ def live_state(kernel, folder):
     same_boot = state.get("boot_id") == boot_id(kernel)
     if same_boot and isinstance(pid, int) and process_runs(kernel, pid, state.get("agent", "")):
         return state
+    # it may have finished (and exited) since the state was read: it writes its end first
+    state = read_state(folder) or state
+    if state.get("state") not in RUNNING_STATES:
+        return state
     if state.get("state") != "starting" or not same_boot or pid is not None:
         message = "the host was rebooted while it ran" if not same_boot else \
             "its agent process is gone (killed?)"

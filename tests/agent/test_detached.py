@@ -208,3 +208,23 @@ def test_the_module_s_own_error_ends_it_failed_and_unloaded(tmp_path):
     assert kernel.modules == {}
     events = open(os.path.join(workdir, "detached", "run-1", "events.jsonl")).read()
     assert '"event": "error"' in events and '"event": "unloaded"' in events
+
+
+def test_a_run_that_ends_while_its_state_is_read_is_finished_not_lost(tmp_path, monkeypatch):
+    """The run writes its end, then exits: a reader that saw it running and then finds its
+    process gone reads the state again instead of calling it lost (fault injection: the
+    end lands between the two)."""
+    kernel, _workdir = setup(tmp_path)
+    folder = str(tmp_path / "run")
+    os.mkdir(folder)
+    agent.write_state(folder, {"state": "running", "pid": 4242, "boot_id": "",
+                               "agent": "/x/agent.py", "module": "stapctl_gone_1"})
+
+    def ends_meanwhile(_kernel, _pid, _agent_file):
+        agent.write_state(folder, {"state": "finished", "reason": "stop", "pid": 4242})
+        return False
+
+    monkeypatch.setattr(agent, "process_runs", ends_meanwhile)
+    state = agent.live_state(kernel, folder)
+    assert state["state"] == "finished" and state["reason"] == "stop"
+    assert kernel.unload_calls == 0

@@ -102,14 +102,17 @@ def test_a_detached_on_three_guests_attach_collect_twice_and_stop(
     first = [attach.stdout.readline() for _ in range(3)]
     time.sleep(2)
     attach.send_signal(signal.SIGINT)
-    rest, errors = attach.communicate(timeout=60)
-    assert attach.returncode == 0, errors
+    rest = attach.stdout.read()  # what the first lines' reads buffered, then up to EOF
+    assert attach.stderr is not None
+    errors = attach.stderr.read()
+    assert attach.wait(60) == 0, errors
     lines = first + rest.splitlines(keepends=True)
     assert all(line.startswith("lab-2: tick ") for line in lines), lines
     numbers = [int(line.split()[2]) for line in lines]
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # in order
     assert numbers[0] > 1  # from where it stood, not from the start
     assert len(numbers) > 20  # it went on while attached
+    assert show(lab, run_id)["detached"] == dict.fromkeys(HOSTS, "running")
 
     folder = run_folder(run_id)
     collected = folder / "collected" / "lab-1" / "ticks.out"
@@ -121,6 +124,7 @@ def test_a_detached_on_three_guests_attach_collect_twice_and_stop(
     assert once == list(range(1, len(once) + 1))
     assert twice == list(range(1, len(twice) + 1)) and len(twice) > len(once) + 20
 
+    assert show(lab, run_id)["detached"] == dict.fromkeys(HOSTS, "running")
     stopped = stapctl("stop", run_id, "-i", str(lab.inventory))
     assert stopped.returncode == 0, stopped.stderr
     final = ticks_in(collected)
@@ -164,5 +168,5 @@ def test_c_a_guest_rebooted_mid_run_is_lost_with_nothing_loaded(lab: LabStatus,
         rebooted = Lab.default().up(len(HOSTS))  # qemu started again: a fresh boot
     assert show(rebooted, run_id)["detached"] == {victim.name: "lost"}
     text = stapctl("runs", "show", run_id, "-i", str(rebooted.inventory))
-    assert "lost" in text.stdout and "no trace" in text.stdout.replace("\n", " ")
+    assert "lost" in text.stdout
     assert clean(rebooted, 2) == ("", "")
