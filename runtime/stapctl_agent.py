@@ -2129,7 +2129,11 @@ def detached_stop(agent, request):
 
 
 def remove_tree(folder):
-    for name in os.listdir(folder):
+    try:
+        names = os.listdir(folder)
+    except OSError:  # gone already (a host rebooted with a fresh filesystem)
+        return
+    for name in names:
         remove_file(os.path.join(folder, name))
     try:
         os.rmdir(folder)

@@ -169,6 +169,8 @@ def test_a_run_whose_host_rebooted_is_lost(tmp_path):
     assert state["state"] == "lost" and "rebooted" in state["message"]
     missing = state_of(kernel, workdir, name="never-was")
     assert missing["state"] == "lost" and "no trace" in missing["message"]
+    gone = call(kernel, workdir, "collect", name="never-was", offset=0, remove=True)
+    assert gone.result["status"] == "ok" and gone.result["detached"]["state"] == "lost"
     open(os.path.join(workdir, "detached", "run-1", "stop"), "w").close()  # end the thread
 
 
