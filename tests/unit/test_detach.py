@@ -20,6 +20,7 @@ from stapctl.runtime import stapctl_agent as agent
 
 from stapctl.agent import Timing
 from stapctl.cli import cli
+from stapctl.errors import ManifestError
 from stapctl.execute import RunOptions
 from stapctl.manifest import load_manifest
 from stapctl.models import DetachSpec, Manifest, Probe
@@ -182,3 +183,20 @@ def test_the_manifest_key_and_its_sizes(tmp_path: Path) -> None:
 
 def test_read_detached_of_an_attached_run_is_empty(tmp_path: Path) -> None:
     assert read_detached(tmp_path) == []
+
+
+def test_bad_detach_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text("apiVersion: stapctl/v1\nkind: Trace\nname: m\n"
+                    "probes: [{name: p, script: 'probe oneshot { println(1) }'}]\n"
+                    "detach: {max_disk: 0}\n")
+    runner = CliRunner()
+    bad_key = runner.invoke(cli, ["validate", str(path)])  # main() prints it, exit 2
+    assert isinstance(bad_key.exception, ManifestError) and bad_key.exception.exit_code == 2
+    assert f"{path}:5" in str(bad_key.exception) and "max_disk" in str(bad_key.exception)
+    path.write_text(path.read_text().replace("detach: {max_disk: 0}\n", ""))
+    unbound = runner.invoke(cli, ["apply", "--max-disk", "10MB", str(path)])
+    assert unbound.exit_code == 2 and "add --detach" in unbound.output
+    bad_size = runner.invoke(cli, ["apply", "--detach", "--max-disk", "10XB", str(path)])
+    assert bad_size.exit_code == 2 and "expected a size" in bad_size.output
+    assert "10 MB" in replace(DetachSpec(), max_disk=10**7).describe()
