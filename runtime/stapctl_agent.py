@@ -2171,6 +2171,7 @@ def daemonize(target, log_path):
         os.setsid()
         if os.fork():
             os._exit(0)
+        os.chdir("/")  # pins no directory of the session it left (paths are absolute)
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)

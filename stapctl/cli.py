@@ -34,6 +34,7 @@ from stapctl.plan import Plan
 from stapctl.render import parse_extra_vars
 from stapctl.session import Session, detached_run, select_hosts
 from stapctl.store import (
+    file_name,
     find_run,
     host_log_path,
     list_runs,
@@ -240,6 +241,13 @@ def runs_show(run_id: str, host: str | None, as_json: bool, inventory: Path | No
         return
     if host is not None:
         log = host_log_path(folder, host)
+        collected = sorted((folder / "collected" / file_name(host)).glob("*.out"))
+        if not log.exists() and collected:  # a detached run: what collect fetched
+            for path in collected:
+                with path.open(errors="replace") as lines:
+                    for line in lines:
+                        click.echo(report.printable(line), nl=False)
+            return
         if not log.exists():
             raise click.BadParameter(f"run {row['id']} has no output from {host}",
                                      param_hint="--host")

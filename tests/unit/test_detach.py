@@ -100,6 +100,8 @@ def test_detached_probes_are_recorded_and_reached_again(tmp_path: Path) -> None:
     assert out.read_bytes() == b"tick 0\ntick 1\ntick 2\n"
     second = detached.collect()
     assert [f.new_bytes for f in second] == [0, 0]  # only new bytes
+    shown = CliRunner().invoke(cli, ["runs", "show", run_id, "--host", "a"])
+    assert shown.output == "tick 0\ntick 1\ntick 2\n"
 
     stopped = detached.stop()
     assert {f.state["state"] for f in stopped} == {"finished"}
