@@ -170,3 +170,18 @@ def test_c_a_guest_rebooted_mid_run_is_lost_with_nothing_loaded(lab: LabStatus,
     text = stapctl("runs", "show", run_id, "-i", str(rebooted.inventory))
     assert "lost" in text.stdout
     assert clean(rebooted, 2) == ("", "")
+
+
+def test_d_its_maximum_duration_ends_it_cleanly(lab: LabStatus, tmp_path: Path) -> None:
+    run_id = detach(lab, ticks_manifest(tmp_path), "--limit", "lab-2", "--max-duration", "5s")
+    wait_for(lambda: show(lab, run_id)["detached"] == {"lab-2": "finished"}, 120,
+             "the maximum duration ends the run")
+    state = json.loads(guest_run(
+        lab, f"cat ~/.cache/stapctl-agent/detached/{run_id}.ticks/state.json", 1))
+    assert state["reason"] == "max-duration" and state["status"] == "ok"
+    assert clean(lab, 1) == ("", "")
+    stopped = stapctl("stop", run_id, "-i", str(lab.inventory))  # collects, removes files
+    assert stopped.returncode == 0, stopped.stderr
+    out = run_folder(run_id) / "collected" / "lab-2" / "ticks.out"
+    ticks = ticks_in(out)
+    assert ticks == list(range(1, len(ticks) + 1)) and len(ticks) > 50
