@@ -1329,7 +1329,7 @@ class Run(object):
             if part is not None:
                 for fd in part.watched():
                     handlers[fd] = part.on_ready
-        if listen and not self.stdin.eof:
+        if listen and self.stdin is not None and not self.stdin.eof:
             handlers[self.stdin.fd] = self.on_stdin
         poller = select.poll()
         for fd in handlers:
@@ -1568,6 +1568,9 @@ class Run(object):
             "signal": "stopped by signal %s" % self.agent.signalled,
             "controller-gone": "stdin closed: the controller is gone",
             "deadman": "no word from the controller for %s s" % request.get("deadman", 30.0),
+            "max-duration": "its maximum duration of %s s was reached"
+                            % request.get("max_duration"),
+            "max-disk": "its disk bound of %s bytes was reached" % request.get("max_disk"),
         }
         message = messages.get(self.stop_reason, "stopped (%s)" % self.stop_reason)
         if self.exit_problem:
@@ -1693,6 +1696,495 @@ def remove_stale_files(directory, keep, now=None):
             remove_file(path)
 
 
+# ---------------------------------------------------------------- detached runs
+
+DETACHED_DIR = "detached"  # under the work directory: one folder per detached run
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.~-]{0,199}\Z")
+OUTPUT_FILE = re.compile(r"out\.(\d+)\Z")
+MAX_EVENTS_FILE = 1 << 20  # bytes of events.jsonl a detached run writes at most
+STATE_INTERVAL = HEARTBEAT_INTERVAL  # seconds between rewrites of a running run's state
+RUNNING_STATES = ("starting", "running")
+
+
+def run_folder(request):
+    """The folder of the detached run a request names: ``<workdir>/detached/<name>``."""
+    workdir, name = request.get("workdir"), request.get("name")
+    if not isinstance(workdir, str) or not os.path.isabs(workdir):
+        raise Failure("agent-error", "the request names no absolute work directory")
+    if not isinstance(name, str) or not RUN_NAME.match(name):
+        raise Failure("agent-error", "%r is not a detached run's name" % (name,))
+    return os.path.join(workdir, DETACHED_DIR, name)
+
+
+def detach_limits(request):
+    """The lifetime bound and rotation of a detach request, each a positive number."""
+    limits = {}
+    for key, kind in (("max_duration", (int, float)), ("max_disk", int), ("file_size", int),
+                      ("file_count", int)):
+        value = request.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+            raise Failure("preflight-refused", "a detached run needs %s, a positive number "
+                                               "(got %r)" % (key, value))
+        limits[key] = value
+    return limits
+
+
+def boot_id(kernel):
+    return (kernel.read(kernel.proc_path("sys", "kernel", "random", "boot_id")) or "").strip()
+
+
+def read_state(folder):
+    """A detached run's state file as a dict, or None when there is none."""
+    try:
+        with open(os.path.join(folder, "state.json"), "rb") as f:
+            state = json.loads(f.read().decode("utf-8"))
+    except (OSError, IOError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def write_state(folder, state):
+    """Write-then-rename, so a reader sees the old state or the new one, whole."""
+    temporary = os.path.join(folder, ".state.json.tmp")
+    with open(temporary, "w") as f:
+        f.write(json.dumps(state, sort_keys=True))
+    os.rename(temporary, os.path.join(folder, "state.json"))
+
+
+def output_files(folder):
+    """{index: path} of a detached run's output files still on disk."""
+    files = {}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return files
+    for name in names:
+        match = OUTPUT_FILE.match(name)
+        if match:
+            files[int(match.group(1))] = os.path.join(folder, name)
+    return files
+
+
+def output_end(folder, file_size):
+    """The offset past the last byte written, from the files themselves."""
+    files = output_files(folder)
+    if not files:
+        return 0
+    last = max(files)
+    try:
+        return last * file_size + os.path.getsize(files[last])
+    except OSError:
+        return last * file_size
+
+
+def read_output(folder, file_size, offset, limit):
+    """(first offset read, bytes) from ``offset`` on, at most ``limit`` bytes. Bytes that
+    rotation removed are skipped: the first offset read is then past ``offset``."""
+    files = output_files(folder)
+    if not files:
+        return offset, b""
+    first = min(files) * file_size
+    offset = max(offset, first)
+    index = offset // file_size
+    path = files.get(index)
+    if path is None:
+        return offset, b""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset - index * file_size)
+            return offset, f.read(min(limit, file_size))
+    except (OSError, IOError):
+        return offset, b""
+
+
+class RotatingOutput(object):
+    """A detached run's place of FrameWriter: output into ``out.N`` files of ``file_size``
+    bytes each (file N holds bytes N*file_size onwards), keeping the newest
+    ``file_count``; never more than ``max_disk`` bytes of output in all. Events go to
+    events.jsonl (bounded), and the state file is rewritten on each heartbeat."""
+
+    stall_timeout = 0.0  # FrameWriter's, unused here
+
+    def __init__(self, folder, limits, state):
+        self.folder = folder
+        self.file_size = limits["file_size"]
+        self.file_count = limits["file_count"]
+        self.max_disk = limits["max_disk"]
+        self.state = state
+        self.written = 0
+        self.dropped = 0
+        self.last_frame = time.monotonic()
+        self._file = None  # (index, fd)
+        self._events = os.open(os.path.join(folder, "events.jsonl"),
+                               os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._events_written = 0
+
+    @property
+    def full(self):
+        return self.written >= self.max_disk
+
+    def output(self, data):
+        data = data[:max(0, self.max_disk - self.written)]
+        self.dropped += 0 if data else 1
+        while data:
+            index = self.written // self.file_size
+            fd = self._open(index)
+            room = (index + 1) * self.file_size - self.written
+            count = os.write(fd, data[:room])
+            self.written += count
+            data = data[count:]
+
+    def _open(self, index):
+        if self._file is not None and self._file[0] == index:
+            return self._file[1]
+        if self._file is not None:
+            os.close(self._file[1])
+        fd = os.open(os.path.join(self.folder, "out.%d" % index),
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._file = (index, fd)
+        remove_file(os.path.join(self.folder, "out.%d" % (index - self.file_count)))
+        return fd
+
+    def event(self, name, **fields):
+        self.last_frame = time.monotonic()
+        if name == "started":
+            self.state.update(state="running", ran=True)
+        elif name == "loaded":
+            self.state["module"] = fields.get("module")
+        if name != "heartbeat":
+            fields.update(event=name, time=time.time())
+            line = (json.dumps(fields, sort_keys=True) + "\n").encode("utf-8")
+            if self._events_written + len(line) <= MAX_EVENTS_FILE:
+                self._events_written += len(line)
+                os.write(self._events, line)
+        self.save()
+
+    def save(self, **fields):
+        self.state.update(fields, written=self.written, updated=time.time())
+        try:
+            write_state(self.folder, self.state)
+        except (OSError, IOError) as e:
+            log("cannot write the state of %s: %s" % (self.folder, e))
+
+    def json(self, _ftype, _obj):
+        pass
+
+    def compress(self, _level):
+        pass
+
+    def close(self):
+        for fd in ([self._file[1]] if self._file else []) + [self._events]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._file = None
+
+
+class DetachedRun(Run):
+    """A run with no controller: output to rotated files, ended by its lifetime bound
+    (max_duration, max_disk), the script, an error, or a stop request (a ``stop`` file in
+    its folder, or SIGTERM); it never listens to stdin."""
+
+    def __init__(self, agent, request, gap_wait, folder, limits, state):
+        Run.__init__(self, agent, request, gap_wait)
+        self.folder = folder
+        self.limits = limits
+        self.out = RotatingOutput(folder, limits, state)
+        self.children = Children(self.out)
+        self.stdin = None
+
+    def reason_to_stop(self, now):
+        if self.channel.exit_requested:
+            return "error" if self.errors else "exit()"
+        if self.agent.signalled or os.path.exists(os.path.join(self.folder, "stop")):
+            return "stop"
+        if now - self.started >= self.limits["max_duration"]:
+            return "max-duration"
+        if self.out.full:
+            return "max-disk"
+        return None
+
+    def outcome(self):
+        result = Run.outcome(self)
+        if self.stop_reason == "stop" and not self.errors and not self.exit_problem:
+            result.update(status="ok", kind=None, message="stopped on request")
+        return result
+
+
+def start_detached(agent, request):
+    """``detach``: the checks and the load as ``run`` does them, in a process of its own
+    (double fork, setsid: not tied to the SSH session) that outlives this one; this one
+    answers once the module has started or failed to."""
+    folder = run_folder(request)
+    limits = detach_limits(request)
+    facts = collect_facts(agent.kernel)
+    preflight(request, facts)  # refusals come back at once, nothing forked
+    try:
+        os.makedirs(os.path.dirname(folder), 0o700, exist_ok=True)
+        os.mkdir(folder, 0o700)
+    except OSError as e:
+        raise Failure("preflight-refused", "cannot create %s: %s" % (folder, e.strerror)) \
+            from None
+    state = {"state": "starting", "name": request["name"], "boot_id": boot_id(agent.kernel),
+             "agent": os.path.abspath(__file__), "started": time.time(),
+             "file_size": limits["file_size"], "written": 0, "limits": limits}
+    write_state(folder, state)
+    agent.spawn(lambda: serve_detached(agent, request, folder, limits, state),
+                os.path.join(folder, "agent.log"))
+    deadline = time.monotonic() + 2 * Run.startup_timeout + 10
+    while time.monotonic() < deadline:
+        current = read_state(folder) or state
+        if current.get("state") != "starting":
+            return detached_result(agent, current)
+        time.sleep(0.05)
+        if time.monotonic() - agent.out.last_frame >= HEARTBEAT_INTERVAL:
+            agent.out.event("heartbeat")
+    with open(os.path.join(folder, "stop"), "w"):  # should it start after all, it stops
+        pass
+    return agent.result("start-failed", "the detached run did not start within %.0f s"
+                        % (2 * Run.startup_timeout + 10), detached=state)
+
+
+def serve_detached(agent, request, folder, limits, state):
+    """The detached process's whole life: the run, then its final state."""
+    run = agent.run = DetachedRun(agent, request, agent.gap_wait, folder, limits, state)
+    state["pid"] = os.getpid()
+    run.out.save()
+    try:
+        result = run.execute()
+    except Failure as e:
+        result = agent.result(e.kind, e.message)
+    except Exception:
+        log(traceback.format_exc())
+        result = agent.result("agent-error", traceback.format_exc())
+    if run.unload_problem:
+        result.update(status="failed", kind=result["kind"] or "agent-error",
+                      message="%s; %s" % (result["message"], run.unload_problem))
+    run.out.save(state="finished", ended=time.time(), reason=run.stop_reason,
+                 status=result["status"], kind=result["kind"], message=result["message"],
+                 stats=result["stats"], dropped=run.out.dropped)
+    run.out.close()
+
+
+def detached_result(agent, state):
+    """Failed if the run ended before its module started; else ok, whatever came next."""
+    if state.get("state") == "finished" and not state.get("ran"):
+        return agent.result(state.get("kind") or "agent-error", state.get("message", ""),
+                            detached=state)
+    return agent.result(None, "detached", detached=state)
+
+
+def live_state(kernel, folder):
+    """A detached run's state as it stands: running, finished or lost. A run whose
+    process is gone without finishing (the host rebooted, the agent was killed) is lost,
+    and a module it left loaded is unloaded now."""
+    state = read_state(folder)
+    if state is None:
+        return {"state": "lost", "message": "no trace of the run on the host: it was "
+                                            "rebooted, or its files were removed"}
+    if state.get("state") not in RUNNING_STATES:
+        return state
+    pid = state.get("pid")
+    same_boot = state.get("boot_id") == boot_id(kernel)
+    if same_boot and isinstance(pid, int) and process_runs(kernel, pid, state.get("agent", "")):
+        return state
+    # it may have finished (and exited) since the state was read: it writes its end first
+    state = read_state(folder) or state
+    if state.get("state") not in RUNNING_STATES:
+        return state
+    if state.get("state") != "starting" or not same_boot or pid is not None:
+        message = "the host was rebooted while it ran" if not same_boot else \
+            "its agent process is gone (killed?)"
+        module = state.get("module")
+        if same_boot and module:
+            try:
+                kernel.unload(module)
+                message += "; its module %s was unloaded now" % module
+            except OSError:
+                pass
+        state.update(state="lost", message=message)
+        try:
+            write_state(folder, state)
+        except (OSError, IOError) as e:
+            log("cannot record that %s is lost: %s" % (folder, e))
+    return state
+
+
+def process_runs(kernel, pid, agent_file):
+    """Whether ``pid`` is a live process running ``agent_file`` (the pid is not reused)."""
+    cmdline = kernel.read(kernel.proc_path(str(pid), "cmdline"))
+    return bool(agent_file) and cmdline is not None and agent_file in cmdline
+
+
+def detached_status(agent, request):
+    """``status``: {name: state} of the runs the request names."""
+    names = request.get("names")
+    if not isinstance(names, list):
+        raise Failure("agent-error", "status needs the names of the runs")
+    states = {}
+    for name in names[:1000]:
+        folder = run_folder(dict(request, name=name))
+        states[name] = live_state(agent.kernel, folder)
+    return agent.result(None, "status", detached=states)
+
+
+def detached_collect(agent, request):
+    """``collect``: the output from ``offset`` to what is written now, as OUTPUT frames;
+    with ``remove``, the run's folder is removed once it has ended and all of it was
+    sent."""
+    folder = run_folder(request)
+    state = live_state(agent.kernel, folder)
+    offset = request.get("offset")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise Failure("agent-error", "collect needs an offset, a non-negative integer")
+    size = state.get("file_size") or 1
+    first, end = None, output_end(folder, size)
+    while offset < end:
+        at, data = read_output(folder, size, offset, MAX_OUTPUT_FRAME)
+        if first is None:
+            first = at
+        if not data:
+            break
+        agent.out.output(data)
+        offset = at + len(data)
+    removed = False
+    if request.get("remove") and state.get("state") not in RUNNING_STATES and \
+            offset >= output_end(folder, size):
+        remove_tree(folder)
+        removed = True
+    return agent.result(None, "collected", detached=state, first=offset if first is None
+                        else first, end=offset, removed=removed)
+
+
+def detached_tail(agent, request):
+    """``tail``: output from ``offset`` (null: from the end), as it is written, until the
+    run ends and all is sent, or the controller stops (``stop`` op, or EOF)."""
+    folder = run_folder(request)
+    state = live_state(agent.kernel, folder)
+    size = state.get("file_size") or 1
+    offset = request.get("offset")
+    if offset is None:
+        offset = output_end(folder, size)
+    poller = select.poll()
+    poller.register(agent.stdin.fd, select.POLLIN)
+    checked = 0.0
+    while True:
+        at, data = read_output(folder, size, offset, MAX_OUTPUT_FRAME)
+        if data:
+            agent.out.output(data)
+            offset = at + len(data)
+            continue
+        now = time.monotonic()
+        if now - checked > 0.5:
+            checked = now
+            ended = state.get("state") not in RUNNING_STATES
+            state = live_state(agent.kernel, folder)
+            if ended:  # this read came after the end: nothing more will come
+                break
+        if poller.poll(100):
+            agent.stdin.fill()
+            lines = []
+            while True:
+                line = agent.stdin.next_line()
+                if line is None:
+                    break
+                lines.append(line)
+            if agent.stdin.eof or any(b'"stop"' in line for line in lines):
+                break
+        if agent.signalled:
+            break
+        if time.monotonic() - agent.out.last_frame >= HEARTBEAT_INTERVAL:
+            agent.out.event("heartbeat")
+    return agent.result(None, "tailed", detached=state, end=offset)
+
+
+def detached_stop(agent, request):
+    """``stop``: asks the run to stop (a ``stop`` file, then SIGTERM to its process) and
+    waits up to ``timeout`` seconds for it to have ended (EXIT, drain, unload)."""
+    folder = run_folder(request)
+    state = live_state(agent.kernel, folder)
+    if state.get("state") not in RUNNING_STATES:
+        return agent.result(None, "not running", detached=state)
+    with open(os.path.join(folder, "stop"), "w"):
+        pass
+    pid = state.get("pid")
+    if isinstance(pid, int) and pid != os.getpid() and \
+            process_runs(agent.kernel, pid, state.get("agent", "")):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError as e:
+            log("cannot signal %d: %s" % (pid, e))
+    timeout = request.get("timeout")
+    deadline = time.monotonic() + (timeout if isinstance(timeout, (int, float)) else 60.0)
+    while time.monotonic() < deadline:
+        state = live_state(agent.kernel, folder)
+        if state.get("state") not in RUNNING_STATES:
+            return agent.result(None, "stopped", detached=state)
+        time.sleep(0.1)
+        if time.monotonic() - agent.out.last_frame >= HEARTBEAT_INTERVAL:
+            agent.out.event("heartbeat")
+    return agent.result("timed-out", "the detached run did not end within %s s" % timeout,
+                        detached=state)
+
+
+def remove_tree(folder):
+    try:
+        names = os.listdir(folder)
+    except OSError:  # gone already (a host rebooted with a fresh filesystem)
+        return
+    for name in names:
+        remove_file(os.path.join(folder, name))
+    try:
+        os.rmdir(folder)
+    except OSError as e:
+        log("cannot remove %s: %s" % (folder, e))
+
+
+def remove_stale_runs(workdir, now=None):
+    """Removes the folders of detached runs that ended (or were lost) STALE_AGE ago."""
+    now = time.time() if now is None else now
+    root = os.path.join(workdir, DETACHED_DIR)
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        folder = os.path.join(root, name)
+        state = read_state(folder)
+        try:
+            age = now - os.path.getmtime(os.path.join(folder, "state.json"))
+        except OSError:
+            continue
+        if state is not None and state.get("state") not in RUNNING_STATES and age > STALE_AGE:
+            remove_tree(folder)
+
+
+def daemonize(target, log_path):
+    """Runs ``target`` in a grandchild in a session of its own, its stdin and stdout
+    /dev/null and its stderr ``log_path``; returns in the parent once the child has gone."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        os.chdir("/")  # pins no directory of the session it left (paths are absolute)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), 2)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        target()
+    except BaseException:
+        log(traceback.format_exc())
+    finally:
+        os._exit(0)
+
+
 class Agent(object):
     """One request, one result: facts, preflight, or a whole run of one module."""
 
@@ -1705,6 +2197,7 @@ class Agent(object):
         self.gap_wait = gap_wait
         self.signalled = None
         self.run = None
+        self.spawn = daemonize  # (target, log path): how a detached run leaves this process
 
     def on_signal(self, signum, _frame):
         self.signalled = signum
@@ -1729,9 +2222,12 @@ class Agent(object):
             result["message"] = "%s; %s" % (result["message"], self.run.unload_problem)
         for path in request.get("remove_files") or ():
             remove_file(path)
-        if request.get("action") == "run" and isinstance(request.get("module"), str):
+        if request.get("action") in ("run", "detach") and \
+                isinstance(request.get("module"), str):
             remove_stale_files(os.path.dirname(os.path.abspath(request["module"])),
                                os.path.abspath(__file__))
+        if request.get("action") == "detach" and isinstance(request.get("workdir"), str):
+            remove_stale_runs(request["workdir"])
         self.out.json(FRAME_RESULT, result)
         self.out.close()
         return 0 if result["status"] == "ok" else 1
@@ -1769,6 +2265,10 @@ class Agent(object):
         if action == "run":
             self.run = Run(self, request, self.gap_wait)
             return self.run.execute()
+        detached = {"detach": start_detached, "status": detached_status,
+                    "collect": detached_collect, "tail": detached_tail, "stop": detached_stop}
+        if action in detached:
+            return detached[action](self, request)
         raise Failure("agent-error", "unknown action %r" % (action,))
 
 

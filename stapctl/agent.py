@@ -69,7 +69,7 @@ class AgentRequest:
     """A request, field for field as docs/agent-protocol.md has it (`facts` needs no
     module)."""
 
-    action: Literal["facts", "preflight", "run"]
+    action: Literal["facts", "preflight", "run", "detach", "status", "collect", "tail", "stop"]
     module: str = ""
     sha256: str = ""
     module_name: str = ""
@@ -81,10 +81,21 @@ class AgentRequest:
     compress: int = COMPRESS
     remove_files: tuple[str, ...] = ()  # deleted when the agent ends, whatever happened
     protocol: int = wire.PROTOCOL_VERSION
+    # detached runs: <workdir>/detached/<name> on the target
+    workdir: str = ""
+    name: str = ""
+    names: tuple[str, ...] = ()  # status
+    max_duration: float | None = None  # detach: the lifetime bound
+    max_disk: int | None = None
+    file_size: int | None = None  # detach: output rotation
+    file_count: int | None = None
+    offset: int | None = None  # collect, tail: from this byte of the output (tail: None, the end)
+    remove: bool = False  # collect: remove the run's files once it has ended and all is sent
+    timeout: float | None = None  # stop: how long to wait for the run to have ended
 
     def encode(self) -> bytes:
         fields = {**asdict(self), "params": dict(self.params),
-                  "remove_files": list(self.remove_files)}
+                  "remove_files": list(self.remove_files), "names": list(self.names)}
         return json.dumps(fields).encode() + b"\n"
 
 
@@ -97,18 +108,58 @@ class RunResult:
     message: str
     stats: Mapping[str, int]
     facts: Mapping[str, Any] = field(default_factory=dict)  # facts and preflight only
+    detached: Mapping[str, Any] = field(default_factory=dict)  # a detached run's state(s)
+    first: int = 0  # collect: the offset of the first byte sent (rotation may skip some)
+    end: int = 0  # collect, tail: the offset past the last byte sent
+    removed: bool = False  # collect: the run's files are gone from the target
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> RunResult:
         ok = data.get("status") == "ok"
-        raw_stats = data.get("stats")
-        stats = {str(k)[:64]: v for k, v in raw_stats.items()
-                 if isinstance(v, int) and not isinstance(v, bool)} \
-            if isinstance(raw_stats, dict) else {}
-        facts = data.get("facts")
+        facts, detached = data.get("facts"), data.get("detached")
         return cls(ok=ok, kind=None if ok else FailureKind.from_agent(data.get("kind")),
-                   message=text_field(data.get("message")), stats=stats,
-                   facts=facts if isinstance(facts, dict) else {})
+                   message=text_field(data.get("message")), stats=_counts(data.get("stats")),
+                   facts=facts if isinstance(facts, dict) else {},
+                   detached=detached if isinstance(detached, dict) else {},
+                   first=_count(data.get("first")), end=_count(data.get("end")),
+                   removed=data.get("removed") is True)
+
+
+def _count(value: object) -> int:
+    """A non-negative integer from the agent, or 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else 0
+
+
+def _counts(value: object) -> dict[str, int]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k)[:64]: v for k, v in value.items()
+            if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def detached_state(value: object) -> dict[str, Any]:
+    """One detached run's state as the agent reported it, checked for shape: the state
+    is one of the known words, texts are bounded, counts are counts."""
+    raw = value if isinstance(value, dict) else {}
+    state = raw.get("state")
+    return {
+        "state": state if state in DETACHED_STATES else "unknown",
+        "reason": text_field(raw.get("reason")) if raw.get("reason") else None,
+        "status": "ok" if raw.get("status") == "ok" else ("failed" if raw.get("status")
+                                                         else None),
+        "kind": text_field(raw.get("kind")) if raw.get("kind") else None,
+        "message": text_field(raw.get("message")),
+        "module": text_field(raw.get("module")) if raw.get("module") else None,
+        "pid": _count(raw.get("pid")) or None,
+        "written": _count(raw.get("written")),
+        "started": raw.get("started") if isinstance(raw.get("started"), int | float) else None,
+        "ended": raw.get("ended") if isinstance(raw.get("ended"), int | float) else None,
+        "stats": _counts(raw.get("stats")),
+    }
+
+
+DETACHED_STATES = ("starting", "running", "finished", "lost")
 
 
 def text_field(value: object) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -22,6 +23,7 @@ from rich.text import Text
 
 from stapctl import html_report, lab, report, schedule
 from stapctl.cache import ModuleCache, cache_dir
+from stapctl.detach import DetachedRun, Fetched, ProbeState, host_state
 from stapctl.difference import (
     compare,
     difference_lines,
@@ -33,18 +35,22 @@ from stapctl.display import Display, err, message, signals_to
 from stapctl.errors import StapctlError, UsageError
 from stapctl.execute import RunOptions
 from stapctl.manifest import explain as explain_key
-from stapctl.manifest import load_diff_spec, load_manifest, parse_duration, parse_period
-from stapctl.models import Difference, HostOutcome, Manifest, Run
+from stapctl.manifest import load_diff_spec, load_manifest, parse_duration, parse_period, parse_size
+from stapctl.models import DetachSpec, Difference, HostOutcome, Manifest, Run
 from stapctl.plan import Plan
 from stapctl.render import parse_extra_vars
-from stapctl.session import Session, select_hosts
+from stapctl.session import Session, detached_run, select_hosts
 from stapctl.store import (
     difference_json,
+    file_name,
     find_run,
     host_log_path,
     list_runs,
     merged_output,
     prune_runs,
+    read_detached,
+    read_summary,
+    run_json,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -88,6 +94,45 @@ accept_new_host_keys_option = click.option(
     help="Trust and remember hosts whose key is not yet known (a changed key still fails).")
 
 
+def detach_options(command: F) -> F:
+    """--detach and the bound of a detached run: apply and plan take them."""
+    for option in reversed([
+        click.option("--detach", is_flag=True,
+                     help="Run detached on the hosts: return at once; see `runs show`, "
+                          "`attach`, `collect`, `stop`."),
+        click.option("--max-duration", help="A detached probe stops after this long "
+                                            "(default 24h)."),
+        click.option("--max-disk", help="A detached probe stops after writing this much "
+                                        "output on a host (default 1GiB)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def with_detach(manifest: Manifest, detach: bool, max_duration: str | None,
+                max_disk: str | None) -> Manifest:
+    """The manifest's `detach:`, turned on by --detach, its bound changed by the options."""
+    spec = manifest.detach
+    if spec is None and (detach or max_duration or max_disk):
+        if not detach:
+            raise click.UsageError("--max-duration and --max-disk bound a detached run: "
+                                   "add --detach (or `detach:` in the manifest)")
+        spec = DetachSpec()
+    if spec is None:
+        return manifest
+    try:
+        if max_duration:
+            spec = replace(spec, max_duration=parse_duration(max_duration))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-duration") from None
+    try:
+        if max_disk:
+            spec = replace(spec, max_disk=parse_size(max_disk))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-disk") from None
+    return replace(manifest, detach=spec)
+
+
 def with_overrides(manifest: Manifest, forks: int | None, fmt: str | None) -> Manifest:
     if forks is not None:
         manifest = replace(manifest, strategy=replace(manifest.strategy, forks=forks))
@@ -109,15 +154,23 @@ def with_overrides(manifest: Manifest, forks: int | None, fmt: str | None) -> Ma
               help="Compare the output with this run of the same manifest ('last': the "
               "newest) and record the difference with the run.")
 @accept_new_host_keys_option
+@detach_options
 def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tuple[str, ...],
           forks: int | None, duration: str | None, fmt: str | None, check: bool,
-          baseline: str | None, accept_new_host_keys: bool) -> None:
-    """Compile the manifest's probes and run them on its hosts."""
+          baseline: str | None, accept_new_host_keys: bool, detach: bool,
+          max_duration: str | None, max_disk: str | None) -> None:
+    """Compile the manifest's probes and run them on its hosts.
+
+    With --detach (or `detach:` in the manifest) each host runs them as a background
+    process of its own and apply returns once they run; the run id is the last line on
+    stdout.
+    """
     try:
         seconds = parse_duration(duration) if duration else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--duration") from None
-    loaded = with_overrides(load_manifest(manifest), forks, fmt)
+    loaded = with_detach(with_overrides(load_manifest(manifest), forks, fmt), detach,
+                         max_duration, max_disk)
     extra_vars = parse_extra_vars(list(extra))
     hosts = select_hosts(loaded, inventory, limit)
     options = RunOptions(duration=seconds, check=check,
@@ -128,6 +181,10 @@ def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tupl
     with display, signals_to(session):
         run = session.apply()
     report_run(run, session, display)
+    if loaded.detach is not None and session.fleet.detached:
+        message(f"detached: `stapctl runs show {run.id}`, `stapctl attach {run.id}`, "
+                f"`stapctl collect {run.id}`, `stapctl stop {run.id}`")
+        display.out(run.id)
     sys.exit(run.exit_code)
 
 
@@ -179,7 +236,11 @@ def runs() -> None:
 
 @runs.command(name="list")
 @click.option("-n", "limit", type=click.IntRange(1), default=20, show_default=True)
-def runs_list(limit: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="A JSON array, newest first.")
+def runs_list(limit: int, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([run_json(row) for row in list_runs(limit)]))
+        return
     table = Table()
     for column in ("run", "started", "exit", "hosts", "ok", "failed"):
         table.add_column(column)
@@ -197,20 +258,31 @@ def runs_list(limit: int) -> None:
 @click.option("--host", help="Print this host's output.")
 @click.option("--html", "as_html", is_flag=True,
               help="One self-contained HTML page: summary, hosts, difference, aggregates.")
-def runs_show(run_id: str, host: str | None, as_html: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.option("-i", "--inventory", type=click.Path(path_type=Path),
+              help="Where a detached run's hosts are now (default: as at apply).")
+def runs_show(run_id: str, host: str | None, as_html: bool, as_json: bool,
+              inventory: Path | None) -> None:
+    """A run's outcomes (and its difference from its baseline); a detached run's live
+    state on each host."""
     row = known_run(run_id)
     folder = Path(row["dir"])
     if as_html:
         click.echo(html_report.render(row, folder), nl=False)
         return
+    if as_json:
+        click.echo(json.dumps(run_show_json(row, inventory)))
+        return
     if host is not None:
         log = host_log_path(folder, host)
-        if not log.exists():
+        collected = sorted((folder / "collected" / file_name(host)).glob("*.out"))
+        if not log.exists() and not collected:
             raise click.BadParameter(f"run {row['id']} has no output from {host}",
                                      param_hint="--host")
-        with log.open(errors="replace") as lines:
-            for line in lines:
-                click.echo(report.printable(line), nl=False)
+        for path in [log] if log.exists() else collected:  # detached: what collect fetched
+            with path.open(errors="replace") as lines:
+                for line in lines:
+                    click.echo(report.printable(line), nl=False)
         return
     summary = json.loads((folder / "summary.json").read_text()) \
         if (folder / "summary.json").exists() else {"outcomes": [], "exit_code": None}
@@ -218,11 +290,40 @@ def runs_show(run_id: str, host: str | None, as_html: bool) -> None:
     Console().print(outcomes_table([HostOutcome(**outcome) for outcome in summary["outcomes"]]))
     if (difference := read_difference(folder)) is not None:
         show_difference(difference)
+    if read_detached(folder):
+        Console().print(detached_table(detached_states(row["id"], inventory)))
 
 
 def known_run(run_id: str) -> dict[str, Any]:
     try:
         return find_run(run_id)
+    except StapctlError as exc:
+        raise click.BadParameter(f"{exc} (`stapctl runs list` shows the runs)",
+                                 param_hint="RUN") from None
+
+
+def run_show_json(row: dict[str, Any], inventory: Path | None) -> dict[str, Any]:
+    """`runs show --json`: the `runs list --json` fields, the folder, whether it was
+    interrupted, each outcome, and for a detached run each host's live state."""
+    folder = Path(row["dir"])
+    summary = read_summary(folder) or {}
+    shown: dict[str, Any] = {**run_json(row), "dir": str(folder),
+                             "interrupted": summary.get("interrupted"),
+                             "outcomes_detail": summary.get("outcomes", [])}
+    if read_detached(folder):
+        states: dict[str, list[str]] = {}
+        for probe in detached_states(row["id"], inventory):
+            states.setdefault(probe.host, []).append(probe.word)
+        shown["detached"] = {host: host_state(words) for host, words in states.items()}
+    return shown
+
+
+# -- detached runs ------------------------------------------------------------------------
+def open_detached(run_id: str, inventory: Path | None = None,
+                  limit: str | None = None) -> DetachedRun:
+    """A detached run by id; bad input is one line and exit 2."""
+    try:
+        return detached_run(run_id, inventory, limit)
     except StapctlError as exc:
         raise click.BadParameter(f"{exc} (`stapctl runs list` shows the runs)",
                                  param_hint="RUN") from None
@@ -357,6 +458,91 @@ def schedule_run(name: str, user: bool, unit_dir: Path | None) -> None:
     sys.exit(schedule.run_now(entry))
 
 
+def detached_states(run_id: str, inventory: Path | None) -> list[ProbeState]:
+    run = open_detached(run_id, inventory)
+    with err.status(f"asking {len({p.host.name for p in run.probes})} host(s)…"):
+        return run.status()
+
+
+def detached_table(states: Sequence[ProbeState]) -> Table:
+    table = Table(title="detached", title_justify="left")
+    for column in ("host", "probe", "state", "written", "detail"):
+        table.add_column(column, overflow="fold")
+    for probe in sorted(states, key=lambda p: (p.host, p.probe)):
+        state = probe.state
+        detail = state["message"] or ""
+        if state["state"] == "running" and state["module"]:
+            detail = f"module {state['module']}, pid {state['pid']}"
+        elif state["reason"]:
+            detail = f"{state['reason']}: {detail}"
+        table.add_row(Text(report.printable(probe.host)), Text(report.printable(probe.probe)),
+                      probe.word, f"{state['written']} B", Text(report.printable(detail)))
+    return table
+
+
+run_option = click.argument("run_id", metavar="RUN")
+detached_inventory_option = click.option(
+    "-i", "--inventory", type=click.Path(path_type=Path),
+    help="Where the run's hosts are now (default: the manifest's inventory, or the lab's).")
+
+
+@cli.command()
+@run_option
+@detached_inventory_option
+@click.option("--limit", help="Only these hosts (Ansible pattern).")
+@click.option("--from-start", is_flag=True, help="From the start of the output, not from "
+                                                 "where it stands.")
+def attach(run_id: str, inventory: Path | None, limit: str | None, from_start: bool) -> None:
+    """Stream a detached run's output until it ends; Ctrl-C leaves it running."""
+    run = open_detached(run_id, inventory, limit)
+    lock = threading.Lock()
+
+    def on_line(host: str, probe: str, line: str) -> None:
+        where = f"{host} [{probe}]" if len({p.probe for p in run.probes}) > 1 else host
+        with lock:
+            click.echo(f"{report.printable(where)}: {report.printable(line)}")
+
+    message(f"attached to {len(run.probes)} probe(s) of {run.id}; Ctrl-C detaches")
+    with signals_to(run):
+        states = run.attach(on_line, from_start)
+    err.print(detached_table(states))
+
+
+@cli.command()
+@run_option
+@detached_inventory_option
+def collect(run_id: str, inventory: Path | None) -> None:
+    """Fetch what a detached run wrote so far into its run folder (only new bytes)."""
+    run = open_detached(run_id, inventory)
+    with err.status(f"collecting from {len({p.host.name for p in run.probes})} host(s)…"):
+        fetched = run.collect()
+    show_fetched(run, fetched)
+    if any(f.state["state"] == "unreachable" for f in fetched):
+        sys.exit(1)
+
+
+@cli.command()
+@run_option
+@detached_inventory_option
+def stop(run_id: str, inventory: Path | None) -> None:
+    """Stop a detached run cleanly (EXIT, drain, unload), then collect the rest."""
+    run = open_detached(run_id, inventory)
+    with err.status(f"stopping on {len({p.host.name for p in run.probes})} host(s)…"):
+        fetched = run.stop()
+    show_fetched(run, fetched)
+    if any(f.state["state"] in ("running", "starting", "unreachable") for f in fetched):
+        sys.exit(1)
+
+
+def show_fetched(run: DetachedRun, fetched: Sequence[Fetched]) -> None:
+    for item in sorted(fetched, key=lambda f: (f.host, f.probe)):
+        skipped = f", {item.skipped} bytes removed by rotation before" if item.skipped else ""
+        message(report.printable(f"{item.host} [{item.probe}]: {item.new_bytes} new bytes"
+                                 f"{skipped}; {item.state['state']}"))
+    err.print(detached_table([ProbeState(f.host, f.probe, f.state) for f in fetched]))
+    message(f"output in {run.folder / 'collected'}")
+
+
 # -- validate / plan / explain -----------------------------------------------------------
 @cli.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
@@ -381,10 +567,12 @@ def validate(manifest: Path, inventory: Path | None, limit: str | None,
 @target_options
 @click.option("--build", is_flag=True, help="Also compile what is not cached.")
 @accept_new_host_keys_option
+@detach_options
 def plan_command(manifest: Path, inventory: Path | None, limit: str | None,
-                 extra: tuple[str, ...], build: bool, accept_new_host_keys: bool) -> None:
+                 extra: tuple[str, ...], build: bool, accept_new_host_keys: bool,
+                 detach: bool, max_duration: str | None, max_disk: str | None) -> None:
     """Connect for facts and show which module each host gets; build only with --build."""
-    loaded = load_manifest(manifest)
+    loaded = with_detach(load_manifest(manifest), detach, max_duration, max_disk)
     hosts = select_hosts(loaded, inventory, limit)
     display = Display(loaded, [host.name for host in hosts])
     session = Session(loaded, hosts, extra_vars=parse_extra_vars(list(extra)),
@@ -400,6 +588,8 @@ def plan_command(manifest: Path, inventory: Path | None, limit: str | None,
     if session.interrupted:
         raise click.exceptions.Abort()
     print_plan(planned)
+    if loaded.detach is not None:
+        message(loaded.detach.describe())
 
 
 def print_plan(plan: Plan) -> None:

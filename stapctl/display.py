@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import IO
+from typing import IO, Protocol
 
 import click
 from rich import box
@@ -37,7 +37,12 @@ from rich.text import Text
 from stapctl import report
 from stapctl.models import ENDING_EVENT, PROGRESS_STATE, Event, Manifest
 from stapctl.plan import ModuleJob
-from stapctl.session import Session
+
+
+class Interruptible(Protocol):
+    """A session, or anything else a signal asks to stop (a detached run's attach)."""
+
+    def interrupt(self, signum: int) -> None: ...
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -195,7 +200,7 @@ def _same_terminal(a: IO[str], b: IO[str]) -> bool:
 
 
 @contextlib.contextmanager
-def signals_to(session: Session) -> Iterator[None]:
+def signals_to(session: Interruptible) -> Iterator[None]:
     """SIGINT, SIGTERM and SIGHUP interrupt ``session`` while the block runs."""
 
     def handler(signum: int, _frame: FrameType | None) -> None:

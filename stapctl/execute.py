@@ -14,15 +14,24 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from stapctl.agent import AgentHost, AgentRequest, Frame, RunResult, Timing, text_field
+from stapctl.agent import (
+    AgentHost,
+    AgentRequest,
+    Frame,
+    RunResult,
+    Timing,
+    detached_state,
+    text_field,
+)
 from stapctl.connection import Connection, ConnectOptions, connect
 from stapctl.errors import AgentError, ConnectError, StapctlError
 from stapctl.models import (
     ENDING_EVENT,
     BatchSize,
+    DetachedProbe,
     Event,
     EventKind,
     FailureKind,
@@ -35,6 +44,7 @@ from stapctl.models import (
     Strategy,
 )
 from stapctl.plan import ModuleJob, Plan
+from stapctl.store import file_name
 
 Emit = Callable[[Event], None]
 Connector = Callable[[Host, ConnectOptions], Connection]
@@ -88,6 +98,8 @@ class Fleet:
     sessions: dict[str, _Session] = field(default_factory=dict)
     outcomes: list[HostOutcome] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)  # every host given to connect()
+    run_name: str = ""  # the run's id: detached runs are named after it on the targets
+    detached: list[DetachedProbe] = field(default_factory=list)  # started detached
     _ended: set[tuple[str, str]] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -229,6 +241,8 @@ class Fleet:
         timing = self.options.timing
         duration = self.options.duration if self.options.duration is not None \
             else job.probe.duration
+        if self.manifest.detach is not None and not self.options.check:
+            return self._detach(session, job, remote, duration)
         if deadline is None and duration is not None:
             deadline = time.monotonic() + duration + timing.exit_timeout + DEADLINE_GRACE
         request = AgentRequest(
@@ -254,6 +268,37 @@ class Fleet:
         return HostOutcome(host=host, probe=probe, status="ok" if result.ok else "failed",
                            kind=result.kind, message=result.message, stats=result.stats)
 
+    def _detach(self, session: _Session, job: ModuleJob, remote: str,
+                duration: float | None) -> HostOutcome:
+        """Start the probe detached on the host; the call returns once it runs. A probe's
+        duration, when shorter than the bound's, is its maximum duration."""
+        spec, artifact = self.manifest.detach, job.artifact
+        assert spec is not None and artifact is not None
+        host, probe = session.host.name, job.probe.name
+        name = detached_name(self.run_name, probe)
+        request = AgentRequest(
+            action="detach", module=remote, sha256=artifact.sha256,
+            module_name=artifact.module_name, params=job.probe.params,
+            exit_timeout=self.options.timing.exit_timeout, bufsize_mb=self.options.bufsize_mb,
+            workdir=session.agent.workdir, name=name,
+            max_duration=min(spec.max_duration, duration or spec.max_duration),
+            max_disk=spec.max_disk, file_size=spec.file_size, file_count=spec.file_count)
+        result = session.agent.call(request, timing=self.options.timing)
+        if _corrupt_upload(result):  # the agent removed the bad copy: send it once more
+            session.agent.upload_module(artifact.path, artifact.sha256)
+            result = session.agent.call(request, timing=self.options.timing)
+        if not result.ok:
+            return HostOutcome(host=host, probe=probe, status="failed", kind=result.kind,
+                               message=result.message, stats=result.stats)
+        state = detached_state(result.detached)
+        become = self.manifest.become if session.host.become is None else session.host.become
+        with self._lock:
+            self.detached.append(DetachedProbe(replace(session.host, become=become), probe,
+                                               name, session.agent.workdir))
+        self._event(host, "started", f"detached as {name}", probe)
+        return HostOutcome(host=host, probe=probe, status="ok", message=(
+            f"detached: {state['state']}, module {state['module']}, pid {state['pid']}"))
+
     def _agent_event(self, host: str, probe: str, event: Mapping[str, Any]) -> None:
         name = event.get("event")
         text = text_field(event.get("text") or event.get("reason") or event.get("module"))
@@ -277,6 +322,11 @@ class Fleet:
         for session in list(self.sessions.values()):
             with contextlib.suppress(Exception):
                 session.connection.close()
+
+
+def detached_name(run_id: str, probe: str) -> str:
+    """The name of a probe's detached run on its hosts (its folder there)."""
+    return f"{run_id}.{file_name(probe)}"
 
 
 def _corrupt_upload(result: RunResult) -> bool:

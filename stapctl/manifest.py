@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from stapctl.errors import Issue, ManifestError
 from stapctl.inventory import read_inline_inventory
 from stapctl.models import (
     BatchSize,
+    DetachSpec,
     DiffSpec,
     HttpSink,
     InlineInventory,
@@ -49,6 +51,9 @@ _DURATION = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?)(?P<unit>ms|s|m|h)?")
 _PERCENTAGE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?)%")
 _SECONDS_PER_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DAYS = re.compile(r"(?P<days>[0-9]+)d")
+_SIZE = re.compile(r"(?P<number>[0-9]+)\s*(?P<unit>[KMG]i?B|B)?")
+_BYTES_PER_UNIT = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KiB": 1 << 10,
+                   "MiB": 1 << 20, "GiB": 1 << 30}
 
 
 # --- durations, percentages, stap options ----------------------------------------------
@@ -79,6 +84,20 @@ def parse_period(value: str) -> float:
     except ValueError:
         raise ValueError(f"expected a period such as 30s, 15m, 1h, 30d, got {describe(value)}")\
             from None
+
+
+def parse_size(value: object) -> int:
+    """Bytes in ``500MB``, ``64MiB``, ``1GiB``, ``4096`` (bytes); ValueError for anything
+    else, zero included."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
+        size = int(match["number"]) * _BYTES_PER_UNIT[match["unit"] or "B"]
+    else:
+        raise ValueError(f"expected a size such as 4096, 500MB or 1GiB, got {describe(value)}")
+    if size <= 0:
+        raise ValueError(f"a size must be more than zero, got {describe(value)}")
+    return size
 
 
 def parse_percentage(value: str) -> Percent:
@@ -184,6 +203,7 @@ class _ManifestBuilder:
         inventory = self._inventory(data.get("inventory"))
         output = self._output(data.get("output", {}))
         diff = self._diff(data.get("diff", {}))
+        detach = self._detach(data.get("detach", False))
         if self.issues or self.schema_failures or not probes or not strategy or not output \
                 or not diff:
             return None
@@ -191,7 +211,8 @@ class _ManifestBuilder:
             path=Path(self.doc.file), name=data["name"], probes=probes,
             description=data.get("description", ""), inventory=inventory,
             hosts=data.get("hosts", "all"), vars=data.get("vars") or {}, strategy=strategy,
-            become=data.get("become", False), output=output, diff=diff, document=self.doc,
+            become=data.get("become", False), output=output, diff=diff, detach=detach,
+            document=self.doc,
         )
 
     def _checked(self, path: KeyPath) -> bool:
@@ -380,6 +401,26 @@ class _ManifestBuilder:
         return DiffSpec(ignore_fields=tuple(raw.get("ignore_fields", [])),
                         ignore_patterns=tuple(patterns))
 
+    def _detach(self, raw: Any) -> DetachSpec | None:
+        """``detach: true`` (the default bound) or a mapping of the bound's keys."""
+        if raw is False or not self._checked(("detach",)):
+            return None
+        spec = DetachSpec()
+        if not isinstance(raw, dict):
+            return spec
+        if "max_duration" in raw:
+            spec = replace(spec, max_duration=self._duration(("detach", "max_duration"),
+                                                             raw["max_duration"]) or 0.0)
+        for key in ("max_disk", "file_size"):
+            if key in raw:
+                try:
+                    spec = replace(spec, **{key: parse_size(raw[key])})
+                except ValueError as exc:
+                    self._report(("detach", key), str(exc))
+        if "file_count" in raw:
+            spec = replace(spec, file_count=int(raw["file_count"]))
+        return spec
+
 
 def load_diff_spec(path: Path) -> DiffSpec:
     """The ``diff:`` of a manifest (a run record's copy, whose relative files may be
@@ -395,7 +436,6 @@ def load_diff_spec(path: Path) -> DiffSpec:
     if issues or spec is None:
         raise ManifestError(issues or [Issue(doc.file, None, None, "diff", "unreadable")])
     return spec
-
 
 # --- explain ---------------------------------------------------------------------------
 

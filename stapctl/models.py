@@ -126,6 +126,38 @@ class DiffSpec:
 
 
 @dataclass(frozen=True)
+class DetachSpec:
+    """A detached run's lifetime bound and output rotation, per host and probe: nothing
+    runs longer than ``max_duration`` seconds or writes more than ``max_disk`` bytes."""
+
+    max_duration: float = 24 * 3600.0
+    max_disk: int = 1 << 30
+    file_size: int = 64 << 20  # output files on the target are cut at this size
+    file_count: int = 16  # and the newest this many are kept
+
+    def describe(self) -> str:
+        return (f"detached: each probe stops after {format_duration(self.max_duration)} or "
+                f"{format_size(self.max_disk)} of output per host, whichever comes first; "
+                f"output files of {format_size(self.file_size)}, the newest "
+                f"{self.file_count} kept")
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def format_size(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("GB", 10**9), ("MiB", 1 << 20), ("MB", 10**6),
+                        ("KiB", 1 << 10), ("KB", 1000)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} bytes"
+
+
+@dataclass(frozen=True)
 class InlineGroup:
     """A group of a manifest's inline inventory."""
 
@@ -158,6 +190,7 @@ class Manifest:
     become: bool = False
     output: OutputSpec = OutputSpec()
     diff: DiffSpec = DiffSpec()
+    detach: DetachSpec | None = None  # run detached on the targets (apply --detach)
     # The file as read, to locate problems found later (a host pattern that selects
     # nothing) without reading it again; None for a manifest built in code.
     document: Document | None = field(default=None, compare=False, repr=False)
@@ -176,6 +209,16 @@ class Host:
     python: str = "python3"
     known_hosts: str | None = None  # a known_hosts file to trust for this host (the lab sets it)
     vars: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DetachedProbe:
+    """A probe started detached on a host: what later commands need to reach it."""
+
+    host: Host  # with ``become`` decided
+    probe: str
+    name: str  # its folder on the host: <workdir>/detached/<name>
+    workdir: str
 
 
 @dataclass(frozen=True)

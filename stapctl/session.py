@@ -36,11 +36,13 @@ from typing import Any, Protocol, TypeVar
 from stapctl.aggregate import Aggregator
 from stapctl.build import Builder
 from stapctl.connection import connect
+from stapctl.detach import DetachedRun
 from stapctl.difference import compare, recorded_hosts, recorded_many_probes
 from stapctl.errors import Issue, ManifestError, StapctlError, UsageError
 from stapctl.execute import Connector, Fleet, RunOptions
 from stapctl.inventory import load_inventory
 from stapctl.lab import GuestState, Lab
+from stapctl.manifest import load_manifest
 from stapctl.models import (
     Difference,
     Event,
@@ -53,7 +55,7 @@ from stapctl.models import (
 )
 from stapctl.plan import ModuleJob, Plan, build_plan, check_scripts, gather_symbol_maps, make_plan
 from stapctl.sinks import deliver
-from stapctl.store import RunRecorder, find_run, previous_run
+from stapctl.store import RunRecorder, find_run, previous_run, read_detached
 from stapctl.yamldoc import Document
 
 T = TypeVar("T")
@@ -88,6 +90,36 @@ class Silent:
 
     def interrupted(self, count: int, signum: int) -> None:
         pass
+
+
+def detached_run(run_id: str, inventory: Path | None = None, limit: str | None = None, *,
+                 accept_new_host_keys: bool = False,
+                 connector: Connector = connect) -> DetachedRun:
+    """The detached probes of a past `apply --detach` (a run id or a unique prefix), on
+    their hosts as the inventory names them now (-i, else the manifest's, else the lab's:
+    a lab guest started again has a new port); ``limit`` keeps some of the hosts."""
+    row = find_run(run_id)
+    folder = Path(row["dir"])
+    probes = read_detached(folder)
+    if not probes:
+        raise StapctlError(f"run {row['id']} started nothing detached (it was not applied "
+                           "with --detach, or no host started)")
+    current: dict[str, Host] = {}
+    try:
+        manifest = load_manifest(Path(row["manifest"]))
+        current = {host.name: host for host in select_hosts(manifest, inventory, limit)}
+    except StapctlError:  # the manifest moved or changed since: the inventory alone
+        if inventory is not None:
+            inventory_hosts = load_inventory(inventory, Document(str(inventory), None))
+            current = {host.name: host for host in inventory_hosts.select("all", limit)}
+        elif limit is not None:
+            raise
+    if limit is not None:
+        probes = [p for p in probes if p.host.name in current]
+    probes = [replace(p, host=replace(current[p.host.name], become=p.host.become))
+              if p.host.name in current else p for p in probes]
+    return DetachedRun(row["id"], folder, probes, accept_new_host_keys=accept_new_host_keys,
+                       connector=connector)
 
 
 def select_hosts(manifest: Manifest, inventory: Path | None = None,
@@ -160,9 +192,10 @@ class Session:
         self.listener: Listener = listener or Silent()
         self.builder = builder or Builder()
         self.channel = EventChannel()
-        self.fleet = Fleet(manifest, options or RunOptions(), self.channel.put, connector)
         self.run_id = time.strftime("%Y%m%d-%H%M%S-") + manifest.name + "-" + \
             secrets.token_hex(2)
+        self.fleet = Fleet(manifest, options or RunOptions(), self.channel.put, connector,
+                           run_name=self.run_id)
         self.record = record
         self.recorder: RunRecorder | None = None
         self._aggregator = Aggregator()
@@ -233,6 +266,8 @@ class Session:
                 for warning in warnings:
                     self.listener.note(warning)
                 run = replace(run, warnings=tuple(warnings))
+            if self.fleet.detached:
+                self.recorder.detached(self.fleet.detached)
             self.recorder.finish(run)
             for warning in self.recorder.warnings:
                 self.listener.note(f"run record: {warning}")

@@ -32,7 +32,7 @@ import platformdirs
 from stapctl import report
 from stapctl.aggregate import aggregates_json
 from stapctl.errors import StapctlError
-from stapctl.models import Difference, Event, Manifest, Run
+from stapctl.models import DetachedProbe, Difference, Event, Host, Manifest, Run
 from stapctl.plan import Plan
 
 DIR_MODE = 0o700
@@ -129,6 +129,13 @@ class RunRecorder:
 
     def plan(self, plan: Plan) -> None:
         self._attempt("write the scripts and plan.json", lambda: self._write_plan(plan))
+
+    def detached(self, probes: Iterable[DetachedProbe]) -> None:
+        """detached.json: where each probe started detached runs, for the commands that
+        reach it later (runs show, attach, collect, stop)."""
+        data = json.dumps([asdict(probe) for probe in probes], indent=2, default=str)
+        self._attempt("write detached.json",
+                      lambda: self._replace_file("detached.json", data.encode()))
 
     def finish(self, run: Run) -> None:
         """Close the record: summary.json and the history row are each written even if
@@ -441,3 +448,101 @@ def _remove_run_folder(folder: Path) -> None:
         pass
     except OSError as error:
         raise StapctlError(f"cannot remove the run folder {folder}: {_reason(error)}") from None
+
+
+# -- detached runs -----------------------------------------------------------------------
+def read_detached(run_folder: Path) -> list[DetachedProbe]:
+    """The probes a run started detached (none for an attached run)."""
+    try:
+        with os.fdopen(os.open(run_folder / "detached.json", _READ), "rb") as stream:
+            entries = json.loads(stream.read())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as error:
+        raise StapctlError(f"cannot read {run_folder / 'detached.json'}: {error}") from None
+    return [DetachedProbe(host=Host(**entry["host"]), probe=entry["probe"],
+                          name=entry["name"], workdir=entry["workdir"]) for entry in entries]
+
+
+class CollectedOutput:
+    """What `collect` fetched of a run's detached probes: per host and probe, the output's
+    bytes in `collected/<host>/<probe>.out` and, in `collected/record.json`, the offset
+    in the output the next collect starts from (rotation on the host may have skipped
+    bytes, so it can be past the file's size) and, once its files were removed from the
+    host, the probe's final state. Private, never through a symlink."""
+
+    def __init__(self, run_folder: Path) -> None:
+        self.dir = run_folder / "collected"
+        try:
+            record = json.loads((self.dir / "record.json").read_text())
+        except FileNotFoundError:
+            record = {}
+        except (OSError, ValueError) as error:
+            raise StapctlError(f"cannot read {self.dir / 'record.json'}: {error}") from None
+        self.offsets: dict[str, int] = record.get("offsets", {})
+        self.ended: dict[str, dict[str, Any]] = record.get("ended", {})
+
+    def final_state(self, host: str, probe: str) -> dict[str, Any] | None:
+        """The state a probe ended in, once its files are gone from its host."""
+        return self.ended.get(f"{host}\0{probe}")
+
+    def path(self, host: str, probe: str) -> Path:
+        return self.dir / file_name(host) / f"{file_name(probe)}.out"
+
+    def offset(self, host: str, probe: str) -> int:
+        return self.offsets.get(f"{host}\0{probe}", 0)
+
+    def append(self, host: str, probe: str, data: bytes) -> None:
+        path = self.path(host, probe)
+        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        fd = os.open(path, _WRITE | os.O_APPEND, FILE_MODE)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+
+    def done(self, host: str, probe: str, end: int,
+             final_state: dict[str, Any] | None = None) -> None:
+        """Record that the output up to ``end`` is here (written after the bytes, so a
+        collect cut short fetches again what it had not recorded), and the final state
+        of a probe whose files were removed from its host."""
+        key = f"{host}\0{probe}"
+        self.offsets[key] = end
+        if final_state is not None:
+            self.ended[key] = final_state
+        self.dir.mkdir(mode=DIR_MODE, exist_ok=True)
+        temporary = self.dir / ".record.json.tmp"
+        fd = os.open(temporary, _WRITE | os.O_TRUNC, FILE_MODE)
+        with os.fdopen(fd, "w") as stream:
+            json.dump({"offsets": self.offsets, "ended": self.ended}, stream)
+        os.replace(temporary, self.dir / "record.json")
+
+
+def iso_time(timestamp: float | None) -> str | None:
+    """An ISO 8601 UTC time, as the JSON forms of `runs` give times."""
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def read_summary(run_folder: Path) -> dict[str, Any] | None:
+    """A finished run's summary.json, None while it is unfinished."""
+    try:
+        with os.fdopen(os.open(run_folder / "summary.json", _READ), "rb") as stream:
+            summary = json.loads(stream.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise StapctlError(f"cannot read {run_folder / 'summary.json'}: {error}") from None
+    return summary if isinstance(summary, dict) else None
+
+
+def run_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A run of the history as `runs list --json` gives it."""
+    summary = read_summary(Path(row["dir"])) or {}
+    counts: dict[str, int] = {}
+    for outcome in summary.get("outcomes", []):
+        counts[outcome["status"]] = counts.get(outcome["status"], 0) + 1
+    return {"id": row["id"], "name": row["name"], "started": iso_time(row["started"]),
+            "finished": iso_time(row["finished"]), "exit_code": row["exit_code"],
+            "hosts": row["hosts"], "outcomes": counts}
