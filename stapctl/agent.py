@@ -92,6 +92,9 @@ class AgentRequest:
     offset: int | None = None  # collect, tail: from this byte of the output (tail: None, the end)
     remove: bool = False  # collect: remove the run's files once it has ended and all is sent
     timeout: float | None = None  # stop: how long to wait for the run to have ended
+    # run, detach: what the script's remote_id() and remote_uri() return on this host
+    remote_id: int | None = None
+    remote_uri: str = ""
 
     def encode(self) -> bytes:
         fields = {**asdict(self), "params": dict(self.params),

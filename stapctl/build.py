@@ -33,17 +33,19 @@ class Builder:
         return self._fixes[release]
 
     def spec(self, script: str, release: str, arch: str, options: tuple[str, ...],
-             symbol_map: str = "", origin: str = "", first_line: int = 1) -> ModuleSpec:
+             symbol_map: str = "", origin: str = "", first_line: int = 1,
+             args: tuple[str, ...] = ()) -> ModuleSpec:
         """The spec for ``script``; ``symbol_map`` only matters to scripts that need it.
 
         ``origin`` and ``first_line`` say where the script starts in the user's file, so
-        that errors stap and the module report name that file and line.
+        that errors stap and the module report name that file and line; ``args`` are the
+        script's arguments ($1, @1), which stap compiles in.
         """
         fixes = ",".join(fix.name for fix in self.fixes_for(release))
         return ModuleSpec(script=script, release=release, arch=arch, options=options,
                           stap_version=self.toolchain.version, runtime_fix=fixes,
                           symbol_map=symbol_map if needs_symbol_map(script) else "",
-                          origin=origin, first_line=first_line)
+                          origin=origin, first_line=first_line, args=args)
 
     def store_symbol_map(self, kallsyms: bytes) -> str:
         """Keep a System.map made from a host's /proc/kallsyms; returns its sha256."""

@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stapctl import html_report, lab, report, schedule
+from stapctl.adhoc import AdhocRun, adhoc_manifest
 from stapctl.cache import ModuleCache, cache_dir
 from stapctl.detach import DetachedRun, Fetched, ProbeState, host_state
 from stapctl.difference import (
@@ -36,7 +37,7 @@ from stapctl.errors import StapctlError, UsageError
 from stapctl.execute import RunOptions
 from stapctl.manifest import explain as explain_key
 from stapctl.manifest import load_diff_spec, load_manifest, parse_duration, parse_period, parse_size
-from stapctl.models import DetachSpec, Difference, HostOutcome, Manifest, Run
+from stapctl.models import DetachSpec, Difference, Host, HostOutcome, Manifest, Run
 from stapctl.plan import Plan
 from stapctl.render import parse_extra_vars
 from stapctl.session import Session, detached_run, select_hosts
@@ -175,16 +176,74 @@ def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tupl
     hosts = select_hosts(loaded, inventory, limit)
     options = RunOptions(duration=seconds, check=check,
                          accept_new_host_keys=accept_new_host_keys)
-    display = Display(loaded, [host.name for host in hosts])
-    session = Session(loaded, hosts, extra_vars=extra_vars, options=options, listener=display,
-                      baseline=baseline)
-    with display, signals_to(session):
-        run = session.apply()
-    report_run(run, session, display)
+    run, session, display = apply_and_report(loaded, hosts, extra_vars, options, baseline)
     if loaded.detach is not None and session.fleet.detached:
         message(f"detached: `stapctl runs show {run.id}`, `stapctl attach {run.id}`, "
                 f"`stapctl collect {run.id}`, `stapctl stop {run.id}`")
         display.out(run.id)
+    sys.exit(run.exit_code)
+
+
+def apply_and_report(manifest: Manifest, hosts: list[Host], extra_vars: dict[str, Any],
+                     options: RunOptions, baseline: str | None = None
+                     ) -> tuple[Run, Session, Display]:
+    """Apply the manifest through the Session with the live display, then report it."""
+    display = Display(manifest, [host.name for host in hosts])
+    session = Session(manifest, hosts, extra_vars=extra_vars, options=options,
+                      listener=display, baseline=baseline)
+    with display, signals_to(session):
+        run = session.apply()
+    report_run(run, session, display)
+    return run, session, display
+
+
+# -- run ---------------------------------------------------------------------------------
+@cli.command(name="run")
+@click.argument("pattern")
+@click.argument("words", nargs=-1, metavar="[SCRIPT] [ARG]...")
+@click.option("-e", "script", metavar="SCRIPT",
+              help="The script itself, as stap -e takes it; every ARG is then the script's.")
+@click.option("-i", "--inventory", type=click.Path(path_type=Path),
+              help="Inventory; default the lab's.")
+@click.option("--limit", help="Further limit the hosts (Ansible pattern).")
+@click.option("--var", "variables", multiple=True, metavar="KEY=VALUE",
+              help="Template variable of the script (the manifest's `vars:`).")
+@click.option("--forks", type=click.IntRange(1, 1000), help="Hosts worked on at once.")
+@click.option("--duration", help="Stop the script after this long (e.g. 30s).")
+@click.option("--format", "fmt", type=click.Choice(["prefix", "merged", "json"]))
+@click.option("--check", is_flag=True,
+              help="Connect, upload and run the preflight; load nothing.")
+@accept_new_host_keys_option
+def run_command(pattern: str, words: tuple[str, ...], script: str | None,
+                inventory: Path | None, limit: str | None, variables: tuple[str, ...],
+                forks: int | None, duration: str | None, fmt: str | None, check: bool,
+                accept_new_host_keys: bool) -> None:
+    """Run one script on the hosts PATTERN matches, as stap does on one:
+
+    \b
+      stapctl run web -e 'probe syscall.openat { printf("%s\\n", execname()) }'
+      stapctl run web script.stp [ARG]...   ($1, @1: the script's arguments)
+
+    Recorded as an apply of the manifest it amounts to: `stapctl runs export RUN` prints
+    it. Put `--` before script arguments that start with '-'.
+    """
+    if duration is not None:
+        try:
+            parse_duration(duration)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--duration") from None
+    if script is None and not words:
+        raise UsageError("no script: give one with -e 'probe …' or as a file "
+                         "(stapctl run PATTERN script.stp [ARG]…)")
+    script_file = None if script is not None else Path(words[0])
+    manifest = adhoc_manifest(AdhocRun(
+        hosts=pattern, script=script, script_file=script_file,
+        args=words if script is not None else words[1:],
+        variables=parse_extra_vars(list(variables)), duration=duration, forks=forks,
+        format=fmt, inventory=inventory))
+    hosts = select_hosts(manifest, inventory, limit)
+    options = RunOptions(check=check, accept_new_host_keys=accept_new_host_keys)
+    run, _, _ = apply_and_report(manifest, hosts, {}, options)
     sys.exit(run.exit_code)
 
 
@@ -251,6 +310,20 @@ def runs_list(limit: int, as_json: bool) -> None:
                       str(row["ok"]), str(row["failed"]))
     # a pipe or file gets whole run ids, however long: they are what people copy
     (Console() if sys.stdout.isatty() else Console(width=1000)).print(table)
+
+
+@runs.command(name="export")
+@click.argument("run_id", metavar="RUN")
+def runs_export(run_id: str) -> None:
+    """Print the manifest a run applied, as recorded with it: for an ad-hoc run
+    (`stapctl run`) a manifest to keep, which `stapctl apply` takes as it is."""
+    row = known_run(run_id)
+    recorded = Path(row["dir"]) / "manifest.yaml"
+    try:
+        click.echo(recorded.read_text(), nl=False)
+    except OSError as exc:
+        raise UsageError(f"run {row['id']} has no readable manifest.yaml in {row['dir']}: "
+                         f"{exc.strerror}") from None
 
 
 @runs.command(name="show")

@@ -90,7 +90,9 @@ class Compiler:
             # compile errors and into the module itself are the user's own
             script = Path(tmp) / _script_name(Path(spec.origin).name)
             script.write_text("\n" * (spec.first_line - 1) + spec.script)
-            proc = subprocess.run([*argv, *spec.options, script.name], cwd=tmp, env=env,
+            # `--`: an argument such as '-5' is the script's, never an option of stap's
+            proc = subprocess.run([*argv, *spec.options, "--", script.name, *spec.args],
+                                  cwd=tmp, env=env,
                                   capture_output=True, text=True, check=False)
             module = Path(tmp) / f"{spec.module_name}.ko"
             origin = spec.origin or script.name
@@ -171,7 +173,7 @@ def needs_symbol_map(script: str) -> bool:
     return KPROBE_FUNCTION.search(script) is not None
 
 
-def check_syntax(script: str, origin: str, first_line: int) -> None:
+def check_syntax(script: str, origin: str, first_line: int, args: tuple[str, ...] = ()) -> None:
     """Run stap's parser (pass 1) on a rendered script; no kernel or headers involved."""
     stap = shutil.which("stap")
     # stap insists on some kernel's build tree even to parse; any installed one will do
@@ -181,7 +183,7 @@ def check_syntax(script: str, origin: str, first_line: int) -> None:
     with tempfile.TemporaryDirectory(prefix="stapctl-parse-") as tmp:
         path = Path(tmp) / "probe.stp"
         path.write_text(script)
-        proc = subprocess.run([stap, "-p1", "-r", releases[-1], str(path)],
+        proc = subprocess.run([stap, "-p1", "-r", releases[-1], "--", str(path), *args],
                               capture_output=True, text=True, check=False, cwd=tmp)
         if proc.returncode != 0:
             raise CompileError(f"{origin}:{first_line}: stap cannot parse this probe",

@@ -65,6 +65,15 @@ class RunOptions:
     max_line: int = 64 << 10  # longer lines are split, with a warning
 
 
+def remote_uri(host: Host) -> str:
+    """What the host's scripts see as remote_uri(), as stap --remote names its targets."""
+    if host.address == "local":
+        return "local://"
+    address = f"[{host.address}]" if ":" in host.address else host.address
+    user = f"{host.user}@" if host.user else ""
+    return f"ssh://{user}{address}:{host.port}"
+
+
 def batches(hosts: Sequence[str], serial: Sequence[BatchSize]) -> Iterator[list[str]]:
     """Ansible's `serial`: batch sizes in order, the last one repeated until done."""
     remaining = list(hosts)
@@ -249,7 +258,8 @@ class Fleet:
             action="preflight" if self.options.check else "run", module=remote,
             sha256=artifact.sha256, module_name=artifact.module_name,
             params=job.probe.params, duration=duration, exit_timeout=timing.exit_timeout,
-            bufsize_mb=self.options.bufsize_mb, deadman=timing.deadman)
+            bufsize_mb=self.options.bufsize_mb, deadman=timing.deadman,
+            remote_id=self.hosts.index(host), remote_uri=remote_uri(session.host))
 
         def on_frame(frame: Frame) -> None:
             if frame.kind == "output":
@@ -282,7 +292,8 @@ class Fleet:
             exit_timeout=self.options.timing.exit_timeout, bufsize_mb=self.options.bufsize_mb,
             workdir=session.agent.workdir, name=name,
             max_duration=min(spec.max_duration, duration or spec.max_duration),
-            max_disk=spec.max_disk, file_size=spec.file_size, file_count=spec.file_count)
+            max_disk=spec.max_disk, file_size=spec.file_size, file_count=spec.file_count,
+            remote_id=self.hosts.index(host), remote_uri=remote_uri(session.host))
         result = session.agent.call(request, timing=self.options.timing)
         if _corrupt_upload(result):  # the agent removed the bad copy: send it once more
             session.agent.upload_module(artifact.path, artifact.sha256)

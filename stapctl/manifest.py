@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -162,6 +162,33 @@ def check_stap_option(option: str, guru: bool) -> str:
     raise ValueError(f"'{option}' is not an allowed stap option; allowed: {allowed}")
 
 
+MAX_SCRIPT_ARGS = 32
+MAX_SCRIPT_ARG_LENGTH = 1024
+
+
+def check_script_args(args: Sequence[object]) -> tuple[str, ...]:
+    """A script's arguments ($1, @1, ...) as stap is given them: text or whole numbers,
+    at most MAX_SCRIPT_ARGS of at most MAX_SCRIPT_ARG_LENGTH characters, without NUL or
+    line breaks (they are compiled into the module and its cache key); ValueError naming
+    the first bad one."""
+    if len(args) > MAX_SCRIPT_ARGS:
+        raise ValueError(f"{len(args)} script arguments: at most {MAX_SCRIPT_ARGS} are allowed")
+    checked: list[str] = []
+    for number, arg in enumerate(args, 1):
+        if isinstance(arg, bool) or not isinstance(arg, str | int):
+            raise ValueError(f"script argument {number} must be text or a whole number, "
+                             f"got {describe(arg)}")
+        text = str(arg)
+        if len(text) > MAX_SCRIPT_ARG_LENGTH:
+            raise ValueError(f"script argument {number} is {len(text)} characters long: at "
+                             f"most {MAX_SCRIPT_ARG_LENGTH} are allowed")
+        if re.search(r"[\x00\r\n]", text):
+            raise ValueError(f"script argument {number} contains a NUL or a line break: "
+                             "give each argument on one line")
+        checked.append(text)
+    return tuple(checked)
+
+
 # --- the manifest ----------------------------------------------------------------------
 
 
@@ -254,12 +281,19 @@ class _ManifestBuilder:
                     options.append(check_stap_option(option, guru))
                 except ValueError as error:
                     self._report(path + ("stap_options", index), str(error))
+        args: tuple[str, ...] = ()
+        if self._checked(path + ("args",)):
+            try:
+                args = check_script_args(entry.get("args", []))
+            except ValueError as error:
+                self._report(path + ("args",), str(error))
         if source is None:
             return None
         template, origin, first_line = source
         probe = Probe(name=str(entry.get("name")), template=template, origin=origin,
                       first_line=first_line, duration=duration,
-                      params=entry.get("params") or {}, stap_options=tuple(options), guru=guru)
+                      params=entry.get("params") or {}, stap_options=tuple(options), guru=guru,
+                      args=args)
         try:
             check_template(probe)
         except ManifestError as error:

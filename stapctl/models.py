@@ -31,6 +31,7 @@ class Probe:
     params: Mapping[str, str | int] = field(default_factory=dict)
     stap_options: tuple[str, ...] = ()
     guru: bool = False
+    args: tuple[str, ...] = ()  # the script's $1, @1, ...: given to stap after the script
 
 
 @dataclass(frozen=True)
@@ -248,17 +249,18 @@ class ModuleSpec:
     symbol_map: str = ""  # sha256 of a System.map to build against (kprobe.function)
     origin: str = ""  # the user's file the script came from: named in stap's messages
     first_line: int = 1  # line in ``origin`` where the script starts
+    args: tuple[str, ...] = ()  # the script's arguments ($1, @1): compiled into the module
 
     @property
     def key(self) -> str:
         # the module records the script's file name and line numbers (run-time errors name
         # them), not the directory the file is in
         location = f"{Path(self.origin).name}:{self.first_line}"
-        blob = json.dumps(
-            [self.script, self.release, self.arch, list(self.options), self.stap_version,
-             self.runtime_fix, self.symbol_map, location],
-            separators=(",", ":"),
-        )
+        fields: list[object] = [self.script, self.release, self.arch, list(self.options),
+                                self.stap_version, self.runtime_fix, self.symbol_map, location]
+        if self.args:  # only then: the modules of scripts without arguments keep their keys
+            fields.append(list(self.args))
+        blob = json.dumps(fields, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
     @property

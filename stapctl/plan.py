@@ -100,7 +100,7 @@ def make_plan(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
         for name, (host, facts) in hosts.items():
             script = render_script(probe, template_vars(manifest, host, facts, extra_vars))
             spec = builder.spec(script, facts.release, facts.arch, probe.stap_options,
-                                facts.symbol_map, probe.origin, probe.first_line)
+                                facts.symbol_map, probe.origin, probe.first_line, probe.args)
             error = ""
             if needs_symbol_map(script) and not facts.symbol_map:
                 reason = facts.symbol_map_error or "its symbols were not gathered"
@@ -130,7 +130,7 @@ def check_scripts(manifest: Manifest, hosts: Sequence[Host],
             script = render_script(probe, template_vars(manifest, host, blank, extra_vars))
             if (probe.name, script) not in seen:
                 seen.add((probe.name, script))
-                check_syntax(script, probe.origin, probe.first_line)
+                check_syntax(script, probe.origin, probe.first_line, probe.args)
     return len(seen)
 
 

@@ -63,6 +63,14 @@ def _own_data_dir() -> Path:
     return path
 
 
+def adhoc_manifest_dir() -> Path:
+    """Where the manifests of ad-hoc runs (`stapctl run`) are written, each under its
+    content's digest: the history names them as it names any manifest."""
+    path = _own_data_dir() / "adhoc"
+    path.mkdir(mode=DIR_MODE, exist_ok=True)
+    return path
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
   id TEXT PRIMARY KEY, name TEXT NOT NULL, manifest TEXT NOT NULL, dir TEXT NOT NULL,

@@ -1,0 +1,113 @@
+"""An ad-hoc run (`stapctl run PATTERN -e SCRIPT` or `PATTERN script.stp ARG…`): the
+manifest a one-liner amounts to.
+
+It is written as YAML and read back through the manifest loader, so every check of a
+manifest applies; the run records it like any manifest, and `stapctl runs export` gives
+it back as a manifest to keep: the script inline, the options as manifest keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stapctl.errors import UsageError
+from stapctl.manifest import check_script_args, load_manifest
+from stapctl.models import Manifest
+from stapctl.store import adhoc_manifest_dir
+from stapctl.yamldoc import UnreadableFile, read_text
+
+DEFAULT_NAME = "adhoc"
+
+
+@dataclass(frozen=True)
+class AdhocRun:
+    """What `stapctl run` was given; ``script`` (-e) or ``script_file``, not both."""
+
+    hosts: str
+    script: str | None = None
+    script_file: Path | None = None
+    args: Sequence[str] = ()
+    variables: Mapping[str, Any] = field(default_factory=dict)
+    duration: str | None = None
+    forks: int | None = None
+    format: str | None = None
+    inventory: Path | None = None
+
+
+def adhoc_manifest(run: AdhocRun) -> Manifest:
+    """The manifest of ``run``, written under its digest and loaded; bad input is a
+    UsageError (or the loader's ManifestError) saying what to change."""
+    name, text = _script(run)
+    try:
+        args = check_script_args(run.args)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    probe: dict[str, Any] = {"name": name, "script": text}
+    if args:
+        probe["args"] = list(args)
+    if run.duration is not None:
+        probe["duration"] = run.duration
+    data: dict[str, Any] = {"apiVersion": "stapctl/v1", "kind": "Trace", "name": name,
+                            "description": "made by `stapctl run`", "hosts": run.hosts}
+    if run.inventory is not None and run.inventory.is_file():
+        data["inventory"] = str(run.inventory.resolve())
+    if run.variables:
+        data["vars"] = dict(run.variables)
+    if run.forks is not None:
+        data["strategy"] = {"forks": run.forks}
+    if run.format is not None:
+        data["output"] = {"format": run.format}
+    data["probes"] = [probe]
+    return load_manifest(_write(yaml.dump(data, Dumper=_Dumper, sort_keys=False,
+                                          allow_unicode=True)))
+
+
+def _script(run: AdhocRun) -> tuple[str, str]:
+    """(probe and manifest name, script text)."""
+    if run.script is not None:
+        if not run.script.strip():
+            raise UsageError("-e: the script is empty: give the probe, e.g. "
+                             "-e 'probe oneshot { println(\"hi\") }'")
+        return DEFAULT_NAME, run.script
+    if run.script_file is None:
+        raise UsageError("no script: give one with -e 'probe …' or as a file "
+                         "(stapctl run PATTERN script.stp [ARG]…)")
+    try:
+        text = read_text(run.script_file)
+    except UnreadableFile as error:
+        raise UsageError(f"script file '{run.script_file}': {error}") from None
+    if not text.strip():
+        raise UsageError(f"script file '{run.script_file}' is empty")
+    stem = re.sub(r"[^a-z0-9-]+", "-", run.script_file.stem.lower()).strip("-")[:40]
+    return stem.strip("-") or DEFAULT_NAME, text
+
+
+def _write(text: str) -> Path:
+    """The manifest's file, named by its content: the same run given again is the same
+    manifest (and `--baseline last` compares like with like)."""
+    path = adhoc_manifest_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    if not path.exists():
+        partial = path.with_suffix(f".{os.getpid()}.part")
+        partial.write_text(text)
+        os.replace(partial, path)
+    return path
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line scripts as literal blocks, so the exported manifest reads as written."""
+
+
+def _string(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value.rstrip("\n") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _string)
