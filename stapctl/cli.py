@@ -231,7 +231,7 @@ def run_command(pattern: str, words: tuple[str, ...], script: str | None,
         try:
             parse_duration(duration)
         except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--duration") from None
+            raise UsageError(f"--duration: {exc}") from None
     if script is None and not words:
         raise UsageError("no script: give one with -e 'probe …' or as a file "
                          "(stapctl run PATTERN script.stp [ARG]…)")
@@ -317,7 +317,10 @@ def runs_list(limit: int, as_json: bool) -> None:
 def runs_export(run_id: str) -> None:
     """Print the manifest a run applied, as recorded with it: for an ad-hoc run
     (`stapctl run`) a manifest to keep, which `stapctl apply` takes as it is."""
-    row = known_run(run_id)
+    try:
+        row = find_run(run_id)
+    except StapctlError as exc:
+        raise UsageError(f"{exc} (`stapctl runs list` shows the runs)") from None
     recorded = Path(row["dir"]) / "manifest.yaml"
     try:
         click.echo(recorded.read_text(), nl=False)
