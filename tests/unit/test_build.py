@@ -145,11 +145,11 @@ echo "$@" >> "{log}"
 sleep {delay}
 while [ $# -gt 0 ]; do
   if [ "$1" = "-m" ]; then name="$2"; fi
-  last="$1"
+  if [ "$1" = "--" ]; then script="$2"; break; fi  # then the script, then its arguments
   shift
 done
-if grep -q FAIL "$last"; then
-  echo "semantic error: no match at $last:$(grep -n FAIL "$last" | cut -d: -f1):3" >&2
+if grep -q FAIL "$script"; then
+  echo "semantic error: no match at $script:$(grep -n FAIL "$script" | cut -d: -f1):3" >&2
   exit 1
 fi
 printf 'fake module' > "$name.ko"
@@ -211,14 +211,16 @@ def test_two_applies_sharing_the_cache_compile_once(tmp_path: Path, any_headers:
 def test_stap_gets_the_users_file_name_and_lines(tmp_path: Path, any_headers: None) -> None:
     builder = Builder(tmp_path / "cache", Toolchain(str(fake_stap(tmp_path)), "4.8", tmp_path))
     spec = builder.spec("probe oneshot {\n FAIL\n}", "r", platform.machine(), ("-DX=1",),
-                        "", "/home/me/-trace.yaml", 20)
+                        "", "/home/me/-trace.yaml", 20, ("hello", "-5"))
     with pytest.raises(CompileError) as caught:
         builder.build(spec)
     message = str(caught.value)
     assert message.startswith("/home/me/-trace.yaml:20: stap could not build this probe")
     assert "/home/me/-trace.yaml:21:3" in message  # stap's line 21 is the user's line 21
     argv = compiles(tmp_path)[0].split()
-    assert argv[:4] == ["-p4", "-r", "r", "-m"] and argv[-2:] == ["-DX=1", "trace.yaml"]
+    assert argv[:4] == ["-p4", "-r", "r", "-m"]
+    # the script's arguments after it, and after `--`: '-5' is not an option of stap's
+    assert argv[-5:] == ["-DX=1", "--", "trace.yaml", "hello", "-5"]
     assert builder.cached(spec) is None  # a failure is not cached
 
 
