@@ -86,8 +86,9 @@ def _script(run: AdhocRun) -> tuple[str, str]:
         raise UsageError(f"script file '{run.script_file}': {error}") from None
     if not text.strip():
         raise UsageError(f"script file '{run.script_file}' is empty")
-    stem = re.sub(r"[^a-z0-9-]+", "-", run.script_file.stem.lower()).strip("-")[:40]
-    return stem.strip("-") or DEFAULT_NAME, text
+    # named after the file, within the rule for names: 1 to 40 of [a-z0-9-], no '-' first
+    name = re.sub(r"[^a-z0-9-]+", "-", run.script_file.stem.lower()).lstrip("-")[:40]
+    return name or DEFAULT_NAME, text
 
 
 def _write(text: str) -> Path:
