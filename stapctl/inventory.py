@@ -353,8 +353,9 @@ class _Builder:
         self.file = file
         self.hosts: dict[str, dict[str, Any]] = {}
         self.groups: dict[str, Group] = {"all": Group("all"), "ungrouped": Group("ungrouped")}
-        self.child_written_at: dict[tuple[str, str], Where] = {}
-        self.host_written_at: dict[str, Where] = {}
+        # where, and in which file (an inventory directory has several), each is written
+        self.child_written_at: dict[tuple[str, str], tuple[str, Where]] = {}
+        self.host_written_at: dict[str, tuple[str, Where]] = {}
         self.group_files: dict[str, dict[str, Any]] = {}
         self.host_files: dict[str, dict[str, Any]] = {}
         self.issues: list[Issue] = []
@@ -368,7 +369,7 @@ class _Builder:
 
     def add_host(self, name: str, group: str | None, variables: Mapping[str, Any],
                  where: Where) -> None:
-        self.host_written_at.setdefault(name, where)
+        self.host_written_at.setdefault(name, (self.file, where))
         self.hosts.setdefault(name, {}).update(variables)
         if group is not None and name not in self.group(group).hosts:
             self.group(group).hosts.append(name)
@@ -377,7 +378,7 @@ class _Builder:
         if child not in self.group(parent).children:
             self.group(parent).children.append(child)
             self.group(child)
-            self.child_written_at[(parent, child)] = where
+            self.child_written_at[(parent, child)] = (self.file, where)
 
     def check_variables(self, variables: Mapping[str, Any], where: Where) -> None:
         """Connection variables must make sense where they are written."""
@@ -413,13 +414,13 @@ class _Builder:
     def _check_names_used_as_addresses(self, inventory: Inventory) -> None:
         """A host without ``ansible_host`` is reached at its name, which must then be an
         address too (an ``ansible_host`` is checked where it is written)."""
-        for name, where in self.host_written_at.items():
+        for name, (file, where) in self.host_written_at.items():
             if "ansible_host" in inventory.host(name).vars:
                 continue
             if address_problem(name) is not None:
                 self.report(where, f"host '{name}' has no ansible_host, so its name is its "
                                    f"address, but it is not a host name, an IP address or "
-                                   f"'local': set ansible_host (address:) or rename it")
+                                   f"'local': set ansible_host (address:) or rename it", file)
 
     def _check_cycles(self) -> None:
         """Report one cycle of children, if any, from the groups that could not be put in
@@ -434,9 +435,10 @@ class _Builder:
             parent = next(name for name in parents[trail[-1]] if name not in ordered)
             if parent in trail:
                 cycle = [parent, *reversed(trail[trail.index(parent):])]
-                where = self.child_written_at.get((parent, trail[-1]), (None, None, ""))
+                file, where = self.child_written_at.get((parent, trail[-1]),
+                                                        (self.file, (None, None, "")))
                 self.report(where, f"group '{parent}' is its own ancestor: "
-                                   f"{' → '.join(cycle)}")
+                                   f"{' → '.join(cycle)}", file)
                 return
             trail.append(parent)
 

@@ -296,3 +296,13 @@ def test_list_hosts_prints_the_matched_hosts_and_connects_to_nothing(
     assert everything.returncode == 2  # the manifest's 'web' is no group of the list
     assert "'web' matches no host or group" in everything.stderr
     assert "Traceback" not in everything.stderr
+
+
+def test_a_host_name_that_is_no_address_is_located_in_its_own_file(tmp_path: Path) -> None:
+    folder = tmp_path / "inventory"
+    write(folder / "a.ini", "[web]\nweb1\n")
+    bad = write(folder / "b.ini", "[db]\n\ndb_1\n")  # '_' is not in a host name
+    with pytest.raises(ManifestError, match="has no ansible_host") as caught:
+        load(folder)
+    (issue,) = caught.value.issues
+    assert (issue.file, issue.line) == (str(bad), 3)
