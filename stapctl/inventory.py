@@ -636,35 +636,44 @@ def _read_script_inventory(path: Path, builder: _Builder) -> None:
     prints JSON groups (``{"web": {"hosts": [...], "vars": {...}, "children": [...]}}``
     or ``{"web": [...]}``) and ``_meta.hostvars``; without ``_meta``, ``PATH --host NAME``
     prints each host's vars."""
-    listed = _script_json(path, "--list")
-    meta = listed.pop("_meta", None)
+    groups = _script_json(path, "--list")
+    meta = groups.pop("_meta", None)
+    listed: dict[str, None] = {}  # the hosts it names, in order
     if meta is not None and not (isinstance(meta, dict)
                                  and isinstance(meta.get("hostvars", {}), dict)):
         _script_problem(path, "--list", '"_meta" must be {"hostvars": {HOST: {VAR: VALUE}}}')
-    for name, body in listed.items():
+    for name, body in groups.items():
         if isinstance(body, list):
             body = {"hosts": body}
-        if not isinstance(body, dict) or not all(
-                isinstance(body.get(key, []), list) and all(
-                    isinstance(item, str) and item for item in body.get(key, []))
-                for key in ("hosts", "children")) or not isinstance(body.get("vars", {}), dict):
+        if not _is_script_group(body):
             _script_problem(path, "--list", f"group {name!r} must be a list of host names "
                             'or {"hosts": [...], "vars": {...}, "children": [...]}')
         builder.group(name).vars.update(body.get("vars", {}))
         builder.check_variables(body.get("vars", {}), (None, None, f"{name}.vars"))
         for host in body.get("hosts", []):
             builder.add_host(host, None if name == "all" else name, {}, (None, None, host))
+            listed.setdefault(host, None)
         for child in body.get("children", []):
             builder.add_child(name, child, (None, None, f"{name}.children"))
-    for host in builder.hosts:
+    for host in listed:  # the script's own hosts, not those of other files beside it
         if meta is not None:
             variables = meta.get("hostvars", {}).get(host, {})
         else:
             variables = _script_json(path, "--host", host)
         if not isinstance(variables, dict):
-            _script_problem(path, "--list", f"the vars of host {host!r} must be a mapping")
+            _script_problem(path, *(["--list"] if meta is not None else ["--host", host]),
+                            f"the vars of host {host!r} must be a mapping")
         builder.check_variables(variables, (None, None, host))
         builder.hosts[host].update(variables)
+
+
+def _is_script_group(body: Any) -> bool:
+    """A group as a script lists it: ``{"hosts": [NAME…], "vars": {…}, "children": [NAME…]}``,
+    every key optional."""
+    def names(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(item, str) and item for item in value)
+    return (isinstance(body, dict) and names(body.get("hosts", []))
+            and names(body.get("children", [])) and isinstance(body.get("vars", {}), dict))
 
 
 def _script_json(path: Path, *arguments: str) -> dict[str, Any]:

@@ -306,3 +306,12 @@ def test_a_host_name_that_is_no_address_is_located_in_its_own_file(tmp_path: Pat
         load(folder)
     (issue,) = caught.value.issues
     assert (issue.file, issue.line) == (str(bad), 3)
+
+
+def test_a_script_in_a_directory_is_asked_only_about_its_own_hosts(tmp_path: Path) -> None:
+    folder = tmp_path / "inventory"
+    write(folder / "a.ini", "[web]\nweb9 ansible_port=2209\n")
+    write(folder / "b.py", SCRIPT.format(python=sys.executable, meta=""), executable=True)
+    inventory = load(folder)
+    assert inventory.host("web9").port == 2209 and "asked" not in inventory.host("web9").vars
+    assert inventory.host("web1").vars["asked"] == "web1"
