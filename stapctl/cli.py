@@ -40,7 +40,7 @@ from stapctl.manifest import load_diff_spec, load_manifest, parse_duration, pars
 from stapctl.models import DetachSpec, Difference, Host, HostOutcome, Manifest, Run
 from stapctl.plan import Plan
 from stapctl.render import parse_extra_vars
-from stapctl.session import Session, detached_run, select_hosts
+from stapctl.session import NothingToRetry, Session, detached_run, select_hosts
 from stapctl.store import (
     difference_json,
     file_name,
@@ -77,17 +77,48 @@ def cli() -> None:
     """Compile SystemTap probes once, run them on many hosts over SSH."""
 
 
+LIST_HOSTS = "stapctl.list_hosts"
+
+
+def remember_list_hosts(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    ctx.meta[LIST_HOSTS] = value
+
+
 def target_options(command: F) -> F:
-    """-i, --limit and -e: how apply, plan and validate choose hosts and variables."""
+    """-i, --limit, -e and --list-hosts: how apply, plan and validate choose hosts and
+    variables. A command takes its hosts from `target_hosts`, which honours --list-hosts."""
     for option in reversed([
         click.option("-i", "--inventory", type=click.Path(path_type=Path),
-                     help="Inventory file; overrides the manifest's `inventory:`."),
-        click.option("--limit", help="Further limit the hosts (Ansible pattern)."),
-        click.option("-e", "--extra-vars", "extra", multiple=True, metavar="KEY=VALUE",
-                     help="Template variable; wins over every other source."),
+                     help="Inventory: a file, an executable script, a directory of them, "
+                          "or a comma list (web1,web2,); overrides the manifest's "
+                          "`inventory:`."),
+        click.option("--limit", help="Further limit the hosts (Ansible pattern), or "
+                                     "@RUN:failed / @last:failed: the hosts that run "
+                                     "failed on or could not reach."),
+        click.option("-e", "--extra-vars", "extra", multiple=True, metavar="KEY=VALUE|@FILE",
+                     help="Template variable, or a YAML file of them; wins over every "
+                          "other source."),
+        click.option("--list-hosts", is_flag=True, expose_value=False,
+                     callback=remember_list_hosts,
+                     help="Print the matched hosts, one a line, and connect to nothing."),
     ]):
         command = option(command)
     return command
+
+
+def target_hosts(manifest: Manifest, inventory: Path | None, limit: str | None) -> list[Host]:
+    """The hosts a command works on (see `select_hosts`). With --list-hosts it prints
+    their names and exits; a retry with nothing to retry says so and exits 0."""
+    try:
+        hosts = select_hosts(manifest, inventory, limit)
+    except NothingToRetry as exc:
+        message(str(exc))
+        sys.exit(0)
+    if click.get_current_context().meta.get(LIST_HOSTS):
+        for host in hosts:
+            click.echo(report.printable(host.name))
+        sys.exit(0)
+    return hosts
 
 
 accept_new_host_keys_option = click.option(
@@ -173,7 +204,7 @@ def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tupl
     loaded = with_detach(with_overrides(load_manifest(manifest), forks, fmt), detach,
                          max_duration, max_disk)
     extra_vars = parse_extra_vars(list(extra))
-    hosts = select_hosts(loaded, inventory, limit)
+    hosts = target_hosts(loaded, inventory, limit)
     options = RunOptions(duration=seconds, check=check,
                          accept_new_host_keys=accept_new_host_keys)
     run, session, display = apply_and_report(loaded, hosts, extra_vars, options, baseline)
@@ -631,8 +662,9 @@ def validate(manifest: Path, inventory: Path | None, limit: str | None,
     """
     loaded = load_manifest(manifest)
     hosts = []
-    if inventory is not None or loaded.inventory is not None:
-        hosts = select_hosts(loaded, inventory, limit)
+    if (inventory is not None or loaded.inventory is not None
+            or click.get_current_context().meta.get(LIST_HOSTS)):
+        hosts = target_hosts(loaded, inventory, limit)
     parsed = Session(loaded, hosts, extra_vars=parse_extra_vars(list(extra))).validate()
     message(f"{manifest}: ok ({len(loaded.probes)} probe(s), {len(hosts)} host(s), "
             f"{parsed} distinct script(s) parsed)")
@@ -649,7 +681,7 @@ def plan_command(manifest: Path, inventory: Path | None, limit: str | None,
                  detach: bool, max_duration: str | None, max_disk: str | None) -> None:
     """Connect for facts and show which module each host gets; build only with --build."""
     loaded = with_detach(load_manifest(manifest), detach, max_duration, max_disk)
-    hosts = select_hosts(loaded, inventory, limit)
+    hosts = target_hosts(loaded, inventory, limit)
     display = Display(loaded, [host.name for host in hosts])
     session = Session(loaded, hosts, extra_vars=parse_extra_vars(list(extra)),
                       options=RunOptions(accept_new_host_keys=accept_new_host_keys),

@@ -13,14 +13,17 @@ import ast
 import fnmatch
 import ipaddress
 import itertools
+import json
+import os
 import re
 import shlex
 import string
+import subprocess
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from stapctl.errors import Issue, ManifestError
 from stapctl.models import Host, InlineGroup, InlineInventory
@@ -44,6 +47,24 @@ _INLINE_HOST_FIELDS = {  # inline host settings and the Ansible variable each on
     "key_file": "ansible_ssh_private_key_file", "become": "ansible_become",
     "python": "ansible_python_interpreter", "known_hosts": "stapctl_known_hosts",
 }
+# Ansible's other names for the connection variables; when a host has several, the last
+# of each tuple wins, as in Ansible's ssh connection plugin.
+_CONNECTION_NAMES = {
+    "ansible_host": ("ansible_host", "ansible_ssh_host"),
+    "ansible_port": ("ansible_port", "ansible_ssh_port"),
+    "ansible_user": ("ansible_user", "ansible_ssh_user"),
+    "ansible_ssh_private_key_file": ("ansible_private_key_file",
+                                     "ansible_ssh_private_key_file"),
+}
+_ALIAS_OF = {alias: name for name, aliases in _CONNECTION_NAMES.items() for alias in aliases}
+# An inventory directory's files that are not inventories, as Ansible skips them
+_IGNORED_SUFFIXES = (".pyc", ".pyo", ".swp", ".bak", "~", ".rpm", ".md", ".txt", ".rst",
+                     ".orig", ".cfg", ".retry")
+_VARS_SUFFIXES = ("", ".yml", ".yaml", ".json")  # group_vars/NAME, NAME.yml, ...
+SCRIPT_TIMEOUT = 30  # seconds an executable inventory may take to answer
+_PATTERN_TERM = re.compile(r"(?:[^,:\[\]]|\[[^\]]*\])+")  # split on , and : outside []
+_SUBSCRIPT = re.compile(  # web[0], web[-1], web[0:2], web[1:]
+    r"(?P<base>.+)\[(?:(?P<index>-?[0-9]+)|(?P<start>[0-9]+):(?P<end>[0-9]*))\]")
 _TEXT_VARIABLES = ("ansible_host", "ansible_user", "ansible_ssh_private_key_file",
                    "ansible_python_interpreter", "stapctl_known_hosts")
 _INI_SECTION = re.compile(r"\[(?P<group>[^:\]\s]+)(?::(?P<kind>\w+))?\]\s*(?:[#;].*)?")
@@ -71,7 +92,10 @@ class Group:
 
 
 def load_inventory(source: Path | InlineInventory, origin: Document) -> Inventory:
-    """Read an inventory: an Ansible INI or YAML file, or a manifest's inline inventory.
+    """Read an inventory as Ansible takes one with -i: an INI or YAML file, an executable
+    script (run with ``--list``), a directory of them (all merged), or a comma list of
+    hosts (``web1,web2:2222,``); or a manifest's inline inventory. ``group_vars/`` and
+    ``host_vars/`` beside the file (in the directory) add their variables.
 
     ``origin`` is the manifest the inventory serves, as it was read: host-pattern errors
     point at its ``hosts:`` key. A file is read as YAML when it ends in .yaml, .yml or
@@ -88,17 +112,49 @@ def load_inventory(source: Path | InlineInventory, origin: Document) -> Inventor
             for child in group.children:
                 builder.add_child(name, child, (None, None, ""))
         return builder.finish(origin)
+    builder = _Builder(str(source))
+    if "," in str(source) and not source.exists():
+        _read_host_list(str(source), builder)
+        return builder.finish(origin)
+    if source.is_dir():
+        for path in _inventory_files(source):
+            _read_inventory_file(path, builder)
+        if not builder.hosts and not builder.issues:
+            builder.report((None, None, ""), "inventory directory has no host in any file")
+        _read_vars_directories(source, builder)
+    else:
+        _read_inventory_file(source, builder)
+        _read_vars_directories(source.parent, builder)
+    builder.file = str(source)
+    return builder.finish(origin)
+
+
+def _read_inventory_file(path: Path, builder: _Builder) -> None:
+    builder.file = str(path)
+    if path.is_file() and os.access(path, os.X_OK):
+        _read_script_inventory(path, builder)
+        return
     try:
-        text = read_text(source)
+        text = read_text(path)
     except UnreadableFile as error:
         raise ManifestError(
-            Issue(str(source), error.line, None, "", f"inventory: {error}")) from None
-    builder = _Builder(str(source))
-    if _looks_like_yaml(source, text):
-        _read_yaml_inventory(parse_yaml(text, str(source)), builder)
+            Issue(str(path), error.line, None, "", f"inventory: {error}")) from None
+    if _looks_like_yaml(path, text):
+        _read_yaml_inventory(parse_yaml(text, str(path)), builder)
     else:
         _read_ini_inventory(text, builder)
-    return builder.finish(origin)
+
+
+def _inventory_files(directory: Path) -> list[Path]:
+    """The inventories in a directory and its subdirectories, by name, as Ansible reads
+    them: not hidden files, not group_vars/host_vars, not backups or notes."""
+    files: list[Path] = []
+    for path in sorted(directory.iterdir()):
+        if (path.name.startswith(".") or path.name in ("group_vars", "host_vars")
+                or path.name.endswith(_IGNORED_SUFFIXES)):
+            continue
+        files.extend(_inventory_files(path) if path.is_dir() else [path])
+    return files
 
 
 def read_inline_inventory(doc: Document, data: Mapping[str, Any]) -> InlineInventory:
@@ -130,11 +186,14 @@ class Inventory:
     """Hosts and groups, in the order the inventory lists them."""
 
     def __init__(self, source: str, origin: Document, hosts: dict[str, dict[str, Any]],
-                 groups: dict[str, Group]) -> None:
+                 groups: dict[str, Group], group_files: dict[str, dict[str, Any]] | None = None,
+                 host_files: dict[str, dict[str, Any]] | None = None) -> None:
         self.source = source  # the file the inventory was read from (or the manifest)
         self.origin = origin
         self.hosts = hosts  # host name → its own vars
         self.groups = groups  # includes 'all' and 'ungrouped'
+        self.group_files = group_files or {}  # group → its group_vars/ variables
+        self.host_files = host_files or {}  # host → its host_vars/ variables
         self._children = {name: group.children for name, group in groups.items()}
         self._parents = _parents(groups)
         self._direct_groups: dict[str, list[str]] = {name: [] for name in hosts}
@@ -158,12 +217,24 @@ class Inventory:
         return [self.host(name) for name in self.hosts if name in selected]
 
     def host(self, name: str) -> Host:
-        """One host with its merged vars: ``all`` < parent groups < child groups < host."""
+        """One host with its merged vars, in Ansible's order: the inventory's ``all`` <
+        group_vars/all < its parent groups < child groups < their group_vars files <
+        the inventory's host vars < host_vars/NAME."""
         groups = self.groups_of(name)
         variables: dict[str, Any] = {}
-        for group in groups:
+        for group in groups:  # 'all' first
             variables.update(self.groups[group].vars)
+            if group == "all":
+                variables.update(self.group_files.get("all", {}))
+        for group in groups[1:]:
+            variables.update(self.group_files.get(group, {}))
         variables.update(self.hosts[name])
+        variables.update(self.host_files.get(name, {}))
+        for canonical, aliases in _CONNECTION_NAMES.items():
+            value = next((variables[alias] for alias in reversed(aliases)
+                          if alias in variables), None)
+            if value is not None:
+                variables[canonical] = value
         variables["inventory_hostname"] = name
         variables["group_names"] = sorted(group for group in groups if group != "all")
         python = str(variables.get("ansible_python_interpreter", "python3"))
@@ -193,7 +264,7 @@ class Inventory:
                 for host in self.groups[name].hosts}
 
     def _match(self, pattern: str, where: str) -> set[str]:
-        terms = [term.strip() for term in re.split(r"[,:]", pattern) if term.strip()]
+        terms = [term.strip() for term in _PATTERN_TERM.findall(pattern) if term.strip()]
         if not terms:
             raise ManifestError(self._pattern_issue(where, f"empty host pattern '{pattern}'"))
         including = [term for term in terms if term[0] not in "&!"] or ["all"]
@@ -215,6 +286,11 @@ class Inventory:
         return selected
 
     def _match_term(self, term: str, where: str, unmatched: list[str]) -> set[str]:
+        subscript = None if term.startswith("~") else _SUBSCRIPT.fullmatch(term)
+        if subscript is not None:
+            matched = self._match_term(subscript["base"], where, unmatched)
+            return set(self._subscript([name for name in self.hosts if name in matched],
+                                       subscript, where))
         if term in ("all", "*"):
             return set(self.hosts)
         if term.startswith("~"):
@@ -238,6 +314,26 @@ class Inventory:
             unmatched.append(term)
         return found
 
+    def _subscript(self, hosts: list[str], subscript: re.Match[str], where: str) -> list[str]:
+        """Ansible's ``group[2]``, ``group[-1]``, ``group[0:2]`` (both ends included) and
+        ``group[1:]`` over the hosts a pattern matched, in inventory order."""
+        if not hosts:
+            return []
+        if subscript["index"] is not None:
+            index = int(subscript["index"])
+            if not -len(hosts) <= index < len(hosts):
+                raise ManifestError(self._pattern_issue(where, (
+                    f"'{subscript[0]}': index {index} is past the {len(hosts)} host(s) of "
+                    f"'{subscript['base']}' (from 0 to {len(hosts) - 1}, or -1 for the last)")))
+            return [hosts[index]]
+        start = int(subscript["start"])
+        end = int(subscript["end"]) if subscript["end"] else len(hosts) - 1
+        if start >= len(hosts) or end < start:
+            raise ManifestError(self._pattern_issue(where, (
+                f"'{subscript[0]}' selects none of the {len(hosts)} host(s) of "
+                f"'{subscript['base']}': a slice is [FIRST:LAST] from 0, both included")))
+        return hosts[start: end + 1]
+
     def _pattern_issue(self, where: str, message: str) -> Issue:
         """Located at the origin's ``hosts:`` key when it has one (else at no line)."""
         if where != "hosts":
@@ -257,20 +353,23 @@ class _Builder:
         self.file = file
         self.hosts: dict[str, dict[str, Any]] = {}
         self.groups: dict[str, Group] = {"all": Group("all"), "ungrouped": Group("ungrouped")}
-        self.child_written_at: dict[tuple[str, str], Where] = {}
-        self.host_written_at: dict[str, Where] = {}
+        # where, and in which file (an inventory directory has several), each is written
+        self.child_written_at: dict[tuple[str, str], tuple[str, Where]] = {}
+        self.host_written_at: dict[str, tuple[str, Where]] = {}
+        self.group_files: dict[str, dict[str, Any]] = {}
+        self.host_files: dict[str, dict[str, Any]] = {}
         self.issues: list[Issue] = []
 
-    def report(self, where: Where, message: str) -> None:
+    def report(self, where: Where, message: str, file: str | None = None) -> None:
         line, column, path = where
-        self.issues.append(Issue(self.file, line, column, path, message))
+        self.issues.append(Issue(file or self.file, line, column, path, message))
 
     def group(self, name: str) -> Group:
         return self.groups.setdefault(name, Group(name))
 
     def add_host(self, name: str, group: str | None, variables: Mapping[str, Any],
                  where: Where) -> None:
-        self.host_written_at.setdefault(name, where)
+        self.host_written_at.setdefault(name, (self.file, where))
         self.hosts.setdefault(name, {}).update(variables)
         if group is not None and name not in self.group(group).hosts:
             self.group(group).hosts.append(name)
@@ -279,7 +378,7 @@ class _Builder:
         if child not in self.group(parent).children:
             self.group(parent).children.append(child)
             self.group(child)
-            self.child_written_at[(parent, child)] = where
+            self.child_written_at[(parent, child)] = (self.file, where)
 
     def check_variables(self, variables: Mapping[str, Any], where: Where) -> None:
         """Connection variables must make sense where they are written."""
@@ -302,7 +401,8 @@ class _Builder:
             if host not in grouped:
                 self.groups["ungrouped"].hosts.append(host)
         self.groups["all"].hosts.clear()  # every host is under 'all' through its groups
-        inventory = Inventory(self.file, origin, self.hosts, self.groups)
+        inventory = Inventory(self.file, origin, self.hosts, self.groups, self.group_files,
+                              self.host_files)
         self._check_names_used_as_addresses(inventory)
         self._raise_issues()
         return inventory
@@ -314,13 +414,13 @@ class _Builder:
     def _check_names_used_as_addresses(self, inventory: Inventory) -> None:
         """A host without ``ansible_host`` is reached at its name, which must then be an
         address too (an ``ansible_host`` is checked where it is written)."""
-        for name, where in self.host_written_at.items():
+        for name, (file, where) in self.host_written_at.items():
             if "ansible_host" in inventory.host(name).vars:
                 continue
             if address_problem(name) is not None:
                 self.report(where, f"host '{name}' has no ansible_host, so its name is its "
                                    f"address, but it is not a host name, an IP address or "
-                                   f"'local': set ansible_host (address:) or rename it")
+                                   f"'local': set ansible_host (address:) or rename it", file)
 
     def _check_cycles(self) -> None:
         """Report one cycle of children, if any, from the groups that could not be put in
@@ -335,14 +435,16 @@ class _Builder:
             parent = next(name for name in parents[trail[-1]] if name not in ordered)
             if parent in trail:
                 cycle = [parent, *reversed(trail[trail.index(parent):])]
-                where = self.child_written_at.get((parent, trail[-1]), (None, None, ""))
+                file, where = self.child_written_at.get((parent, trail[-1]),
+                                                        (self.file, (None, None, "")))
                 self.report(where, f"group '{parent}' is its own ancestor: "
-                                   f"{' → '.join(cycle)}")
+                                   f"{' → '.join(cycle)}", file)
                 return
             trail.append(parent)
 
 
 def _connection_variable_problem(key: str, value: Any) -> str | None:
+    key = _ALIAS_OF.get(key, key)
     if key == "ansible_port":
         port = value if isinstance(value, int) and not isinstance(value, bool) else (
             int(value) if isinstance(value, str) and re.fullmatch(r"[0-9]{1,5}", value) else None)
@@ -510,7 +612,158 @@ def _range_values(name: str, found: re.Match[str]) -> list[str]:
     return values
 
 
-# --- the three formats -----------------------------------------------------------------
+# --- the formats -----------------------------------------------------------------------
+
+
+def _read_host_list(text: str, builder: _Builder) -> None:
+    """``-i web1,web2:2222,``: hosts in no group, as Ansible's host_list plugin reads them."""
+    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    if not entries:
+        builder.report((None, None, ""), "the comma list names no host: write -i host1,host2,")
+    for entry in entries:
+        where: Where = (None, None, entry)
+        try:
+            names, port = expand_host_pattern(entry)
+        except ValueError as error:
+            builder.report(where, str(error))
+            continue
+        for name in names:
+            builder.add_host(name, None, {} if port is None else {"ansible_port": port}, where)
+
+
+def _read_script_inventory(path: Path, builder: _Builder) -> None:
+    """An executable inventory, as Ansible's script plugin runs it: ``PATH --list``
+    prints JSON groups (``{"web": {"hosts": [...], "vars": {...}, "children": [...]}}``
+    or ``{"web": [...]}``) and ``_meta.hostvars``; without ``_meta``, ``PATH --host NAME``
+    prints each host's vars."""
+    groups = _script_json(path, "--list")
+    meta = groups.pop("_meta", None)
+    listed: dict[str, None] = {}  # the hosts it names, in order
+    if meta is not None and not (isinstance(meta, dict)
+                                 and isinstance(meta.get("hostvars", {}), dict)):
+        _script_problem(path, "--list", '"_meta" must be {"hostvars": {HOST: {VAR: VALUE}}}')
+    for name, body in groups.items():
+        if isinstance(body, list):
+            body = {"hosts": body}
+        if not _is_script_group(body):
+            _script_problem(path, "--list", f"group {name!r} must be a list of host names "
+                            'or {"hosts": [...], "vars": {...}, "children": [...]}')
+        builder.group(name).vars.update(body.get("vars", {}))
+        builder.check_variables(body.get("vars", {}), (None, None, f"{name}.vars"))
+        for host in body.get("hosts", []):
+            builder.add_host(host, None if name == "all" else name, {}, (None, None, host))
+            listed.setdefault(host, None)
+        for child in body.get("children", []):
+            builder.add_child(name, child, (None, None, f"{name}.children"))
+    for host in listed:  # the script's own hosts, not those of other files beside it
+        if meta is not None:
+            variables = meta.get("hostvars", {}).get(host, {})
+        else:
+            variables = _script_json(path, "--host", host)
+        if not isinstance(variables, dict):
+            _script_problem(path, *(["--list"] if meta is not None else ["--host", host]),
+                            f"the vars of host {host!r} must be a mapping")
+        builder.check_variables(variables, (None, None, host))
+        builder.hosts[host].update(variables)
+
+
+def _is_script_group(body: Any) -> bool:
+    """A group as a script lists it: ``{"hosts": [NAME…], "vars": {…}, "children": [NAME…]}``,
+    every key optional."""
+    def names(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(item, str) and item for item in value)
+    return (isinstance(body, dict) and names(body.get("hosts", []))
+            and names(body.get("children", [])) and isinstance(body.get("vars", {}), dict))
+
+
+def _script_json(path: Path, *arguments: str) -> dict[str, Any]:
+    """What an inventory script prints, as a JSON object; ManifestError if it fails,
+    takes more than SCRIPT_TIMEOUT or prints anything else."""
+    try:
+        done = subprocess.run([str(path.absolute()), *arguments], capture_output=True,
+                              stdin=subprocess.DEVNULL, timeout=SCRIPT_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        _script_problem(path, *arguments, f"gave no answer within {SCRIPT_TIMEOUT}s")
+    except OSError as error:
+        _script_problem(path, *arguments, f"cannot be run: {error.strerror} (an "
+                        "executable file is run as an inventory script; clear its "
+                        "executable bit if it is an INI or YAML file)")
+    if done.returncode != 0:
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        _script_problem(path, *arguments, f"failed with exit code {done.returncode}"
+                        + (f": {said[-1][:300]}" if said else ""))
+    try:
+        answer = json.loads(done.stdout)
+    except (ValueError, RecursionError) as error:
+        _script_problem(path, *arguments, f"did not print JSON: {error}")
+    if not isinstance(answer, dict):
+        _script_problem(path, *arguments, "must print a JSON object of groups")
+    return answer
+
+
+def _script_problem(path: Path, *arguments_and_message: str) -> NoReturn:
+    *arguments, problem = arguments_and_message
+    raise ManifestError(Issue(str(path), None, None, "",
+                              f"inventory script `{' '.join([path.name, *arguments])}` "
+                              f"{problem}"))
+
+
+def _read_vars_directories(base: Path, builder: _Builder) -> None:
+    """``group_vars/`` and ``host_vars/`` in ``base``: for each group and host, the file
+    named after it (bare, .yml, .yaml or .json) and every file in the directory named
+    after it, in name order, later files winning, as Ansible reads them. Files for
+    groups or hosts not in the inventory are ignored, as Ansible ignores them."""
+    for kind, names, found in (("group_vars", list(builder.groups), builder.group_files),
+                               ("host_vars", list(builder.hosts), builder.host_files)):
+        folder = base / kind
+        if not folder.is_dir():
+            continue
+        for name in names:
+            variables: dict[str, Any] = {}
+            for suffix in _VARS_SUFFIXES:
+                path = folder / f"{name}{suffix}"
+                files = _vars_files(path) if path.is_dir() else [path] if path.is_file() else []
+                for file in files:
+                    variables.update(_read_vars_file(file, builder))
+            if variables:
+                found[name] = variables
+
+
+def _vars_files(directory: Path) -> list[Path]:
+    files: list[Path] = []
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            files.extend(_vars_files(path))
+        elif path.suffix in _VARS_SUFFIXES:
+            files.append(path)
+    return files
+
+
+def _read_vars_file(path: Path, builder: _Builder) -> dict[str, Any]:
+    """One group_vars or host_vars file: a YAML mapping of variables."""
+    try:
+        doc = parse_yaml(read_text(path), str(path))
+    except UnreadableFile as error:
+        builder.report((error.line, None, ""), f"variables file: {error}", str(path))
+        return {}
+    builder.issues.extend(doc.issues)
+    if doc.data is None:
+        return {}
+    if not isinstance(doc.data, dict):
+        builder.report((1, 1, ""), "a variables file holds a mapping of NAME: VALUE",
+                       str(path))
+        return {}
+    for key, value in doc.data.items():
+        problem = _connection_variable_problem(str(key), value)
+        if problem:
+            line, column = doc.position((key,)) or (None, None)
+            builder.report((line, column, str(key)), problem, str(path))
+    return dict(doc.data)
+
+
+# --- the file formats ------------------------------------------------------------------
 
 
 def _looks_like_yaml(path: Path, text: str) -> bool:

@@ -446,6 +446,14 @@ class Run:
         return tuple(o for o in self.outcomes if not o.ok)
 
     @property
+    def retry_hosts(self) -> tuple[str, ...]:
+        """The hosts ``--limit @RUN:failed`` runs again: those where a probe failed or
+        that were unreachable, as Ansible's retry file lists them (a skipped host never
+        ran, so a retry of the failed ones leaves it out, as Ansible does)."""
+        return tuple(dict.fromkeys(o.host for o in self.outcomes
+                                   if o.status in ("failed", "unreachable")))
+
+    @property
     def exit_code(self) -> int:
         """The README's exit codes: 0 all ok, 1 all failed, 2 nothing compiled, 3 partial;
         interrupted, 128 + the signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""

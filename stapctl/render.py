@@ -15,6 +15,7 @@ import string
 import traceback
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -27,6 +28,7 @@ from jinja2.utils import Namespace
 
 from stapctl.errors import Issue, ManifestError
 from stapctl.models import Probe
+from stapctl.yamldoc import UnreadableFile, parse_yaml, read_text
 
 MAX_SCRIPT_BYTES = 1 << 20  # the most text a template may write, or build in one value
 _MAX_INT_BITS = 1 << 16  # no number in a probe script needs more (about 19,700 digits)
@@ -389,16 +391,16 @@ def render_script(probe: Probe, variables: Mapping[str, Any]) -> str:
 
 
 def parse_extra_vars(items: Iterable[str]) -> dict[str, Any]:
-    """``-e KEY=VALUE`` arguments as variables; each value is read as a YAML scalar
-    (``5`` → 5, ``true`` → True, ``abc`` → 'abc'); anything else is kept as the text given."""
+    """``-e KEY=VALUE`` and ``-e @FILE`` arguments as variables, later ones winning, as
+    in Ansible. A value is read as a YAML scalar (``5`` → 5, ``true`` → True, ``abc`` →
+    'abc'), anything else is kept as the text given; a file is a YAML mapping."""
     variables: dict[str, Any] = {}
     issues: list[Issue] = []
     for item in items:
         name, equals, text = item.partition("=")
         name = name.strip()
         if item.startswith("@"):
-            issues.append(Issue("-e", None, None, item, "variables from a file (-e @FILE) are "
-                                "not supported: give each one as -e KEY=VALUE"))
+            variables.update(_variables_file(Path(item[1:]), issues))
         elif not equals or not _IDENTIFIER.fullmatch(name):
             issues.append(Issue("-e", None, None, item, "expected KEY=VALUE, with KEY made of "
                                 "letters, digits and '_', not starting with a digit"))
@@ -407,6 +409,28 @@ def parse_extra_vars(items: Iterable[str]) -> dict[str, Any]:
     if issues:
         raise ManifestError(issues)
     return variables
+
+
+def _variables_file(path: Path, issues: list[Issue]) -> dict[str, Any]:
+    """The variables of ``-e @FILE``; its problems go to ``issues`` with file and line."""
+    try:
+        doc = parse_yaml(read_text(path), str(path))
+    except UnreadableFile as error:
+        issues.append(Issue(str(path), error.line, None, "", f"-e @{path}: {error}"))
+        return {}
+    issues.extend(doc.issues)
+    if doc.data is None or doc.issues:
+        return {}
+    if not isinstance(doc.data, dict):
+        issues.append(Issue(str(path), 1, 1, "", "-e @FILE takes a YAML mapping of "
+                            "NAME: VALUE"))
+        return {}
+    for name in doc.data:
+        if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
+            line, column = doc.position((name,), of_key=True) or (None, None)
+            issues.append(Issue(str(path), line, column, str(name), "a variable name is "
+                                "made of letters, digits and '_', not starting with a digit"))
+    return dict(doc.data)
 
 
 def _yaml_scalar(text: str) -> Any:

@@ -23,6 +23,7 @@ included, after the events of the settled hosts have reached it.
 
 from __future__ import annotations
 
+import re
 import secrets
 import signal
 import threading
@@ -55,7 +56,7 @@ from stapctl.models import (
 )
 from stapctl.plan import ModuleJob, Plan, build_plan, check_scripts, gather_symbol_maps, make_plan
 from stapctl.sinks import deliver
-from stapctl.store import RunRecorder, find_run, previous_run, read_detached
+from stapctl.store import RunRecorder, failed_hosts, find_run, previous_run, read_detached
 from stapctl.yamldoc import Document
 
 T = TypeVar("T")
@@ -122,9 +123,15 @@ def detached_run(run_id: str, inventory: Path | None = None, limit: str | None =
                        connector=connector)
 
 
+RETRY_LIMIT = re.compile(r"@(?P<run>last|[A-Za-z0-9._-]+):failed")
+
+
 def select_hosts(manifest: Manifest, inventory: Path | None = None,
                  limit: str | None = None) -> list[Host]:
-    """The hosts to work on: -i, else the manifest's inventory, else the running lab's."""
+    """The hosts to work on: -i, else the manifest's inventory, else the running lab's;
+    ``limit`` is a host pattern, or ``@RUN:failed`` (``@last:failed``: the newest run of
+    this manifest): the hosts that run failed on or could not reach, as Ansible's retry
+    files name them."""
     source: Path | InlineInventory
     if inventory is not None:
         source = inventory
@@ -138,7 +145,27 @@ def select_hosts(manifest: Manifest, inventory: Path | None = None,
                                       "the manifest, or start the lab with `stapctl lab up`"))
         source = status.inventory
     origin = manifest.document or Document(str(manifest.path), None)
-    return load_inventory(source, origin).select(manifest.hosts, limit)
+    inventory_hosts = load_inventory(source, origin)
+    retry = RETRY_LIMIT.fullmatch(limit or "")
+    if retry is None:
+        return inventory_hosts.select(manifest.hosts, limit)
+    run_id, names = failed_hosts(retry["run"], manifest.name)
+    if not names:
+        raise NothingToRetry(f"run {run_id} has no failed or unreachable host: nothing "
+                             "to retry")
+    missing = [name for name in names if name not in inventory_hosts.hosts]
+    if missing:
+        raise UsageError(f"--limit {limit}: {', '.join(missing)} (failed in run {run_id}) "
+                         f"{'is' if len(missing) == 1 else 'are'} not in the inventory "
+                         f"{inventory_hosts.source}")
+    return inventory_hosts.select(manifest.hosts, ",".join(names))
+
+
+class NothingToRetry(StapctlError):
+    """``--limit @RUN:failed`` of a run where every host succeeded: there is nothing to
+    do, which is success (exit 0), as a retry in a script expects."""
+
+    exit_code = 0
 
 
 class EventChannel:

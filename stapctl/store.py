@@ -31,7 +31,7 @@ import platformdirs
 
 from stapctl import report
 from stapctl.aggregate import aggregates_json
-from stapctl.errors import StapctlError
+from stapctl.errors import StapctlError, UsageError
 from stapctl.models import DetachedProbe, Difference, Event, Host, Manifest, Run
 from stapctl.plan import Plan
 
@@ -77,6 +77,9 @@ CREATE TABLE IF NOT EXISTS runs (
   started REAL NOT NULL, finished REAL, exit_code INTEGER,
   hosts INTEGER NOT NULL DEFAULT 0, ok INTEGER NOT NULL DEFAULT 0,
   failed INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS retry_hosts (
+  run TEXT NOT NULL, host TEXT NOT NULL, PRIMARY KEY (run, host)
 )
 """
 
@@ -89,7 +92,7 @@ def _history(path: Path | None = None) -> Iterator[sqlite3.Connection]:
         path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     os.close(os.open(path, _WRITE, FILE_MODE))  # created private; sqlite's journals copy it
     with closing(sqlite3.connect(path, timeout=30)) as db:
-        db.execute(SCHEMA)
+        db.executescript(SCHEMA)
         with db:
             yield db
 
@@ -155,6 +158,7 @@ class RunRecorder:
             summary = json.dumps({
                 "run": run.id, "exit_code": run.exit_code, "interrupted": run.interrupted,
                 "outcomes": [asdict(o) for o in run.outcomes],
+                "retry_hosts": list(run.retry_hosts),
                 "warnings": list(run.warnings),
             }, indent=2)
             self._attempt("write summary.json",
@@ -280,6 +284,9 @@ class RunRecorder:
                 (self.run_id, self._manifest.name, str(self._manifest.path), str(self.dir),
                  self._started, time.time(), run.exit_code, len(hosts),
                  len(hosts - failed), len(failed)))
+            db.execute("DELETE FROM retry_hosts WHERE run = ?", (self.run_id,))
+            db.executemany("INSERT INTO retry_hosts (run, host) VALUES (?, ?)",
+                           [(self.run_id, host) for host in run.retry_hosts])
 
     # -- failures ------------------------------------------------------------------------
     def _attempt(self, what: str, action: Callable[[], object]) -> bool:
@@ -426,6 +433,31 @@ def previous_run(name: str, before: str, history: Path | None = None) -> dict[st
     return None if row is None else dict(row)
 
 
+def failed_hosts(run_id: str, manifest_name: str,
+                 history: Path | None = None) -> tuple[str, list[str]]:
+    """The id of a finished run and the hosts it failed on or could not reach, in the
+    order it listed them. ``run_id`` is an id, a unique prefix, or 'last': the newest
+    finished run of the manifest ``manifest_name``."""
+    if run_id == "last":
+        with _history_to_read(history) as db:
+            found = db.execute("SELECT id FROM runs WHERE name = ? AND finished IS NOT NULL "
+                               "ORDER BY started DESC LIMIT 1", (manifest_name,)).fetchone()
+        if found is None:
+            raise UsageError(f"no finished run of manifest {manifest_name!r} to retry: "
+                             "see `stapctl runs list`")
+        run_id = found[0]
+    try:
+        row = find_run(run_id, history)
+    except StapctlError as error:
+        raise UsageError(f"{error}: see `stapctl runs list`") from None
+    if row["finished"] is None:
+        raise UsageError(f"run {row['id']} has not finished: it has no failed hosts yet")
+    with _history_to_read(history) as db:
+        hosts = [host for (host,) in db.execute(
+            "SELECT host FROM retry_hosts WHERE run = ? ORDER BY rowid", (row["id"],))]
+    return row["id"], hosts
+
+
 def prune_runs(keep: int | None = None, older_than: float | None = None,
                name: str | None = None, history: Path | None = None) -> list[str]:
     """Remove finished runs (folder and history row) beyond the newest ``keep``, or
@@ -442,6 +474,7 @@ def prune_runs(keep: int | None = None, older_than: float | None = None,
         for row in doomed:
             _remove_run_folder(Path(row["dir"]))
             db.execute("DELETE FROM runs WHERE id = ?", (row["id"],))
+            db.execute("DELETE FROM retry_hosts WHERE run = ?", (row["id"],))
     return [row["id"] for row in doomed]
 
 

@@ -69,6 +69,7 @@ def test_later_extra_vars_win() -> None:
 
 def test_every_bad_extra_var_is_reported() -> None:
     with pytest.raises(ManifestError) as caught:
-        parse_extra_vars(["novalue", "1x=2", "@vars.yaml", "ok=1", "=3"])
-    assert [issue.path for issue in caught.value.issues] == ["novalue", "1x=2", "@vars.yaml", "=3"]
+        parse_extra_vars(["novalue", "1x=2", "@no-such-vars.yaml", "ok=1", "=3"])
+    assert [(issue.file, issue.path) for issue in caught.value.issues] == [
+        ("-e", "novalue"), ("-e", "1x=2"), ("no-such-vars.yaml", ""), ("-e", "=3")]
     assert caught.value.exit_code == 2
