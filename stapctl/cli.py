@@ -235,8 +235,12 @@ def apply_and_report(manifest: Manifest, hosts: list[Host], extra_vars: dict[str
 @click.option("-e", "script", metavar="SCRIPT",
               help="The script itself, as stap -e takes it; every ARG is then the script's.")
 @click.option("-i", "--inventory", type=click.Path(path_type=Path),
-              help="Inventory; default the lab's.")
-@click.option("--limit", help="Further limit the hosts (Ansible pattern).")
+              help="Inventory: a file, an executable script, a directory of them, or a "
+                   "comma list (web1,web2,); default the lab's.")
+@click.option("--limit", help="Further limit the hosts (Ansible pattern), or @RUN:failed / "
+                              "@last:failed.")
+@click.option("--list-hosts", is_flag=True, expose_value=False, callback=remember_list_hosts,
+              help="Print the matched hosts, one a line, and connect to nothing.")
 @click.option("--var", "variables", multiple=True, metavar="KEY=VALUE",
               help="Template variable of the script (the manifest's `vars:`).")
 @click.option("--forks", type=click.IntRange(1, 1000), help="Hosts worked on at once.")
@@ -272,7 +276,7 @@ def run_command(pattern: str, words: tuple[str, ...], script: str | None,
         args=words if script is not None else words[1:],
         variables=parse_extra_vars(list(variables)), duration=duration, forks=forks,
         format=fmt, inventory=inventory))
-    hosts = select_hosts(manifest, inventory, limit)
+    hosts = target_hosts(manifest, inventory, limit)
     options = RunOptions(check=check, accept_new_host_keys=accept_new_host_keys)
     run, _, _ = apply_and_report(manifest, hosts, {}, options)
     sys.exit(run.exit_code)
