@@ -60,6 +60,9 @@ class Timing:
     ping: float = 2.0  # seconds between keep-alives
     deadman: float = 20.0  # the agent stops by itself after this long without a ping
     silence: float = 20.0  # the controller gives up on an agent silent this long
+    # ... and on one that has not said anything yet after this long: starting Python on a
+    # loaded or emulated target can take several seconds, a hung exec for ever
+    startup: float = 60.0
     exit_timeout: float = 10.0  # the agent waits this long for the module's EXIT reply
     stop_grace: float = 30.0  # a stopped agent has this long to unload before the cut
 
@@ -267,7 +270,8 @@ class AgentHost:
         ``stop`` asks the agent to stop cleanly (EXIT, drain, unload); past ``deadline``
         (a time.monotonic() value) the same happens, and the result says timed-out. Past
         ``max_output`` bytes of probe output the agent is stopped the same way and the
-        rest of its output dropped. An agent silent for ``timing.silence`` seconds is cut
+        rest of its output dropped. An agent silent for ``timing.silence`` seconds (or
+        ``timing.startup`` before its first byte) is cut
         off (its own dead-man then unloads the module) and UnresponsiveError raised.
         """
         process = self.connection.start([self.python, "-I", self.path])
@@ -277,8 +281,7 @@ class AgentHost:
         result: dict[str, Any] | None = None
         output = 0
         try:
-            for frame in read_frames(process.recv):
-                watch.heard()
+            for frame in read_frames(watch.heard_from(process.recv)):
                 if frame.kind == "result":
                     result = frame.json()
                     break
@@ -337,18 +340,32 @@ class _Watch:
         self.cut = threading.Event()  # stopped, and cut off for not ending in time
         self._finished = threading.Event()
         self._last_heard = time.monotonic()
+        self._heard_once = False
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def heard(self) -> None:
-        self._last_heard = time.monotonic()
+    def heard_from(self, recv: Callable[[int], bytes]) -> Callable[[int], bytes]:
+        """``recv``, noting every byte that arrives as a sign of life (a large frame
+        on a slow link is not silence)."""
+
+        def noted(size: int) -> bytes:
+            data = recv(size)
+            if data:
+                self._last_heard = time.monotonic()
+                self._heard_once = True
+            return data
+
+        return noted
 
     def finish(self) -> None:
         self._finished.set()
 
     def silence_error(self) -> AgentError:
+        if not self._heard_once:
+            return UnresponsiveError(f"the agent did not start within "
+                                     f"{self.timing.startup:g} s")
         return UnresponsiveError(f"the agent sent nothing for {self.timing.silence:g} s "
                                  "(its dead-man unloads the module)")
 
@@ -363,7 +380,8 @@ class _Watch:
                                    or self.over_limit.is_set()):
                 self._send(STOP)
                 cutoff = now + self.timing.stop_grace
-            if now - self._last_heard > self.timing.silence:
+            allowed = self.timing.silence if self._heard_once else self.timing.startup
+            if now - self._last_heard > allowed:
                 self.silent.set()
             elif cutoff is not None and now > cutoff:
                 self.cut.set()

@@ -319,3 +319,16 @@ def test_a_facts_command_that_never_answers_times_out(
     status, kind, message = outcome_of(run, "evil")
     assert status == "failed" and "no answer within 0.3" in message, (kind, message)
     assert_the_rest_went_on(run, session, fleet)
+
+
+def test_an_agent_that_never_starts_is_unresponsive_after_the_startup_allowance(
+        tmp_path: Path) -> None:
+    started = time.monotonic()
+    run, session, fleet = run_against(tmp_path, b"", hang=True,
+                                      timing=Timing(exit_timeout=1.0, silence=0.2, startup=1.0))
+
+    status, kind, message = outcome_of(run, "evil")
+    assert (status, kind) == ("unreachable", FailureKind.UNRESPONSIVE), message
+    assert "did not start within 1 s" in message
+    assert time.monotonic() - started > 1.0  # the startup allowance, not the silence, applied
+    assert_the_rest_went_on(run, session, fleet)
