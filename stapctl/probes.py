@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from stapctl.build import Builder
@@ -61,7 +62,8 @@ def check_pattern(pattern: str) -> str:
 
 def list_probes(pattern: str, hosts: Mapping[str, tuple[Host, HostFacts]],
                 builder: Builder, with_vars: bool) -> ProbeListing:
-    """Ask stap once per distinct (release, symbol map) among ``hosts``; hosts whose
+    """Ask stap once per distinct (release, symbol map) among ``hosts``, in parallel up
+    to the machine's cores; hosts whose
     symbols a kprobe.function pattern needs but could not be read are skipped."""
     symbols = needs_symbol_map(f"probe {pattern} {{}}")
     groups: dict[tuple[str, str], list[str]] = {}
@@ -72,11 +74,18 @@ def list_probes(pattern: str, hosts: Mapping[str, tuple[Host, HostFacts]],
             skipped[name] = f"kprobe.function needs the host's kernel symbols: {reason}"
             continue
         groups.setdefault((facts.release, facts.symbol_map if symbols else ""), []).append(name)
+
+    def listing(group: tuple[str, str]) -> list[str]:
+        return _listing(builder, pattern, *group, with_vars)
+
     found: dict[str, set[str]] = {}
     kernels: dict[str, list[str]] = {}
-    for (release, symbol_map), names in sorted(groups.items()):
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        answers = dict(zip(groups, pool.map(listing, groups), strict=True))
+    for group, names in sorted(groups.items()):
+        release = group[0]
         kernels.setdefault(release, []).extend(names)
-        for point in _listing(builder, pattern, release, symbol_map, with_vars):
+        for point in answers[group]:
             found.setdefault(point, set()).add(release)
     points = tuple(ProbePoint(name, tuple(sorted(releases)))
                    for name, releases in sorted(found.items()))
