@@ -729,10 +729,11 @@ def probes_command(pattern: str, inventory: Path | None, limit: str | None,
     manifest = adhoc_manifest(AdhocRun(hosts="all", script=f"probe {pattern} {{}}",
                                        inventory=inventory))
     hosts = target_hosts(manifest, inventory, limit)
+    display = Display(manifest, [host.name for host in hosts])
     session = Session(manifest, hosts, extra_vars=parse_extra_vars(list(extra)),
                       options=RunOptions(accept_new_host_keys=accept_new_host_keys),
-                      listener=Display(manifest, [host.name for host in hosts]), record=False)
-    with signals_to(session):
+                      listener=display, record=False)
+    with display, signals_to(session):
         try:
             connected = session.connect()
         finally:
