@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from stapctl.build import Builder
-from stapctl.compiler import needs_symbol_map
-from stapctl.errors import UsageError
+from stapctl.compiler import check_syntax, needs_symbol_map
+from stapctl.errors import CompileError, UsageError
 from stapctl.models import Host, HostFacts
 
 PATTERN_LIMIT = 1000
@@ -51,12 +51,18 @@ class ProbeListing:
 
 
 def check_pattern(pattern: str) -> str:
-    """A probe point pattern fit to be put after `probe` in a script, or a UsageError."""
+    """A probe point pattern fit to be put after `probe` in a script, or a UsageError
+    with stap's first complaint."""
     if not pattern.strip():
         raise UsageError("the probe pattern is empty: give one, e.g. 'syscall.open*'")
     if len(pattern) > PATTERN_LIMIT or any(c in pattern for c in "{}\n\r"):
         raise UsageError(f"not a probe point pattern: {pattern[:60]!r} (give one probe "
                          "point such as 'kernel.trace(\"sched:*\")', without braces)")
+    try:  # stap's parser alone, so a typo is told before any host is contacted
+        check_syntax(f"probe {pattern} {{}}", "pattern", 1)
+    except CompileError as error:
+        raise UsageError(f"stap cannot parse the probe pattern {pattern!r}: "
+                         f"{error.stderr.splitlines()[0] if error.stderr else error}") from None
     return pattern.strip()
 
 

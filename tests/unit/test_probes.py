@@ -133,3 +133,12 @@ def test_a_pattern_stap_rejects_is_one_line(tmp_path: Path) -> None:
 def test_what_is_not_one_probe_point_is_refused_before_any_host(pattern: str) -> None:
     with pytest.raises(UsageError):
         check_pattern(pattern)
+
+
+def test_a_typo_in_the_pattern_is_told_by_stap_parser() -> None:
+    """The real stap's parser (pass 1: no kernel, no host)."""
+    with pytest.raises(UsageError) as error:
+        check_pattern('kernel.trace("sched:*"')
+    assert str(error.value) == ("stap cannot parse the probe pattern "
+                                "'kernel.trace(\"sched:*\"': parse error: expected ')'")
+    assert check_pattern(' kprobe.function("vfs_*") ') == 'kprobe.function("vfs_*")'
