@@ -69,8 +69,9 @@ def check_pattern(pattern: str) -> str:
 def list_probes(pattern: str, hosts: Mapping[str, tuple[Host, HostFacts]],
                 builder: Builder, with_vars: bool) -> ProbeListing:
     """Ask stap once per distinct (release, symbol map) among ``hosts``, in parallel up
-    to the machine's cores; hosts whose
-    symbols a kprobe.function pattern needs but could not be read are skipped."""
+    to the machine's cores. Hosts are skipped, with why, when a kprobe.function pattern
+    needs their symbols and they could not be read, or when their kernel cannot be asked
+    (no headers here); a pattern stap rejects raises UsageError."""
     symbols = needs_symbol_map(f"probe {pattern} {{}}")
     groups: dict[tuple[str, str], list[str]] = {}
     skipped: dict[str, str] = {}
@@ -81,17 +82,24 @@ def list_probes(pattern: str, hosts: Mapping[str, tuple[Host, HostFacts]],
             continue
         groups.setdefault((facts.release, facts.symbol_map if symbols else ""), []).append(name)
 
-    def listing(group: tuple[str, str]) -> list[str]:
-        return _listing(builder, pattern, *group, with_vars)
+    def listing(group: tuple[str, str]) -> list[str] | CompileError:
+        try:
+            return _listing(builder, pattern, *group, with_vars)
+        except CompileError as error:  # this kernel only, e.g. its headers are missing
+            return error
 
     found: dict[str, set[str]] = {}
     kernels: dict[str, list[str]] = {}
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         answers = dict(zip(groups, pool.map(listing, groups), strict=True))
     for group, names in sorted(groups.items()):
+        answer = answers[group]
+        if isinstance(answer, CompileError):
+            skipped.update((name, str(answer)) for name in names)
+            continue
         release = group[0]
         kernels.setdefault(release, []).extend(names)
-        for point in answers[group]:
+        for point in answer:
             found.setdefault(point, set()).add(release)
     points = tuple(ProbePoint(name, tuple(sorted(releases)))
                    for name, releases in sorted(found.items()))

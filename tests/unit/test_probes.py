@@ -142,3 +142,11 @@ def test_a_typo_in_the_pattern_is_told_by_stap_parser() -> None:
     assert str(error.value) == ("stap cannot parse the probe pattern "
                                 "'kernel.trace(\"sched:*\"': parse error: expected ')'")
     assert check_pattern(' kprobe.function("vfs_*") ') == 'kprobe.function("vfs_*")'
+
+
+def test_a_kernel_without_headers_here_skips_its_hosts_only(tmp_path: Path) -> None:
+    stap = builder(tmp_path, {OLD: ["syscall.read"]})
+    listing = list_probes("syscall.read", hosts(a=OLD, b="9.9.9-nosuch"), stap, False)
+    assert [(p.name, p.kernels) for p in listing.points] == [("syscall.read", (OLD,))]
+    assert listing.kernels == {OLD: ("a",)}
+    assert "no kernel headers for 9.9.9-nosuch" in listing.skipped["b"]
