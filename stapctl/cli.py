@@ -39,6 +39,7 @@ from stapctl.manifest import explain as explain_key
 from stapctl.manifest import load_diff_spec, load_manifest, parse_duration, parse_period, parse_size
 from stapctl.models import DetachSpec, Difference, Host, HostOutcome, Manifest, Run
 from stapctl.plan import Plan
+from stapctl.probes import check_pattern
 from stapctl.render import parse_extra_vars
 from stapctl.session import NothingToRetry, Session, detached_run, select_hosts
 from stapctl.store import (
@@ -702,6 +703,61 @@ def plan_command(manifest: Path, inventory: Path | None, limit: str | None,
     print_plan(planned)
     if loaded.detach is not None:
         message(loaded.detach.describe())
+
+
+@cli.command(name="probes")
+@click.argument("pattern")
+@target_options
+@click.option("--vars", "with_vars", is_flag=True,
+              help="Show each probe point's variables too (stap -L).")
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+@accept_new_host_keys_option
+def probes_command(pattern: str, inventory: Path | None, limit: str | None,
+                   extra: tuple[str, ...], with_vars: bool, as_json: bool,
+                   accept_new_host_keys: bool) -> None:
+    """List the probe points PATTERN matches on the hosts' kernels (stap -l / -L),
+    asking stap once per kernel release, e.g.:
+
+    \b
+      stapctl probes 'syscall.open*'
+      stapctl probes 'kernel.trace("sched:*")' --vars
+      stapctl probes 'kprobe.function("vfs_*")' --limit web1
+
+    Exit status 1 when nothing matches or some host could not be asked.
+    """
+    pattern = check_pattern(pattern)
+    manifest = adhoc_manifest(AdhocRun(hosts="all", script=f"probe {pattern} {{}}",
+                                       inventory=inventory))
+    hosts = target_hosts(manifest, inventory, limit)
+    display = Display(manifest, [host.name for host in hosts])
+    session = Session(manifest, hosts, extra_vars=parse_extra_vars(list(extra)),
+                      options=RunOptions(accept_new_host_keys=accept_new_host_keys),
+                      listener=display, record=False)
+    with display, signals_to(session):
+        try:
+            connected = session.connect()
+        finally:
+            run = session.finish()
+        listing = session.list_probes(pattern, connected, with_vars)
+    if session.interrupted:
+        raise click.exceptions.Abort()
+    if as_json:
+        click.echo(json.dumps(listing.as_json(), indent=2))
+    else:
+        width = max((len(point.name) for point in listing.points), default=0)
+        for point in listing.points:
+            click.echo(f"{report.printable(point.name):<{width}}  "
+                       f"[{report.printable(', '.join(point.kernels))}]")
+    # every host ends "skipped" (nothing was run): only those not connected went wrong
+    unreached = [o for o in run.outcomes if o.host not in connected]
+    if unreached:
+        err.print(outcomes_table(unreached, "not asked"))
+    for host, reason in listing.skipped.items():
+        message(f"{host}: not asked: {reason}", "red")
+    if not listing.points and listing.kernels:
+        message(f"no probe point matches {pattern} on "
+                f"{', '.join(sorted(listing.kernels))}")
+    sys.exit(1 if unreached or listing.skipped or not listing.points else 0)
 
 
 def print_plan(plan: Plan) -> None:

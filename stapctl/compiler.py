@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stapctl.cache import ModuleCache
-from stapctl.errors import CompileError
+from stapctl.errors import CompileError, UsageError
 from stapctl.models import ModuleSpec
 from stapctl.runtime_fixes import MODULES_ROOT, fixes_named, headers_dir
 
@@ -78,7 +78,7 @@ class Compiler:
                 f"no kernel headers for {spec.release} on this machine: "
                 f"install them (apt-get install linux-headers-{spec.release})"
             )
-        argv = [self.toolchain.stap, "-p4", "-r", self._build_tree(spec),
+        argv = [self.toolchain.stap, "-p4", "-r", self.build_tree(spec.release, spec.symbol_map),
                 "-m", spec.module_name]
         runtime = self._runtime(spec)
         if runtime is not None:
@@ -125,20 +125,42 @@ class Compiler:
             os.replace(partial, target)
         return digest
 
-    def _build_tree(self, spec: ModuleSpec) -> str:
+    def list_probes(self, pattern: str, release: str, symbol_map: str,
+                    with_vars: bool) -> list[str]:
+        """stap's ``-l`` (``-L`` with ``with_vars``) answer for ``pattern`` on a release:
+        one probe point a line; none when nothing matches. A pattern stap rejects is the
+        user's error: one line with stap's first complaint."""
+        if not headers_dir(release).exists():
+            raise CompileError(
+                f"no kernel headers for {release} on this machine: "
+                f"install them (apt-get install linux-headers-{release})")
+        argv = [self.toolchain.stap, "-L" if with_vars else "-l", pattern,
+                "-r", self.build_tree(release, symbol_map)]
+        env = dict(os.environ, SYSTEMTAP_DIR=str(self.cache.directory("stap")))
+        with tempfile.TemporaryDirectory(dir=self.cache.directory("work"),
+                                         ignore_cleanup_errors=True) as tmp:
+            proc = subprocess.run(argv, cwd=tmp, env=env, capture_output=True, text=True,
+                                  check=False)
+        complaint = _user_facing_stderr(proc.stderr, "<input>", "pattern", 1)
+        if proc.returncode != 0 and complaint:
+            raise UsageError(f"stap cannot list the probe pattern {pattern!r}: "
+                             f"{complaint.splitlines()[0]}")
+        return [line for line in proc.stdout.splitlines() if line.strip()]
+
+    def build_tree(self, release: str, symbol_map: str) -> str:
         """What to pass to `stap -r`: the release, or a symlinked copy of its headers tree
-        holding the host's System.map."""
-        if not spec.symbol_map:
-            return spec.release
-        tree = self.cache.directory("trees") / f"{spec.release}-{spec.symbol_map[:16]}"
+        holding the host's System.map (``symbol_map``, its sha256)."""
+        if not symbol_map:
+            return release
+        tree = self.cache.directory("trees") / f"{release}-{symbol_map[:16]}"
         if (tree / ".complete").exists():
             return str(tree)
         with self.cache.locked(f"tree-{tree.name}"):
             if not (tree / ".complete").exists():
                 shutil.rmtree(tree, ignore_errors=True)
-                subprocess.run(["cp", "-as", f"{headers_dir(spec.release).resolve()}/.",
+                subprocess.run(["cp", "-as", f"{headers_dir(release).resolve()}/.",
                                 str(tree)], check=True)
-                shutil.copyfile(self.cache.directory("symbols") / f"{spec.symbol_map}.map",
+                shutil.copyfile(self.cache.directory("symbols") / f"{symbol_map}.map",
                                 tree / "System.map")
                 (tree / ".complete").touch()
         return str(tree)

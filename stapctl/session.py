@@ -55,6 +55,7 @@ from stapctl.models import (
     Run,
 )
 from stapctl.plan import ModuleJob, Plan, build_plan, check_scripts, gather_symbol_maps, make_plan
+from stapctl.probes import ProbeListing, list_probes
 from stapctl.sinks import deliver
 from stapctl.store import RunRecorder, failed_hosts, find_run, previous_run, read_detached
 from stapctl.yamldoc import Document
@@ -299,6 +300,16 @@ class Session:
             for warning in self.recorder.warnings:
                 self.listener.note(f"run record: {warning}")
         return run
+
+    def list_probes(self, pattern: str, connected: Mapping[str, tuple[Host, HostFacts]],
+                    with_vars: bool = False) -> ProbeListing:
+        """stap's probe listing for ``pattern`` on the connected hosts' kernels (see
+        stapctl.probes); connections may be closed already, the facts are all it needs."""
+        releases = {facts.release for _, facts in connected.values()}
+        self._phase(f"asking stap for {pattern} on {len(releases)} kernel(s)…")
+        listing = self._in_background(
+            lambda: list_probes(pattern, connected, self.builder, with_vars))
+        return listing or ProbeListing(pattern=pattern, points=(), kernels={})
 
     def apply(self) -> Run:
         """Every stage, then the record: the run as it ended, interrupted or not. An
