@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +42,7 @@ from stapctl.plan import Plan
 from stapctl.render import parse_extra_vars
 from stapctl.session import NothingToRetry, Session, detached_run, select_hosts
 from stapctl.store import (
+    diff_output,
     difference_json,
     file_name,
     find_run,
@@ -180,6 +181,11 @@ def with_overrides(manifest: Manifest, forks: int | None, fmt: str | None) -> Ma
 @click.option("--forks", type=click.IntRange(1, 10000), help="Hosts worked on at once.")
 @click.option("--duration", help="Override every probe's duration (e.g. 30s).")
 @click.option("--format", "fmt", type=click.Choice(["prefix", "merged", "json"]))
+@click.option("--live", is_flag=True,
+              help="With --format merged: group identical lines across hosts as they come.")
+@click.option("--diff", is_flag=True,
+              help="After the run, only the hosts whose output differs from the majority's, "
+                   "as a unified diff against it.")
 @click.option("--check", is_flag=True,
               help="Connect, upload and run the preflight; load nothing.")
 @click.option("--baseline", metavar="RUN|last",
@@ -188,7 +194,8 @@ def with_overrides(manifest: Manifest, forks: int | None, fmt: str | None) -> Ma
 @accept_new_host_keys_option
 @detach_options
 def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tuple[str, ...],
-          forks: int | None, duration: str | None, fmt: str | None, check: bool,
+          forks: int | None, duration: str | None, fmt: str | None, live: bool, diff: bool,
+          check: bool,
           baseline: str | None, accept_new_host_keys: bool, detach: bool,
           max_duration: str | None, max_disk: str | None) -> None:
     """Compile the manifest's probes and run them on its hosts.
@@ -207,7 +214,9 @@ def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tupl
     hosts = target_hosts(loaded, inventory, limit)
     options = RunOptions(duration=seconds, check=check,
                          accept_new_host_keys=accept_new_host_keys)
-    run, session, display = apply_and_report(loaded, hosts, extra_vars, options, baseline)
+    views = OutputViews(loaded, live, diff)
+    run, session, display = apply_and_report(loaded, hosts, extra_vars, options, views,
+                                             baseline)
     if loaded.detach is not None and session.fleet.detached:
         message(f"detached: `stapctl runs show {run.id}`, `stapctl attach {run.id}`, "
                 f"`stapctl collect {run.id}`, `stapctl stop {run.id}`")
@@ -215,11 +224,29 @@ def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tupl
     sys.exit(run.exit_code)
 
 
+@dataclass(frozen=True)
+class OutputViews:
+    """--live and --diff, checked against the format they go with."""
+
+    manifest: Manifest
+    live: bool
+    diff: bool
+
+    def __post_init__(self) -> None:
+        fmt = self.manifest.output.format
+        if self.live and fmt != "merged":
+            raise UsageError(f"--live groups lines of the merged format: add --format merged "
+                             f"(the format is {fmt})")
+        if self.diff and fmt == "json":
+            raise UsageError("--diff is for a person: use --format prefix or merged, not json")
+
+
 def apply_and_report(manifest: Manifest, hosts: list[Host], extra_vars: dict[str, Any],
-                     options: RunOptions, baseline: str | None = None
+                     options: RunOptions, views: OutputViews, baseline: str | None = None
                      ) -> tuple[Run, Session, Display]:
     """Apply the manifest through the Session with the live display, then report it."""
-    display = Display(manifest, [host.name for host in hosts])
+    display = Display(manifest, [host.name for host in hosts], live=views.live,
+                      diff=views.diff)
     session = Session(manifest, hosts, extra_vars=extra_vars, options=options,
                       listener=display, baseline=baseline)
     with display, signals_to(session):
@@ -246,13 +273,18 @@ def apply_and_report(manifest: Manifest, hosts: list[Host], extra_vars: dict[str
 @click.option("--forks", type=click.IntRange(1, 1000), help="Hosts worked on at once.")
 @click.option("--duration", help="Stop the script after this long (e.g. 30s).")
 @click.option("--format", "fmt", type=click.Choice(["prefix", "merged", "json"]))
+@click.option("--live", is_flag=True,
+              help="With --format merged: group identical lines across hosts as they come.")
+@click.option("--diff", is_flag=True,
+              help="After the run, only the hosts whose output differs from the majority's, "
+                   "as a unified diff against it.")
 @click.option("--check", is_flag=True,
               help="Connect, upload and run the preflight; load nothing.")
 @accept_new_host_keys_option
 def run_command(pattern: str, words: tuple[str, ...], script: str | None,
                 inventory: Path | None, limit: str | None, variables: tuple[str, ...],
-                forks: int | None, duration: str | None, fmt: str | None, check: bool,
-                accept_new_host_keys: bool) -> None:
+                forks: int | None, duration: str | None, fmt: str | None, live: bool,
+                diff: bool, check: bool, accept_new_host_keys: bool) -> None:
     """Run one script on the hosts PATTERN matches, as stap does on one:
 
     \b
@@ -276,16 +308,22 @@ def run_command(pattern: str, words: tuple[str, ...], script: str | None,
         args=words if script is not None else words[1:],
         variables=parse_extra_vars(list(variables)), duration=duration, forks=forks,
         format=fmt, inventory=inventory))
+    views = OutputViews(manifest, live, diff)
     hosts = target_hosts(manifest, inventory, limit)
     options = RunOptions(check=check, accept_new_host_keys=accept_new_host_keys)
-    run, _, _ = apply_and_report(manifest, hosts, {}, options)
+    run, _, _ = apply_and_report(manifest, hosts, {}, options, views)
     sys.exit(run.exit_code)
 
 
 def report_run(run: Run, session: Session, display: Display) -> None:
-    """What follows a run: merged output, the json summary, the summary on stderr."""
-    if session.manifest.output.format == "merged" and session.recorder is not None:
-        hosts = [host.name for host in session.hosts]
+    """What follows a run: merged output or the diff, the json summary, the summary on
+    stderr."""
+    hosts = [host.name for host in session.hosts]
+    if display.diff and session.recorder is not None:
+        for line in diff_output(session.recorder.dir, hosts, display.many):
+            display.out(line)
+    elif (session.manifest.output.format == "merged" and display.groups is None
+          and session.recorder is not None):
         for line in merged_output(session.recorder.dir, hosts, display.many):
             display.out(report.printable(line))
     if session.manifest.output.format == "json":
