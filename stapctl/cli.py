@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -214,9 +214,8 @@ def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tupl
     hosts = target_hosts(loaded, inventory, limit)
     options = RunOptions(duration=seconds, check=check,
                          accept_new_host_keys=accept_new_host_keys)
-    views = OutputViews(loaded, live, diff)
-    run, session, display = apply_and_report(loaded, hosts, extra_vars, options, views,
-                                             baseline)
+    run, session, display = apply_and_report(loaded, hosts, extra_vars, options, live,
+                                             diff, baseline)
     if loaded.detach is not None and session.fleet.detached:
         message(f"detached: `stapctl runs show {run.id}`, `stapctl attach {run.id}`, "
                 f"`stapctl collect {run.id}`, `stapctl stop {run.id}`")
@@ -224,29 +223,22 @@ def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tupl
     sys.exit(run.exit_code)
 
 
-@dataclass(frozen=True)
-class OutputViews:
-    """--live and --diff, checked against the format they go with."""
-
-    manifest: Manifest
-    live: bool
-    diff: bool
-
-    def __post_init__(self) -> None:
-        fmt = self.manifest.output.format
-        if self.live and fmt != "merged":
-            raise UsageError(f"--live groups lines of the merged format: add --format merged "
-                             f"(the format is {fmt})")
-        if self.diff and fmt == "json":
-            raise UsageError("--diff is for a person: use --format prefix or merged, not json")
+def check_views(manifest: Manifest, live: bool, diff: bool) -> None:
+    """--live and --diff against the format they go with: one clear line, exit 2."""
+    fmt = manifest.output.format
+    if live and fmt != "merged":
+        raise UsageError(f"--live groups lines of the merged format: add --format merged "
+                         f"(the format is {fmt})")
+    if diff and fmt == "json":
+        raise UsageError("--diff is for a person: use --format prefix or merged, not json")
 
 
 def apply_and_report(manifest: Manifest, hosts: list[Host], extra_vars: dict[str, Any],
-                     options: RunOptions, views: OutputViews, baseline: str | None = None
-                     ) -> tuple[Run, Session, Display]:
+                     options: RunOptions, live: bool = False, diff: bool = False,
+                     baseline: str | None = None) -> tuple[Run, Session, Display]:
     """Apply the manifest through the Session with the live display, then report it."""
-    display = Display(manifest, [host.name for host in hosts], live=views.live,
-                      diff=views.diff)
+    check_views(manifest, live, diff)
+    display = Display(manifest, [host.name for host in hosts], live=live, diff=diff)
     session = Session(manifest, hosts, extra_vars=extra_vars, options=options,
                       listener=display, baseline=baseline)
     with display, signals_to(session):
@@ -308,10 +300,9 @@ def run_command(pattern: str, words: tuple[str, ...], script: str | None,
         args=words if script is not None else words[1:],
         variables=parse_extra_vars(list(variables)), duration=duration, forks=forks,
         format=fmt, inventory=inventory))
-    views = OutputViews(manifest, live, diff)
     hosts = target_hosts(manifest, inventory, limit)
     options = RunOptions(check=check, accept_new_host_keys=accept_new_host_keys)
-    run, _, _ = apply_and_report(manifest, hosts, {}, options, views)
+    run, _, _ = apply_and_report(manifest, hosts, {}, options, live, diff)
     sys.exit(run.exit_code)
 
 
