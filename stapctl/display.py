@@ -51,7 +51,7 @@ ENDINGS = tuple(ENDING_EVENT.values())
 ACTIVE_STATES = ("connecting", *PROGRESS_STATE.values())
 STATE_STYLES = {"running": "cyan", "stopping": "yellow", "finished": "green",
                 "failed": "bold red", "unreachable": "bold red", "skipped": "dim"}
-LIVE_WINDOW = 1.0  # seconds a line waits for the other hosts that print it (--live)
+LIVE_WINDOW = 2.0  # seconds a line waits for the other hosts that print it (--live)
 LIVE_ROOM = 1000  # distinct lines held at once by --live; past it the oldest is shown
 SIGNAL_NAMES = {signal.SIGINT: "interrupt", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
@@ -140,7 +140,7 @@ class Display:
         self.format = manifest.output.format
         self.many = len(manifest.probes) > 1
         self.diff = diff
-        self.groups = LineGroups(LIVE_WINDOW, LIVE_ROOM) if live else None
+        self.groups = LineGroups(LIVE_WINDOW, LIVE_ROOM, hosts) if live else None
         self.board = HostBoard(hosts, len(manifest.probes))
         self.live: Live | None = None
         if err.is_terminal:
@@ -189,6 +189,10 @@ class Display:
 
     def event(self, event: Event) -> None:
         self.board.update(event)
+        row = self.board.rows.get(event.host)
+        if (self.groups is not None and event.kind in ENDINGS and row is not None
+                and row.state not in ACTIVE_STATES):  # its last probe ended
+            self.show_groups(self.groups.ended(event.host, time.monotonic()))
         if self.format == "json":
             self.out(report.event_json(event))
         elif event.kind == "output":

@@ -138,17 +138,18 @@ def _number_ranges(numbers: list[str]) -> list[tuple[str, str]]:
 class LineGroups:
     """Output lines grouped live across hosts, as `clush -bL` shows them.
 
-    A line is held for ``window`` seconds so that the hosts printing the same line in
-    that moment are shown once, as ``web[1-3]: line``. Each host's lines stay in its
-    order: a host joins a held line only if it has no later line held. At most
-    ``room`` lines are held; past that the oldest is shown early, so memory is bounded
-    whatever the fleet prints.
+    A line is held up to ``window`` seconds so that the hosts printing the same line in
+    that moment are shown once, as ``web[1-3]: line``; it is shown as soon as every host
+    still running has printed it. Each host's lines stay in its order: a host joins a
+    held line only if it has no later line held. At most ``room`` lines are held; past
+    that the oldest is shown early, so memory is bounded whatever the fleet prints.
     """
 
-    def __init__(self, window: float, room: int) -> None:
+    def __init__(self, window: float, room: int, hosts: Iterable[str]) -> None:
         self.window = window
         self.room = room
-        self.held: OrderedDict[int, tuple[float, str, str, list[str]]] = OrderedDict()
+        self.running = set(hosts)
+        self.held: OrderedDict[int, tuple[float, str, str, set[str]]] = OrderedDict()
         self.newest: dict[tuple[str, str], int] = {}  # (probe, line): its newest hold
         self.last_held: dict[str, int] = {}  # host: the number of its newest hold
         self.count = 0
@@ -158,21 +159,28 @@ class LineGroups:
         number = self.newest.get((probe, line))
         if (number is not None and number > self.last_held.get(host, -1)
                 and host not in self.held[number][3]):
-            self.held[number][3].append(host)
+            self.held[number][3].add(host)
         else:
             self.count += 1
             number = self.count
-            self.held[number] = (now, probe, line, [host])
+            self.held[number] = (now, probe, line, {host})
             self.newest[(probe, line)] = number
         self.last_held[host] = number
         return self.due(now)
 
+    def ended(self, host: str, now: float) -> list[tuple[str, str, str]]:
+        """A host that prints no more: held lines no longer wait for it."""
+        self.running.discard(host)
+        return self.due(now)
+
     def due(self, now: float) -> list[tuple[str, str, str]]:
-        """The groups whose window has passed (or that no longer fit), oldest first."""
+        """The groups whose window has passed, that every running host printed, or that
+        no longer fit; oldest first."""
         shown = []
         while self.held:
             number, (since, probe, line, hosts) = next(iter(self.held.items()))
-            if since + self.window > now and len(self.held) <= self.room:
+            if (since + self.window > now and len(self.held) <= self.room
+                    and not self.running <= hosts):
                 break
             del self.held[number]
             if self.newest.get((probe, line)) == number:

@@ -24,7 +24,7 @@ from tests.integration.test_hostile_cli import FORBIDDEN, headers_release, hosti
 
 pytestmark = pytest.mark.integration
 
-PAUSE = 4.0  # seconds each stand-in agent waits between its first and second lines
+PAUSE = 6.0  # seconds each stand-in agent waits between its first and second lines
 SCRIPT = 'probe oneshot { println("hi") }'
 
 
@@ -82,9 +82,9 @@ def test_live_merged_lines_come_grouped_as_they_arrive_piped(tmp_path: Path) -> 
     assert process.wait(timeout=60) == 0, stderr
 
     lines = [line for _, line in arrivals]
-    assert lines == ["web[1-3,7]: opened /etc/passwd",
-                     "web4: opened /etc/shadow\\x1b]0;owned\\x07",
-                     "web[1-4,7]: done"], stderr
+    assert sorted(lines[:2]) == ["web4: opened /etc/shadow\\x1b]0;owned\\x07",
+                                 "web[1-3,7]: opened /etc/passwd"], stderr
+    assert lines[2:] == ["web[1-4,7]: done"], stderr
     # the first lines were shown while the hosts were still pausing, not at the end
     assert ended - arrivals[0][0] > PAUSE / 2
     assert not any(sequence in "\n".join(lines) for sequence in FORBIDDEN)

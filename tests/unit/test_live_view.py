@@ -52,7 +52,7 @@ def test_fold_then_expand_gives_the_same_hosts(hosts: set[str]) -> None:
 
 
 def test_a_line_printed_by_several_hosts_in_a_moment_is_shown_once() -> None:
-    groups = LineGroups(window=1.0, room=100)
+    groups = LineGroups(window=1.0, room=100, hosts=["web1", "web2", "web3", "a", "b", "c"])
     assert groups.add("web1", "p", "GET /", 0.0) == []
     assert groups.add("web2", "p", "GET /", 0.3) == []
     assert groups.add("web3", "p", "POST /", 0.5) == []
@@ -64,7 +64,7 @@ def test_a_line_printed_by_several_hosts_in_a_moment_is_shown_once() -> None:
 
 
 def test_each_host_keeps_the_order_of_its_lines() -> None:
-    groups = LineGroups(window=1.0, room=100)
+    groups = LineGroups(window=1.0, room=100, hosts=["web1", "web2", "web3", "a", "b", "c"])
     groups.add("a", "p", "x", 0.0)
     groups.add("b", "p", "y", 0.1)
     groups.add("a", "p", "y", 0.2)  # joins b's y: held after a's x
@@ -73,15 +73,25 @@ def test_each_host_keeps_the_order_of_its_lines() -> None:
     assert groups.flush() == [("a", "p", "x"), ("a,b", "p", "y"), ("a,b", "p", "x")]
 
 
+def test_a_line_every_running_host_printed_is_shown_at_once() -> None:
+    groups = LineGroups(window=10.0, room=100, hosts=["a", "b", "c"])
+    assert groups.add("a", "p", "x", 0.0) == []
+    assert groups.add("b", "p", "x", 0.1) == []
+    assert groups.add("c", "p", "x", 0.2) == [("a,b,c", "p", "x")]
+    assert groups.add("a", "p", "y", 0.3) == []
+    assert groups.add("b", "p", "y", 0.4) == []
+    assert groups.ended("c", 0.5) == [("a,b", "p", "y")]  # c prints no more
+
+
 def test_lines_of_other_probes_are_other_groups() -> None:
-    groups = LineGroups(window=1.0, room=100)
+    groups = LineGroups(window=1.0, room=100, hosts=["web1", "web2", "web3", "a", "b", "c"])
     groups.add("a", "one", "x", 0.0)
     groups.add("b", "two", "x", 0.0)
     assert groups.flush() == [("a", "one", "x"), ("b", "two", "x")]
 
 
 def test_held_lines_are_bounded() -> None:
-    groups = LineGroups(window=60.0, room=3)
+    groups = LineGroups(window=60.0, room=3, hosts=["a", "b"])
     shown = [group for n in range(10) for group in groups.add("a", "p", str(n), 0.0)]
     assert [line for _, _, line in shown] == [str(n) for n in range(7)]
     assert len(groups.held) == 3
