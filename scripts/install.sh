@@ -8,6 +8,7 @@ APT_PACKAGES=(
   systemtap systemtap-runtime linux-headers-amd64 qemu-system-x86 busybox-static
   dropbear-bin kmod cpio openssh-client openssh-server python3-venv sudo
   systemd chromium  # systemd-analyze checks schedules' units; chromium opens HTML reports
+  tmux  # the live merged view is checked in a real terminal
 )
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -43,6 +43,7 @@ from stapctl.probes import check_pattern
 from stapctl.render import parse_extra_vars
 from stapctl.session import NothingToRetry, Session, detached_run, select_hosts
 from stapctl.store import (
+    diff_output,
     difference_json,
     file_name,
     find_run,
@@ -181,6 +182,11 @@ def with_overrides(manifest: Manifest, forks: int | None, fmt: str | None) -> Ma
 @click.option("--forks", type=click.IntRange(1, 10000), help="Hosts worked on at once.")
 @click.option("--duration", help="Override every probe's duration (e.g. 30s).")
 @click.option("--format", "fmt", type=click.Choice(["prefix", "merged", "json"]))
+@click.option("--live", is_flag=True,
+              help="With --format merged: group identical lines across hosts as they come.")
+@click.option("--diff", is_flag=True,
+              help="After the run, only the hosts whose output differs from the majority's, "
+                   "as a unified diff against it.")
 @click.option("--check", is_flag=True,
               help="Connect, upload and run the preflight; load nothing.")
 @click.option("--baseline", metavar="RUN|last",
@@ -189,7 +195,8 @@ def with_overrides(manifest: Manifest, forks: int | None, fmt: str | None) -> Ma
 @accept_new_host_keys_option
 @detach_options
 def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tuple[str, ...],
-          forks: int | None, duration: str | None, fmt: str | None, check: bool,
+          forks: int | None, duration: str | None, fmt: str | None, live: bool, diff: bool,
+          check: bool,
           baseline: str | None, accept_new_host_keys: bool, detach: bool,
           max_duration: str | None, max_disk: str | None) -> None:
     """Compile the manifest's probes and run them on its hosts.
@@ -208,7 +215,8 @@ def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tupl
     hosts = target_hosts(loaded, inventory, limit)
     options = RunOptions(duration=seconds, check=check,
                          accept_new_host_keys=accept_new_host_keys)
-    run, session, display = apply_and_report(loaded, hosts, extra_vars, options, baseline)
+    run, session, display = apply_and_report(loaded, hosts, extra_vars, options, live,
+                                             diff, baseline)
     if loaded.detach is not None and session.fleet.detached:
         message(f"detached: `stapctl runs show {run.id}`, `stapctl attach {run.id}`, "
                 f"`stapctl collect {run.id}`, `stapctl stop {run.id}`")
@@ -216,11 +224,22 @@ def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tupl
     sys.exit(run.exit_code)
 
 
+def check_views(manifest: Manifest, live: bool, diff: bool) -> None:
+    """--live and --diff against the format they go with: one clear line, exit 2."""
+    fmt = manifest.output.format
+    if live and fmt != "merged":
+        raise UsageError(f"--live groups lines of the merged format: add --format merged "
+                         f"(the format is {fmt})")
+    if diff and fmt == "json":
+        raise UsageError("--diff is for a person: use --format prefix or merged, not json")
+
+
 def apply_and_report(manifest: Manifest, hosts: list[Host], extra_vars: dict[str, Any],
-                     options: RunOptions, baseline: str | None = None
-                     ) -> tuple[Run, Session, Display]:
+                     options: RunOptions, live: bool = False, diff: bool = False,
+                     baseline: str | None = None) -> tuple[Run, Session, Display]:
     """Apply the manifest through the Session with the live display, then report it."""
-    display = Display(manifest, [host.name for host in hosts])
+    check_views(manifest, live, diff)
+    display = Display(manifest, [host.name for host in hosts], live=live, diff=diff)
     session = Session(manifest, hosts, extra_vars=extra_vars, options=options,
                       listener=display, baseline=baseline)
     with display, signals_to(session):
@@ -247,13 +266,18 @@ def apply_and_report(manifest: Manifest, hosts: list[Host], extra_vars: dict[str
 @click.option("--forks", type=click.IntRange(1, 1000), help="Hosts worked on at once.")
 @click.option("--duration", help="Stop the script after this long (e.g. 30s).")
 @click.option("--format", "fmt", type=click.Choice(["prefix", "merged", "json"]))
+@click.option("--live", is_flag=True,
+              help="With --format merged: group identical lines across hosts as they come.")
+@click.option("--diff", is_flag=True,
+              help="After the run, only the hosts whose output differs from the majority's, "
+                   "as a unified diff against it.")
 @click.option("--check", is_flag=True,
               help="Connect, upload and run the preflight; load nothing.")
 @accept_new_host_keys_option
 def run_command(pattern: str, words: tuple[str, ...], script: str | None,
                 inventory: Path | None, limit: str | None, variables: tuple[str, ...],
-                forks: int | None, duration: str | None, fmt: str | None, check: bool,
-                accept_new_host_keys: bool) -> None:
+                forks: int | None, duration: str | None, fmt: str | None, live: bool,
+                diff: bool, check: bool, accept_new_host_keys: bool) -> None:
     """Run one script on the hosts PATTERN matches, as stap does on one:
 
     \b
@@ -279,14 +303,19 @@ def run_command(pattern: str, words: tuple[str, ...], script: str | None,
         format=fmt, inventory=inventory))
     hosts = target_hosts(manifest, inventory, limit)
     options = RunOptions(check=check, accept_new_host_keys=accept_new_host_keys)
-    run, _, _ = apply_and_report(manifest, hosts, {}, options)
+    run, _, _ = apply_and_report(manifest, hosts, {}, options, live, diff)
     sys.exit(run.exit_code)
 
 
 def report_run(run: Run, session: Session, display: Display) -> None:
-    """What follows a run: merged output, the json summary, the summary on stderr."""
-    if session.manifest.output.format == "merged" and session.recorder is not None:
-        hosts = [host.name for host in session.hosts]
+    """What follows a run: merged output or the diff, the json summary, the summary on
+    stderr."""
+    hosts = [host.name for host in session.hosts]
+    if display.diff and session.recorder is not None:
+        for line in diff_output(session.recorder.dir, hosts, display.many):
+            display.out(line)
+    elif (session.manifest.output.format == "merged" and display.groups is None
+          and session.recorder is not None):
         for line in merged_output(session.recorder.dir, hosts, display.many):
             display.out(report.printable(line))
     if session.manifest.output.format == "json":

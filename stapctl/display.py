@@ -37,6 +37,7 @@ from rich.text import Text
 from stapctl import report
 from stapctl.models import ENDING_EVENT, PROGRESS_STATE, Event, Manifest
 from stapctl.plan import ModuleJob
+from stapctl.report import LineGroups
 
 
 class Interruptible(Protocol):
@@ -50,6 +51,8 @@ ENDINGS = tuple(ENDING_EVENT.values())
 ACTIVE_STATES = ("connecting", *PROGRESS_STATE.values())
 STATE_STYLES = {"running": "cyan", "stopping": "yellow", "finished": "green",
                 "failed": "bold red", "unreachable": "bold red", "skipped": "dim"}
+LIVE_WINDOW = 2.0  # seconds a line waits for the other hosts that print it (--live)
+LIVE_ROOM = 1000  # distinct lines held at once by --live; past it the oldest is shown
 SIGNAL_NAMES = {signal.SIGINT: "interrupt", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 
@@ -125,11 +128,19 @@ class HostBoard:
 
 
 class Display:
-    """A session's Listener for a person: the live table or plain lines, and stdout."""
+    """A session's Listener for a person: the live table or plain lines, and stdout.
 
-    def __init__(self, manifest: Manifest, hosts: list[str]) -> None:
+    ``live``: output lines grouped across hosts as they come (``web[1-3]: line``);
+    ``diff``: no output lines during the run (unless live), the report after it shows
+    only what differs from the majority.
+    """
+
+    def __init__(self, manifest: Manifest, hosts: list[str], *, live: bool = False,
+                 diff: bool = False) -> None:
         self.format = manifest.output.format
         self.many = len(manifest.probes) > 1
+        self.diff = diff
+        self.groups = LineGroups(LIVE_WINDOW, LIVE_ROOM, hosts) if live else None
         self.board = HostBoard(hosts, len(manifest.probes))
         self.live: Live | None = None
         if err.is_terminal:
@@ -144,6 +155,8 @@ class Display:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.groups is not None:
+            self.show_groups(self.groups.flush())
         if self.live is not None:
             self.live.stop()
 
@@ -170,12 +183,23 @@ class Display:
             message(f"second {name}: cutting connections; the agents unload on their own",
                     "red")
 
+    def tick(self) -> None:
+        if self.groups is not None:
+            self.show_groups(self.groups.due(time.monotonic()))
+
     def event(self, event: Event) -> None:
         self.board.update(event)
+        row = self.board.rows.get(event.host)
+        if (self.groups is not None and event.kind in ENDINGS and row is not None
+                and row.state not in ACTIVE_STATES):  # its last probe ended
+            self.show_groups(self.groups.ended(event.host, time.monotonic()))
         if self.format == "json":
             self.out(report.event_json(event))
         elif event.kind == "output":
-            if self.format == "prefix":
+            if self.groups is not None:
+                self.show_groups(self.groups.add(event.host, event.probe, event.text,
+                                                 time.monotonic()))
+            elif self.format == "prefix" and not self.diff:
                 self.out(report.output_prefix(event, self.many))
         elif event.kind in ("warning", "error", "failed", "unreachable"):
             color = "yellow" if event.kind == "warning" else "red"
@@ -183,6 +207,10 @@ class Display:
                                     " ", report.printable(event.text)))
         elif self.live is None and event.kind in ("connected", "started", "finished"):
             message(f"{event.host}: {event.kind} {event.text}", "dim")
+
+    def show_groups(self, groups: list[tuple[str, str, str]]) -> None:
+        for hosts, probe, line in groups:
+            self.out(report.grouped_line(hosts, probe, line, self.many))
 
     def out(self, line: str) -> None:
         """A line for stdout, already safe (json, or through report.printable)."""

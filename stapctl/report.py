@@ -7,10 +7,11 @@ to stdout, everything about the run (progress, warnings, the summary) to stderr,
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -90,6 +91,119 @@ def merged_heading(hosts: Sequence[str], probe: str, many_probes: bool) -> list[
     """The lines above one group of identical output: its hosts, and its probe if many."""
     title = ",".join(sorted(hosts)) + (f" [{probe}]" if many_probes else "")
     return ["-" * 15, f"{title} ({len(hosts)})", "-" * 15]
+
+
+HOST_NUMBER = re.compile(r"^(.*?)(\d+)(\D*)$")  # the last number in a host name
+
+
+def fold_hosts(hosts: Iterable[str]) -> str:
+    """Host names folded as clush shows node sets: ``web[1-3,7],db1,lab-[01-03]``.
+
+    Names are grouped by what surrounds their last number; runs of consecutive numbers
+    become ranges, zero padding kept (``08-10`` is 08, 09, 10; ``9-10`` is 9, 10)."""
+    numbered: dict[tuple[str, str], list[str]] = {}
+    plain: list[str] = []
+    for host in sorted(set(hosts)):
+        match = HOST_NUMBER.match(host)
+        if match is None:
+            plain.append(host)
+        else:
+            numbered.setdefault((match[1], match[3]), []).append(match[2])
+    parts = plain
+    for (prefix, suffix), numbers in numbered.items():
+        ranges = _number_ranges(sorted(numbers, key=lambda n: (int(n), n)))
+        if len(numbers) == 1:
+            parts.append(f"{prefix}{numbers[0]}{suffix}")
+            continue
+        spans = ",".join(first if first == last else f"{first}-{last}"
+                         for first, last in ranges)
+        parts.append(f"{prefix}[{spans}]{suffix}")
+    return ",".join(sorted(parts))
+
+
+def _number_ranges(numbers: list[str]) -> list[tuple[str, str]]:
+    """Consecutive numbers as (first, last) spans that expand back to the same strings."""
+    ranges: list[tuple[str, str]] = []
+    for number in numbers:
+        if ranges:
+            first, last = ranges[-1]
+            width = len(first) if first.startswith("0") and len(first) > 1 else 0
+            if int(number) == int(last) + 1 and number == str(int(number)).zfill(width):
+                ranges[-1] = (first, number)
+                continue
+        ranges.append((number, number))
+    return ranges
+
+
+class LineGroups:
+    """Output lines grouped live across hosts, as `clush -bL` shows them.
+
+    A line is held up to ``window`` seconds so that the hosts printing the same line in
+    that moment are shown once, as ``web[1-3]: line``; it is shown as soon as every host
+    still running has printed it. Each host's lines stay in its order: a host joins a
+    held line only if it has no later line held. At most ``room`` lines are held; past
+    that the oldest is shown early, so memory is bounded whatever the fleet prints.
+    """
+
+    def __init__(self, window: float, room: int, hosts: Iterable[str]) -> None:
+        self.window = window
+        self.room = room
+        self.running = set(hosts)
+        self.held: OrderedDict[int, tuple[float, str, str, set[str]]] = OrderedDict()
+        self.newest: dict[tuple[str, str], int] = {}  # (probe, line): its newest hold
+        self.last_held: dict[str, int] = {}  # host: the number of its newest hold
+        self.count = 0
+
+    def add(self, host: str, probe: str, line: str, now: float) -> list[tuple[str, str, str]]:
+        """Hold a line; returns the (hosts, probe, line) groups now due, oldest first."""
+        number = self.newest.get((probe, line))
+        if (number is not None and number > self.last_held.get(host, -1)
+                and host not in self.held[number][3]):
+            self.held[number][3].add(host)
+        else:
+            self.count += 1
+            number = self.count
+            self.held[number] = (now, probe, line, {host})
+            self.newest[(probe, line)] = number
+        self.last_held[host] = number
+        return self.due(now)
+
+    def ended(self, host: str, now: float) -> list[tuple[str, str, str]]:
+        """A host that prints no more: held lines no longer wait for it."""
+        self.running.discard(host)
+        return self.due(now)
+
+    def due(self, now: float) -> list[tuple[str, str, str]]:
+        """The groups whose window has passed, that every running host printed, or that
+        no longer fit; oldest first."""
+        shown = []
+        while self.held:
+            number, (since, probe, line, hosts) = next(iter(self.held.items()))
+            if (since + self.window > now and len(self.held) <= self.room
+                    and not self.running <= hosts):
+                break
+            del self.held[number]
+            if self.newest.get((probe, line)) == number:
+                del self.newest[(probe, line)]
+            shown.append((fold_hosts(hosts), probe, line))
+        return shown
+
+    def flush(self) -> list[tuple[str, str, str]]:
+        """Every held group, at the end of a run."""
+        return self.due(float("inf"))
+
+
+def grouped_line(hosts: str, probe: str, line: str, many_probes: bool) -> str:
+    """`web[1-3]: line`, or `web[1-3] [probe]: line` when the run has several probes."""
+    label = f"{hosts} [{probe}]" if many_probes else hosts
+    return printable(f"{label}: {line}")
+
+
+def diff_from_majority(majority: Sequence[str], majority_hosts: str, lines: Sequence[str],
+                       hosts: str) -> list[str]:
+    """A unified diff of one group's output against the majority's, as clush --diff."""
+    return [printable(line.rstrip("\n")) for line in difflib.unified_diff(
+        majority, lines, fromfile=majority_hosts, tofile=hosts, lineterm="")]
 
 
 def outcome_reason(outcome: HostOutcome) -> str:

@@ -73,6 +73,7 @@ class Listener(Protocol):
     def build(self, job: ModuleJob, state: str) -> None: ...  # building, built, failed
     def note(self, text: str) -> None: ...  # one line about the run as a whole
     def interrupted(self, count: int, signum: int) -> None: ...
+    def tick(self) -> None: ...  # a few times a second while a run goes, events or not
 
 
 class Silent:
@@ -91,6 +92,9 @@ class Silent:
         pass
 
     def interrupted(self, count: int, signum: int) -> None:
+        pass
+
+    def tick(self) -> None:
         pass
 
 
@@ -412,6 +416,7 @@ class Session:
             self._deliver_notes()
             if event is not None:
                 self._deliver(event)
+            self.listener.tick()
             if self._interrupts > handled:
                 handled = self._interrupts
                 self.listener.interrupted(handled, self._signal)

@@ -40,6 +40,7 @@ FILE_MODE = 0o600
 OPEN_HOST_LOGS = 32  # host logs kept open at once; the others are reopened when they print
 DIFFERENCE_FILE = "difference.json"  # a run's difference from its baseline
 DIFFERENCE_VERSION = 1
+DIFF_LINES = 100_000  # lines of one output compared by --diff (both sides are in memory)
 MAX_NAME = 100  # characters of a name kept in a file name (file names stop at 255 bytes)
 _WRITE = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -370,6 +371,49 @@ def merged_output(run_folder: Path, hosts: Iterable[str], many_probes: bool) -> 
         for line_probe, line in read_log(run_folder, min(members), many_probes):
             if line_probe == probe:
                 yield line.decode("utf-8", "replace")
+
+
+def diff_output(run_folder: Path, hosts: Iterable[str], many_probes: bool) -> Iterator[str]:
+    """The `--diff` report of a run: per probe, each group of hosts whose output differs
+    from the majority's (the largest group; a host that printed nothing counts as empty
+    output), as a unified diff against it. Output past DIFF_LINES is left out, and said."""
+    probes: set[str] = set()
+    outputs: dict[str, dict[str, bytes]] = {}
+    for host in dict.fromkeys(hosts):
+        digests: dict[str, hashlib._Hash] = {}
+        for probe, line in read_log(run_folder, host, many_probes):
+            digests.setdefault(probe, hashlib.sha256()).update(line + b"\n")
+        outputs[host] = {probe: digest.digest() for probe, digest in digests.items()}
+        probes.update(digests)
+    empty = hashlib.sha256().digest()
+    for probe in sorted(probes):
+        groups: dict[bytes, list[str]] = {}
+        for host, printed in outputs.items():
+            groups.setdefault(printed.get(probe, empty), []).append(host)
+        ranked = sorted(groups.values(), key=lambda members: (-len(members),
+                                                                     sorted(members)))
+        if len(ranked) == 1:
+            continue
+        label = f" [{probe}]" if many_probes else ""
+        majority = _probe_lines(run_folder, min(ranked[0]), probe, many_probes)
+        for members in ranked[1:]:
+            lines = _probe_lines(run_folder, min(members), probe, many_probes)
+            yield from report.diff_from_majority(
+                majority, f"{report.fold_hosts(ranked[0])}{label}", lines,
+                f"{report.fold_hosts(members)}{label}")
+
+
+def _probe_lines(run_folder: Path, host: str, probe: str, many_probes: bool) -> list[str]:
+    """A host's output of one probe, up to DIFF_LINES lines (then a line saying so)."""
+    lines: list[str] = []
+    for line_probe, line in read_log(run_folder, host, many_probes):
+        if line_probe != probe:
+            continue
+        if len(lines) == DIFF_LINES:
+            lines.append(f"… output past {DIFF_LINES} lines not compared")
+            break
+        lines.append(line.decode("utf-8", "replace"))
+    return lines
 
 
 def read_log(run_folder: Path, host: str, many_probes: bool) -> Iterator[tuple[str, bytes]]:

@@ -55,6 +55,9 @@ class Recorder:
     def interrupted(self, count: int, signum: int) -> None:
         self.interrupts.append((count, signum))
 
+    def tick(self) -> None:
+        pass
+
     def kinds(self, host: str) -> list[str]:
         return [e.kind for e in self.events if e.host == host]
 

@@ -64,6 +64,9 @@ class Counting:
     def interrupted(self, count: int, signum: int) -> None:
         pass
 
+    def tick(self) -> None:
+        pass
+
     def event(self, event: Event) -> None:
         if self.gate is not None:
             self.gate.wait()
