@@ -7,6 +7,7 @@ module. The controller imports it too, for the frame codec and constants, so imp
 it has no side effects.
 """
 
+import codecs
 import contextlib
 import ctypes
 import errno
@@ -1328,6 +1329,7 @@ class TargetCommand(object):
         finally:
             os.close(release_read)
         self.pid = self.child.pid
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")  # whole characters
         self.fd = self.child.stdout.fileno()
         os.set_blocking(self.fd, False)
         self.open = True
@@ -1349,9 +1351,10 @@ class TargetCommand(object):
             data = os.read(self.fd, 65536)
         except OSError:  # EAGAIN: nothing yet
             return
-        if data:
-            self.out.event("command-output", text=data.decode("utf-8", "replace"))
-        else:
+        text = self.decoder.decode(data, final=not data)
+        if text:
+            self.out.event("command-output", text=text)
+        if not data:
             self.open = False
 
     def exited(self):

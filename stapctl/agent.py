@@ -95,6 +95,7 @@ class AgentRequest:
     # run, detach: what the script's remote_id() and remote_uri() return on this host
     remote_id: int | None = None
     remote_uri: str = ""
+    target: Mapping[str, str | int] | None = None  # run: the process target() names
 
     def encode(self) -> bytes:
         fields = {**asdict(self), "params": dict(self.params),

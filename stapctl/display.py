@@ -177,6 +177,11 @@ class Display:
         elif event.kind == "output":
             if self.format == "prefix":
                 self.out(report.output_prefix(event, self.many))
+        elif event.kind == "command-output":
+            if self.format == "prefix":
+                self.out(report.command_prefix(event))
+            else:  # merged output is printed at the end; the command's is shown as it comes
+                err.print(Text(report.command_prefix(event), style="dim"))
         elif event.kind in ("warning", "error", "failed", "unreachable"):
             color = "yellow" if event.kind == "warning" else "red"
             err.print(Text.assemble((report.printable(f"{event.host}: {event.kind}:"), color),

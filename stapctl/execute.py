@@ -226,8 +226,10 @@ class Fleet:
             return
         lines = LineSplitter(lambda line: self._event(host, "output", line, probe),
                              self.options.max_line)
+        command_lines = LineSplitter(
+            lambda line: self._event(host, "command-output", line, probe), self.options.max_line)
         try:
-            outcome = self._call_agent(session, job, deadline, lines)
+            outcome = self._call_agent(session, job, deadline, lines, command_lines)
         except Exception as exc:  # noqa: BLE001 - every failure is this host's outcome
             status, kind, message = _classify(exc)
             outcome = HostOutcome(host=host, probe=probe, status=status, kind=kind,
@@ -235,13 +237,14 @@ class Fleet:
         finally:
             with contextlib.suppress(Exception):
                 lines.flush()
+                command_lines.flush()
         if lines.split_lines:
             self._event(host, "warning", f"{lines.split_lines} line(s) longer than "
                         f"{self.options.max_line} bytes were split", probe)
         self._record(outcome)
 
     def _call_agent(self, session: _Session, job: ModuleJob, deadline: float | None,
-                    lines: LineSplitter) -> HostOutcome:
+                    lines: LineSplitter, command_lines: LineSplitter) -> HostOutcome:
         host, probe = session.host.name, job.probe.name
         artifact = job.artifact
         assert artifact is not None
@@ -259,13 +262,19 @@ class Fleet:
             sha256=artifact.sha256, module_name=artifact.module_name,
             params=job.probe.params, duration=duration, exit_timeout=timing.exit_timeout,
             bufsize_mb=self.options.bufsize_mb, deadman=timing.deadman,
-            remote_id=self.hosts.index(host), remote_uri=remote_uri(session.host))
+            remote_id=self.hosts.index(host), remote_uri=remote_uri(session.host),
+            target=job.probe.target.wire() if job.probe.target else None)
 
         def on_frame(frame: Frame) -> None:
             if frame.kind == "output":
                 lines.feed(frame.data)
             elif frame.kind == "event":
-                self._agent_event(host, probe, frame.json())
+                event = frame.json()
+                if event.get("event") == "command-output":  # bounded by the frame's size
+                    text = event.get("text")
+                    command_lines.feed(text.encode() if isinstance(text, str) else b"")
+                else:
+                    self._agent_event(host, probe, event)
 
         result = session.agent.call(request, on_frame, self.stop, deadline, timing,
                                     self.options.max_output)

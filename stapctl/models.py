@@ -8,7 +8,7 @@ import math
 import re
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,6 +17,25 @@ if TYPE_CHECKING:  # the reader imports the errors, which import these models
     from stapctl.yamldoc import Document
 
 OutputFormat = Literal["prefix", "merged", "json"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The process a probe's target() names on each host, resolved there by the agent:
+    one of a PID (stap -x), a comm, a command-line pattern, or a command the agent starts
+    held until the module has started (stap -c)."""
+
+    pid: int | None = None
+    process: str | None = None  # matches /proc/PID/comm exactly
+    cmdline: str | None = None  # a regular expression searched in the command line
+    command: str | None = None  # run by /bin/sh -c; the run ends when it exits
+
+    def wire(self) -> dict[str, str | int]:
+        """The agent request's ``target`` (docs/agent-protocol.md)."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    def __str__(self) -> str:
+        return ", ".join(f"{key} {value}" for key, value in self.wire().items())
 
 
 @dataclass(frozen=True)
@@ -32,6 +51,7 @@ class Probe:
     stap_options: tuple[str, ...] = ()
     guru: bool = False
     args: tuple[str, ...] = ()  # the script's $1, @1, ...: given to stap after the script
+    target: Target | None = None  # the process target() names on each host
 
 
 @dataclass(frozen=True)
@@ -282,6 +302,7 @@ class ModuleArtifact:
 EventKind = Literal[
     "connected", "unreachable", "facts", "uploaded", "loaded", "started", "output",
     "warning", "error", "stopping", "finished", "failed", "skipped",
+    "command-output",  # a line the probe's target command wrote (stdout and stderr)
 ]
 OutcomeStatus = Literal["ok", "failed", "unreachable", "skipped"]
 
@@ -309,6 +330,7 @@ class FailureKind(StrEnum):
     STOPPED = "stopped"
     TRANSPORT_LOST = "transport-lost"
     AGENT_ERROR = "agent-error"
+    NO_TARGET = "no-target"  # the probe's target process is not on the host
     # decided by the controller
     UNREACHABLE = "unreachable"
     UNRESPONSIVE = "unresponsive"  # connected, then silent past the heartbeat timeout
