@@ -5,22 +5,11 @@ import os
 import pytest
 from stapctl.runtime import stapctl_agent as agent
 
-from tests.agent.fakekernel import FakeKernel, Scenario, drive, run_request
+from tests.agent.fakekernel import FakeKernel, Scenario, add_process, drive, run_request
 
 pytestmark = pytest.mark.agent
 
 EXIT_AT_ONCE = dict(running=[("request_exit",)])
-
-
-def fake_process(kernel, pid, comm, cmdline, start_ticks):
-    """A process in the fake /proc, as stat and cmdline show it."""
-    folder = kernel.proc_path(str(pid))
-    os.makedirs(folder)
-    fields = ["S"] + ["0"] * 18 + [str(start_ticks)] + ["0"] * 10
-    with open(os.path.join(folder, "stat"), "w") as f:
-        f.write(f"{pid} ({comm}) {' '.join(fields)}\n")
-    with open(os.path.join(folder, "cmdline"), "wb") as f:
-        f.write(cmdline.replace(" ", "\0").encode() + b"\0")
 
 
 def start_target(kernel):
@@ -32,9 +21,9 @@ def start_target(kernel):
 @pytest.fixture
 def kernel(tmp_path):
     kernel = FakeKernel(tmp_path / "root", Scenario(**EXIT_AT_ONCE))
-    fake_process(kernel, 4321, "nginx", "nginx: worker process", 900)
-    fake_process(kernel, 4000, "nginx", "nginx: master process /usr/sbin/nginx", 500)
-    fake_process(kernel, 77, "my (odd) name", "python3 /srv/app.py --port 8080", 100)
+    add_process(kernel.proc_path(), 4321, "nginx", "nginx: worker process", 900)
+    add_process(kernel.proc_path(), 4000, "nginx", "nginx: master process /usr/sbin/nginx", 500)
+    add_process(kernel.proc_path(), 77, "my (odd) name", "python3 /srv/app.py --port 8080", 100)
     return kernel
 
 
