@@ -1318,7 +1318,8 @@ class TargetCommand(object):
         release_read, self.release = os.pipe()
         # sh blocks reading the pipe (its stdin), then execs the command in the same
         # process, stdin from /dev/null: the PID the module is given is the command's.
-        script = 'read -r _; exec /bin/sh -c "$1" </dev/null'
+        # The pipe closed without a line (the module never started) runs nothing.
+        script = 'read -r _ && exec /bin/sh -c "$1" </dev/null'
         try:
             self.child = subprocess.Popen(["/bin/sh", "-c", script, "sh", command],
                                           stdin=release_read, stdout=subprocess.PIPE,
@@ -1361,7 +1362,8 @@ class TargetCommand(object):
         return self.child.poll() is not None
 
     def end(self, wait):
-        """Forwards what is left; a command still running after ``wait`` s is killed."""
+        """Forwards what is left; a command still running after ``wait`` s is killed.
+        One never released ends at the closing of its pipe, without running."""
         if self.release is not None:
             os.close(self.release)
             self.release = None
