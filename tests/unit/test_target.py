@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from stapctl.runtime import stapctl_agent as agent
 
+from stapctl import report
 from stapctl.adhoc import AdhocRun, adhoc_manifest
 from stapctl.execute import RunOptions
-from stapctl.models import FailureKind, Target
+from stapctl.models import Event, FailureKind, Target
 from stapctl.session import Session
 from tests.agent.fakekernel import Scenario, add_process
 from tests.fleet_double import FakeBuilder, FakeFleet
@@ -110,3 +111,11 @@ def test_bad_target_options_are_one_line_and_exit_2(tmp_path: Path, args: list[s
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_command_line_is_shown_apart_and_escaped() -> None:
+    line = Event(host="web1", kind="command-output", probe="p", text="two \033[31mred",
+                 time=0.0)
+    shown = report.command_prefix(line)
+    assert shown.startswith("web1[cmd]: two ")
+    assert "\033" not in shown and "red" in shown
