@@ -1277,16 +1277,18 @@ def process_table(kernel):
     return table
 
 
-def resolve_target(kernel, target, warn):
-    """The PID a run's ``target`` names (pid, process by comm, or cmdline pattern);
-    Failure no-target when nothing matches. Several matches: the oldest, with a warning."""
+def matching_pids(kernel, target):
+    """([PID], description) of the processes a ``target`` (pid, process by comm, or
+    cmdline pattern) names, oldest first; Failure no-target when nothing matches."""
+    if not isinstance(target, dict):
+        raise Failure("agent-error", "target must be an object")
     if "pid" in target:
         pid = target["pid"]
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise Failure("agent-error", "target pid must be a positive integer")
         if not os.path.isdir(kernel.proc_path(str(pid))):
             raise Failure("no-target", "no process with PID %d" % pid)
-        return pid
+        return [pid], "with PID %d" % pid
     if "process" in target:
         name = str(target["process"])
         matches = [row for row in process_table(kernel) if row[2] == name]
@@ -1299,14 +1301,19 @@ def resolve_target(kernel, target, warn):
         matches = [row for row in process_table(kernel) if pattern.search(row[3])]
         what = "whose command line matches %r" % target["cmdline"]
     else:
-        raise Failure("agent-error", "target needs pid, process, cmdline or command")
+        raise Failure("agent-error", "target needs pid, process or cmdline (a run: or command)")
     if not matches:
         raise Failure("no-target", "no process %s" % what)
     matches.sort()
-    pid = matches[0][1]
-    if len(matches) > 1:
-        warn("%d processes %s: aiming at the oldest, PID %d" % (len(matches), what, pid))
-    return pid
+    return [row[1] for row in matches], what
+
+
+def resolve_target(kernel, target, warn):
+    """The PID a run's ``target`` names: the oldest match, with a warning when several."""
+    pids, what = matching_pids(kernel, target)
+    if len(pids) > 1:
+        warn("%d processes %s: aiming at the oldest, PID %d" % (len(pids), what, pids[0]))
+    return pids[0]
 
 
 class TargetCommand(object):
@@ -2421,6 +2428,9 @@ class Agent(object):
             except Failure as e:
                 return self.result(e.kind, e.message, facts=facts)
             return self.result(None, "module %s can be loaded" % name, facts=facts)
+        if action == "targets":  # the PIDs a run's target names, for one run per match
+            pids, what = matching_pids(self.kernel, request.get("target"))
+            return self.result(None, "%d process(es) %s" % (len(pids), what), pids=pids)
         if action == "run":
             self.run = Run(self, request, self.gap_wait)
             return self.run.execute()

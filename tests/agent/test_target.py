@@ -113,3 +113,24 @@ def test_a_command_still_running_when_the_run_stops_is_killed(tmp_path):
     pid = start_target(kernel)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def targets_request(target):
+    return {"protocol": agent.PROTOCOL_VERSION, "action": "targets", "target": target}
+
+
+def test_targets_lists_every_match_oldest_first_and_loads_nothing(kernel):
+    outcome = drive(kernel, targets_request({"process": "nginx"}))
+    assert outcome.result["status"] == "ok", outcome.result
+    assert outcome.result["pids"] == [4000, 4321]
+    outcome = drive(kernel, targets_request({"cmdline": r"worker|app\.py"}))
+    assert outcome.result["pids"] == [77, 4321]
+    assert kernel.loads == []
+
+
+def test_targets_without_a_match_or_with_a_bad_target_fail(kernel):
+    outcome = drive(kernel, targets_request({"process": "postgres"}))
+    assert outcome.result["kind"] == "no-target" and "pids" not in outcome.result
+    for target in ({"cmdline": "("}, {"command": "ls"}, None):
+        outcome = drive(kernel, targets_request(target))
+        assert outcome.result["kind"] == "agent-error", target
