@@ -58,7 +58,7 @@ def adhoc_manifest(run: AdhocRun) -> Manifest:
     if run.duration is not None:
         probe["duration"] = run.duration
     if run.target is not None:
-        probe["target"] = run.target.wire()
+        probe["target"] = run.target.manifest_entry()
     data: dict[str, Any] = {"apiVersion": "stapctl/v1", "kind": "Trace", "name": name,
                             "description": "made by `stapctl run`", "hosts": run.hosts}
     if run.inventory is not None and run.inventory.is_file():
@@ -74,8 +74,10 @@ def adhoc_manifest(run: AdhocRun) -> Manifest:
                                           allow_unicode=True)))
 
 
-def adhoc_target(pid: int | None, command: str | None, process: str | None) -> Target | None:
-    """The target of `run -x PID`, `-c CMD` or `--process NAME`: at most one of them."""
+def adhoc_target(pid: int | None, command: str | None, process: str | None,
+                 each: bool = False) -> Target | None:
+    """The target of `run -x PID`, `-c CMD` or `--process NAME` (`--each`: one run per
+    process of that name): at most one of them."""
     given = [option for option, value in (("-x", pid), ("-c", command), ("--process", process))
              if value is not None]
     if len(given) > 1:
@@ -85,9 +87,12 @@ def adhoc_target(pid: int | None, command: str | None, process: str | None) -> T
     if process is not None and not 1 <= len(process) <= COMM_LENGTH:
         raise UsageError(f"--process: {process!r} cannot be a process name: a name (comm) is "
                          f"1 to {COMM_LENGTH} characters, as /proc/PID/comm shows it")
+    if each and process is None:
+        raise UsageError("--each: one run per match needs --process NAME to match, "
+                         "e.g. --process nginx --each")
     if not given:
         return None
-    return Target(pid=pid, command=command, process=process)
+    return Target(pid=pid, command=command, process=process, each=each)
 
 
 def _script(run: AdhocRun) -> tuple[str, str]:

@@ -256,11 +256,14 @@ def apply_and_report(manifest: Manifest, hosts: list[Host], extra_vars: dict[str
 @click.option("--process", metavar="NAME",
               help="target() is the process with this name (comm) on each host; the "
                    "oldest when several match.")
+@click.option("--each", is_flag=True,
+              help="With --process: one run per process of that name, each its own "
+                   "outcome (PROBE[pid N]).")
 @accept_new_host_keys_option
 def run_command(pattern: str, words: tuple[str, ...], script: str | None,
                 inventory: Path | None, limit: str | None, variables: tuple[str, ...],
                 forks: int | None, duration: str | None, fmt: str | None, check: bool,
-                pid: int | None, command: str | None, process: str | None,
+                pid: int | None, command: str | None, process: str | None, each: bool,
                 accept_new_host_keys: bool) -> None:
     """Run one script on the hosts PATTERN matches, as stap does on one:
 
@@ -285,7 +288,7 @@ def run_command(pattern: str, words: tuple[str, ...], script: str | None,
         hosts=pattern, script=script, script_file=script_file,
         args=words if script is not None else words[1:],
         variables=parse_extra_vars(list(variables)), duration=duration, forks=forks,
-        format=fmt, inventory=inventory, target=adhoc_target(pid, command, process)))
+        format=fmt, inventory=inventory, target=adhoc_target(pid, command, process, each)))
     hosts = target_hosts(manifest, inventory, limit)
     options = RunOptions(check=check, accept_new_host_keys=accept_new_host_keys)
     run, _, _ = apply_and_report(manifest, hosts, {}, options)

@@ -129,7 +129,7 @@ class Display:
 
     def __init__(self, manifest: Manifest, hosts: list[str]) -> None:
         self.format = manifest.output.format
-        self.many = len(manifest.probes) > 1
+        self.many = manifest.labels_output
         self.board = HostBoard(hosts, len(manifest.probes))
         self.live: Live | None = None
         if err.is_terminal:

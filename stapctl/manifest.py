@@ -317,6 +317,10 @@ class _ManifestBuilder:
             except re.error as error:
                 self._report(path + ("cmdline",), f"not a regular expression: {error}")
                 return None
+        if raw.get("each") and "process" not in raw and "cmdline" not in raw:
+            self._report(path + ("each",), "one run per match needs 'process' or 'cmdline' "
+                         "to match: remove 'each', or aim by name or command line")
+            return None
         return Target(**raw)
 
     def _script_source(self, path: KeyPath, entry: dict[str, Any]) -> tuple[str, str, int] | None:

@@ -29,13 +29,25 @@ class Target:
     process: str | None = None  # matches /proc/PID/comm exactly
     cmdline: str | None = None  # a regular expression searched in the command line
     command: str | None = None  # run by /bin/sh -c; the run ends when it exits
+    each: bool = False  # process or cmdline: one run per matching process, not the oldest
 
     def wire(self) -> dict[str, str | int]:
         """The agent request's ``target`` (docs/agent-protocol.md)."""
-        return {key: value for key, value in asdict(self).items() if value is not None}
+        return {key: value for key, value in asdict(self).items()
+                if value is not None and key != "each"}
 
     def __str__(self) -> str:
-        return ", ".join(f"{key} {value}" for key, value in self.wire().items())
+        text = ", ".join(f"{key} {value}" for key, value in self.wire().items())
+        return f"{text}, each" if self.each else text
+
+    def manifest_entry(self) -> dict[str, str | int | bool]:
+        """The manifest's ``target`` mapping."""
+        return {**self.wire(), "each": True} if self.each else {**self.wire()}
+
+
+def each_run_name(probe: str, pid: int) -> str:
+    """The name of a probe's run aimed at one of its matching processes: `p[pid 1234]`."""
+    return f"{probe}[pid {pid}]"
 
 
 @dataclass(frozen=True)
@@ -215,6 +227,12 @@ class Manifest:
     # The file as read, to locate problems found later (a host pattern that selects
     # nothing) without reading it again; None for a manifest built in code.
     document: Document | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def labels_output(self) -> bool:
+        """Output lines carry their probe's name: several probes, or one run per match."""
+        return len(self.probes) > 1 or any(probe.target is not None and probe.target.each
+                                           for probe in self.probes)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ target options of `stapctl run`."""
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -96,6 +97,10 @@ def test_the_manifest_an_adhoc_target_amounts_to(tmp_path: Path) -> None:
     assert "target:\n    process: nginx" in made.path.read_text()
     plain = manifest(tmp_path)
     assert plain.probes[0].target is None
+    each = adhoc_manifest(AdhocRun(hosts="all", script="probe oneshot { exit() }",
+                                   target=Target(process="nginx", each=True)))
+    assert each.probes[0].target == Target(process="nginx", each=True)
+    assert each.labels_output and not made.labels_output
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -103,6 +108,8 @@ def test_the_manifest_an_adhoc_target_amounts_to(tmp_path: Path) -> None:
     (["--process", "a-name-longer-than-fifteen"], "cannot be a process name"),
     (["-c", " "], "error: -c: the command is empty"),
     (["-x", "0"], "0 is not in the range x>=1"),
+    (["--each"], "error: --each: one run per match needs --process NAME"),
+    (["-x", "12", "--each"], "error: --each: one run per match needs --process NAME"),
 ])
 def test_bad_target_options_are_one_line_and_exit_2(tmp_path: Path, args: list[str],
                                                     message: str) -> None:
@@ -119,3 +126,36 @@ def test_a_command_line_is_shown_apart_and_escaped() -> None:
     shown = report.command_prefix(line)
     assert shown.startswith("web1[cmd]: two ")
     assert "\033" not in shown and "red" in shown
+
+
+def test_one_run_per_match_gives_each_its_own_outcome_and_target(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fake fleet's agents are threads of this one process, where real ones are
+    # processes whose PIDs tell their module instances apart: tag them by thread instead.
+    tag_by_pid = agent.runtime_name
+    monkeypatch.setattr(agent, "runtime_name",
+                        lambda name, _pid: tag_by_pid(name, str(threading.get_ident() % 10**5)))
+    fleet = FakeFleet(tmp_path, {h: Scenario(begin=[("print", 0, b"hello\n")], **EXIT_AT_ONCE)
+                                 for h in ("web1", "web2", "db")})
+    for host, pid in (("web1", 300), ("web1", 310), ("web2", 41)):
+        add_process(str(tmp_path / host / "kernel" / "proc"), pid, "nginx", "nginx: worker", 5)
+    run_session, listener = aimed(tmp_path, fleet, Target(process="nginx", each=True))
+    run = run_session.apply()
+
+    ended = {(o.host, o.probe): o for o in run.outcomes}
+    assert sorted(ended) == [("db", "p"), ("web1", "p[pid 300]"), ("web1", "p[pid 310]"),
+                             ("web2", "p[pid 41]")]
+    assert all(ended[key].ok for key in ended if key[0] != "db"), run.outcomes
+    assert ended[("db", "p")].kind == FailureKind.NO_TARGET
+    assert run.exit_code == 3
+    started = {host: sorted(int(agent.START.unpack(p)[0]) for module in kernel.history
+                            for name, p in module.received if name == "START")
+               for host, kernel in fleet.kernels.items() if kernel.history}
+    assert started == {"web1": [300, 310], "web2": [41]}
+    assert [e for e in listener.events if e.kind == "warning"] == []  # none is left out
+    output = sorted((e.host, e.probe) for e in listener.events if e.kind == "output")
+    assert output == [("web1", "p[pid 300]"), ("web1", "p[pid 310]"), ("web2", "p[pid 41]")]
+    assert fleet.loaded() == {}
+    assert run_session.recorder is not None
+    log = (run_session.recorder.dir / "hosts" / "web1.log").read_text()
+    assert sorted(log.splitlines()) == ["[p[pid 300]] hello", "[p[pid 310]] hello"]
