@@ -63,7 +63,10 @@ class HostRow:
     state: str = "connecting"
     lines: int = 0
     detail: str = ""
-    endings: list[str] = field(default_factory=list)  # one per probe that ended
+    endings: list[str] = field(default_factory=list)  # one per probe (or run) that ended
+    # probes and runs under way (one run per match adds runs no count foresees), and ended
+    active: set[str] = field(default_factory=set)
+    ended: set[str] = field(default_factory=set)
 
 
 class HostBoard:
@@ -87,11 +90,15 @@ class HostBoard:
             row.lines += 1
         elif event.kind in ENDINGS:
             row.endings = [*row.endings, event.kind]
+            row.ended.add(event.probe)
+            row.active.discard(event.probe)
             row.detail = event.text
-            if len(row.endings) >= self.probes:
+            if len(row.endings) >= self.probes and not row.active:
                 row.state = next((state for state in ("unreachable", "failed", "finished")
                                   if state in row.endings), "skipped")
-        elif event.kind in PROGRESS_STATE and len(row.endings) < self.probes:
+        elif event.kind in PROGRESS_STATE and event.probe not in row.ended:
+            if event.probe:
+                row.active.add(event.probe)
             row.state = PROGRESS_STATE[event.kind]
             if event.kind in ("connected", "stopping"):  # the kernel, the reason
                 row.detail = event.text

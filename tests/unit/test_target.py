@@ -14,8 +14,9 @@ from stapctl.runtime import stapctl_agent as agent
 
 from stapctl import report
 from stapctl.adhoc import AdhocRun, adhoc_manifest
+from stapctl.display import HostBoard
 from stapctl.execute import RunOptions
-from stapctl.models import Event, FailureKind, Target
+from stapctl.models import Event, EventKind, FailureKind, Target
 from stapctl.session import Session
 from tests.agent.fakekernel import Scenario, add_process
 from tests.fleet_double import FakeBuilder, FakeFleet
@@ -159,3 +160,18 @@ def test_one_run_per_match_gives_each_its_own_outcome_and_target(
     assert run_session.recorder is not None
     log = (run_session.recorder.dir / "hosts" / "web1.log").read_text()
     assert sorted(log.splitlines()) == ["[p[pid 300]] hello", "[p[pid 310]] hello"]
+
+
+def test_a_hosts_row_ends_with_its_last_run_per_match() -> None:
+    board = HostBoard(["web1"], probes=1)
+
+    def see(kind: EventKind, probe: str) -> str:
+        board.update(Event(host="web1", kind=kind, probe=probe, time=0.0))
+        return board.rows["web1"].state
+
+    assert see("started", "p[pid 300]") == "running"
+    assert see("started", "p[pid 310]") == "running"
+    assert see("finished", "p[pid 300]") == "running"  # the other is still under way
+    assert see("stopping", "p[pid 300]") == "running"  # a late event of an ended run
+    assert see("failed", "p[pid 310]") == "failed"
+    assert see("stopping", "p[pid 310]") == "failed"
