@@ -7,6 +7,7 @@ module. The controller imports it too, for the frame codec and constants, so imp
 it has no side effects.
 """
 
+import codecs
 import contextlib
 import ctypes
 import errno
@@ -1250,6 +1251,140 @@ class Children(object):
         self.running = {}
 
 
+# ---------------------------------------------------------------- the target process
+
+def process_table(kernel):
+    """[(start time in ticks, pid, comm, command line)] of every process but ours."""
+    table = []
+    own = os.getpid()
+    for entry in os.listdir(kernel.proc_path()):
+        if not entry.isdigit() or int(entry) == own:
+            continue
+        try:
+            stat = kernel.read(kernel.proc_path(entry, "stat"))
+            with open(kernel.proc_path(entry, "cmdline"), "rb") as f:
+                cmdline = f.read(65536)
+        except (IOError, OSError):  # it ended while we looked
+            continue
+        # comm is between the first '(' and the last ')': it may hold either
+        head, _, rest = stat.rpartition(")")
+        fields = rest.split()
+        if "(" not in head or len(fields) < 20 or not fields[19].isdigit():
+            continue
+        comm = head.split("(", 1)[1]
+        args = cmdline.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+        table.append((int(fields[19]), int(entry), comm, args))
+    return table
+
+
+def matching_pids(kernel, target):
+    """([PID], description) of the processes a ``target`` (pid, process by comm, or
+    cmdline pattern) names, oldest first; Failure no-target when nothing matches."""
+    if not isinstance(target, dict):
+        raise Failure("agent-error", "target must be an object")
+    if "pid" in target:
+        pid = target["pid"]
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise Failure("agent-error", "target pid must be a positive integer")
+        if not os.path.isdir(kernel.proc_path(str(pid))):
+            raise Failure("no-target", "no process with PID %d" % pid)
+        return [pid], "with PID %d" % pid
+    if "process" in target:
+        name = str(target["process"])
+        matches = [row for row in process_table(kernel) if row[2] == name]
+        what = "named %r" % name
+    elif "cmdline" in target:
+        try:
+            pattern = re.compile(str(target["cmdline"]))
+        except re.error as e:
+            raise Failure("agent-error", "bad cmdline pattern: %s" % e) from None
+        matches = [row for row in process_table(kernel) if pattern.search(row[3])]
+        what = "whose command line matches %r" % target["cmdline"]
+    else:
+        raise Failure("agent-error", "target needs pid, process or cmdline (a run: or command)")
+    if not matches:
+        raise Failure("no-target", "no process %s" % what)
+    matches.sort()
+    return [row[1] for row in matches], what
+
+
+def resolve_target(kernel, target, warn):
+    """The PID a run's ``target`` names: the oldest match, with a warning when several."""
+    pids, what = matching_pids(kernel, target)
+    if len(pids) > 1:
+        warn("%d processes %s: aiming at the oldest, PID %d" % (len(pids), what, pids[0]))
+    return pids[0]
+
+
+class TargetCommand(object):
+    """The run's ``command`` (stap -c): started held, released once the module has
+    started; its stdout and stderr go to the controller as ``command-output`` events."""
+
+    def __init__(self, out, command):
+        self.out = out
+        release_read, self.release = os.pipe()
+        # sh blocks reading the pipe (its stdin), then execs the command in the same
+        # process, stdin from /dev/null: the PID the module is given is the command's.
+        # The pipe closed without a line (the module never started) runs nothing.
+        script = 'read -r _ && exec /bin/sh -c "$1" </dev/null'
+        try:
+            self.child = subprocess.Popen(["/bin/sh", "-c", script, "sh", command],
+                                          stdin=release_read, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT)
+        except OSError as e:
+            os.close(self.release)
+            raise Failure("no-target", "the command could not start: %s" % e) from None
+        finally:
+            os.close(release_read)
+        self.pid = self.child.pid
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")  # whole characters
+        self.fd = self.child.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        self.open = True
+
+    def start(self):
+        """Lets the held command run."""
+        try:
+            os.write(self.release, b"go\n")
+        except OSError:  # it is gone already: its exit ends the run
+            pass
+        os.close(self.release)
+        self.release = None
+
+    def watched(self):
+        return [self.fd] if self.open else []
+
+    def on_ready(self, _fd, _events):
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:  # EAGAIN: nothing yet
+            return
+        text = self.decoder.decode(data, final=not data)
+        if text:
+            self.out.event("command-output", text=text)
+        if not data:
+            self.open = False
+
+    def exited(self):
+        return self.child.poll() is not None
+
+    def end(self, wait):
+        """Forwards what is left; a command still running after ``wait`` s is killed.
+        One never released ends at the closing of its pipe, without running."""
+        if self.release is not None:
+            os.close(self.release)
+            self.release = None
+        deadline = time.monotonic() + wait
+        while self.open and time.monotonic() < deadline:
+            select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+            self.on_ready(self.fd, 0)
+        if self.child.poll() is None:
+            self.child.kill()
+        self.child.wait()
+        self.child.stdout.close()
+        self.open = False
+
+
 def new_stats():
     return {"bytes": 0, "records": 0, "lost_records": 0, "transport_failures": 0,
             "warnings": 0, "desyncs": 0, "lost_bytes": 0}
@@ -1282,6 +1417,8 @@ class Run(object):
         self.relays = None
         self.children = Children(self.out)
         self.started = None  # when START's reply came
+        self.target_pid = 0  # target() in the script: 0 for none
+        self.command = None  # the TargetCommand of a ``command`` target
         self.stop_reason = None
         self.exit_problem = None
         self.unload_problem = None
@@ -1296,6 +1433,29 @@ class Run(object):
         self.out.event("facts", facts=facts)
         image, name, params = preflight(request, facts)
         touch(request["module"])
+        try:
+            self.aim(request.get("target"))
+            return self.load_and_run(image, name, params)
+        finally:
+            if self.command is not None:
+                self.command.end(self.children_wait if self.stop_reason == "command-exited"
+                                 else 0.0)
+
+    def aim(self, target):
+        """Resolves the request's target (nothing, when it has none) before any load."""
+        if target is None:
+            return
+        if not isinstance(target, dict):
+            raise Failure("agent-error", "target must be an object")
+        if "command" in target:
+            self.command = TargetCommand(self.out, str(target["command"]))
+            self.target_pid = self.command.pid
+        else:
+            self.target_pid = resolve_target(
+                self.kernel, target, lambda text: self.out.event("warning", text=text))
+        self.out.event("target", pid=self.target_pid)
+
+    def load_and_run(self, image, name, params):
         loaded_name = runtime_name(name, str(os.getpid()))
         if loaded_name is None or is_signed(image):
             # Renaming would break a signature; a name this short cannot take a tag.
@@ -1325,7 +1485,7 @@ class Run(object):
         """Waits up to ``timeout`` seconds and hands each ready descriptor to its part
         (stdin too if ``listen``); then a heartbeat if no frame went out for a while."""
         handlers = {}
-        for part in (self.channel, self.relays, self.children):
+        for part in (self.channel, self.relays, self.children, self.command):
             if part is not None:
                 for fd in part.watched():
                     handlers[fd] = part.on_ready
@@ -1433,7 +1593,7 @@ class Run(object):
         channel.send("READY", required=False)
         self.relays = RelaySet(self.kernel, self.kernel.open_relays(self.module),
                                channel.generation, self.gap_wait)
-        channel.send("START", pack_start(0, 0))  # blocks while begin probes run
+        channel.send("START", pack_start(self.target_pid, 0))  # begin probes run in it
         if not self.wait_for(lambda: channel.start_res is not None, "START's reply"):
             raise Failure("start-failed", "the module did not answer START within %.0f s"
                           % self.startup_timeout)
@@ -1443,6 +1603,8 @@ class Run(object):
                 self.step(0.05)
             raise Failure("start-failed", self.errors[0] if self.errors else
                           "the module's initialization returned %d" % channel.start_res)
+        if self.command is not None:
+            self.command.start()
 
     def send_relocations(self):
         """The kernel's own addresses (6.x exports no kallsyms_lookup_name) and sections."""
@@ -1489,6 +1651,8 @@ class Run(object):
             return "error" if self.errors else "exit()"
         if self.agent.signalled:
             return "signal"
+        if self.command is not None and self.command.exited():
+            return "command-exited"
         if duration is not None and now - self.started >= duration:
             return "duration"
         if deadman and now - self.stdin.last_line > deadman:
@@ -1565,6 +1729,8 @@ class Run(object):
             "error": "the script stopped on an error",
             "duration": "the duration of %s s was reached" % request.get("duration"),
             "stop": "stopped by the controller",
+            "command-exited": "the command exited with status %s"
+                              % (self.command.child.returncode if self.command else None),
             "signal": "stopped by signal %s" % self.agent.signalled,
             "controller-gone": "stdin closed: the controller is gone",
             "deadman": "no word from the controller for %s s" % request.get("deadman", 30.0),
@@ -2262,6 +2428,9 @@ class Agent(object):
             except Failure as e:
                 return self.result(e.kind, e.message, facts=facts)
             return self.result(None, "module %s can be loaded" % name, facts=facts)
+        if action == "targets":  # the PIDs a run's target names, for one run per match
+            pids, what = matching_pids(self.kernel, request.get("target"))
+            return self.result(None, "%d process(es) %s" % (len(pids), what), pids=pids)
         if action == "run":
             self.run = Run(self, request, self.gap_wait)
             return self.run.execute()

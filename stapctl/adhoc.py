@@ -20,11 +20,12 @@ import yaml
 
 from stapctl.errors import UsageError
 from stapctl.manifest import check_script_args, load_manifest
-from stapctl.models import Manifest
+from stapctl.models import Manifest, Target
 from stapctl.store import adhoc_manifest_dir
 from stapctl.yamldoc import UnreadableFile, read_text
 
 DEFAULT_NAME = "adhoc"
+COMM_LENGTH = 15  # the kernel's TASK_COMM_LEN, less its NUL
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class AdhocRun:
     forks: int | None = None
     format: str | None = None
     inventory: Path | None = None
+    target: Target | None = None
 
 
 def adhoc_manifest(run: AdhocRun) -> Manifest:
@@ -55,6 +57,8 @@ def adhoc_manifest(run: AdhocRun) -> Manifest:
         probe["args"] = list(args)
     if run.duration is not None:
         probe["duration"] = run.duration
+    if run.target is not None:
+        probe["target"] = run.target.manifest_entry()
     data: dict[str, Any] = {"apiVersion": "stapctl/v1", "kind": "Trace", "name": name,
                             "description": "made by `stapctl run`", "hosts": run.hosts}
     if run.inventory is not None and run.inventory.is_file():
@@ -68,6 +72,27 @@ def adhoc_manifest(run: AdhocRun) -> Manifest:
     data["probes"] = [probe]
     return load_manifest(_write(yaml.dump(data, Dumper=_Dumper, sort_keys=False,
                                           allow_unicode=True)))
+
+
+def adhoc_target(pid: int | None, command: str | None, process: str | None,
+                 each: bool = False) -> Target | None:
+    """The target of `run -x PID`, `-c CMD` or `--process NAME` (`--each`: one run per
+    process of that name): at most one of them."""
+    given = [option for option, value in (("-x", pid), ("-c", command), ("--process", process))
+             if value is not None]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)}: give one target, as stap takes one")
+    if command is not None and not command.strip():
+        raise UsageError("-c: the command is empty: give one, e.g. -c 'ls /tmp'")
+    if process is not None and not 1 <= len(process) <= COMM_LENGTH:
+        raise UsageError(f"--process: {process!r} cannot be a process name: a name (comm) is "
+                         f"1 to {COMM_LENGTH} characters, as /proc/PID/comm shows it")
+    if each and process is None:
+        raise UsageError("--each: one run per match needs --process NAME to match, "
+                         "e.g. --process nginx --each")
+    if not given:
+        return None
+    return Target(pid=pid, command=command, process=process, each=each)
 
 
 def _script(run: AdhocRun) -> tuple[str, str]:

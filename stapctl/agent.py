@@ -72,7 +72,8 @@ class AgentRequest:
     """A request, field for field as docs/agent-protocol.md has it (`facts` needs no
     module)."""
 
-    action: Literal["facts", "preflight", "run", "detach", "status", "collect", "tail", "stop"]
+    action: Literal["facts", "preflight", "run", "targets", "detach", "status", "collect",
+                    "tail", "stop"]
     module: str = ""
     sha256: str = ""
     module_name: str = ""
@@ -98,6 +99,7 @@ class AgentRequest:
     # run, detach: what the script's remote_id() and remote_uri() return on this host
     remote_id: int | None = None
     remote_uri: str = ""
+    target: Mapping[str, str | int] | None = None  # run, targets: the process target() names
 
     def encode(self) -> bytes:
         fields = {**asdict(self), "params": dict(self.params),
@@ -118,6 +120,7 @@ class RunResult:
     first: int = 0  # collect: the offset of the first byte sent (rotation may skip some)
     end: int = 0  # collect, tail: the offset past the last byte sent
     removed: bool = False  # collect: the run's files are gone from the target
+    pids: tuple[int, ...] = ()  # targets: the matching processes, oldest first
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> RunResult:
@@ -128,7 +131,15 @@ class RunResult:
                    facts=facts if isinstance(facts, dict) else {},
                    detached=detached if isinstance(detached, dict) else {},
                    first=_count(data.get("first")), end=_count(data.get("end")),
-                   removed=data.get("removed") is True)
+                   removed=data.get("removed") is True, pids=_pids(data.get("pids")))
+
+
+def _pids(value: object) -> tuple[int, ...]:
+    """The positive integers of a list from the agent, in its order; nothing else."""
+    if not isinstance(value, list):
+        return ()
+    return tuple(pid for pid in value
+                 if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0)
 
 
 def _count(value: object) -> int:

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stapctl import html_report, lab, report, schedule
-from stapctl.adhoc import AdhocRun, adhoc_manifest
+from stapctl.adhoc import AdhocRun, adhoc_manifest, adhoc_target
 from stapctl.cache import ModuleCache, cache_dir
 from stapctl.detach import DetachedRun, Fetched, ProbeState, host_state
 from stapctl.difference import (
@@ -273,16 +273,29 @@ def apply_and_report(manifest: Manifest, hosts: list[Host], extra_vars: dict[str
                    "as a unified diff against it.")
 @click.option("--check", is_flag=True,
               help="Connect, upload and run the preflight; load nothing.")
+@click.option("-x", "pid", type=click.IntRange(1), metavar="PID",
+              help="target() is this process on every host (stap -x).")
+@click.option("-c", "command", metavar="CMD",
+              help="Run CMD on every host, held until the probe has started; target() is "
+                   "it and the run ends when it exits (stap -c).")
+@click.option("--process", metavar="NAME",
+              help="target() is the process with this name (comm) on each host; the "
+                   "oldest when several match.")
+@click.option("--each", is_flag=True,
+              help="With --process: one run per process of that name, each its own "
+                   "outcome (PROBE[pid N]).")
 @accept_new_host_keys_option
 def run_command(pattern: str, words: tuple[str, ...], script: str | None,
                 inventory: Path | None, limit: str | None, variables: tuple[str, ...],
                 forks: int | None, duration: str | None, fmt: str | None, live: bool,
-                diff: bool, check: bool, accept_new_host_keys: bool) -> None:
+                diff: bool, check: bool, pid: int | None, command: str | None,
+                process: str | None, each: bool, accept_new_host_keys: bool) -> None:
     """Run one script on the hosts PATTERN matches, as stap does on one:
 
     \b
       stapctl run web -e 'probe syscall.openat { printf("%s\\n", execname()) }'
       stapctl run web script.stp [ARG]...   ($1, @1: the script's arguments)
+      stapctl run web --process nginx -e 'probe syscall.* { if (pid() == target()) … }'
 
     Recorded as an apply of the manifest it amounts to: `stapctl runs export RUN` prints
     it. Put `--` before script arguments that start with '-'.
@@ -300,7 +313,7 @@ def run_command(pattern: str, words: tuple[str, ...], script: str | None,
         hosts=pattern, script=script, script_file=script_file,
         args=words if script is not None else words[1:],
         variables=parse_extra_vars(list(variables)), duration=duration, forks=forks,
-        format=fmt, inventory=inventory))
+        format=fmt, inventory=inventory, target=adhoc_target(pid, command, process, each)))
     hosts = target_hosts(manifest, inventory, limit)
     options = RunOptions(check=check, accept_new_host_keys=accept_new_host_keys)
     run, _, _ = apply_and_report(manifest, hosts, {}, options, live, diff)

@@ -66,7 +66,10 @@ class HostRow:
     state: str = "connecting"
     lines: int = 0
     detail: str = ""
-    endings: list[str] = field(default_factory=list)  # one per probe that ended
+    endings: list[str] = field(default_factory=list)  # one per probe (or run) that ended
+    # probes and runs under way (one run per match adds runs no count foresees), and ended
+    active: set[str] = field(default_factory=set)
+    ended: set[str] = field(default_factory=set)
 
 
 class HostBoard:
@@ -90,11 +93,15 @@ class HostBoard:
             row.lines += 1
         elif event.kind in ENDINGS:
             row.endings = [*row.endings, event.kind]
+            row.ended.add(event.probe)
+            row.active.discard(event.probe)
             row.detail = event.text
-            if len(row.endings) >= self.probes:
+            if len(row.endings) >= self.probes and not row.active:
                 row.state = next((state for state in ("unreachable", "failed", "finished")
                                   if state in row.endings), "skipped")
-        elif event.kind in PROGRESS_STATE and len(row.endings) < self.probes:
+        elif event.kind in PROGRESS_STATE and event.probe not in row.ended:
+            if event.probe:
+                row.active.add(event.probe)
             row.state = PROGRESS_STATE[event.kind]
             if event.kind in ("connected", "stopping"):  # the kernel, the reason
                 row.detail = event.text
@@ -138,7 +145,7 @@ class Display:
     def __init__(self, manifest: Manifest, hosts: list[str], *, live: bool = False,
                  diff: bool = False) -> None:
         self.format = manifest.output.format
-        self.many = len(manifest.probes) > 1
+        self.many = manifest.labels_output
         self.diff = diff
         self.groups = LineGroups(LIVE_WINDOW, LIVE_ROOM, hosts) if live else None
         self.board = HostBoard(hosts, len(manifest.probes))
@@ -201,6 +208,11 @@ class Display:
                                                  time.monotonic()))
             elif self.format == "prefix" and not self.diff:
                 self.out(report.output_prefix(event, self.many))
+        elif event.kind == "command-output":
+            if self.format == "prefix":
+                self.out(report.command_prefix(event))
+            else:  # merged output is printed at the end; the command's is shown as it comes
+                err.print(Text(report.command_prefix(event), style="dim"))
         elif event.kind in ("warning", "error", "failed", "unreachable"):
             color = "yellow" if event.kind == "warning" else "red"
             err.print(Text.assemble((report.printable(f"{event.host}: {event.kind}:"), color),

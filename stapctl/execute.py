@@ -42,6 +42,8 @@ from stapctl.models import (
     OutcomeStatus,
     Percent,
     Strategy,
+    Target,
+    each_run_name,
 )
 from stapctl.plan import ModuleJob, Plan
 from stapctl.store import file_name
@@ -52,6 +54,9 @@ Connector = Callable[[Host, ConnectOptions], Connection]
 # without strategy.timeout, a probe with a duration is given up on this long after it
 # should have ended: loading, EXIT, draining and unloading fit in it many times over
 DEADLINE_GRACE = 60.0
+# a probe run once per matching process runs at most this many at once on a host (the
+# oldest): each is a module instance and an SSH channel
+MAX_RUNS_PER_MATCH = 32
 
 
 @dataclass(frozen=True)
@@ -224,10 +229,16 @@ class Fleet:
         if job.error or job.artifact is None:
             self._fail(host, probe, "failed", FailureKind.COMPILE_FAILED, job.error)
             return
+        target = job.probe.target
+        if target is not None and target.each and not self.options.check:
+            self._run_each(session, job, target, deadline)
+            return
         lines = LineSplitter(lambda line: self._event(host, "output", line, probe),
                              self.options.max_line)
+        command_lines = LineSplitter(
+            lambda line: self._event(host, "command-output", line, probe), self.options.max_line)
         try:
-            outcome = self._call_agent(session, job, deadline, lines)
+            outcome = self._call_agent(session, job, deadline, lines, command_lines)
         except Exception as exc:  # noqa: BLE001 - every failure is this host's outcome
             status, kind, message = _classify(exc)
             outcome = HostOutcome(host=host, probe=probe, status=status, kind=kind,
@@ -235,13 +246,47 @@ class Fleet:
         finally:
             with contextlib.suppress(Exception):
                 lines.flush()
+                command_lines.flush()
         if lines.split_lines:
             self._event(host, "warning", f"{lines.split_lines} line(s) longer than "
                         f"{self.options.max_line} bytes were split", probe)
         self._record(outcome)
 
+    def _run_each(self, session: _Session, job: ModuleJob, target: Target,
+                  deadline: float | None) -> None:
+        """One run per process the probe's target matches on the host, side by side, each
+        aimed at its PID and with its own outcome (`probe[pid N]`)."""
+        host, probe = session.host.name, job.probe.name
+        request = AgentRequest(action="targets", target=target.wire())
+        try:
+            result = session.agent.call(request, lambda _: None, self.stop, deadline,
+                                        self.options.timing, self.options.max_output)
+        except Exception as exc:  # noqa: BLE001 - every failure is this host's outcome
+            status, kind, message = _classify(exc)
+            self._fail(host, probe, status, kind, message)
+            return
+        if not result.ok or not result.pids:
+            self._fail(host, probe, "failed", result.kind or FailureKind.AGENT_ERROR,
+                       result.message or "the agent named no matching process")
+            return
+        pids = result.pids[:MAX_RUNS_PER_MATCH]
+        if len(result.pids) > len(pids):
+            self._event(host, "warning", f"{len(result.pids)} processes match {target}: "
+                        f"one run for each of the oldest {len(pids)}", probe)
+        with self._lock:  # its runs' outcomes stand for the probe's on this host
+            self._ended.add((host, probe))
+        runs = [replace(job, probe=replace(job.probe, name=each_run_name(probe, pid),
+                                           target=Target(pid=pid)))
+                for pid in pids]
+        threads = [threading.Thread(target=self._run_job, args=(session, run, deadline))
+                   for run in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
     def _call_agent(self, session: _Session, job: ModuleJob, deadline: float | None,
-                    lines: LineSplitter) -> HostOutcome:
+                    lines: LineSplitter, command_lines: LineSplitter) -> HostOutcome:
         host, probe = session.host.name, job.probe.name
         artifact = job.artifact
         assert artifact is not None
@@ -259,13 +304,19 @@ class Fleet:
             sha256=artifact.sha256, module_name=artifact.module_name,
             params=job.probe.params, duration=duration, exit_timeout=timing.exit_timeout,
             bufsize_mb=self.options.bufsize_mb, deadman=timing.deadman,
-            remote_id=self.hosts.index(host), remote_uri=remote_uri(session.host))
+            remote_id=self.hosts.index(host), remote_uri=remote_uri(session.host),
+            target=job.probe.target.wire() if job.probe.target else None)
 
         def on_frame(frame: Frame) -> None:
             if frame.kind == "output":
                 lines.feed(frame.data)
             elif frame.kind == "event":
-                self._agent_event(host, probe, frame.json())
+                event = frame.json()
+                if event.get("event") == "command-output":  # bounded by the frame's size
+                    text = event.get("text")
+                    command_lines.feed(text.encode() if isinstance(text, str) else b"")
+                else:
+                    self._agent_event(host, probe, event)
 
         result = session.agent.call(request, on_frame, self.stop, deadline, timing,
                                     self.options.max_output)

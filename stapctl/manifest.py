@@ -30,6 +30,7 @@ from stapctl.models import (
     Sink,
     Strategy,
     SyslogSink,
+    Target,
     TextfileSink,
 )
 from stapctl.render import check_template
@@ -231,6 +232,11 @@ class _ManifestBuilder:
         output = self._output(data.get("output", {}))
         diff = self._diff(data.get("diff", {}))
         detach = self._detach(data.get("detach", False))
+        if detach is not None:
+            for index, entry in enumerate(data.get("probes") or []):
+                if isinstance(entry, dict) and "target" in entry:
+                    self._report(("probes", index, "target"), "a probe with a target cannot "
+                                 "run detached: remove 'target' or 'detach'")
         if self.issues or self.schema_failures or not probes or not strategy or not output \
                 or not diff:
             return None
@@ -287,18 +293,35 @@ class _ManifestBuilder:
                 args = check_script_args(entry.get("args", []))
             except ValueError as error:
                 self._report(path + ("args",), str(error))
+        target = self._target(path + ("target",), entry.get("target"))
         if source is None:
             return None
         template, origin, first_line = source
         probe = Probe(name=str(entry.get("name")), template=template, origin=origin,
                       first_line=first_line, duration=duration,
                       params=entry.get("params") or {}, stap_options=tuple(options), guru=guru,
-                      args=args)
+                      args=args, target=target)
         try:
             check_template(probe)
         except ManifestError as error:
             self.issues.extend(error.issues)
         return probe if self._checked(path) else None
+
+    def _target(self, path: KeyPath, raw: Any) -> Target | None:
+        if raw is None or not self._checked(path):
+            return None
+        pattern = raw.get("cmdline")
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                self._report(path + ("cmdline",), f"not a regular expression: {error}")
+                return None
+        if raw.get("each") and "process" not in raw and "cmdline" not in raw:
+            self._report(path + ("each",), "one run per match needs 'process' or 'cmdline' "
+                         "to match: remove 'each', or aim by name or command line")
+            return None
+        return Target(**raw)
 
     def _script_source(self, path: KeyPath, entry: dict[str, Any]) -> tuple[str, str, int] | None:
         """(template text, file it comes from, line where it starts in that file)."""

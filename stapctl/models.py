@@ -8,7 +8,7 @@ import math
 import re
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,6 +17,37 @@ if TYPE_CHECKING:  # the reader imports the errors, which import these models
     from stapctl.yamldoc import Document
 
 OutputFormat = Literal["prefix", "merged", "json"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The process a probe's target() names on each host, resolved there by the agent:
+    one of a PID (stap -x), a comm, a command-line pattern, or a command the agent starts
+    held until the module has started (stap -c)."""
+
+    pid: int | None = None
+    process: str | None = None  # matches /proc/PID/comm exactly
+    cmdline: str | None = None  # a regular expression searched in the command line
+    command: str | None = None  # run by /bin/sh -c; the run ends when it exits
+    each: bool = False  # process or cmdline: one run per matching process, not the oldest
+
+    def wire(self) -> dict[str, str | int]:
+        """The agent request's ``target`` (docs/agent-protocol.md)."""
+        return {key: value for key, value in asdict(self).items()
+                if value is not None and key != "each"}
+
+    def __str__(self) -> str:
+        text = ", ".join(f"{key} {value}" for key, value in self.wire().items())
+        return f"{text}, each" if self.each else text
+
+    def manifest_entry(self) -> dict[str, str | int | bool]:
+        """The manifest's ``target`` mapping."""
+        return {**self.wire(), "each": True} if self.each else {**self.wire()}
+
+
+def each_run_name(probe: str, pid: int) -> str:
+    """The name of a probe's run aimed at one of its matching processes: `p[pid 1234]`."""
+    return f"{probe}[pid {pid}]"
 
 
 @dataclass(frozen=True)
@@ -32,6 +63,7 @@ class Probe:
     stap_options: tuple[str, ...] = ()
     guru: bool = False
     args: tuple[str, ...] = ()  # the script's $1, @1, ...: given to stap after the script
+    target: Target | None = None  # the process target() names on each host
 
 
 @dataclass(frozen=True)
@@ -196,6 +228,12 @@ class Manifest:
     # nothing) without reading it again; None for a manifest built in code.
     document: Document | None = field(default=None, compare=False, repr=False)
 
+    @property
+    def labels_output(self) -> bool:
+        """Output lines carry their probe's name: several probes, or one run per match."""
+        return len(self.probes) > 1 or any(probe.target is not None and probe.target.each
+                                           for probe in self.probes)
+
 
 @dataclass(frozen=True)
 class Host:
@@ -282,6 +320,7 @@ class ModuleArtifact:
 EventKind = Literal[
     "connected", "unreachable", "facts", "uploaded", "loaded", "started", "output",
     "warning", "error", "stopping", "finished", "failed", "skipped",
+    "command-output",  # a line the probe's target command wrote (stdout and stderr)
 ]
 OutcomeStatus = Literal["ok", "failed", "unreachable", "skipped"]
 
@@ -309,6 +348,7 @@ class FailureKind(StrEnum):
     STOPPED = "stopped"
     TRANSPORT_LOST = "transport-lost"
     AGENT_ERROR = "agent-error"
+    NO_TARGET = "no-target"  # the probe's target process is not on the host
     # decided by the controller
     UNREACHABLE = "unreachable"
     UNRESPONSIVE = "unresponsive"  # connected, then silent past the heartbeat timeout

@@ -43,6 +43,11 @@ def output_prefix(event: Event, many_probes: bool) -> str:
     return printable(f"{label}: {event.text}")
 
 
+def command_prefix(event: Event) -> str:
+    """`host[cmd]: line`: a line of the probe's target command, apart from probe output."""
+    return printable(f"{event.host}[cmd]: {event.text}")
+
+
 def event_json(event: Event) -> str:
     """One JSON line per event (the `json` format; schema in the README)."""
     return json.dumps({"v": JSON_SCHEMA_VERSION, "type": "event", **asdict(event)})

@@ -95,6 +95,8 @@ def _plain_errors(validator: jsonschema.Draft202012Validator,
         yield path, f"needs at least {expected} item{'s' if expected != 1 else ''}", False
     elif kind == "minLength":
         yield path, "must not be empty", False
+    elif kind == "maxLength":
+        yield path, f"must be at most {expected} characters long, got {len(instance)}", False
     elif "x-expected" in schema:
         yield path, f"expected {schema['x-expected']}, got {describe(instance)}", False
     elif kind == "const":

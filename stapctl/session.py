@@ -376,7 +376,7 @@ class Session:
         baseline_folder = Path(self.baseline["dir"])
         try:
             hosts = {o.host for o in self.fleet.outcomes} | set(recorded_hosts(baseline_folder))
-            many = len(self.manifest.probes) > 1 or recorded_many_probes(baseline_folder)
+            many = self.manifest.labels_output or recorded_many_probes(baseline_folder)
             return compare(self.run_id, self.recorder.dir, self.baseline["id"],
                            baseline_folder, hosts, self.manifest.diff, many)
         except StapctlError as error:

@@ -117,7 +117,7 @@ class RunRecorder:
         self.warnings: list[str] = []
         self._manifest = manifest
         self._started = time.time()
-        self._many_probes = len(manifest.probes) > 1
+        self._many_probes = manifest.labels_output
         self._dir_fd: int | None = None  # the run folder; None: it could not be made
         self._events_fd: int | None = None
         self._host_logs: OrderedDict[str, int] = OrderedDict()  # least recently used first

@@ -285,6 +285,17 @@ class FakeKernel(agent.Kernel):
         return True
 
 
+def add_process(proc, pid, comm, cmdline, start_ticks):
+    """A process in a fake /proc (the folder ``proc``), as its stat and cmdline show it."""
+    folder = os.path.join(proc, str(pid))
+    os.makedirs(folder)
+    fields = ["S"] + ["0"] * 18 + [str(start_ticks)] + ["0"] * 10
+    with open(os.path.join(folder, "stat"), "w") as f:
+        f.write(f"{pid} ({comm}) {' '.join(fields)}\n")
+    with open(os.path.join(folder, "cmdline"), "wb") as f:
+        f.write(cmdline.replace(" ", "\0").encode() + b"\0")
+
+
 class Outcome:
     """What the controller saw: frames in order, events, output bytes, the result."""
 
