@@ -98,6 +98,14 @@ class _Session:
     connection: Connection
     agent: AgentHost
     facts: HostFacts
+    # one file transfer at a time: concurrent ones on one connection stall
+    upload_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def upload(self, job: ModuleJob) -> str:
+        """The job's module on the host (sent unless it is there); its remote path."""
+        assert job.artifact is not None
+        with self.upload_lock:
+            return self.agent.upload_module(job.artifact.path, job.artifact.sha256)
 
 
 @dataclass
@@ -257,8 +265,10 @@ class Fleet:
         """One run per process the probe's target matches on the host, side by side, each
         aimed at its PID and with its own outcome (`probe[pid N]`)."""
         host, probe = session.host.name, job.probe.name
+        assert job.artifact is not None
         request = AgentRequest(action="targets", target=target.wire())
         try:
+            session.upload(job)
             result = session.agent.call(request, lambda _: None, self.stop, deadline,
                                         self.options.timing, self.options.max_output)
         except Exception as exc:  # noqa: BLE001 - every failure is this host's outcome
@@ -290,7 +300,7 @@ class Fleet:
         host, probe = session.host.name, job.probe.name
         artifact = job.artifact
         assert artifact is not None
-        remote = session.agent.upload_module(artifact.path, artifact.sha256)
+        remote = session.upload(job)
         self._event(host, "uploaded", remote, probe)
         timing = self.options.timing
         duration = self.options.duration if self.options.duration is not None \
@@ -323,7 +333,7 @@ class Fleet:
         if _corrupt_upload(result):  # the agent removed the bad copy: send it once more
             self._event(host, "warning", "the module on the host was corrupt: sent again",
                         probe)
-            session.agent.upload_module(artifact.path, artifact.sha256)
+            session.upload(job)
             result = session.agent.call(request, on_frame, self.stop, deadline, timing,
                                         self.options.max_output)
         return HostOutcome(host=host, probe=probe, status="ok" if result.ok else "failed",
@@ -347,7 +357,7 @@ class Fleet:
             remote_id=self.hosts.index(host), remote_uri=remote_uri(session.host))
         result = session.agent.call(request, timing=self.options.timing)
         if _corrupt_upload(result):  # the agent removed the bad copy: send it once more
-            session.agent.upload_module(artifact.path, artifact.sha256)
+            session.upload(job)
             result = session.agent.call(request, timing=self.options.timing)
         if not result.ok:
             return HostOutcome(host=host, probe=probe, status="failed", kind=result.kind,

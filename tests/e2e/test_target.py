@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from stapctl.lab import LabStatus
-from tests.e2e.helpers import guest_run
+from tests.e2e.helpers import guest_run, stap_module_names
 
 pytestmark = pytest.mark.e2e
 
@@ -88,3 +88,24 @@ def test_command_is_started_held_and_ends_the_run(lab: LabStatus) -> None:
     only_target_calls(lines_of(result.stdout, host), pid)
     assert "the command exited with status 0" in result.stderr or \
         "finished" in result.stderr, result.stderr
+
+
+def test_one_run_per_matching_process(lab: LabStatus, workload: dict[str, int]) -> None:
+    """A second tgtwork on lab-1: `--each` runs the script once per process, each its own
+    outcome with its own target(), and leaves no module loaded."""
+    host = lab.guests[0].name
+    guest_run(lab, "mkdir -p /tmp/second; sed 's/tgtwork.pid/tgtwork2.pid/' /tmp/tgtwork "
+                   "> /tmp/second/tgtwork; chmod +x /tmp/second/tgtwork; rm -f /tmp/tgtwork2.pid; "
+                   "setsid /tmp/second/tgtwork </dev/null >/dev/null 2>&1 &", 0)
+    second = int(guest_run(lab, "for i in 1 2 3 4 5 6 7 8 9 10; do "
+                                "[ -s /tmp/tgtwork2.pid ] && break; sleep 0.5; done; "
+                                "cat /tmp/tgtwork2.pid", 0))
+    try:
+        result = stapctl("run", host, "--process", "tgtwork", "--each", "--duration", "4s",
+                         "-e", SCRIPT)
+    finally:
+        guest_run(lab, "kill $(cat /tmp/tgtwork2.pid); rm -rf /tmp/tgtwork2.pid /tmp/second", 0)
+    assert result.returncode == 0, result.stderr
+    for pid in (workload[host], second):
+        only_target_calls(lines_of(result.stdout, f"{host}[adhoc[pid {pid}]]"), pid)
+    assert not stap_module_names(lab, 0)
