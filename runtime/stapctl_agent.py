@@ -2,9 +2,9 @@
 
 Uploaded to each target and run as ``python3 -I agent.py``; it needs nothing but Python 3.6+
 and the kernel. It speaks the stapctl agent protocol (docs/agent-protocol.md) on
-stdin/stdout and the SystemTap control protocol (shared/docs/stap-transport.md) with the
-module. The controller imports it too, for the frame codec and constants, so importing
-it has no side effects.
+stdin/stdout and SystemTap's control protocol (as systemtap's runtime/transport and
+staprun speak it; the layouts are the constants below) with the module. The controller
+imports it too, for the frame codec and constants, so importing it has no side effects.
 """
 
 import codecs

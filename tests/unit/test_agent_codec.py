@@ -1,4 +1,5 @@
-"""The agent's codecs against the byte layouts of stap-transport.md, and its portability."""
+"""The agent's codecs against the byte layouts of SystemTap's control protocol (as
+systemtap's runtime/transport and staprun define them), and its portability."""
 
 import ast
 import errno
