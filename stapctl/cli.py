@@ -123,6 +123,21 @@ def target_hosts(manifest: Manifest, inventory: Path | None, limit: str | None) 
     return hosts
 
 
+def run_options(command: F) -> F:
+    """--format, --live, --diff and --check: how apply and run show and run the probes."""
+    for option in reversed([
+        click.option("--format", "fmt", type=click.Choice(["prefix", "merged", "json"])),
+        click.option("--live", is_flag=True, help="With --format merged: group identical "
+                     "lines across hosts as they come."),
+        click.option("--diff", is_flag=True, help="After the run, only the hosts whose "
+                     "output differs from the majority's, as a unified diff against it."),
+        click.option("--check", is_flag=True,
+                     help="Connect, upload and run the preflight; load nothing."),
+    ]):
+        command = option(command)
+    return command
+
+
 accept_new_host_keys_option = click.option(
     "--accept-new-host-keys", is_flag=True,
     help="Trust and remember hosts whose key is not yet known (a changed key still fails).")
@@ -181,14 +196,7 @@ def with_overrides(manifest: Manifest, forks: int | None, fmt: str | None) -> Ma
 @target_options
 @click.option("--forks", type=click.IntRange(1, 10000), help="Hosts worked on at once.")
 @click.option("--duration", help="Override every probe's duration (e.g. 30s).")
-@click.option("--format", "fmt", type=click.Choice(["prefix", "merged", "json"]))
-@click.option("--live", is_flag=True,
-              help="With --format merged: group identical lines across hosts as they come.")
-@click.option("--diff", is_flag=True,
-              help="After the run, only the hosts whose output differs from the majority's, "
-                   "as a unified diff against it.")
-@click.option("--check", is_flag=True,
-              help="Connect, upload and run the preflight; load nothing.")
+@run_options
 @click.option("--baseline", metavar="RUN|last",
               help="Compare the output with this run of the same manifest ('last': the "
               "newest) and record the difference with the run.")
@@ -265,14 +273,7 @@ def apply_and_report(manifest: Manifest, hosts: list[Host], extra_vars: dict[str
               help="Template variable of the script (the manifest's `vars:`).")
 @click.option("--forks", type=click.IntRange(1, 1000), help="Hosts worked on at once.")
 @click.option("--duration", help="Stop the script after this long (e.g. 30s).")
-@click.option("--format", "fmt", type=click.Choice(["prefix", "merged", "json"]))
-@click.option("--live", is_flag=True,
-              help="With --format merged: group identical lines across hosts as they come.")
-@click.option("--diff", is_flag=True,
-              help="After the run, only the hosts whose output differs from the majority's, "
-                   "as a unified diff against it.")
-@click.option("--check", is_flag=True,
-              help="Connect, upload and run the preflight; load nothing.")
+@run_options
 @click.option("-x", "pid", type=click.IntRange(1), metavar="PID",
               help="target() is this process on every host (stap -x).")
 @click.option("-c", "command", metavar="CMD",

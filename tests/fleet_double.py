@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pytest
 from stapctl.runtime import stapctl_agent as wire
 
 from stapctl.build import Builder, Toolchain
@@ -222,3 +223,13 @@ class FakeBuilder(Builder):
                               sha256=self.artifact.sha256,
                               module_name=self.artifact.module_name)
 
+
+
+@pytest.fixture(autouse=True)
+def quick_agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The agent's own retry waits, shortened; run records in the test's folder. Import
+    it into a test module to apply it to every test there."""
+    monkeypatch.setattr(wire.Run, "startup_timeout", 2.0)
+    monkeypatch.setattr(wire.ControlChannel, "open_retry", 0.2)
+    monkeypatch.setattr(wire.Run, "unload_retry", 0.5)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from stapctl.runtime import stapctl_agent as agent
 
 from stapctl import store
 from stapctl.agent import Timing
@@ -22,7 +21,11 @@ from stapctl.manifest import load_diff_spec, load_manifest
 from stapctl.models import DiffSpec, HostDifference, Manifest, Run
 from stapctl.session import Session
 from tests.agent.fakekernel import Scenario
-from tests.fleet_double import FakeBuilder, FakeFleet
+from tests.fleet_double import (
+    FakeBuilder,
+    FakeFleet,
+    quick_agent,  # noqa: F401 - autouse: shortened agent waits
+)
 
 pytestmark = pytest.mark.unit
 
@@ -41,14 +44,6 @@ diff:
 BEFORE = [b"Sun 10:00:01 pid=101 exec /bin/ls", b"Sun 10:00:02 pid=102 exec /bin/cat"]
 AFTER = [b"Mon 11:30:01 pid=907 exec /bin/ls", b"Mon 11:30:02 pid=908 exec /bin/cat",
          b"Mon 11:30:03 pid=909 exec /tmp/planted"]
-
-
-@pytest.fixture(autouse=True)
-def quick_agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(agent.Run, "startup_timeout", 2.0)
-    monkeypatch.setattr(agent.ControlChannel, "open_retry", 0.2)
-    monkeypatch.setattr(agent.Run, "unload_retry", 0.5)
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
 
 
 def printing(lines: list[bytes]) -> Scenario:

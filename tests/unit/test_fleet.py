@@ -9,14 +9,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from stapctl.runtime import stapctl_agent as agent
 
 from stapctl.agent import Timing
 from stapctl.execute import Fleet, RunOptions
 from stapctl.models import Event, FailureKind, HostOutcome, Manifest, Percent, Probe, Strategy
 from stapctl.session import Session
 from tests.agent.fakekernel import Scenario
-from tests.fleet_double import FakeBuilder, FakeFleet
+from tests.fleet_double import (
+    FakeBuilder,
+    FakeFleet,
+    quick_agent,  # noqa: F401 - autouse: shortened agent waits
+)
 
 pytestmark = pytest.mark.unit
 
@@ -24,15 +27,6 @@ HELLO_EXIT = dict(begin=[("print", 0, b"hello, world!\n")], running=[("request_e
 FOREVER = dict(begin=[("print", 0, b"up\n")], running=[("sleep", 30)])
 ALL_AT_ONCE = Strategy()
 QUICK = Timing(exit_timeout=1.0)
-
-
-@pytest.fixture(autouse=True)
-def quick_agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The agent's own retry waits, shortened; run records in the test's folder."""
-    monkeypatch.setattr(agent.Run, "startup_timeout", 2.0)
-    monkeypatch.setattr(agent.ControlChannel, "open_retry", 0.2)
-    monkeypatch.setattr(agent.Run, "unload_retry", 0.5)
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
 
 
 class Recorder:

@@ -19,21 +19,17 @@ from stapctl.execute import RunOptions
 from stapctl.models import Event, EventKind, FailureKind, Target
 from stapctl.session import Session
 from tests.agent.fakekernel import Scenario, add_process
-from tests.fleet_double import FakeBuilder, FakeFleet
+from tests.fleet_double import (
+    FakeBuilder,
+    FakeFleet,
+    quick_agent,  # noqa: F401 - autouse: shortened agent waits
+)
 from tests.unit.test_adhoc import stapctl
 from tests.unit.test_fleet import QUICK, Recorder, by_host, manifest
 
 pytestmark = pytest.mark.unit
 
 EXIT_AT_ONCE = dict(running=[("request_exit",)])
-
-
-@pytest.fixture(autouse=True)
-def quick_agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(agent.Run, "startup_timeout", 2.0)
-    monkeypatch.setattr(agent.ControlChannel, "open_retry", 0.2)
-    monkeypatch.setattr(agent.Run, "unload_retry", 0.5)
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
 
 
 def aimed(tmp_path: Path, fleet: FakeFleet, target: Target) -> tuple[Session, Recorder]:
