@@ -25,7 +25,8 @@ os.environ["STAPCTL_LAB_DIR"] = str(STATE / "lab")
 os.environ["STAPCTL_CACHE_DIR"] = str(STATE / "cache")
 # run records and history (platformdirs' user data dir); each test gets its own, below
 os.environ["XDG_DATA_HOME"] = str(STATE / "data")
-for inherited in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE",
+for inherited in ("STAPCTL_CONFIG", "STAPCTL_HISTORY", "STAPCTL_ENGINE", "STAPCTL_SECRET_FILE",
+                  "COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE",
                   "TTY_INTERACTIVE", "COLORTERM", "SSH_AUTH_SOCK"):
     os.environ.pop(inherited, None)
     os.unsetenv(inherited)  # readline, which pytest imports, exports COLUMNS and LINES unseen
@@ -36,8 +37,9 @@ os.environ["LC_ALL"] = "C.UTF-8"  # English messages from stap and gcc, UTF-8 pi
 @pytest.fixture(autouse=True)
 def own_run_records(tmp_path_factory: pytest.TempPathFactory,
                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fresh history and runs folder, so a test sees only the runs it made."""
+    """A fresh history, runs folder and settings, so a test sees only the runs it made."""
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data")))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
 
 
 @pytest.hookimpl(wrapper=True)
