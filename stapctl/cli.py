@@ -33,7 +33,7 @@ from stapctl.difference import (
     recorded_many_probes,
 )
 from stapctl.display import Display, err, message, signals_to
-from stapctl.errors import StapctlError, UsageError
+from stapctl.errors import HistoryError, StapctlError, UsageError
 from stapctl.execute import RunOptions
 from stapctl.manifest import explain as explain_key
 from stapctl.manifest import load_diff_spec, load_manifest, parse_duration, parse_period, parse_size
@@ -46,13 +46,12 @@ from stapctl.store import (
     diff_output,
     difference_json,
     file_name,
-    find_run,
     host_log_path,
-    list_runs,
     merged_output,
     prune_runs,
     read_detached,
     read_summary,
+    run_folder,
     run_json,
 )
 
@@ -376,17 +375,19 @@ def runs() -> None:
 @click.option("-n", "limit", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="A JSON array, newest first.")
 def runs_list(limit: int, as_json: bool) -> None:
+    from stapctl import history
+    rows = history.list_runs(limit)
     if as_json:
-        click.echo(json.dumps([run_json(row) for row in list_runs(limit)]))
+        click.echo(json.dumps([run_json(row) for row in rows]))
         return
     table = Table()
-    for column in ("run", "started", "exit", "hosts", "ok", "failed"):
+    for column in ("run", "started", "exit", "hosts", "ok", "failed", "controller"):
         table.add_column(column)
-    for row in list_runs(limit):
+    for row in rows:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["started"]))
         exit_code = "-" if row["exit_code"] is None else str(row["exit_code"])  # unfinished
         table.add_row(row["id"], started, exit_code, str(row["hosts"]),
-                      str(row["ok"]), str(row["failed"]))
+                      str(row["ok"]), str(row["failed"]), row["controller"])
     # a pipe or file gets whole run ids, however long: they are what people copy
     (Console() if sys.stdout.isatty() else Console(width=1000)).print(table)
 
@@ -396,13 +397,18 @@ def runs_list(limit: int, as_json: bool) -> None:
 def runs_export(run_id: str) -> None:
     """Print the manifest a run applied, as recorded with it: for an ad-hoc run
     (`stapctl run`) a manifest to keep, which `stapctl apply` takes as it is."""
+    from stapctl import history
     try:
-        row = find_run(run_id)
+        row = history.find_run(run_id)
+    except HistoryError:
+        raise
     except StapctlError as exc:
         raise UsageError(f"{exc} (`stapctl runs list` shows the runs)") from None
-    recorded = Path(row["dir"]) / "manifest.yaml"
     try:
+        recorded = run_folder(row) / "manifest.yaml"
         click.echo(recorded.read_text(), nl=False)
+    except StapctlError as exc:
+        raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"run {row['id']} has no readable manifest.yaml in {row['dir']}: "
                          f"{exc.strerror}") from None
@@ -421,12 +427,19 @@ def runs_show(run_id: str, host: str | None, as_html: bool, as_json: bool,
     """A run's outcomes (and its difference from its baseline); a detached run's live
     state on each host."""
     row = known_run(run_id)
-    folder = Path(row["dir"])
-    if as_html:
-        click.echo(html_report.render(row, folder), nl=False)
-        return
     if as_json:
         click.echo(json.dumps(run_show_json(row, inventory)))
+        return
+    try:
+        folder = run_folder(row)
+    except StapctlError as exc:
+        if as_html or host is not None:
+            raise UsageError(str(exc)) from None
+        message(f"run {row['id']}  exit {row['exit_code']}  hosts {row['hosts']}  "
+                f"ok {row['ok']}  failed {row['failed']}  (from the history: {exc})")
+        return
+    if as_html:
+        click.echo(html_report.render(row, folder), nl=False)
         return
     if host is not None:
         log = host_log_path(folder, host)
@@ -450,8 +463,11 @@ def runs_show(run_id: str, host: str | None, as_html: bool, as_json: bool,
 
 
 def known_run(run_id: str) -> dict[str, Any]:
+    from stapctl import history
     try:
-        return find_run(run_id)
+        return history.find_run(run_id)
+    except HistoryError:
+        raise
     except StapctlError as exc:
         raise click.BadParameter(f"{exc} (`stapctl runs list` shows the runs)",
                                  param_hint="RUN") from None
@@ -496,7 +512,7 @@ def runs_diff(run_a: str, run_b: str, as_json: bool) -> None:
         raise UsageError(f"runs {before['id']} and {after['id']} are of different manifests "
                          f"('{before['name']}', '{after['name']}'): compare runs of one")
     try:
-        folder_a, folder_b = Path(before["dir"]), Path(after["dir"])
+        folder_a, folder_b = run_folder(before), run_folder(after)
         spec = load_diff_spec(folder_b / "manifest.yaml")
         difference = compare(
             after["id"], folder_b, before["id"], folder_a,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stapctl import schedule, store
+from stapctl import history, schedule
 
 pytestmark = pytest.mark.integration
 
@@ -111,13 +111,13 @@ def test_schedule_run_records_to_the_history_and_keeps_its_retention(tmp_path: P
                      env=elsewhere).returncode for _ in range(3)]
     assert codes == [1, 1, 1]  # the one host refused the connection: "every host failed"
 
-    runs = store.list_runs()
+    runs = history.list_runs()
     assert len(runs) == 2 and {row["name"] for row in runs} == {"nightly-audit"}
     assert all(row["exit_code"] == 1 and row["failed"] == 1 for row in runs)
     assert not (tmp_path / "elsewhere").exists()
     manual = stapctl("apply", str(manifest))
     assert manual.returncode == 1
-    assert len(store.list_runs()) == 3  # the manual run sits in the same history
+    assert len(history.list_runs()) == 3  # the manual run sits in the same history
 
     removed = stapctl("schedule", "remove", "nightly-audit", "--unit-dir", str(units))
     assert removed.returncode == 0 and list(units.iterdir()) == []
