@@ -67,7 +67,7 @@ def describe(where: str | Path) -> str:
     if isinstance(where, str) and "://" in where:
         try:
             return sa.make_url(where).render_as_string(hide_password=True)
-        except sa.exc.ArgumentError:
+        except (sa.exc.ArgumentError, ValueError):
             return "(an unreadable URL)"
     return str(where)
 
@@ -79,7 +79,7 @@ def _url(where: str | Path) -> sa.URL:
         return sa.URL.create("sqlite", database=str(Path(where).expanduser()))
     try:
         url = sa.make_url(where)
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):
         url = None
     if url is None or url.get_backend_name() not in ("postgresql", "postgres"):
         source = f"{ENVIRONMENT['history']} or history in {config_path()}"
