@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from stapctl.errors import HistoryError, StapctlError
 from stapctl.models import HostOutcome, Manifest, Run
 
 pytestmark = pytest.mark.unit
+
+THREADS = 8  # controllers starting at once
 
 # the history exactly as the first release wrote it (no schema version, order by rowid)
 FIRST_RELEASE = """
@@ -79,6 +82,30 @@ def test_a_first_release_history_is_migrated_in_place(tmp_path: Path) -> None:
     assert recorder.warnings == []
     assert history.failed_hosts("last", "audit", old) == (recorder.run_id, ["beta"])
     assert history.previous_run("audit", before="now", history=old)["id"] == recorder.run_id
+
+
+def test_controllers_starting_together_create_the_schema_once(
+        history_where: str | Path) -> None:
+    url = history_where
+    start = threading.Barrier(THREADS)
+    failures: list[BaseException] = []
+
+    def first_use() -> None:
+        start.wait()
+        try:
+            history.list_runs(history=url)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            failures.append(error)
+
+    history._ready.clear()  # each thread checks the schema, as a new process would
+    threads = [threading.Thread(target=first_use) for _ in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    with history.transaction(url) as connection:
+        assert connection.execute(history.schema.select()).all() == [(history.SCHEMA_VERSION,)]
 
 
 def test_a_history_of_a_newer_stapctl_is_refused(tmp_path: Path) -> None:
