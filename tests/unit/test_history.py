@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -127,6 +129,21 @@ def test_a_setting_that_names_no_usable_database_is_a_clear_error(setting: str,
     with pytest.raises(HistoryError, match=reason) as raised:
         history.list_runs(history=setting)
     assert "\n" not in str(raised.value) and raised.value.exit_code == 1
+
+
+def test_the_database_modules_are_imported_only_by_the_commands_that_use_them(
+        tmp_path: Path) -> None:
+    """`stapctl --help`, `validate`, `lab` … start without SQLAlchemy; the SQLite history
+    never loads the PostgreSQL driver."""
+    code = ("import sys\n"
+            "import stapctl.cli\n"
+            "assert not {m.split('.')[0] for m in sys.modules} & {'sqlalchemy', 'psycopg'}\n"
+            "from stapctl import history\n"
+            f"history.list_runs(history={str(tmp_path / 'h.sqlite')!r})\n"
+            "assert 'sqlalchemy' in sys.modules and 'psycopg' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_the_password_of_a_history_url_is_never_shown() -> None:
