@@ -42,7 +42,6 @@ from stapctl.difference import compare, recorded_hosts, recorded_many_probes
 from stapctl.errors import Issue, ManifestError, StapctlError, UsageError
 from stapctl.execute import Connector, Fleet, RunOptions
 from stapctl.inventory import load_inventory
-from stapctl.lab import GuestState, Lab
 from stapctl.manifest import load_manifest
 from stapctl.models import (
     Difference,
@@ -143,6 +142,8 @@ def select_hosts(manifest: Manifest, inventory: Path | None = None,
     elif manifest.inventory is not None:
         source = manifest.inventory
     else:
+        from stapctl.lab import GuestState, Lab  # the lab only when it is the inventory
+
         status = Lab.default().status()
         if not any(guest.state is GuestState.RUNNING for guest in status.guests):
             raise ManifestError(Issue(str(manifest.path), None, None, "inventory",
