@@ -7,8 +7,9 @@ skipped as already there), run one command, gather its output; all with the same
 of hosts worked on at once (``forks``).
 
 - paramiko: a thread pool doing exactly that, with stapctl's own last command: the
-  agent's preflight (``python3 -I agent.py``, the request on stdin). The floor for any
-  controller that runs a Python agent on its targets.
+  agent's preflight (the agent run as stapctl runs it, by import with its bytecode cached;
+  the request on stdin). The floor for any controller that runs a Python agent on its
+  targets.
 - stapctl: ``Session.connect`` (agent already shipped, facts) and ``Session.run`` with
   ``RunOptions(check=True)`` on a Plan of prebuilt 300 KB artifacts: upload, then the
   agent's preflight, which refuses here because this machine cannot load modules.
@@ -31,6 +32,7 @@ import hashlib
 import json
 import os
 import resource
+import shlex
 import shutil
 import socket
 import subprocess
@@ -45,7 +47,7 @@ from pathlib import Path
 import paramiko
 import yaml
 
-from stapctl.agent import AgentHost
+from stapctl.agent import BOOTSTRAP, AgentHost
 from stapctl.connection import ConnectOptions, LocalConnection
 from stapctl.execute import RunOptions
 from stapctl.models import (
@@ -120,7 +122,8 @@ def bare_paramiko(lab: Sshds, targets: list[Target], forks: int) -> int:
                            allow_agent=False, timeout=60, banner_timeout=60)
             with client.open_sftp() as sftp:
                 sftp.put(str(target.payload), target.remote)
-            stdin, out, _ = client.exec_command(f"python3 -I {agent_path()}")
+            stdin, out, _ = client.exec_command(
+                f"python3 -I -c {shlex.quote(BOOTSTRAP)} {agent_path()}")
             stdin.write(json.dumps({"protocol": 1, "action": "preflight",
                                     "module": target.remote, "sha256": sha256,
                                     "module_name": "stapctl_bench"}) + "\n")

@@ -14,14 +14,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from stapctl import html_report, lab, report, schedule
+from stapctl import html_report, report, schedule
 from stapctl.adhoc import AdhocRun, adhoc_manifest, adhoc_target
 from stapctl.cache import ModuleCache, cache_dir
 from stapctl.detach import DetachedRun, Fetched, ProbeState, host_state
@@ -55,6 +55,9 @@ from stapctl.store import (
     read_summary,
     run_json,
 )
+
+if TYPE_CHECKING:
+    from stapctl.lab import Lab, LabStatus
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -853,6 +856,13 @@ def lab_group() -> None:
     """Local qemu guests running real kernels, for trying stapctl and for its tests."""
 
 
+def default_lab() -> Lab:
+    """The user's lab, imported only by the commands that use it."""
+    from stapctl.lab import Lab
+
+    return Lab.default()
+
+
 @lab_group.command()
 @click.option("--hosts", "count", type=click.IntRange(1, 16), default=1, show_default=True)
 @click.option("--release", help="Kernel release to boot (its headers must be installed); "
@@ -860,7 +870,7 @@ def lab_group() -> None:
 def up(count: int, release: str | None) -> None:
     """Build the guest image if needed and boot COUNT guests."""
     with err.status("lab…") as status:
-        result = lab.Lab.default().up(count, progress=lambda text: status.update(text),
+        result = default_lab().up(count, progress=lambda text: status.update(text),
                                       release=release)
     show_lab(result, as_json=False)
 
@@ -869,18 +879,18 @@ def up(count: int, release: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
 def status(as_json: bool) -> None:
     """Show each guest and the inventory path."""
-    show_lab(lab.Lab.default().status(), as_json)
+    show_lab(default_lab().status(), as_json)
 
 
 @lab_group.command()
 def down() -> None:
     """Stop every guest the lab started."""
     with err.status("stopping guests…") as status:
-        lab.Lab.default().down(progress=lambda text: status.update(text))
+        default_lab().down(progress=lambda text: status.update(text))
     err.print("lab is down")
 
 
-def show_lab(result: lab.LabStatus, as_json: bool) -> None:
+def show_lab(result: LabStatus, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({
             "guests": [{"name": g.name, "host": g.host, "port": g.port, "user": g.user,

@@ -42,7 +42,6 @@ from stapctl.difference import compare, recorded_hosts, recorded_many_probes
 from stapctl.errors import Issue, ManifestError, StapctlError, UsageError
 from stapctl.execute import Connector, Fleet, RunOptions
 from stapctl.inventory import load_inventory
-from stapctl.lab import GuestState, Lab
 from stapctl.manifest import load_manifest
 from stapctl.models import (
     Difference,
@@ -143,6 +142,8 @@ def select_hosts(manifest: Manifest, inventory: Path | None = None,
     elif manifest.inventory is not None:
         source = manifest.inventory
     else:
+        from stapctl.lab import GuestState, Lab  # the lab only when it is the inventory
+
         status = Lab.default().status()
         if not any(guest.state is GuestState.RUNNING for guest in status.guests):
             raise ManifestError(Issue(str(manifest.path), None, None, "inventory",
@@ -187,6 +188,23 @@ class EventChannel:
         self._events: deque[Event] = deque()
         self._ready = threading.Condition()
         self.consumer = threading.get_ident()
+        self._stage_over = False
+
+    def start_stage(self) -> None:
+        """A stage begins: ``get`` waits for its events again."""
+        with self._ready:
+            self._stage_over = False
+
+    def end_stage(self) -> None:
+        """The stage's work is done: ``get`` stops waiting at once, so the next stage
+        starts now rather than at the end of the consumer's timeout."""
+        with self._ready:
+            self._stage_over = True
+            self._ready.notify_all()
+
+    @property
+    def stage_over(self) -> bool:
+        return self._stage_over
 
     def put(self, event: Event) -> None:
         size = len(event.text) + 128
@@ -199,8 +217,10 @@ class EventChannel:
             self._ready.notify_all()
 
     def get(self, timeout: float) -> Event | None:
+        """The next event, or None after ``timeout`` or once the stage is over."""
         with self._ready:
-            if not self._ready.wait_for(lambda: bool(self._events), timeout):
+            if not self._ready.wait_for(lambda: bool(self._events) or self._stage_over,
+                                        timeout) or not self._events:
                 return None
             event = self._events.popleft()
             self._queued -= len(event.text) + 128
@@ -405,13 +425,16 @@ class Session:
                 box["value"] = work()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 box["error"] = exc
+            finally:
+                self.channel.end_stage()
 
         self.channel.consumer = threading.get_ident()
+        self.channel.start_stage()
         worker = threading.Thread(target=target, name="stapctl-run", daemon=True)
         worker.start()
         handled = 0
         forced_at: float | None = None
-        while worker.is_alive():
+        while not self.channel.stage_over:
             event = self.channel.get(timeout=0.2)
             self._deliver_notes()
             if event is not None:
