@@ -52,8 +52,8 @@ class Mode:
 
 QUICK = Mode(runs=3, lines=300_000, fanout=(100, 1000), ansible=(100,), forks=100,
              runs_at_1000=1, full=False)
-FULL = Mode(runs=5, lines=1_000_000, fanout=(10, 100, 1000), ansible=(10, 100, 1000),
-            forks=100, runs_at_1000=3, full=True)
+FULL = Mode(runs=3, lines=500_000, fanout=(10, 100, 1000), ansible=(10, 100, 1000),
+            forks=100, runs_at_1000=1, full=True)
 
 
 @dataclass
@@ -449,7 +449,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="at most 5 minutes: the comparisons that have targets")
-    parser.add_argument("--runs", type=int, help="runs per figure (default 3 quick, 5 full)")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 3)")
     args = parser.parse_args()
     mode = QUICK if args.quick else FULL
     if args.runs:
