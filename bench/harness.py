@@ -291,6 +291,9 @@ def fan_out(report: Report, mode: Mode, work: Path) -> None:
     finally:
         sshds.stop()
         fanout.clean_remote()
+    report.command("fan-out, each contender (TOOL: stapctl, paramiko, ansible)", [
+        sys.executable, str(REPO / "bench" / "fanout.py"), "TOOL", "N", str(mode.forks),
+        str(work)])
     report.table("4. Fan-out on N loopback SSH targets", [
         "N", "tool", "seconds", "controller peak RSS", "peak open descriptors", "did the work"],
         rows,
