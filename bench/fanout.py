@@ -1,45 +1,40 @@
 """Fan-out cost: stapctl's controller against a bare paramiko script and against Ansible.
 
-N targets, each its own SSH connection to real OpenSSH sshd processes on loopback ports.
-Every tool does the same work on every target: connect, upload a 300 KB file (a new one
-per target and per round, so nothing is skipped as already there), run one command,
-gather its output.
+N targets, each its own SSH connection to real OpenSSH sshd processes on loopback ports
+(TARGETS_PER_SSHD names share one server). Every tool does the same work on every
+target: connect, upload a 300 KB file (a new one per target and per round, so nothing is
+skipped as already there), run one command, gather its output; all with the same number
+of hosts worked on at once (``forks``).
 
 - paramiko: a thread pool doing exactly that, with stapctl's own last command: the
   agent's preflight (the agent run as stapctl runs it, by import with its bytecode cached;
   the request on stdin). The floor for any controller that runs a Python agent on its
   targets.
-- floor: the same script running ``sha256sum`` instead: the transport alone.
 - stapctl: ``Session.connect`` (agent already shipped, facts) and ``Session.run`` with
   ``RunOptions(check=True)`` on a Plan of prebuilt 300 KB artifacts: upload, then the
   agent's preflight, which refuses here because this machine cannot load modules.
-- ansible: ``ansible-playbook`` with ``copy`` + ``command``, forks = N, pipelining on,
-  one ControlPersist master per target.
+- apply: the same without ``check``: a full run, whose every host fails at the preflight
+  (no module support here), every outcome recorded as a run of stapctl's own.
+- ansible: ``ansible-playbook`` with ``copy`` + ``command``, pipelining on, one
+  ControlPersist master per target.
 
-Targets: stapctl ≤ 1.3× paramiko, and ≥ 10× faster than Ansible. All targets share this
-machine's cores, so remote work (a Python start: ~25 ms of CPU) adds up here as it would
-not on a real fleet, where each host has its own CPU; stapctl/floor shows that cost.
+Each SSH session normally runs root's ~/.bashrc, which may start anything; the
+benchmark's sshd sets SHLVL=1, which makes bash skip it, as on a fleet's bare root.
+Each contender runs in a process of its own, started with the usual default descriptor
+limit (1024), so that the harness can follow its memory and descriptors:
 
-Each SSH session normally runs root's ~/.bashrc (bash does for sshd), which here starts
-pyenv twice: ~150 ms of CPU per session, more than everything else a target does. Real
-targets' root does not do that, so the benchmark's sshd sets SHLVL=1, which makes bash
-skip it; ``--bashrc`` keeps it. Prints a table and writes bench/results/fanout.json
-(fanout-bashrc.json with --bashrc). Needs root (sshd logs in as root).
-
-    python bench/fanout.py [--hosts 10,50,100] [--repeat 3] [--bashrc]
-                           [--ansible /tmp/ansible-venv/bin/ansible-playbook]
+    python bench/fanout.py TOOL N FORKS WORK   (WORK/targets.json: the sshds)
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
+import resource
 import shlex
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,10 +78,11 @@ class Target:
     remote: str  # where the bare script and Ansible put it
 
 
-def start_targets(base: Path, count: int, bashrc: bool) -> Sshds:
-    """``count`` sshd processes; SHLVL=1 makes bash skip root's ~/.bashrc (module doc)."""
+def start_targets(base: Path, count: int) -> Sshds:
+    """Enough sshd processes for ``count`` targets; SHLVL=1 makes bash skip root's
+    ~/.bashrc (module doc)."""
     try:
-        return start_sshds(base, count, "" if bashrc else "SetEnv SHLVL=1\n")
+        return start_sshds(base, -(-count // TARGETS_PER_SSHD), "SetEnv SHLVL=1\n")
     except RuntimeError as exc:
         raise SystemExit(str(exc)) from None
 
@@ -109,12 +105,9 @@ def agent_path() -> str:
     return AgentHost(LocalConnection(Host(name="here", address="local"), ConnectOptions())).path
 
 
-def bare_paramiko(lab: Sshds, targets: list[Target], run_agent: bool) -> int:
-    """Connect, SFTP put, run one command, read its output; returns how many succeeded.
-
-    The command is stapctl's own last step, the agent's preflight (``run_agent``), or
-    ``sha256sum`` of the upload: the transport alone, with no Python started remotely.
-    """
+def bare_paramiko(lab: Sshds, targets: list[Target], forks: int) -> int:
+    """Connect, SFTP put, run stapctl's own last step (the agent's preflight), read its
+    output; returns how many succeeded."""
 
     def one(target: Target) -> bool:
         client = paramiko.SSHClient()
@@ -129,9 +122,6 @@ def bare_paramiko(lab: Sshds, targets: list[Target], run_agent: bool) -> int:
                            allow_agent=False, timeout=60, banner_timeout=60)
             with client.open_sftp() as sftp:
                 sftp.put(str(target.payload), target.remote)
-            if not run_agent:
-                _, out, _ = client.exec_command(f"sha256sum {target.remote}")
-                return out.read().decode().split()[0] == sha256
             stdin, out, _ = client.exec_command(
                 f"python3 -I -c {shlex.quote(BOOTSTRAP)} {agent_path()}")
             stdin.write(json.dumps({"protocol": 1, "action": "preflight",
@@ -142,15 +132,16 @@ def bare_paramiko(lab: Sshds, targets: list[Target], run_agent: bool) -> int:
         finally:
             client.close()
 
-    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+    with ThreadPoolExecutor(max_workers=forks) as pool:
         return sum(pool.map(one, targets))
 
 
-def stapctl_fleet(lab: Sshds, targets: list[Target]) -> int:
-    """Session.connect + Session.run(check=True); returns how many reached the preflight."""
+def stapctl_fleet(lab: Sshds, targets: list[Target], forks: int, check: bool) -> int:
+    """Session.connect + Session.run; returns how many hosts reached the preflight (which
+    refuses: this machine loads no modules), each outcome recorded unless ``check``."""
     probe = Probe(name="bench", template="", origin="bench", first_line=1)
     manifest = Manifest(path=Path("bench.yaml"), name="bench", probes=(probe,),
-                        strategy=Strategy(forks=len(targets), connect_timeout=60))
+                        strategy=Strategy(forks=forks, connect_timeout=60))
     hosts = [Host(name=t.name, address="127.0.0.1", port=t.port, user="root",
                   key_file=str(lab.client_key), known_hosts=str(lab.known_hosts)) for t in targets]
     jobs = []
@@ -160,16 +151,20 @@ def stapctl_fleet(lab: Sshds, targets: list[Target]) -> int:
         jobs.append(ModuleJob(probe=probe, spec=spec, hosts=(target.name,),
                               artifact=ModuleArtifact(spec.key, target.payload, sha256,
                                                       "stapctl_bench")))
-    session = Session(manifest, hosts, options=RunOptions(check=True), record=False)
+    session = Session(manifest, hosts, options=RunOptions(check=check), record=not check)
     try:
         session.connect()
         session.run(Plan(jobs=tuple(jobs)))
     finally:
         run = session.finish()
-    return sum(o.kind == FailureKind.PREFLIGHT_REFUSED for o in run.outcomes)
+    if check:
+        return sum(o.kind == FailureKind.PREFLIGHT_REFUSED for o in run.outcomes)
+    assert session.recorder is not None  # a full run is recorded: count what was written
+    summary = json.loads((session.recorder.dir / "summary.json").read_text())
+    return sum(o["kind"] == FailureKind.PREFLIGHT_REFUSED for o in summary["outcomes"])
 
 
-def ansible(lab: Sshds, targets: list[Target], playbook_bin: str, work: Path) -> int:
+def ansible(lab: Sshds, targets: list[Target], forks: int, work: Path) -> int:
     """ansible-playbook copy + command; returns how many hosts ended with ok=2."""
     control = Path(tempfile.mkdtemp(prefix="cp-", dir=work))  # fresh masters each round
     inventory = {"all": {"hosts": {t.name: {
@@ -190,13 +185,14 @@ def ansible(lab: Sshds, targets: list[Target], playbook_bin: str, work: Path) ->
     env = dict(os.environ, ANSIBLE_PIPELINING="True", ANSIBLE_HOST_KEY_CHECKING="True",
                ANSIBLE_PYTHON_INTERPRETER="/usr/bin/python3", ANSIBLE_NOCOLOR="1",
                ANSIBLE_LOCAL_TEMP=str(work / "local-tmp"), ANSIBLE_RETRY_FILES_ENABLED="0")
+    playbook_bin = str(Path(sys.executable).parent / "ansible-playbook")
     result = subprocess.run([playbook_bin, "-i", str(work / "inventory.yaml"), "-f",
-                             str(len(targets)), str(work / "play.yaml")],
+                             str(forks), str(work / "play.yaml")],
                             capture_output=True, text=True, env=env, check=False)
     ok = sum(1 for line in result.stdout.splitlines()
              if " : ok=2 " in line and "failed=0" in line and "unreachable=0" in line)
     if ok != len(targets):
-        print(result.stdout[-3000:], result.stderr[-3000:])
+        print(result.stdout[-3000:], result.stderr[-3000:], file=sys.stderr)
     return ok
 
 
@@ -214,82 +210,28 @@ def forget_modules(targets: list[Target]) -> None:
         (Path.home() / ".cache" / "stapctl-agent" / f"{sha256}.ko").unlink(missing_ok=True)
 
 
-def timed(run: Callable[[], int], expected: int, label: str) -> float:
-    started = time.perf_counter()
-    done = run()
-    elapsed = time.perf_counter() - started
-    if done != expected:
-        raise SystemExit(f"{label}: only {done} of {expected} targets did the work")
-    return elapsed
-
-
-COLUMNS = ("floor", "paramiko", "stapctl", "ansible")
+DEFAULT_FD_LIMIT = 1024
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hosts", default="10,50,100")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--ansible", default=shutil.which("ansible-playbook") or
-                        "/tmp/ansible-venv/bin/ansible-playbook")
-    parser.add_argument("--bashrc", action="store_true",
-                        help="let each SSH session run ~/.bashrc (see the module's doc)")
-    args = parser.parse_args()
-    counts = [int(n) for n in args.hosts.split(",")]
-    with_ansible = Path(args.ansible).exists()
-    if not with_ansible:
-        print(f"{args.ansible} not found: Ansible is left out")
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="stapctl-fanout-") as tmp:
-        work = Path(tmp)
-        lab = start_targets(work, -(-max(counts) // TARGETS_PER_SSHD), args.bashrc)
-        try:
-            # the agent is shipped once per host and kept: measure the steady state
-            stapctl_fleet(lab, make_targets(lab, 1, work / "warm", "stapctl"))
-            print("hosts  floor(sha256sum)  paramiko(agent)  stapctl  ansible   "
-                  "stapctl/paramiko  stapctl/floor  ansible/stapctl", flush=True)
-            for n in counts:
-                runs: dict[str, Callable[[list[Target]], int]] = {
-                    "floor": lambda t: bare_paramiko(lab, t, run_agent=False),
-                    "paramiko": lambda t: bare_paramiko(lab, t, run_agent=True),
-                    "stapctl": lambda t: stapctl_fleet(lab, t),
-                    "ansible": lambda t: ansible(lab, t, args.ansible, work),
-                }
-                times: dict[str, list[float]] = {tool: [] for tool in COLUMNS}
-                for round_ in range(args.repeat):
-                    clean_remote()
-                    for tool, run in runs.items():
-                        if tool == "ansible" and (not with_ansible or round_ > 0):
-                            continue  # slow: once is enough to compare
-                        targets = make_targets(lab, n, work / f"r{n}-{round_}", tool)
-                        forget_modules(targets)
-                        times[tool].append(timed(lambda r=run, t=targets: r(t), n, tool))
-                        forget_modules(targets)
-                median = {tool: statistics.median(ts) for tool, ts in times.items() if ts}
-                row: dict[str, object] = {
-                    "hosts": n, "payload_bytes": PAYLOAD, "repeat": args.repeat,
-                    "bashrc": args.bashrc, "seconds": times, "median_s": median,
-                    "stapctl_over_paramiko": median["stapctl"] / median["paramiko"],
-                    "stapctl_over_floor": median["stapctl"] / median["floor"],
-                    "ansible_over_stapctl": median["ansible"] / median["stapctl"]
-                    if "ansible" in median else None,
-                }
-                rows.append(row)
-                ansible_s = f"{median['ansible']:6.2f}s" if "ansible" in median else "     -"
-                over = (f"{median['ansible'] / median['stapctl']:14.1f}x"
-                        if "ansible" in median else "             -")
-                print(f"{n:5d}  {median['floor']:15.2f}s  {median['paramiko']:14.2f}s  "
-                      f"{median['stapctl']:6.2f}s  {ansible_s}  "
-                      f"{median['stapctl'] / median['paramiko']:15.2f}x  "
-                      f"{median['stapctl'] / median['floor']:12.2f}x  {over}", flush=True)
-        finally:
-            lab.stop()
-            shutil.rmtree(REMOTE_DIR, ignore_errors=True)
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    path = out / ("fanout-bashrc.json" if args.bashrc else "fanout.json")
-    path.write_text(json.dumps(rows, indent=2))
-    print(f"written: {path}")
+    """One contender, once: prints how many targets did the work and the seconds taken."""
+    tool, count, forks, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (DEFAULT_FD_LIMIT, hard))
+    spec = json.loads((work / "targets.json").read_text())
+    lab = Sshds(spec["ports"], Path(spec["client_key"]), Path(spec["known_hosts"]), [])
+    targets = make_targets(lab, count, work / f"{tool}-{count}", tool)
+    forget_modules(targets)
+    runs: dict[str, Callable[[], int]] = {
+        "paramiko": lambda: bare_paramiko(lab, targets, forks),
+        "stapctl": lambda: stapctl_fleet(lab, targets, forks, check=True),
+        "apply": lambda: stapctl_fleet(lab, targets, forks, check=False),
+        "ansible": lambda: ansible(lab, targets, forks, work),
+    }
+    started = time.perf_counter()
+    done = runs[tool]()
+    print(json.dumps({"done": done, "seconds": time.perf_counter() - started}))
+    forget_modules(targets)
 
 
 if __name__ == "__main__":

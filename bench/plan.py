@@ -2,15 +2,11 @@
 
 The claim under test: the work grows with K (one compile per distinct module), not with
 N (hosts only cost a render and a dictionary insert). Facts are supplied, so no host is
-contacted. Prints a table and writes bench/results/plan.json.
-
-    python bench/plan.py [--hosts 10,100,1000]
+contacted.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import secrets
 import tempfile
 import time
@@ -38,11 +34,9 @@ def releases() -> list[str]:
     return sorted(p.parent.name for p in Path("/lib/modules").glob("*/build"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hosts", default="10,100,1000")
-    args = parser.parse_args()
-    counts = [int(n) for n in args.hosts.split(",")]
+def measure(counts: list[int]) -> list[dict[str, object]]:
+    """For K = 1 … every installed kernel, a new script planned and built for each N:
+    the first N is the cold build, the others are warm."""
     kernels = releases()
     builder = Builder()
     rows = []
@@ -72,13 +66,4 @@ def main() -> None:
                              "cache": "cold" if cold else "warm",
                              "plan_s": round(planned, 3), "build_s": round(build_time, 2),
                              "errors": errors})
-                print(f"N={n:5d} K={k} modules={len(plan.jobs)} cache={rows[-1]['cache']:4s} "
-                      f"plan={planned:7.3f}s build={build_time:7.2f}s"
-                      + (f" ERRORS {errors}" if errors else ""), flush=True)
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "plan.json").write_text(json.dumps(rows, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    return rows

@@ -10,6 +10,7 @@ connector, so the policy can be tested against fake connections.
 from __future__ import annotations
 
 import contextlib
+import resource
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -57,6 +58,16 @@ DEADLINE_GRACE = 60.0
 # a probe run once per matching process runs at most this many at once on a host (the
 # oldest): each is a module instance and an SSH channel
 MAX_RUNS_PER_MATCH = 32
+# descriptors left for what is not a host's connection: run records, logs, pipes, terminal
+RESERVED_DESCRIPTORS = 128
+
+
+def connection_budget() -> int:
+    """How many host connections (one socket each) fit in the descriptor limit at once."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(1, soft - RESERVED_DESCRIPTORS)
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,9 @@ class _Session:
     connection: Connection
     agent: AgentHost
     facts: HostFacts
+    # closed after its facts, to spare a descriptor on a fleet larger than the descriptor
+    # limit allows; opened again when the host's turn to run comes
+    parked: bool = False
     # one file transfer at a time: concurrent ones on one connection stall
     upload_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -124,6 +138,9 @@ class Fleet:
     detached: list[DetachedProbe] = field(default_factory=list)  # started detached
     _ended: set[tuple[str, str]] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _workers: int = 1  # hosts worked on at once: forks, within the connection budget
+    _kept: int = 0  # connections held open from facts to run
+    _keep_limit: int = 0  # beyond it a host's connection is parked
 
     @property
     def strategy(self) -> Strategy:
@@ -158,7 +175,11 @@ class Fleet:
         """Connect, ship the agent and gather facts on every host; the unreachable are
         recorded as outcomes and left out of the result."""
         self.hosts += [host.name for host in hosts]
-        with ThreadPoolExecutor(max_workers=max(1, self.strategy.forks)) as pool:
+        budget = connection_budget()
+        self._workers = max(1, min(self.strategy.forks, budget))
+        # the workers must always find descriptors free to open a parked host's connection
+        self._keep_limit = budget - self._workers
+        with ThreadPoolExecutor(max_workers=self._workers) as pool:
             list(pool.map(self._connect_one, hosts))
         return {name: (s.host, s.facts) for name, s in self.sessions.items()}
 
@@ -167,12 +188,8 @@ class Fleet:
             self._fail_all(host.name, "skipped", FailureKind.SKIPPED,
                            "interrupted before connecting")
             return
-        become = self.manifest.become if host.become is None else host.become
-        options = ConnectOptions(connect_timeout=self.strategy.connect_timeout,
-                                 accept_new_host_keys=self.options.accept_new_host_keys,
-                                 become=become)
         try:
-            connection = self.connector(host, options)
+            connection = self.connector(host, self._connect_options(host))
         except StapctlError as exc:
             self._fail_all(host.name, "unreachable", FailureKind.UNREACHABLE, str(exc))
             return
@@ -190,8 +207,47 @@ class Fleet:
             self._fail_all(host.name, status, kind, message)
             return
         with self._lock:
-            self.sessions[host.name] = _Session(host, connection, agent, facts)
+            keep = self._kept < self._keep_limit
+            self._kept += keep
+        if not keep:
+            with contextlib.suppress(Exception):
+                connection.close()
+        with self._lock:
+            self.sessions[host.name] = _Session(host, connection, agent, facts, parked=not keep)
         self._event(host.name, "connected", f"{facts.release} {facts.arch}")
+
+    def _connect_options(self, host: Host) -> ConnectOptions:
+        become = self.manifest.become if host.become is None else host.become
+        return ConnectOptions(connect_timeout=self.strategy.connect_timeout,
+                              accept_new_host_keys=self.options.accept_new_host_keys,
+                              become=become)
+
+    def _unpark(self, session: _Session) -> bool:
+        """Open a parked host's connection again (its agent is installed); False, with the
+        host's outcome recorded, when it cannot be."""
+        try:
+            connection = self.connector(session.host, self._connect_options(session.host))
+        except StapctlError as exc:
+            self._fail_all(session.host.name, "unreachable", FailureKind.UNREACHABLE, str(exc))
+            return False
+        except Exception as exc:  # noqa: BLE001 - a controller fault stays this host's
+            self._fail_all(session.host.name, "failed", FailureKind.CONTROLLER_ERROR,
+                           _fault(exc))
+            return False
+        session.connection = session.agent.connection = connection
+        session.parked = False
+        return True
+
+    def read_file(self, name: str, path: str, limit: int) -> bytes:
+        """A file of a connected host's, over its connection (a parked one's opened for it)."""
+        session = self.sessions[name]
+        if not session.parked:
+            return session.connection.read_file(path, limit)
+        connection = self.connector(session.host, self._connect_options(session.host))
+        try:
+            return connection.read_file(path, limit)
+        finally:
+            connection.close()
 
     # -- run -----------------------------------------------------------------------------
     def run(self, plan: Plan) -> list[HostOutcome]:
@@ -200,7 +256,7 @@ class Fleet:
         max_fail_percentage."""
         names = [name for name in self.hosts if name in self.sessions]
         total = len(names) or 1
-        with ThreadPoolExecutor(max_workers=max(1, self.strategy.forks)) as pool:
+        with ThreadPoolExecutor(max_workers=self._workers) as pool:
             for batch in batches(names, self.strategy.serial):
                 if self.stop.is_set() or self._failed_percentage(total) > \
                         self.strategy.max_fail_percentage:
@@ -220,6 +276,9 @@ class Fleet:
 
     def _run_host(self, name: str, plan: Plan) -> None:
         session = self.sessions[name]
+        unparked = session.parked
+        if unparked and not self._unpark(session):
+            return
         deadline = (time.monotonic() + self.strategy.timeout) if self.strategy.timeout else None
         threads = [threading.Thread(target=self._run_job, args=(session, job, deadline))
                    for job in plan.jobs_for(name)]
@@ -227,6 +286,10 @@ class Fleet:
             thread.start()
         for thread in threads:
             thread.join()
+        if unparked:  # its descriptor goes to the next parked host
+            with contextlib.suppress(Exception):
+                session.connection.close()
+            session.parked = True
 
     def _run_job(self, session: _Session, job: ModuleJob, deadline: float | None) -> None:
         host, probe = session.host.name, job.probe.name
@@ -386,9 +449,6 @@ class Fleet:
         reason = "interrupted" if self.stop.is_set() else "not run"
         for host in self.hosts:
             self._fail_all(host, "skipped", FailureKind.SKIPPED, reason)
-
-    def connections(self) -> dict[str, Connection]:
-        return {name: session.connection for name, session in self.sessions.items()}
 
     def close(self) -> None:
         for session in list(self.sessions.values()):

@@ -14,7 +14,6 @@ from typing import Any
 
 from stapctl.build import Builder
 from stapctl.compiler import check_syntax, needs_symbol_map
-from stapctl.connection import Connection
 from stapctl.errors import StapctlError
 from stapctl.inventory import host_vars
 from stapctl.models import Host, HostFacts, Manifest, ModuleArtifact, ModuleSpec, Probe
@@ -63,11 +62,12 @@ KALLSYMS_LIMIT = 64 << 20
 
 
 def gather_symbol_maps(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
-                       connections: Mapping[str, Connection],
+                       read_file: Callable[[str, str, int], bytes],
                        builder: Builder) -> dict[str, tuple[Host, HostFacts]]:
     """Fetch each host's /proc/kallsyms, only when some probe may need it.
 
-    A host whose symbols cannot be read keeps an empty symbol_map; make_plan then says
+    ``read_file(host, path, limit)`` reads a host's file. A host whose symbols cannot be
+    read keeps an empty symbol_map; make_plan then says
     exactly why its kprobe.function probes cannot be built.
     """
     if not any(needs_symbol_map(probe.template) for probe in manifest.probes):
@@ -76,7 +76,7 @@ def gather_symbol_maps(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostF
     def fetch(name: str) -> tuple[str, tuple[Host, HostFacts]]:
         host, facts = hosts[name]
         try:
-            kallsyms = connections[name].read_file("/proc/kallsyms", KALLSYMS_LIMIT)
+            kallsyms = read_file(name, "/proc/kallsyms", KALLSYMS_LIMIT)
             facts = replace(facts, symbol_map=builder.store_symbol_map(kallsyms))
         except StapctlError as exc:
             facts = replace(facts, symbol_map_error=str(exc))

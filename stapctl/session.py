@@ -415,7 +415,7 @@ class Session:
         connected = self.fleet.connect(self.hosts)
         if not connected or self.fleet.stop.is_set():
             return {}
-        return gather_symbol_maps(self.manifest, connected, self.fleet.connections(),
+        return gather_symbol_maps(self.manifest, connected, self.fleet.read_file,
                                   self.builder)
 
     def _phase(self, text: str) -> None:

@@ -27,9 +27,11 @@ from stapctl.lab.system import INSTALL_HINTS, run, tool
 
 Progress = Callable[[str], None]
 
-IMAGE_FORMAT = 1  # bump when the image recipe changes, so cached images are rebuilt
+IMAGE_FORMAT = 2  # bump when the image recipe changes, so cached images are rebuilt
 HOST_PACKAGES = ("busybox-static", "dropbear-bin", "kmod")
-OPTIONAL_PACKAGES = ("systemtap-runtime",)  # staprun/stapio, to compare with native tools
+# staprun/stapio/stapsh, to compare with the native tools; `stap --remote=ssh://` starts
+# stapsh through /bin/bash (`type -P stapsh`), else falls back to one ssh per step
+OPTIONAL_PACKAGES = ("systemtap-runtime", "bash")
 SKIPPED_DIRS = ("usr/share/", "etc/init.d/")  # docs and service scripts a guest never runs
 
 INIT = """#!/bin/sh
@@ -213,6 +215,8 @@ def _rootfs(root: Path, work: Path, inputs: _Inputs, debs: list[Path], kernel_ro
         if not os.path.lexists(root / applet):
             (root / applet).symlink_to("/bin/busybox")
     (root / "usr/bin/python3").symlink_to(f"python{inputs.python}")
+    if (root / "usr/lib/systemtap/stapsh").exists():  # Debian keeps it off PATH
+        (root / "usr/bin/stapsh").symlink_to("../lib/systemtap/stapsh")
     if not os.path.lexists(root / "usr/lib/sftp-server"):  # the path dropbear runs for sftp
         (root / "usr/lib/sftp-server").symlink_to("openssh/sftp-server")
     for rel, text in ETC_FILES.items():

@@ -1,0 +1,182 @@
+"""The contenders on the lab's guests: `stapctl` against `stap --remote=ssh://` (stapsh
+and staprun on the guest, from systemtap-runtime), each run as a user would type it.
+
+stap --remote runs the `ssh` it finds on PATH; a wrapper ahead on PATH gives it the lab's
+key and known_hosts (an ssh config file of the benchmark's own), nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from measure import Timing, run
+
+from stapctl import lab
+from stapctl.connection import Connection, ConnectOptions, connect
+from stapctl.models import Host
+
+STAPCTL = str(Path(sys.executable).parent / "stapctl")
+REPO = Path(__file__).resolve().parents[1]
+HELLO_PLAYBOOK = REPO / "playbooks" / "hello.yaml"
+HELLO = 'probe oneshot { printf("hello, world!\\n") }\n'
+SYSCALLS = """probe kernel.trace("raw_syscalls:sys_enter") {
+  printf("%d %s %d\\n", pid(), execname(), $id)
+}
+probe timer.s(5) { exit() }
+"""
+# Scripts whose output is the same on every run: the behaviour check compares the two
+# tools' outputs line by line.
+EXAMPLES = {
+    "hello": HELLO,
+    "aggregates": """probe oneshot {
+  for (i = 1; i <= 1000; i++) s <<< i * i
+  printf("count %d sum %d min %d max %d avg %d\\n", @count(s), @sum(s), @min(s), @max(s), @avg(s))
+  print(@hist_log(s))
+}
+global s
+""",
+    "strings": """probe oneshot {
+  printf("%-10s|%10s|%x|%o|%c|%5.2s|\\n", "left", "right", 3054, 8, 65, "truncated")
+  printf("%s %s %d\\n", substr("systemtap", 6, 3), str_replace("a-b-c", "-", "+"), strlen("x"))
+  printf("%s\\n", sprintf("%08d", 42))
+}
+""",
+    "arrays": """global squares
+probe oneshot {
+  for (i = 0; i < 20; i++) squares[i % 7, i] = i * i
+  foreach ([k, i] in squares- limit 5) printf("%d %d %d\\n", k, i, squares[k, i])
+  delete squares[3, 3]
+  kept = ([3, 10] in squares)
+  gone = ([3, 3] in squares)
+  printf("%d %d %d\\n", kept, gone, [3, 17] in squares)
+}
+""",
+}
+
+
+@dataclass
+class Guests:
+    """The running lab, and how stap --remote reaches its guests."""
+
+    hosts: list[Host]
+    pids: dict[str, int]  # each guest's qemu
+    path: str  # PATH with the ssh wrapper first
+    stap_dir: Path  # stap --remote's own SYSTEMTAP_DIR
+    runtime: Path | None  # the runtime copy stapctl compiles with (-R), if it needs one
+
+    @classmethod
+    def find(cls, work: Path, stap_dir: Path) -> Guests:
+        status = lab.Lab.default().status()
+        running = [g for g in status.guests if g.state is lab.GuestState.RUNNING]
+        if len(running) < 3:
+            raise SystemExit("bench/run needs 3 lab guests: stapctl lab up --hosts 3")
+        hosts = [status.host(g.name) for g in running[:3]]
+        config = work / "ssh_config"
+        config.write_text("".join(
+            f"Host stapctl-bench-{h.name}\n  HostName {h.address}\n  Port {h.port}\n"
+            f"  User {h.user}\n  IdentityFile {h.key_file}\n  IdentitiesOnly yes\n"
+            f"  UserKnownHostsFile {h.known_hosts}\n  HostKeyAlias [{h.address}]:{h.port}\n"
+            "  StrictHostKeyChecking yes\n  BatchMode yes\n" for h in hosts))
+        wrapper = work / "bin" / "ssh"
+        wrapper.parent.mkdir(exist_ok=True)
+        wrapper.write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {shlex.quote(str(config))} "$@"\n')
+        wrapper.chmod(0o755)
+        runtimes = sorted((Path(os.environ.get("STAPCTL_CACHE_DIR", "")) / "runtime").glob("*")) \
+            if os.environ.get("STAPCTL_CACHE_DIR") else []
+        stap_dir.mkdir(parents=True, exist_ok=True)
+        return cls(hosts, {g.name: g.pid for g in running[:3] if g.pid},
+                   f"{wrapper.parent}:{os.environ['PATH']}", stap_dir,
+                   runtimes[-1] if runtimes else None)
+
+    def stap_remote(self, script: Path, hosts: list[Host], timeout: float = 300) -> Timing:
+        """`stap --remote=ssh://…` once per host, the way a user runs it on several."""
+        argv = ["stap", *(f"--remote=ssh://stapctl-bench-{h.name}" for h in hosts)]
+        if self.runtime:
+            argv += ["-R", str(self.runtime)]
+        env = dict(os.environ, PATH=self.path, SYSTEMTAP_DIR=str(self.stap_dir))
+        return run([*argv, str(script)], env=env, timeout=timeout)
+
+    def stapctl_run(self, script: Path, hosts: list[Host], *extra: str,
+                    timeout: float = 300) -> Timing:
+        """`stapctl run` of the same script file, output as JSON lines."""
+        return run([STAPCTL, "run", ",".join(h.name for h in hosts), "--format", "json",
+                    *extra, str(script)], timeout=timeout)
+
+    def stapctl_hello(self, hosts: list[Host]) -> Timing:
+        """The seed's hello world, as the README runs it."""
+        return run([STAPCTL, "apply", "--limit", ",".join(h.name for h in hosts),
+                    str(HELLO_PLAYBOOK)])
+
+    def connect(self, host: Host) -> Connection:
+        return connect(host, ConnectOptions())
+
+
+def stapctl_output(timing: Timing) -> tuple[list[str], int, float | None]:
+    """Output lines, records lost, and when the first output line came, from --format json."""
+    lines: list[str] = []
+    lost = 0
+    first = None
+    for at, raw in timing.stdout:
+        if not raw.startswith("{"):
+            continue
+        record = json.loads(raw)
+        if record.get("kind") == "output":
+            lines.append(record["text"])
+            first = at if first is None else first
+        if record.get("type") == "summary":
+            for outcome in record["outcomes"]:
+                stats = outcome.get("stats") or {}
+                lost += stats.get("lost_records", 0) + stats.get("transport_failures", 0)
+    return lines, lost, first
+
+
+def stap_lost(timing: Timing) -> int:
+    """Records stap reports lost: its transport failures and lost/skipped warnings."""
+    text = "\n".join(line for _, line in timing.stderr)
+    return sum(int(n) for n in re.findall(r"There were (\d+) transport failures", text))
+
+
+def outcome_statuses(timing: Timing) -> dict[str, str]:
+    """Each host's status in a stapctl --format json run: ok, failed, unreachable…"""
+    for _, raw in timing.stdout:
+        if raw.startswith('{"v": 1, "type": "summary"'):
+            return {o["host"]: o["status"] + (f" ({o['kind']})" if o.get("kind") else "")
+                    for o in json.loads(raw)["outcomes"]}
+    return {}
+
+
+# Times, inside the guest, from a tool's exec to its module appearing in /sys/module:
+# the same stopwatch for staprun and for stapctl's agent (argv after the module's name;
+# the first argument is a line for the tool's stdin, kept open until the tool ends).
+LOADED_AFTER = ("python3 -c 'import os, subprocess, sys, time; "
+                "t = time.monotonic(); p = subprocess.Popen(sys.argv[3:], stdin=subprocess.PIPE,"
+                " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+                "p.stdin.write(sys.argv[2].encode() + b\"\\n\"); p.stdin.flush()\n"
+                "while not os.path.exists(\"/sys/module/\" + sys.argv[1]) and p.poll() is None:"
+                " time.sleep(0.001)\n"
+                "loaded = time.monotonic() - t; p.wait(); print(loaded, p.returncode)'")
+
+
+def loaded_after(connection: Connection, module_name: str, stdin_line: str,
+                 argv: list[str]) -> float:
+    out = shell(connection, f"{LOADED_AFTER} {shlex.quote(module_name)} "
+                            f"{shlex.quote(stdin_line)} {shlex.join(argv)}")
+    seconds, code = out.split()[:2]
+    if code != "0":
+        raise SystemExit(f"{argv[0]} failed in the guest: {out}")
+    return float(seconds)
+
+
+def shell(connection: Connection, command: str) -> str:
+    process = connection.start(["sh", "-c", command])
+    out = b""
+    while chunk := process.recv(65536):
+        out += chunk
+    process.wait()
+    return out.decode(errors="replace")
