@@ -806,11 +806,12 @@ def probes_command(pattern: str, inventory: Path | None, limit: str | None,
 def print_plan(plan: Plan) -> None:
     table = Table(title="plan", title_justify="left")
     for column in ("probe", "module", "kernel", "toolchain", "hosts", "state"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "toolchain")
     for job in plan.jobs:
         state = "failed" if job.error else ("cached" if job.cached else "to build")
+        # its name and systemtap version
         toolchain = "-" if job.error else \
-            f"{job.spec.toolchain or toolchains.HOST} (systemtap {job.spec.stap_version})"
+            f"{job.spec.toolchain or toolchains.HOST} {job.spec.stap_version}"
         table.add_row(Text(job.probe.name), job.spec.key[:12],
                       Text(report.printable(job.spec.release)), Text(toolchain),
                       Text(",".join(job.hosts)), state)
