@@ -22,10 +22,10 @@ import pytest
 from stapctl.runtime import stapctl_agent as wire
 
 from stapctl.build import Builder
-from stapctl.toolchains import Toolchain
 from stapctl.connection import ConnectOptions, Process
 from stapctl.errors import ConnectError
 from stapctl.models import Host, ModuleArtifact, ModuleSpec
+from stapctl.toolchains import Toolchain
 from tests.agent.fakekernel import RELEASE, FakeKernel, Scenario, make_ko
 
 

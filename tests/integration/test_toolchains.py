@@ -35,6 +35,29 @@ def test_headers_the_archive_no_longer_has() -> None:
     assert "upgrade that host to a kernel the archive still ships" in str(caught.value)
 
 
+def test_headers_of_another_release_are_fetched_into_its_root_once() -> None:
+    builder = Builder()
+    trixie = builder.toolchain_for("6.12.117+deb13-amd64")  # makes the root if missing
+    listed = subprocess.run(trixie.command(
+        ["apt-cache", "search", "--names-only", r"^linux-headers-[0-9.]+\+deb13-amd64$"]),
+        capture_output=True, text=True, check=True).stdout
+    others = sorted((line.split()[0].removeprefix("linux-headers-")
+                     for line in listed.splitlines()), key=kernel_line_and_build)
+    older = [release for release in others
+             if kernel_line_and_build(release) < kernel_line_and_build(trixie.kernel_release)]
+    assert older, f"the archive holds no older trixie kernel than {trixie.kernel_release}"
+    release = older[-1]
+    assert Builder().toolchain_for(release).name == "trixie"
+    assert trixie.headers(release).is_dir()
+    spec = Builder().spec("probe oneshot { exit() }", release, "x86_64", ())
+    assert (spec.toolchain, spec.stap_version) == ("trixie", trixie.stap_version)
+
+
+def kernel_line_and_build(release: str) -> tuple[int, ...]:
+    """6.12.107+deb13-amd64 → (6, 12, 107): the order of a suite's kernel releases."""
+    return tuple(int(part) for part in release.split("+")[0].split("."))
+
+
 def test_each_host_its_own_outcome_and_the_others_are_planned(tmp_path: Path) -> None:
     builder = Builder()
     host = builder.toolchains.host()

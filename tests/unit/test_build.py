@@ -13,9 +13,9 @@ import pytest
 from stapctl import toolchains
 from stapctl.build import Builder
 from stapctl.compiler import _user_facing_stderr, check_syntax
-from stapctl.toolchains import Toolchain
 from stapctl.errors import CompileError
 from stapctl.models import ModuleSpec
+from stapctl.toolchains import Toolchain
 
 pytestmark = pytest.mark.unit
 
@@ -80,7 +80,8 @@ def test_patched_runtime_copy_names_the_new_function(tmp_path: Path, headers: Pa
     runtime = fake_runtime(tmp_path, fixed=False)
     builder = Builder(tmp_path / "cache", Toolchain("stap", "4.8/0.188", runtime))
     declare(headers, "r", "task_work_cancel_func(")
-    copy = builder.compiler(builder.toolchain_for("r"))._runtime(builder.spec("s", "r", "x86_64", ()))
+    compiler = builder.compiler(builder.toolchain_for("r"))
+    copy = compiler._runtime(builder.spec("s", "r", "x86_64", ()))
     assert copy is not None
     text = (copy / "stp_task_work.c").read_text()
     assert "typeof(&task_work_cancel_func)" in text

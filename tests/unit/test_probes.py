@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from stapctl.build import Builder
-from stapctl.toolchains import Toolchain
 from stapctl.errors import UsageError
 from stapctl.models import Host, HostFacts
 from stapctl.probes import check_pattern, list_probes
-from stapctl.toolchains import MODULES_ROOT
+from stapctl.toolchains import MODULES_ROOT, Toolchain
 
 pytestmark = pytest.mark.unit
 
