@@ -60,7 +60,10 @@ class Compiler:
                 "-m", spec.module_name]
         runtime = self._runtime(spec)
         if runtime is not None:
-            argv += ["-R", self.toolchain.inside(runtime)]
+            seen = self.toolchain.inside(runtime)
+            argv += ["-R", seen]
+            for fix in fixes_named(spec.runtime_fix):
+                argv += [option.format(runtime=seen) for option in fix.stap_options]
         with tempfile.TemporaryDirectory(dir=self._scratch("work"),
                                          ignore_cleanup_errors=True) as tmp:
             # named and padded like the user's file, so the line numbers stap puts in

@@ -23,11 +23,14 @@ class RuntimeFix:
 
     ``applies`` looks at the kernel headers (a function from a header's path to its text)
     and the pristine runtime; ``apply`` edits a private copy of the runtime.
+    ``stap_options`` are added to stap's command line, ``{runtime}`` standing for where
+    stap sees that copy.
     """
 
     name: str
     applies: Callable[[Callable[[str], str], Path], bool]
     apply: Callable[[Path], None]
+    stap_options: tuple[str, ...] = ()
 
 
 def header_text(toolchain: Toolchain, release: str, relative: str) -> str:
@@ -120,11 +123,46 @@ def _uprobe_unregister_apply(runtime: Path) -> None:
     source.write_text(source.read_text().replace(UNREGISTER_LOOKUP, UNREGISTER_FALLBACK, 1))
 
 
+# systemtap 5.1 defines COUNT_ARGS in the C it writes to find tracepoints' arguments, and
+# builds it with -Werror; kernels since 6.7 define it too (linux/args.h), so every query
+# fails and no kernel.trace probe (nor syscall probe, which falls back on sys_enter)
+# resolves. The compiler stap uses drops -Werror (warnings stay warnings).
+STAP_COUNT_ARGS = b"#define COUNT_ARGS(X...) __COUNT_ARGS(, ##X, 12,"
+COMPILER_WRAPPER = "stapctl-cc"
+COMPILER_WRAPPER_TEXT = """#!/bin/sh
+# stapctl: gcc without -Werror, for systemtap's tracepoint queries (see runtime_fixes.py)
+for arg do
+  shift
+  [ "$arg" = -Werror ] || set -- "$@" "$arg"
+done
+exec gcc "$@"
+"""
+
+
+def _tracequery_count_args_applies(header_text: Callable[[str], str], runtime: Path) -> bool:
+    stap = runtime.parents[2] / "bin" / "stap"  # runtime is PREFIX/share/systemtap/runtime
+    if "define COUNT_ARGS" not in header_text("include/linux/args.h"):
+        return False
+    try:
+        return STAP_COUNT_ARGS in stap.read_bytes()
+    except OSError:
+        return False
+
+
+def _tracequery_count_args_apply(runtime: Path) -> None:
+    wrapper = runtime / COMPILER_WRAPPER
+    wrapper.write_text(COMPILER_WRAPPER_TEXT)
+    wrapper.chmod(0o755)
+
+
 RUNTIME_FIXES = (
     RuntimeFix("task_work_cancel_func", _task_work_cancel_func_applies,
                _task_work_cancel_func_apply),
     RuntimeFix("relay_header_split", _relay_header_split_applies, _relay_header_split_apply),
     RuntimeFix("uprobe_unregister", _uprobe_unregister_applies, _uprobe_unregister_apply),
+    RuntimeFix("tracequery_count_args", _tracequery_count_args_applies,
+               _tracequery_count_args_apply,
+               stap_options=("-B", "CC={runtime}/" + COMPILER_WRAPPER)),
 )
 
 

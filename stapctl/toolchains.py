@@ -245,6 +245,7 @@ class Toolchains:
                 ["sh", "-c", "apt-get update -qq && apt-get install -y -qq "
                  "--no-install-recommends \"$1\" && apt-get clean", "sh", package],
                 env={"DEBIAN_FRONTEND": "noninteractive"}))
+            _drop_system_map_stubs(toolchain.root)
             if proc.returncode != 0 or not toolchain.headers(release).is_dir():
                 missing = "Unable to locate package" in proc.stdout + proc.stderr
                 why = (f"the {toolchain.suite} archive no longer has {package}" if missing
@@ -296,6 +297,7 @@ class Toolchains:
             raise CompileError(f"mmdebstrap could not make the {suite} build root from "
                                f"{mirror}:\n{_tail(proc)}\ncheck that the archive serves "
                                f"{suite} (apt sources of this machine), then retry")
+        _drop_system_map_stubs(root)
         unknown = Toolchain.in_root(suite, root, "", "")
         toolchain = Toolchain.in_root(suite, root,
                                       _stap_version(unknown.command(["stap", "-V"])),
@@ -322,6 +324,14 @@ def _remove_tree(path: Path) -> None:
     if path.exists():
         subprocess.run([*_as_root(), "rm", "-rf", "--one-file-system", str(path)],
                        check=False, capture_output=True)
+
+
+def _drop_system_map_stubs(root: Path) -> None:
+    """Delete the one-line /boot/System.map stubs Debian's kernel images install: stap
+    prefers them to the System.map stapctl puts in the headers tree (made from the host's
+    kallsyms), and finds no kernel function in them."""
+    subprocess.run([*_as_root(), "find", str(root / "boot"), "-maxdepth", "1", "-name",
+                    "System.map-*", "-size", "-2k", "-delete"], check=False, capture_output=True)
 
 
 def _stap_version(argv: list[str]) -> str:

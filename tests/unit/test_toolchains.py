@@ -205,3 +205,32 @@ def test_a_failed_mmdebstrap_says_what_to_do_and_leaves_nothing(
     assert "Release file for bullseye not found" in str(caught.value)
     assert "then retry" in str(caught.value)
     assert not (cache.root / "toolchains" / "bullseye").exists()
+
+
+def test_tracepoint_queries_of_51_build_without_werror_on_kernels_with_args_h(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prefix = tmp_path / "usr"
+    runtime = prefix / "share/systemtap/runtime"
+    runtime.mkdir(parents=True)
+    (prefix / "bin").mkdir()
+    stap = prefix / "bin" / "stap"
+    stap.write_bytes(b"\0ELF...#define COUNT_ARGS(X...) __COUNT_ARGS(, ##X, 12, 11, 10\0")
+    modules = tmp_path / "modules"
+    for release, args_h in (("6.12.1", "#define COUNT_ARGS(X...) __COUNT_ARGS(, ##X, 15"),
+                            ("6.1.1", "")):
+        header = modules / release / "build" / "include/linux/args.h"
+        header.parent.mkdir(parents=True)
+        header.write_text(args_h)
+    monkeypatch.setattr(toolchains, "MODULES_ROOT", modules)
+    toolchain = Toolchain(str(stap), "5.1", runtime)
+    assert [fix.name for fix in fixes_needed(toolchain, "6.12.1")] == ["tracequery_count_args"]
+    assert fixes_needed(toolchain, "6.1.1") == ()  # no linux/args.h before 6.7
+    (fix,) = fixes_named("tracequery_count_args")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    fix.apply(copy)
+    wrapper = copy / "stapctl-cc"
+    assert os.access(wrapper, os.X_OK) and "-Werror" in wrapper.read_text()
+    assert [o.format(runtime="/r") for o in fix.stap_options] == ["-B", "CC=/r/stapctl-cc"]
+    stap.write_bytes(b"\0ELF...#undef COUNT_ARGS\0")  # a systemtap that does not clash
+    assert fixes_needed(toolchain, "6.12.1") == ()
