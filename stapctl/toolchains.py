@@ -328,8 +328,7 @@ def _remove_tree(path: Path) -> None:
 
 def _drop_system_map_stubs(root: Path) -> None:
     """Delete the one-line /boot/System.map stubs Debian's kernel images install: stap
-    prefers them to the System.map stapctl puts in the headers tree (made from the host's
-    kallsyms), and finds no kernel function in them."""
+    reads kernel symbols there first, and finds no kernel function in a stub."""
     subprocess.run([*_as_root(), "find", str(root / "boot"), "-maxdepth", "1", "-name",
                     "System.map-*", "-size", "-2k", "-delete"], check=False, capture_output=True)
 
