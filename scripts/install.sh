@@ -10,6 +10,7 @@ APT_PACKAGES=(
   systemd chromium  # systemd-analyze checks schedules' units; chromium opens HTML reports
   tmux  # the live merged view is checked in a real terminal
   postgresql  # a shared run history; the tests start their own server on loopback
+  mmdebstrap zstd  # build roots of other Debian suites; their zstd-compressed kernels
 )
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from stapctl import html_report, report, schedule
+from stapctl import html_report, report, schedule, toolchains
 from stapctl.adhoc import AdhocRun, adhoc_manifest, adhoc_target
 from stapctl.cache import ModuleCache, cache_dir
 from stapctl.detach import DetachedRun, Fetched, ProbeState, host_state
@@ -824,13 +824,16 @@ def probes_command(pattern: str, inventory: Path | None, limit: str | None,
 
 def print_plan(plan: Plan) -> None:
     table = Table(title="plan", title_justify="left")
-    for column in ("probe", "module", "kernel", "hosts", "state"):
-        table.add_column(column)
+    for column in ("probe", "module", "kernel", "toolchain", "hosts", "state"):
+        table.add_column(column, no_wrap=column == "toolchain")
     for job in plan.jobs:
         state = "failed" if job.error else ("cached" if job.cached else "to build")
+        # its name and systemtap version
+        toolchain = "-" if job.error else \
+            f"{job.spec.toolchain or toolchains.HOST} {job.spec.stap_version}"
         table.add_row(Text(job.probe.name), job.spec.key[:12],
-                      Text(report.printable(job.spec.release)), Text(",".join(job.hosts)),
-                      state)
+                      Text(report.printable(job.spec.release)), Text(toolchain),
+                      Text(",".join(job.hosts)), state)
     err.print(table)
     for host, reason in plan.unservable.items():
         message(f"{host}: cannot be served: {reason}", "red")
@@ -866,6 +869,47 @@ def cache_prune(keep: int) -> None:
     message(f"removed {ModuleCache(cache_dir()).prune(keep)} module(s)")
 
 
+# -- toolchains --------------------------------------------------------------------------
+@cli.group(name="toolchain")
+def toolchain_group() -> None:
+    """The systemtaps stapctl compiles with: the controller's own, and build roots."""
+
+
+@toolchain_group.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+def toolchain_list(as_json: bool) -> None:
+    """Show each toolchain, its systemtap and the kernel line it was made for."""
+    found = toolchains.Toolchains(ModuleCache(cache_dir())).all()
+    if as_json:
+        click.echo(json.dumps({"toolchains": [t.describe() for t in found]}))
+        return
+    table = Table()
+    for column in ("name", "systemtap", "suite", "kernel", "root"):
+        table.add_column(column)
+    for t in found:
+        table.add_row(t.name, t.stap_version, t.suite, t.kernel_release, str(t.root))
+    Console().print(table)
+
+
+@toolchain_group.command(name="add")
+@click.argument("suite")
+def toolchain_add(suite: str) -> None:
+    """Make the build root of a Debian SUITE (e.g. trixie) with mmdebstrap."""
+    with err.status("toolchain…") as status:
+        made = toolchains.Toolchains(ModuleCache(cache_dir()),
+                                     lambda text: status.update(text)).add(suite)
+    message(f"{made.name}: systemtap {made.stap_version}, kernel {made.kernel_release}, "
+            f"in {made.root}")
+
+
+@toolchain_group.command(name="remove")
+@click.argument("name")
+def toolchain_remove(name: str) -> None:
+    """Delete a build root (and its stap cache); the modules it built stay cached."""
+    removed = toolchains.Toolchains(ModuleCache(cache_dir())).remove(name)
+    message(f"removed the {removed.name} toolchain ({removed.root})")
+
+
 # -- lab ---------------------------------------------------------------------------------
 @cli.group(name="lab")
 def lab_group() -> None:
@@ -881,8 +925,10 @@ def default_lab() -> Lab:
 
 @lab_group.command()
 @click.option("--hosts", "count", type=click.IntRange(1, 16), default=1, show_default=True)
-@click.option("--release", help="Kernel release to boot (its headers must be installed); "
-              "default: the one linux-headers-amd64 names.")
+@click.option("--release", help="Kernels to boot: Debian suite names (bookworm, trixie) or "
+              "exact kernel releases, a comma list assigned to the guests in order (the last "
+              "fills the rest); a suite other than this machine's boots its build root's "
+              "kernel. Default: the one linux-headers-amd64 names.")
 def up(count: int, release: str | None) -> None:
     """Build the guest image if needed and boot COUNT guests."""
     with err.status("lab…") as status:

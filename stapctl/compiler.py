@@ -1,10 +1,12 @@
 """Run stap: one module's bytes from one ModuleSpec, with errors in the user's terms.
 
-stap builds against the release's headers tree (or a symlinked copy of it holding the
-host's System.map, for kprobe.function) and, when the release needs runtime fixes, a
-patched copy of the runtime. Those copies live in the cache beside the modules, and stap
-keeps its own cache (``SYSTEMTAP_DIR``) there too, so kernel feature probing (15 s and
-more) is paid once per machine, not once per module.
+stap runs in its toolchain (the host, or a build root) and builds against the release's
+headers tree there (or a symlinked copy of it holding the host's System.map, for
+kprobe.function) and, when the release needs runtime fixes, a patched copy of the
+runtime. Those copies live where the toolchain's stap can read them (the cache for the
+host's, the root for the others), and stap keeps its own cache (``SYSTEMTAP_DIR``) there
+too, so kernel feature probing (15 s and more) is paid once per toolchain, not once per
+module.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from stapctl.cache import ModuleCache
 from stapctl.errors import CompileError, UsageError
 from stapctl.models import ModuleSpec
-from stapctl.runtime_fixes import MODULES_ROOT, fixes_named, headers_dir
+from stapctl.runtime_fixes import fixes_named
+from stapctl.toolchains import MODULES_ROOT, Toolchain
 
 STDERR_TAIL_LINES = 30
 # stap lines that say nothing about the user's script: distro boilerplate, and pass 1's
@@ -31,34 +34,9 @@ NOISE = ("Tip: ", "WARNING: Kernel function symbol table missing")
 KPROBE_FUNCTION = re.compile(r"\bkprobe\s*\.\s*function\s*\(")
 
 
-@dataclass(frozen=True)
-class Toolchain:
-    """The local stap: its version, and where its pristine runtime lives."""
-
-    stap: str
-    version: str
-    runtime: Path
-
-    @classmethod
-    def find(cls) -> Toolchain:
-        stap = shutil.which("stap")
-        if stap is None:
-            raise CompileError("stap not found: install systemtap (apt-get install systemtap)")
-        try:
-            proc = subprocess.run(
-                [stap, "-V"], capture_output=True, text=True, timeout=30, check=False
-            )
-            first = (proc.stderr + proc.stdout).splitlines()[0]
-        except (OSError, IndexError, subprocess.TimeoutExpired) as exc:
-            raise CompileError(f"cannot run {stap} -V: {exc}") from exc
-        match = re.search(r"version ([^\s,]+)", first)
-        version = match.group(1) if match else first
-        runtime = Path(stap).resolve().parent.parent / "share" / "systemtap" / "runtime"
-        return cls(stap=stap, version=version, runtime=runtime)
-
-
 class Compiler:
-    """Compiles ModuleSpecs with the local stap, keeping its helper files in ``cache``."""
+    """Compiles ModuleSpecs with one toolchain's stap, keeping its helper files where that
+    stap can read them."""
 
     def __init__(self, cache: ModuleCache, toolchain: Toolchain) -> None:
         self.cache = cache
@@ -67,7 +45,7 @@ class Compiler:
     def compile(self, spec: ModuleSpec) -> bytes:
         """The module's bytes; stap's errors are raised as CompileError, pointing into
         ``spec.origin``."""
-        headers = headers_dir(spec.release)  # refuses a release unfit for a path first
+        headers = self.toolchain.headers(spec.release)  # refuses a release unfit for a path
         if spec.arch != platform.machine():
             raise CompileError(
                 f"cannot build for {spec.arch} on this {platform.machine()} machine: "
@@ -82,18 +60,19 @@ class Compiler:
                 "-m", spec.module_name]
         runtime = self._runtime(spec)
         if runtime is not None:
-            argv += ["-R", str(runtime)]
-        env = dict(os.environ, SYSTEMTAP_DIR=str(self.cache.directory("stap")))
-        with tempfile.TemporaryDirectory(dir=self.cache.directory("work"),
+            seen = self.toolchain.inside(runtime)
+            argv += ["-R", seen]
+            for fix in fixes_named(spec.runtime_fix):
+                argv += [option.format(runtime=seen) for option in fix.stap_options]
+        with tempfile.TemporaryDirectory(dir=self._scratch("work"),
                                          ignore_cleanup_errors=True) as tmp:
             # named and padded like the user's file, so the line numbers stap puts in
             # compile errors and into the module itself are the user's own
             script = Path(tmp) / _script_name(Path(spec.origin).name)
             script.write_text("\n" * (spec.first_line - 1) + spec.script)
             # `--`: an argument such as '-5' is the script's, never an option of stap's
-            proc = subprocess.run([*argv, *spec.options, "--", script.name, *spec.args],
-                                  cwd=tmp, env=env,
-                                  capture_output=True, text=True, check=False)
+            proc = self._stap([*argv, *spec.options, "--", script.name, *spec.args],
+                              Path(tmp))
             module = Path(tmp) / f"{spec.module_name}.ko"
             origin = spec.origin or script.name
             if proc.returncode != 0 or not module.is_file():
@@ -104,7 +83,8 @@ class Compiler:
                 )
             return module.read_bytes()
 
-    def store_symbol_map(self, kallsyms: bytes) -> str:
+    @staticmethod
+    def store_symbol_map(cache: ModuleCache, kallsyms: bytes) -> str:
         """Keep a System.map made from a host's /proc/kallsyms; returns its sha256.
 
         Debian ships no kernel debuginfo, so `kprobe.function("x")` finds nothing in the
@@ -118,7 +98,7 @@ class Compiler:
                 "them from this user): log in as root, or use become: true")
         data = ("\n".join(lines) + "\n").encode()
         digest = hashlib.sha256(data).hexdigest()
-        target = self.cache.directory("symbols") / f"{digest}.map"
+        target = cache.directory("symbols") / f"{digest}.map"
         if not target.exists():
             partial = target.with_suffix(f".{os.getpid()}.part")
             partial.write_bytes(data)
@@ -130,17 +110,15 @@ class Compiler:
         """stap's ``-l`` (``-L`` with ``with_vars``) answer for ``pattern`` on a release:
         one probe point a line; none when nothing matches. A pattern stap rejects is the
         user's error: one line with stap's first complaint."""
-        if not headers_dir(release).exists():
+        if not self.toolchain.headers(release).exists():
             raise CompileError(
                 f"no kernel headers for {release} on this machine: "
                 f"install them (apt-get install linux-headers-{release})")
         argv = [self.toolchain.stap, "-L" if with_vars else "-l", pattern,
                 "-r", self.build_tree(release, symbol_map)]
-        env = dict(os.environ, SYSTEMTAP_DIR=str(self.cache.directory("stap")))
-        with tempfile.TemporaryDirectory(dir=self.cache.directory("work"),
+        with tempfile.TemporaryDirectory(dir=self._scratch("work"),
                                          ignore_cleanup_errors=True) as tmp:
-            proc = subprocess.run(argv, cwd=tmp, env=env, capture_output=True, text=True,
-                                  check=False)
+            proc = self._stap(argv, Path(tmp))
         complaint = _user_facing_stderr(proc.stderr, "<input>", "pattern", 1)
         if proc.returncode != 0 and complaint:
             raise UsageError(f"stap cannot list the probe pattern {pattern!r}: "
@@ -152,29 +130,34 @@ class Compiler:
         holding the host's System.map (``symbol_map``, its sha256)."""
         if not symbol_map:
             return release
-        tree = self.cache.directory("trees") / f"{release}-{symbol_map[:16]}"
-        if (tree / ".complete").exists():
-            return str(tree)
-        with self.cache.locked(f"tree-{tree.name}"):
-            if not (tree / ".complete").exists():
-                shutil.rmtree(tree, ignore_errors=True)
-                subprocess.run(["cp", "-as", f"{headers_dir(release).resolve()}/.",
-                                str(tree)], check=True)
-                shutil.copyfile(self.cache.directory("symbols") / f"{symbol_map}.map",
-                                tree / "System.map")
-                (tree / ".complete").touch()
-        return str(tree)
+        tree = self._scratch("trees") / f"{release}-{symbol_map[:16]}"
+        if not (tree / ".complete").exists():
+            with self._locked(f"tree-{tree.name}"):
+                if not (tree / ".complete").exists():
+                    shutil.rmtree(tree, ignore_errors=True)
+                    headers = self.toolchain.inside(self.toolchain.headers(release).resolve()
+                                                    if self.toolchain.is_host
+                                                    else self.toolchain.headers(release))
+                    # made by the toolchain, so its links point into the toolchain's tree
+                    subprocess.run(self.toolchain.command(
+                        ["cp", "-as", f"{headers}/.", self.toolchain.inside(tree)]),
+                        check=True, capture_output=True)
+                    shutil.copyfile(self.cache.directory("symbols") / f"{symbol_map}.map",
+                                    tree / "System.map")
+                    (tree / ".complete").touch()
+        return self.toolchain.inside(tree)
 
     def _runtime(self, spec: ModuleSpec) -> Path | None:
         """A patched runtime copy for the spec's fixes, made once and kept in the cache."""
         fixes = fixes_named(spec.runtime_fix)
         if not fixes:
             return None
-        name = re.sub(r"[^A-Za-z0-9.+_-]", "_", f"{self.toolchain.version}-{spec.runtime_fix}")
-        target = self.cache.directory("runtime") / name
+        name = re.sub(r"[^A-Za-z0-9.+_-]", "_",
+                      f"{self.toolchain.stap_version}-{spec.runtime_fix}")
+        target = self._scratch("runtime") / name
         if (target / ".complete").exists():
             return target
-        with self.cache.locked(f"runtime-{name}"):
+        with self._locked(f"runtime-{name}"):
             if not (target / ".complete").exists():
                 shutil.rmtree(target, ignore_errors=True)
                 shutil.copytree(self.toolchain.runtime, target)
@@ -182,6 +165,21 @@ class Compiler:
                     fix.apply(target)
                 (target / ".complete").touch()
         return target
+
+
+    def _scratch(self, name: str) -> Path:
+        return self.toolchain.scratch(self.cache, name)
+
+    def _locked(self, name: str) -> AbstractContextManager[None]:
+        """A lock of this toolchain's files (two toolchains may have a tree of one name)."""
+        return self.cache.locked(name if self.toolchain.is_host
+                                 else f"{self.toolchain.name}-{name}")
+
+    def _stap(self, argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+        """Run the toolchain's stap in ``cwd`` with its own stap cache."""
+        env = {"SYSTEMTAP_DIR": self.toolchain.inside(self._scratch("stap"))}
+        return subprocess.run(self.toolchain.command(argv, cwd, env), capture_output=True,
+                              text=True, check=False)
 
 
 def _script_name(name: str) -> str:

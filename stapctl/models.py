@@ -288,6 +288,7 @@ class ModuleSpec:
     origin: str = ""  # the user's file the script came from: named in stap's messages
     first_line: int = 1  # line in ``origin`` where the script starts
     args: tuple[str, ...] = ()  # the script's arguments ($1, @1): compiled into the module
+    toolchain: str = ""  # the build root that compiles it; "" for the controller's stap
 
     @property
     def key(self) -> str:
@@ -298,6 +299,8 @@ class ModuleSpec:
                                 self.stap_version, self.runtime_fix, self.symbol_map, location]
         if self.args:  # only then: the modules of scripts without arguments keep their keys
             fields.append(list(self.args))
+        if self.toolchain:  # likewise: the controller's stap keeps its modules' keys
+            fields.append(self.toolchain)
         blob = json.dumps(fields, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -99,10 +99,17 @@ def make_plan(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
     for probe in manifest.probes:
         for name, (host, facts) in hosts.items():
             script = render_script(probe, template_vars(manifest, host, facts, extra_vars))
-            spec = builder.spec(script, facts.release, facts.arch, probe.stap_options,
-                                facts.symbol_map, probe.origin, probe.first_line, probe.args)
             error = ""
-            if needs_symbol_map(script) and not facts.symbol_map:
+            try:
+                spec = builder.spec(script, facts.release, facts.arch, probe.stap_options,
+                                    facts.symbol_map, probe.origin, probe.first_line,
+                                    probe.args)
+            except StapctlError as exc:  # no toolchain can serve this kernel
+                spec = ModuleSpec(script=script, release=facts.release, arch=facts.arch,
+                                  options=probe.stap_options, origin=probe.origin,
+                                  first_line=probe.first_line, args=probe.args)
+                error = str(exc)
+            if not error and needs_symbol_map(script) and not facts.symbol_map:
                 reason = facts.symbol_map_error or "its symbols were not gathered"
                 error = f"kprobe.function needs the host's kernel symbols: {reason}"
             key = (probe.name, spec.key, error)
@@ -110,7 +117,7 @@ def make_plan(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
             groups.setdefault(key, []).append(name)
     jobs = tuple(
         ModuleJob(probe=probe, spec=spec, hosts=tuple(groups[key]),
-                  artifact=builder.cached(spec), error=key[2])
+                  artifact=None if key[2] else builder.cached(spec), error=key[2])
         for key, (probe, spec) in specs.items()
     )
     return Plan(jobs=jobs)

@@ -111,8 +111,10 @@ def list_probes(pattern: str, hosts: Mapping[str, tuple[Host, HostFacts]],
 def _listing(builder: Builder, pattern: str, release: str, symbol_map: str,
              with_vars: bool) -> list[str]:
     """stap's answer from the cache, else from stap (and then kept)."""
+    toolchain = builder.toolchain_for(release)
     key = hashlib.sha256(json.dumps(
-        [builder.toolchain.version, release, pattern, symbol_map, with_vars]).encode()
+        [toolchain.stap_version, release, pattern, symbol_map, with_vars]
+        + ([] if toolchain.is_host else [toolchain.name])).encode()
     ).hexdigest()
     path = builder.cache.directory("listings") / f"{key}.json"
     try:
@@ -121,7 +123,7 @@ def _listing(builder: Builder, pattern: str, release: str, symbol_map: str,
             return cached
     except (OSError, ValueError):
         pass
-    lines = builder.compiler.list_probes(pattern, release, symbol_map, with_vars)
+    lines = builder.compiler(toolchain).list_probes(pattern, release, symbol_map, with_vars)
     partial = path.with_suffix(f".{os.getpid()}.part")
     partial.write_text(json.dumps(lines))
     os.replace(partial, path)

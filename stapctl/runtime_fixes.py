@@ -1,8 +1,10 @@
-"""Known mismatches between the installed systemtap runtime and newer kernels.
+"""Known mismatches between a toolchain's systemtap runtime and newer kernels.
 
-Each fix is detected from the kernel headers and the pristine runtime, and applied to a
-private copy of the runtime that stap is then given with ``-R``; the names of the fixes
-a module needed are part of its cache key.
+Each fix is detected from the kernel headers and the pristine runtime, so the set is
+chosen per (systemtap version, kernel headers): 4.8 on 6.1.1xx stable kernels needs
+``task_work_cancel_func`` and ``relay_header_split``, 5.1 on 6.12 ``uprobe_unregister``.
+Fixes are applied to a private copy of the runtime that stap is then given with ``-R``;
+the names of the fixes a module needed are part of its cache key.
 """
 
 from __future__ import annotations
@@ -12,54 +14,41 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from stapctl.errors import CompileError
-from stapctl.facts import SAFE_FACT_RULE, is_safe_fact, shown
-
-MODULES_ROOT = Path("/lib/modules")
-
-
-def headers_dir(release: str) -> Path:
-    """The release's kernel build tree.
-
-    Every path made from a release starts here, so a release that could leave
-    /lib/modules or read as an option is refused here, whoever passed it.
-    """
-    if not is_safe_fact(release):
-        raise CompileError(f"refusing to build for kernel release {shown(release)}: "
-                           f"a release must be {SAFE_FACT_RULE}")
-    return MODULES_ROOT / release / "build"
+from stapctl.toolchains import Toolchain
 
 
 @dataclass(frozen=True)
 class RuntimeFix:
-    """A known mismatch between an installed systemtap runtime and a newer kernel.
+    """A known mismatch between a systemtap runtime and a newer kernel.
 
-    ``applies`` looks at the kernel headers and the pristine runtime; ``apply`` edits a
-    private copy of the runtime.
+    ``applies`` looks at the kernel headers (a function from a header's path to its text)
+    and the pristine runtime; ``apply`` edits a private copy of the runtime.
+    ``stap_options`` are added to stap's command line, ``{runtime}`` standing for where
+    stap sees that copy.
     """
 
     name: str
-    applies: Callable[[str, Path], bool]
+    applies: Callable[[Callable[[str], str], Path], bool]
     apply: Callable[[Path], None]
+    stap_options: tuple[str, ...] = ()
 
 
-def header_text(release: str, relative: str) -> str:
+def header_text(toolchain: Toolchain, release: str, relative: str) -> str:
     """A kernel header's text, looking in the build tree and then the source tree.
 
     Debian splits headers into an arch package (``build``) and a common one (``source``).
     """
-    build = headers_dir(release)
-    for root in (build, build.parent / "source"):
-        path = root / relative
+    for tree in ("build", "source"):
+        path = toolchain.headers(release, tree) / relative
         if path.is_file():
             return path.read_text(errors="replace")
     return ""
 
 
-def _task_work_cancel_func_applies(release: str, runtime: Path) -> bool:
+def _task_work_cancel_func_applies(header_text: Callable[[str], str], runtime: Path) -> bool:
     # 6.1.1xx stable kernels made task_work_cancel() take a callback_head and moved the
     # old meaning to task_work_cancel_func(); systemtap 4.8 still uses the old one.
-    header = header_text(release, "include/linux/task_work.h")
+    header = header_text("include/linux/task_work.h")
     source = runtime / "stp_task_work.c"
     return (
         "task_work_cancel_func" in header
@@ -80,6 +69,7 @@ def _task_work_cancel_func_apply(runtime: Path) -> None:
 
 FIRST_RESERVE = re.compile(
     r"(bytes_reserved = _stp_data_write_reserve\(hlen\+len,\s*&entry\);)")
+HEADER_RETRIED = re.compile(r"bytes_reserved <=? hlen")  # ours, or upstream's since 5.1
 HEADER_RETRY = """
         /* stapctl: a header that does not fit the sub-buffer's end is not split; pad the
            tail with zeros and reserve again at the start of the next sub-buffer */
@@ -89,7 +79,7 @@ HEADER_RETRY = """
         }"""
 
 
-def _relay_header_split_applies(release: str, runtime: Path) -> bool:
+def _relay_header_split_applies(header_text: Callable[[str], str], runtime: Path) -> bool:
     # systemtap before 5.1 drops a record whose 8-byte header lands across a relay
     # sub-buffer's end, and leaves stale bytes that desync every reader (fixed upstream
     # in 5.1); seen here as lost lines and "transport failures" under bursts of output.
@@ -97,7 +87,7 @@ def _relay_header_split_applies(release: str, runtime: Path) -> bool:
     if not source.is_file():
         return False
     text = source.read_text()
-    return FIRST_RESERVE.search(text) is not None and "bytes_reserved <= hlen" not in text
+    return FIRST_RESERVE.search(text) is not None and HEADER_RETRIED.search(text) is None
 
 
 def _relay_header_split_apply(runtime: Path) -> None:
@@ -106,16 +96,83 @@ def _relay_header_split_apply(runtime: Path) -> None:
     source.write_text(FIRST_RESERVE.sub(lambda m: m.group(1) + HEADER_RETRY, text, count=1))
 
 
+UNREGISTER_LOOKUP = 'kallsyms_lookup_name ("uprobe_unregister");'
+UNREGISTER_FALLBACK = """kallsyms_lookup_name ("uprobe_unregister");
+        /* stapctl: 6.12 split it into uprobe_unregister_nosync and _sync; only uprobe
+           probes call it, and this systemtap cannot build those for such a kernel */
+        if (kallsyms_uprobe_unregister == NULL)
+                kallsyms_uprobe_unregister =
+                        (void*) kallsyms_lookup_name ("uprobe_unregister_nosync");"""
+
+
+def _uprobe_unregister_applies(header_text: Callable[[str], str], runtime: Path) -> bool:
+    # Every module's start looks uprobe_unregister up and fails without it ("Can't resolve
+    # uprobe_unregister!"), probes on processes or not; 6.12 renamed it. Fixed upstream
+    # after 5.1 (PR32194).
+    source = runtime / "transport" / "transport.c"
+    return (
+        "uprobe_unregister_nosync" in header_text("include/linux/uprobes.h")
+        and source.is_file()
+        and UNREGISTER_LOOKUP in source.read_text()
+        and "uprobe_unregister_nosync" not in source.read_text()
+    )
+
+
+def _uprobe_unregister_apply(runtime: Path) -> None:
+    source = runtime / "transport" / "transport.c"
+    source.write_text(source.read_text().replace(UNREGISTER_LOOKUP, UNREGISTER_FALLBACK, 1))
+
+
+# systemtap 5.1 defines COUNT_ARGS in the C it writes to find tracepoints' arguments, and
+# builds it with -Werror; kernels since 6.7 define it too (linux/args.h), so every query
+# fails and no kernel.trace probe (nor syscall probe, which falls back on sys_enter)
+# resolves. The compiler stap uses drops -Werror (warnings stay warnings).
+STAP_COUNT_ARGS = b"#define COUNT_ARGS(X...) __COUNT_ARGS(, ##X, 12,"
+COMPILER_WRAPPER = "stapctl-cc"
+COMPILER_WRAPPER_TEXT = """#!/bin/sh
+# stapctl: gcc without -Werror, for systemtap's tracepoint queries (see runtime_fixes.py)
+for arg do
+  shift
+  [ "$arg" = -Werror ] || set -- "$@" "$arg"
+done
+exec gcc "$@"
+"""
+
+
+def _tracequery_count_args_applies(header_text: Callable[[str], str], runtime: Path) -> bool:
+    stap = runtime.parents[2] / "bin" / "stap"  # runtime is PREFIX/share/systemtap/runtime
+    if "define COUNT_ARGS" not in header_text("include/linux/args.h"):
+        return False
+    try:
+        return STAP_COUNT_ARGS in stap.read_bytes()
+    except OSError:
+        return False
+
+
+def _tracequery_count_args_apply(runtime: Path) -> None:
+    wrapper = runtime / COMPILER_WRAPPER
+    wrapper.write_text(COMPILER_WRAPPER_TEXT)
+    wrapper.chmod(0o755)
+
+
 RUNTIME_FIXES = (
     RuntimeFix("task_work_cancel_func", _task_work_cancel_func_applies,
                _task_work_cancel_func_apply),
     RuntimeFix("relay_header_split", _relay_header_split_applies, _relay_header_split_apply),
+    RuntimeFix("uprobe_unregister", _uprobe_unregister_applies, _uprobe_unregister_apply),
+    RuntimeFix("tracequery_count_args", _tracequery_count_args_applies,
+               _tracequery_count_args_apply,
+               stap_options=("-B", "CC={runtime}/" + COMPILER_WRAPPER)),
 )
 
 
-def fixes_needed(release: str, runtime: Path) -> tuple[RuntimeFix, ...]:
-    """The fixes the runtime at ``runtime`` needs to build for ``release``."""
-    return tuple(fix for fix in RUNTIME_FIXES if fix.applies(release, runtime))
+def fixes_needed(toolchain: Toolchain, release: str) -> tuple[RuntimeFix, ...]:
+    """The fixes the toolchain's runtime needs to build for ``release``."""
+
+    def header(relative: str) -> str:
+        return header_text(toolchain, release, relative)
+
+    return tuple(fix for fix in RUNTIME_FIXES if fix.applies(header, toolchain.runtime))
 
 
 def fixes_named(names: str) -> tuple[RuntimeFix, ...]:

@@ -244,7 +244,7 @@ class Session:
         self.hosts = hosts
         self.extra_vars = dict(extra_vars or {})
         self.listener: Listener = listener or Silent()
-        self.builder = builder or Builder()
+        self.builder = builder or Builder(progress=lambda text: self._phase(text))
         self.channel = EventChannel()
         self.run_id = time.strftime("%Y%m%d-%H%M%S-") + manifest.name + "-" + \
             secrets.token_hex(2)
@@ -276,8 +276,11 @@ class Session:
         return self._in_background(self._connect) or {}
 
     def plan(self, connected: Mapping[str, tuple[Host, HostFacts]]) -> Plan:
-        """Render each probe for each connected host and group them into modules."""
-        return make_plan(self.manifest, connected, self.builder, self.extra_vars)
+        """Render each probe for each connected host and group them into modules; a build
+        root a kernel needs is made (or its headers fetched) here, with progress shown."""
+        return self._in_background(
+            lambda: make_plan(self.manifest, connected, self.builder, self.extra_vars)
+        ) or Plan(jobs=())
 
     def build(self, plan: Plan) -> Plan:
         """Compile the modules not cached, in parallel; failures stay with their jobs."""

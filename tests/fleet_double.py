@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 from stapctl.runtime import stapctl_agent as wire
 
-from stapctl.build import Builder, Toolchain
+from stapctl.build import Builder
 from stapctl.connection import ConnectOptions, Process
 from stapctl.errors import ConnectError
 from stapctl.models import Host, ModuleArtifact, ModuleSpec
+from stapctl.toolchains import Toolchain
 from tests.agent.fakekernel import RELEASE, FakeKernel, Scenario, make_ko
 
 
@@ -209,7 +210,7 @@ class FakeBuilder(Builder):
     spec; never runs stap (test double)."""
 
     def __init__(self, root: Path, name: str = "stapctl_0123456789abcdef") -> None:
-        super().__init__(root, Toolchain(stap="stap", version="test", runtime=root))
+        super().__init__(root, Toolchain(stap="stap", stap_version="test", runtime=root))
         image = make_ko(name)
         self.path = root / "module.ko"
         root.mkdir(parents=True, exist_ok=True)

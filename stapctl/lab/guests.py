@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from stapctl.errors import LabError
-from stapctl.lab.image import Keys, Progress, guest_image, guest_release, preflight
+from stapctl.lab.image import Keys, Progress, guest_image, preflight
+from stapctl.lab.kernels import guest_kernels
 from stapctl.lab.system import run, tool, write_atomic
 from stapctl.models import Host
 
@@ -106,33 +107,38 @@ class Lab:
            timeout: float = BOOT_TIMEOUT, release: str | None = None) -> LabStatus:
         """Make guests lab-1..lab-COUNT answer SSH, keeping those already running.
 
-        ``release`` boots another kernel than the installed headers meta-package names (its
-        headers must be installed); one lab folder holds guests of one release.
+        ``release`` boots other kernels than the installed headers meta-package names:
+        suite names or kernel releases, a comma list assigned to the guests in order
+        (stapctl.lab.kernels); one lab folder can hold guests of several releases.
         """
         if count < 1:
             raise LabError(f"the lab needs at least one guest, not {count}")
         with self._locked(progress):
-            release = release or guest_release()
-            preflight(release)
+            kernels = guest_kernels(release, count, progress)
             keys = self._keys()
-            image = guest_image(self.directory, release, keys, progress)
+            images = {}
+            for kernel in kernels:
+                if kernel.release not in images:
+                    preflight(kernel.release, kernel.tree)
+                    images[kernel.release] = guest_image(self.directory, kernel.release, keys,
+                                                         progress, kernel.tree)
+            wanted = {f"lab-{i}": kernel.release for i, kernel in enumerate(kernels, 1)}
             guests = [g for g in self._load() if self._is_ours(g.pid)]
             for g in guests:
-                if g.release != release:
+                if g.name in wanted and g.release != wanted[g.name]:
                     progress(f"{g.name} still runs {g.release}; `stapctl lab down` refreshes it")
-            names = [f"lab-{i}" for i in range(1, count + 1)]
-            missing = [n for n in names if n not in {g.name for g in guests}]
+            missing = [n for n in wanted if n not in {g.name for g in guests}]
             deadline = time.monotonic() + timeout
             guests = [self._wait(g, keys.host_pub, deadline, progress) for g in guests]
             booted = None
             if missing and _kvm_usable():
                 try:
-                    booted = self._boot(missing, image, release, "kvm", guests, keys.host_pub,
+                    booted = self._boot(missing, images, wanted, "kvm", guests, keys.host_pub,
                                         time.monotonic() + KVM_TIMEOUT, progress)
                 except LabError as e:
                     progress(f"KVM failed ({e}); falling back to TCG")
             if missing and booted is None:
-                booted = self._boot(missing, image, release, "tcg", guests, keys.host_pub,
+                booted = self._boot(missing, images, wanted, "tcg", guests, keys.host_pub,
                                     time.monotonic() + timeout, progress)
             guests += booted or []
             guests.sort(key=lambda g: int(g.name.rsplit("-", 1)[1]))
@@ -168,8 +174,8 @@ class Lab:
 
     # --- guests ---------------------------------------------------------------------------
 
-    def _boot(self, names: list[str], image: Path, release: str, accel: str,
-              running: list[Guest], host_pub: str, deadline: float,
+    def _boot(self, names: list[str], images: dict[str, Path], releases: dict[str, str],
+              accel: str, running: list[Guest], host_pub: str, deadline: float,
               progress: Progress) -> list[Guest]:
         """Start the guests together (they boot in parallel), then wait for each one's SSH.
 
@@ -179,7 +185,8 @@ class Lab:
         started: list[Guest] = []
         try:
             for name in names:
-                started.append(self._start(name, image, release, accel, progress))
+                release = releases[name]
+                started.append(self._start(name, images[release], release, accel, progress))
                 self._save(running + started)
             return [self._wait(g, host_pub, deadline, progress) for g in started]
         except BaseException:

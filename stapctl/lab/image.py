@@ -15,6 +15,7 @@ import platform
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 import time
@@ -32,6 +33,7 @@ HOST_PACKAGES = ("busybox-static", "dropbear-bin", "kmod")
 # staprun/stapio/stapsh, to compare with the native tools; `stap --remote=ssh://` starts
 # stapsh through /bin/bash (`type -P stapsh`), else falls back to one ssh per step
 OPTIONAL_PACKAGES = ("systemtap-runtime", "bash")
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 SKIPPED_DIRS = ("usr/share/", "etc/init.d/")  # docs and service scripts a guest never runs
 
 INIT = """#!/bin/sh
@@ -86,23 +88,31 @@ def guest_release() -> str:
                    "linux-image-amd64")
 
 
-def preflight(release: str) -> None:
-    """Fail early, with what to install, on a machine that cannot build or boot a guest."""
+def preflight(release: str, kernel_tree: Path = Path("/")) -> None:
+    """Fail early, with what to install, on a machine that cannot build or boot a guest.
+
+    A kernel from a build root (``kernel_tree``) has its headers there."""
     if platform.machine() != "x86_64":
         raise LabError(f"the lab boots amd64 Debian kernels; this machine is {platform.machine()}")
     for name in INSTALL_HINTS:
         tool(name)
-    if not Path(f"/lib/modules/{release}/build").is_dir():
+    if kernel_tree == Path("/") and not Path(f"/lib/modules/{release}/build").is_dir():
         raise LabError(f"the headers of {release} are missing (stap compiles against them): "
                        f"apt-get install linux-headers-{release}")
 
 
-def guest_image(folder: Path, release: str, keys: Keys, progress: Progress) -> Path:
+def guest_image(folder: Path, release: str, keys: Keys, progress: Progress,
+                kernel_tree: Path = Path("/")) -> Path:
     """The guest's vmlinux + initramfs in FOLDER/images, rebuilt only when an input package
-    version or a key changes; downloaded packages are kept in FOLDER/cache."""
-    inputs = _inputs(release)
+    version or a key changes; downloaded packages are kept in FOLDER/cache.
+
+    The kernel and its modules come from ``kernel_tree``: this machine, or the build root
+    of another Debian suite (stapctl.toolchains); the userland is this machine's."""
+    inputs = _inputs(release, kernel_tree)
     recipe = [IMAGE_FORMAT, release, sorted(inputs.versions.items()), keys.client_pub,
               keys.host_pub, INIT, ETC_FILES]
+    if kernel_tree != Path("/"):
+        recipe.append(str(kernel_tree))
     key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
     images = folder / "images"
     image = images / key
@@ -118,7 +128,7 @@ def guest_image(folder: Path, release: str, keys: Keys, progress: Progress) -> P
         work = Path(tmp)
         debs = _download(folder / "cache", {p: inputs.versions[p] for p in inputs.downloads},
                          progress)
-        kernel_root = Path("/")
+        kernel_root = kernel_tree
         if not inputs.kernel_installed:
             kernel_root = work / "kernel"
             deb = debs.pop(f"linux-image-{release}")
@@ -134,12 +144,19 @@ def guest_image(folder: Path, release: str, keys: Keys, progress: Progress) -> P
         meta = {"release": release, "versions": inputs.versions}
         (out / "image.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(out, image)
-    for old in images.iterdir():
-        if old != image and not old.name.startswith("."):
+    for old in images.iterdir():  # older images of this release; other releases' stay
+        if old != image and not old.name.startswith(".") and _image_release(old) == release:
             shutil.rmtree(old)
     size = (image / "initramfs.cpio").stat().st_size / 2**20
     progress(f"guest image built in {time.monotonic() - t0:.1f} s (initramfs {size:.0f} MB)")
     return image
+
+
+def _image_release(image: Path) -> str:
+    try:
+        return str(json.loads((image / "image.json").read_text())["release"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 @dataclass(frozen=True)
@@ -154,16 +171,22 @@ class _Inputs:
     versions: dict[str, str]
 
 
-def _inputs(release: str) -> _Inputs:
+def _inputs(release: str, kernel_tree: Path) -> _Inputs:
     kernel_pkg = f"linux-image-{release}"
     installed = _installed([kernel_pkg, *HOST_PACKAGES, *OPTIONAL_PACKAGES])
     for pkg in HOST_PACKAGES:
         if pkg not in installed:
             raise LabError(f"{pkg} is not installed: apt-get install {pkg}")
     copied = [p for p in (*HOST_PACKAGES, *OPTIONAL_PACKAGES) if p in installed]
-    kernel_installed = (kernel_pkg in installed and Path(f"/boot/vmlinuz-{release}").exists()
-                        and Path(f"/lib/modules/{release}/kernel").is_dir())
     versions = {p: installed[p][0] for p in copied}
+    if kernel_tree != Path("/"):
+        installed = _installed([kernel_pkg], kernel_tree)
+        if kernel_pkg not in installed:
+            raise LabError(f"{kernel_tree} holds no {kernel_pkg}: `stapctl toolchain remove` "
+                           "its toolchain and let stapctl make it again")
+    kernel_installed = (kernel_pkg in installed
+                        and (kernel_tree / f"boot/vmlinuz-{release}").exists()
+                        and (kernel_tree / f"lib/modules/{release}/kernel").is_dir())
     if kernel_installed:
         versions[kernel_pkg] = installed[kernel_pkg][0]
     downloads = ["openssh-sftp-server"] + ([] if kernel_installed else [kernel_pkg])
@@ -308,29 +331,49 @@ def _write_cpio(root: Path, out: Path) -> None:
 
 def _extract_vmlinux(vmlinuz: Path, out: Path) -> None:
     """qemu boots the ELF vmlinux through its PVH entry, skipping the slow emulated
-    decompressor; Debian's bzImage carries it as one XZ stream."""
+    decompressor; Debian's bzImage carries it as one XZ (12) or zstd (13) stream."""
     data = vmlinuz.read_bytes()
     start = data.find(b"\xfd7zXZ\x00")
     if start < 0:
-        raise LabError(f"{vmlinuz} holds no XZ-compressed kernel; the lab expects a Debian "
-                       "amd64 kernel (linux-image-amd64)")
-    try:
-        elf = lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(data[start:])
-    except lzma.LZMAError as e:
-        raise LabError(f"cannot decompress {vmlinuz}: {e}") from None
+        elf = _zstd_payload(vmlinuz, data)
+    else:
+        try:
+            elf = lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(data[start:])
+        except lzma.LZMAError as e:
+            raise LabError(f"cannot decompress {vmlinuz}: {e}") from None
     if not elf.startswith(b"\x7fELF"):
         raise LabError(f"{vmlinuz} does not hold an ELF vmlinux")
     out.write_bytes(elf)
 
 
+def _zstd_payload(vmlinuz: Path, data: bytes) -> bytes:
+    """The kernel a bzImage holds as zstd: its boot header says where the payload is, and
+    the payload ends with the 4-byte size the kernel's build appends."""
+    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
+        raise LabError(f"{vmlinuz} is not a bzImage; the lab expects a Debian amd64 kernel")
+    setup_sectors = data[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", data, 0x248)
+    start = (setup_sectors + 1) * 512 + offset
+    payload = data[start:start + length]
+    if not payload.startswith(ZSTD_MAGIC):
+        raise LabError(f"{vmlinuz} holds neither an XZ- nor a zstd-compressed kernel")
+    proc = subprocess.run([tool("zstd"), "-dc"], input=payload[:-4], capture_output=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise LabError(f"cannot decompress {vmlinuz}: {proc.stderr.decode(errors='replace')}")
+    return proc.stdout
+
+
 # --- Debian packages ----------------------------------------------------------------------
 
 
-def _installed(pkgs: list[str]) -> dict[str, tuple[str, str]]:
-    """Installed packages among `pkgs`, as name -> (version, Depends)."""
+def _installed(pkgs: list[str], tree: Path = Path("/")) -> dict[str, tuple[str, str]]:
+    """Installed packages among `pkgs` (in the system at `tree`), as name -> (version,
+    Depends)."""
+    admin = [f"--admindir={tree / 'var/lib/dpkg'}"] if tree != Path("/") else []
     proc = subprocess.run(
-        [tool("dpkg-query"), "-W", "-f", "${Package}\t${db:Status-Status}\t${Version}\t"
-         "${Depends}\n", *pkgs], capture_output=True, text=True, check=False)
+        [tool("dpkg-query"), *admin, "-W", "-f", "${Package}\t${db:Status-Status}\t"
+         "${Version}\t${Depends}\n", *pkgs], capture_output=True, text=True, check=False)
     found = {}
     for line in proc.stdout.splitlines():
         name, state, version, depends = line.split("\t")

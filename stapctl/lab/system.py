@@ -20,6 +20,7 @@ INSTALL_HINTS = {
     "dpkg-deb": "dpkg",
     "apt-get": "apt",
     "apt-cache": "apt",
+    "zstd": "zstd",
 }
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from stapctl import runtime_fixes
+from stapctl import toolchains
 from stapctl.build import Builder
-from stapctl.compiler import Toolchain, _user_facing_stderr, check_syntax
+from stapctl.compiler import _user_facing_stderr, check_syntax
 from stapctl.errors import CompileError
 from stapctl.models import ModuleSpec
+from stapctl.toolchains import Toolchain
 
 pytestmark = pytest.mark.unit
 
@@ -35,7 +36,7 @@ def headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A /lib/modules of our own: header trees live under the returned directory."""
     root = tmp_path / "modules"
     root.mkdir()
-    monkeypatch.setattr(runtime_fixes, "MODULES_ROOT", root)
+    monkeypatch.setattr(toolchains, "MODULES_ROOT", root)
     return root
 
 
@@ -79,7 +80,8 @@ def test_patched_runtime_copy_names_the_new_function(tmp_path: Path, headers: Pa
     runtime = fake_runtime(tmp_path, fixed=False)
     builder = Builder(tmp_path / "cache", Toolchain("stap", "4.8/0.188", runtime))
     declare(headers, "r", "task_work_cancel_func(")
-    copy = builder.compiler._runtime(builder.spec("s", "r", "x86_64", ()))
+    compiler = builder.compiler(builder.toolchain_for("r"))
+    copy = compiler._runtime(builder.spec("s", "r", "x86_64", ()))
     assert copy is not None
     text = (copy / "stp_task_work.c").read_text()
     assert "typeof(&task_work_cancel_func)" in text

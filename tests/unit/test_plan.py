@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from stapctl.build import Builder
-from stapctl.compiler import Toolchain
 from stapctl.models import Host, HostFacts, Manifest, Probe
 from stapctl.plan import make_plan
+from stapctl.toolchains import Toolchain
 
 pytestmark = pytest.mark.unit
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from stapctl.build import Builder
-from stapctl.compiler import Toolchain
 from stapctl.errors import UsageError
 from stapctl.models import Host, HostFacts
 from stapctl.probes import check_pattern, list_probes
-from stapctl.runtime_fixes import headers_dir
+from stapctl.toolchains import MODULES_ROOT, Toolchain
 
 pytestmark = pytest.mark.unit
 
@@ -48,7 +47,7 @@ for line in lines:
 
 @pytest.fixture(autouse=True)
 def headers_installed() -> None:
-    missing = [r for r in (OLD, NEW) if not headers_dir(r).exists()]
+    missing = [r for r in (OLD, NEW) if not (MODULES_ROOT / r / "build").exists()]
     if missing:
         pytest.fail(f"no headers for {missing}: run scripts/install.sh")
 
