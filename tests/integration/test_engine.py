@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import signal
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from stapctl import engine
 from stapctl.engine import TASK, SliceWork, broker_url, celery_app, seal
+from stapctl.errors import StapctlError
 from stapctl.execute import RunOptions
 from stapctl.manifest import load_manifest
 from stapctl.models import Host
@@ -187,3 +190,37 @@ def test_a_tampered_task_is_refused(tmp_path: Path, targets: Targets, broker: Br
                                                   for log in workers.logs.values()]
     assert not targets.traced("started")
 
+
+
+def test_the_broker_gone_mid_run_fails_the_run_and_leaves_nothing_running(
+        targets: Targets, broker: Broker, env: dict[str, str], workers: Workers) -> None:
+    running = Controller(targets, broker, env)
+    assert wait_started(Path(env["XDG_DATA_HOME"]), 30), running.errors()
+    broker.process.kill()
+
+    assert running.wait(120) == 1, running.errors()
+    assert "the broker" in running.errors() and "went away" in running.errors()
+    assert "Traceback" not in running.errors()
+    # the workers stopped their hosts: every agent ended, asked to stop or cut off
+    assert wait_for(lambda: len(targets.traced("started")) == len(targets.traced("done"))
+                    + len(targets.traced("stopped")) + len(targets.traced("orphaned")), 60)
+
+
+def test_a_worker_keeps_only_modules_whose_bytes_match_their_sha256(
+        tmp_path: Path, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    client = engine.broker(broker_url(broker.engine))
+    good = b"\x7fELF a module"
+    good_sha = hashlib.sha256(good).hexdigest()
+    forged_sha = hashlib.sha256(b"what the controller built").hexdigest()
+    client.set(engine.module_key(good_sha), good)
+    client.set(engine.module_key(forged_sha), b"\x7fELF something else")
+
+    assert engine.fetch_module(client, good_sha).read_bytes() == good
+    with pytest.raises(StapctlError, match="does not match its sha256"):
+        engine.fetch_module(client, forged_sha)
+    with pytest.raises(StapctlError, match="not on the broker"):
+        engine.fetch_module(client, "0" * 64)
+    assert [p.name for p in engine.module_cache().iterdir()] == [f"{good_sha}.ko"]
+    client.delete(engine.module_key(good_sha))  # cached: the broker is not asked again
+    assert engine.fetch_module(client, good_sha).read_bytes() == good
