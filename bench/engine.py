@@ -1,0 +1,157 @@
+"""The Celery engine's overhead: one 300-target apply run locally, then through 1, 2 and 3
+`stapctl worker` processes on this machine, at equal total forks.
+
+Targets are loopback sshd processes (25 host names each), every host's agent a test
+double that starts, prints a line, waits ``--pause`` seconds and ends ok
+(tests/engine_fleet.py); the module is the real one stap compiled for the hello script
+(cached after the first round). The broker is a real redis-server on a loopback port.
+
+At equal total forks F: locally one Fleet with F threads; with N workers each runs one
+slice at a time (``--concurrency 1``) of F/N forks, and the run is cut into N slices
+(``--slices-per-worker`` times N), so N·(F/N) = F hosts are worked on at once either way.
+
+Where the time goes: each run's stages (connect: SSH, agent, facts on the controller;
+build: plan and the cached compile; run: the fan-out; finish: the record), and within
+the run stage the time to the first host's upload (with an engine: handing out the
+slices, a worker picking one up and connecting to its hosts itself) and to the last
+host's end. Prints a table; writes bench/results/engine.json. Needs root (sshd logs in
+as root) and redis-server.
+
+    python bench/engine.py [--hosts 300] [--forks 60] [--workers 1,2,3] [--pause 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
+from stapctl.config import load_config  # noqa: E402
+from stapctl.engine import CeleryEngine, broker_url  # noqa: E402
+from stapctl.manifest import load_manifest  # noqa: E402
+from stapctl.models import Event, Strategy  # noqa: E402
+from stapctl.session import Session, Silent, select_hosts  # noqa: E402
+from tests.engine_fleet import (  # noqa: E402
+    Targets,
+    make_targets,
+    start_broker,
+    start_workers,
+    write_secret,
+)
+
+STAGES = ("connect", "build", "run", "finish")
+
+
+@dataclass
+class Timeline(Silent):
+    """When each host's upload and end arrived, relative to the run stage's start."""
+
+    run_started: float = 0.0
+    uploads: list[float] = field(default_factory=list)
+    ends: list[float] = field(default_factory=list)
+
+    def event(self, event: Event) -> None:
+        now = time.perf_counter() - self.run_started
+        if event.kind == "uploaded":
+            self.uploads.append(now)
+        elif event.kind in ("finished", "failed", "unreachable", "skipped"):
+            self.ends.append(now)
+
+
+def one_apply(targets: Targets, forks: int, engine: CeleryEngine | None) -> dict[str, object]:
+    manifest = replace(load_manifest(targets.manifest),
+                       strategy=Strategy(forks=forks, connect_timeout=60))
+    timeline = Timeline()
+    session = Session(manifest, select_hosts(manifest, targets.inventory), listener=timeline,
+                      record=False, engine=engine)
+    times: dict[str, float] = {}
+    started = time.perf_counter()
+    connected = session.connect()
+    times["connect"] = time.perf_counter() - started
+    mark = time.perf_counter()
+    plan = session.build(session.plan(connected))
+    times["build"] = time.perf_counter() - mark
+    mark = timeline.run_started = time.perf_counter()
+    session.run(plan)
+    times["run"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    run = session.finish()
+    times["finish"] = time.perf_counter() - mark
+    ok = sum(outcome.ok for outcome in run.outcomes)
+    if ok != len(targets.names):
+        raise SystemExit(f"only {ok} of {len(targets.names)} hosts ended ok: "
+                         f"{[o for o in run.outcomes if not o.ok][:3]}")
+    return {"total_s": time.perf_counter() - started, "stages_s": times,
+            "first_upload_s": min(timeline.uploads), "last_end_s": max(timeline.ends),
+            "served_by": sorted({o.worker.split("@")[0] for o in run.outcomes if o.worker})}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", type=int, default=300)
+    parser.add_argument("--forks", type=int, default=60)
+    parser.add_argument("--workers", default="1,2,3")
+    parser.add_argument("--pause", type=float, default=1.0)
+    parser.add_argument("--slices-per-worker", type=int, default=1)
+    args = parser.parse_args()
+    counts = [int(n) for n in args.workers.split(",")]
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="stapctl-engine-") as tmp:
+        work = Path(tmp)
+        os.environ["XDG_DATA_HOME"] = str(work / "data")
+        os.environ["STAPCTL_SECRET_FILE"] = str(write_secret(work))
+        (work / "fleet").mkdir()
+        (work / "redis").mkdir()
+        targets = make_targets(work / "fleet", args.hosts, headers_release(), args.pause)
+        broker = start_broker(work / "redis")
+        try:
+            one_apply(targets, args.forks, None)  # agents shipped, module compiled: warm
+            local = one_apply(targets, args.forks, None)
+            rows.append({"workers": 0, **local})
+            for count in counts:
+                engine = CeleryEngine(broker_url(broker.engine), load_config().secret(),
+                                      slices=args.slices_per_worker * count)
+                forks = max(1, args.forks // count)
+                for workers in start_workers(work / f"workers-{count}", broker.engine,
+                                             dict(os.environ), count, concurrency=1):
+                    one_apply(targets, forks, engine)  # each worker's module cache: warm
+                    rows.append({"workers": count, **one_apply(targets, forks, engine)})
+                    workers.stop()
+        finally:
+            broker.stop()
+            targets.sshds.stop()
+    base = float(rows[0]["total_s"])  # type: ignore[arg-type]
+    print(f"{args.hosts} hosts, {args.forks} forks in all, agent pause {args.pause:g}s")
+    print("workers  total    ratio  connect  build   run    first-upload  last-end  finish")
+    for row in rows:
+        stages = row["stages_s"]
+        assert isinstance(stages, dict)
+        row["ratio"] = float(row["total_s"]) / base  # type: ignore[arg-type]
+        print(f"{row['workers'] or 'local':>7}  {row['total_s']:6.2f}s  {row['ratio']:5.2f}x  "
+              f"{stages['connect']:6.2f}s  {stages['build']:5.2f}s  {stages['run']:5.2f}s  "
+              f"{row['first_upload_s']:11.2f}s  {row['last_end_s']:7.2f}s  "
+              f"{stages['finish']:5.2f}s")
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    path = out / "engine.json"
+    path.write_text(json.dumps({"hosts": args.hosts, "forks": args.forks,
+                                "pause_s": args.pause, "rows": rows}, indent=2))
+    print(f"written: {path}")
+
+
+def headers_release() -> str:
+    """A kernel whose headers are here: the targets say they run it, so stap can build."""
+    releases = sorted(p.parent.name for p in Path("/lib/modules").glob("*/build"))
+    if not releases:
+        raise SystemExit("no kernel headers installed: run scripts/install.sh")
+    return releases[-1]
+
+
+if __name__ == "__main__":
+    main()
