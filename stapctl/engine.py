@@ -253,8 +253,9 @@ class Dispatch:
                 self._send(hosts, again=False)
             self._follow()
         except redis_module.RedisError as error:
-            raise EngineError(f"the broker {self.engine.url} went away mid-run ({error}): "
-                              "the workers stop their hosts, whose agents unload") from None
+            raise EngineError(f"the broker {self.engine.url} cannot be reached or went away "
+                              f"({error}): the workers stop their hosts, whose agents "
+                              "unload") from None
         finally:
             with contextlib.suppress(Exception):  # the broker's loss is reported already
                 self.redis.set(self.keys.over, "1", ex=RUN_TTL)
@@ -524,8 +525,9 @@ class SliceRunner:
                                  "time": event.time})
 
     def _claim(self, host: str) -> bool:
-        """Whether this execution starts the host: no other one did."""
-        if self.fleet.stop.is_set():
+        """Whether this execution starts the host: no other one did, and the run is not
+        stopping (the controller may have stopped waiting for slices not yet begun)."""
+        if self.fleet.stop.is_set() or self.redis.exists(self.keys.stop):
             return False
         return bool(self.redis.set(self.keys.claim(host), self.execution, nx=True,
                                    ex=RUN_TTL))
