@@ -14,8 +14,9 @@ Where the time goes: each run's stages (connect: SSH, agent, facts on the contro
 build: plan and the cached compile; run: the fan-out; finish: the record), and within
 the run stage the time to the first host's upload (with an engine: handing out the
 slices, a worker picking one up and connecting to its hosts itself) and to the last
-host's end. Prints a table; writes bench/results/engine.json. Needs root (sshd logs in
-as root) and redis-server.
+host's end. And how many workers' messages per second one controller takes (the
+engine's limit on a fleet's event rate). Prints a table; writes bench/results/engine.json.
+Needs root (sshd logs in as root) and redis-server.
 
     python bench/engine.py [--hosts 300] [--forks 60] [--workers 1,2,3] [--pause 1]
 """
@@ -33,10 +34,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
 from stapctl.config import load_config  # noqa: E402
-from stapctl.engine import CeleryEngine, broker_url  # noqa: E402
+from stapctl.engine import (  # noqa: E402
+    BATCH,
+    CeleryEngine,
+    RunKeys,
+    broker,
+    broker_url,
+    checked,
+    signature,
+)
 from stapctl.manifest import load_manifest  # noqa: E402
-from stapctl.models import Event, Strategy  # noqa: E402
+from stapctl.models import Event, Manifest, Run, Strategy  # noqa: E402
 from stapctl.session import Session, Silent, select_hosts  # noqa: E402
+from stapctl.store import RunRecorder  # noqa: E402
 from tests.engine_fleet import (  # noqa: E402
     Targets,
     make_targets,
@@ -92,6 +102,42 @@ def one_apply(targets: Targets, forks: int, engine: CeleryEngine | None) -> dict
             "served_by": sorted({o.worker.split("@")[0] for o in run.outcomes if o.worker})}
 
 
+def ingest_rate(engine: str, secret: bytes, count: int = 50_000) -> dict[str, float]:
+    """How fast one controller takes workers' messages: ``count`` signed output events
+    written to a run's stream (pipelined, as a worker's Publisher sends them), then read
+    back, checked, decoded and written to a run folder's events.jsonl (RunRecorder), as
+    the controller's Dispatch and Session do. Messages per second, each way."""
+    client = broker(broker_url(engine))
+    keys = RunKeys("ingest")
+    started = time.perf_counter()
+    for first in range(0, count, BATCH):
+        pipe = client.pipeline(transaction=False)
+        for index in range(first, min(count, first + BATCH)):
+            data = json.dumps({"t": "event", "host": f"h{index % 300:03d}", "kind": "output",
+                               "probe": "p", "text": f"line {index}",
+                               "time": time.time()}).encode()
+            pipe.xadd(keys.stream, {"m": data, "s": signature(secret, data)})
+        pipe.execute()
+    written = time.perf_counter() - started
+    manifest = Manifest(path=Path("ingest.yaml"), name="ingest", probes=())
+    recorder = RunRecorder("ingest-run", manifest)
+    started, last, taken = time.perf_counter(), "0-0", 0
+    while taken < count:
+        for _, messages in client.xread({keys.stream: last}, count=BATCH):
+            for message_id, fields in messages:
+                last = message_id.decode()
+                message = json.loads(checked(secret, fields[b"m"], fields[b"s"].decode()))
+                recorder.event(Event(host=message["host"], kind="output",
+                                     probe=message["probe"], text=message["text"],
+                                     time=message["time"]))
+                taken += 1
+        client.xtrim(keys.stream, minid=last)
+    read = time.perf_counter() - started
+    recorder.finish(Run(id="ingest-run", outcomes=()))
+    client.delete(keys.stream)
+    return {"messages": count, "written_per_s": count / written, "taken_per_s": count / read}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=300)
@@ -111,6 +157,7 @@ def main() -> None:
         targets = make_targets(work / "fleet", args.hosts, headers_release(), args.pause)
         broker = start_broker(work / "redis")
         try:
+            ingest = ingest_rate(broker.engine, load_config().secret())
             one_apply(targets, args.forks, None)  # agents shipped, module compiled: warm
             local = one_apply(targets, args.forks, None)
             rows.append({"workers": 0, **local})
@@ -127,6 +174,8 @@ def main() -> None:
             broker.stop()
             targets.sshds.stop()
     base = float(rows[0]["total_s"])  # type: ignore[arg-type]
+    print(f"controller ingest: {ingest['written_per_s']:,.0f} messages/s written to the "
+          f"stream, {ingest['taken_per_s']:,.0f}/s read, checked and recorded")
     print(f"{args.hosts} hosts, {args.forks} forks in all, agent pause {args.pause:g}s")
     print("workers  total    ratio  connect  build   run    first-upload  last-end  finish")
     for row in rows:
@@ -141,7 +190,8 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     path = out / "engine.json"
     path.write_text(json.dumps({"hosts": args.hosts, "forks": args.forks,
-                                "pause_s": args.pause, "rows": rows}, indent=2))
+                                "pause_s": args.pause, "ingest": ingest, "rows": rows},
+                               indent=2))
     print(f"written: {path}")
 
 
