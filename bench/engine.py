@@ -14,9 +14,10 @@ Where the time goes: each run's stages (connect: SSH, agent, facts on the contro
 build: plan and the cached compile; run: the fan-out; finish: the record), and within
 the run stage the time to the first host's upload (with an engine: handing out the
 slices, a worker picking one up and connecting to its hosts itself) and to the last
-host's end. And how many workers' messages per second one controller takes (the
-engine's limit on a fleet's event rate). Prints a table; writes bench/results/engine.json.
-Needs root (sshd logs in as root) and redis-server.
+host's end; the CPU time the controller and the workers spent. And how many workers'
+messages per second one controller takes (the engine's limit on a fleet's event rate).
+Prints a table; writes bench/results/engine.json. Needs root (sshd logs in as root) and
+redis-server.
 
     python bench/engine.py [--hosts 300] [--forks 60] [--workers 1,2,3] [--pause 1]
 """
@@ -49,6 +50,7 @@ from stapctl.session import Session, Silent, select_hosts  # noqa: E402
 from stapctl.store import RunRecorder  # noqa: E402
 from tests.engine_fleet import (  # noqa: E402
     Targets,
+    Workers,
     make_targets,
     start_broker,
     start_workers,
@@ -74,13 +76,23 @@ class Timeline(Silent):
             self.ends.append(now)
 
 
-def one_apply(targets: Targets, forks: int, engine: CeleryEngine | None) -> dict[str, object]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_apply(targets: Targets, forks: int, engine: CeleryEngine | None,
+              workers: Workers | None = None) -> dict[str, object]:
     manifest = replace(load_manifest(targets.manifest),
                        strategy=Strategy(forks=forks, connect_timeout=60))
     timeline = Timeline()
     session = Session(manifest, select_hosts(manifest, targets.inventory), listener=timeline,
                       record=False, engine=engine)
     times: dict[str, float] = {}
+    worker_pids = [p.pid for p in workers.processes.values()] if workers else []
+    worker_cpu = sum(cpu_seconds(pid) for pid in worker_pids)
+    controller_cpu = cpu_seconds(os.getpid())
     started = time.perf_counter()
     connected = session.connect()
     times["connect"] = time.perf_counter() - started
@@ -98,6 +110,8 @@ def one_apply(targets: Targets, forks: int, engine: CeleryEngine | None) -> dict
         raise SystemExit(f"only {ok} of {len(targets.names)} hosts ended ok: "
                          f"{[o for o in run.outcomes if not o.ok][:3]}")
     return {"total_s": time.perf_counter() - started, "stages_s": times,
+            "controller_cpu_s": cpu_seconds(os.getpid()) - controller_cpu,
+            "workers_cpu_s": sum(cpu_seconds(pid) for pid in worker_pids) - worker_cpu,
             "first_upload_s": min(timeline.uploads), "last_end_s": max(timeline.ends),
             "served_by": sorted({o.worker.split("@")[0] for o in run.outcomes if o.worker})}
 
@@ -168,7 +182,8 @@ def main() -> None:
                 for workers in start_workers(work / f"workers-{count}", broker.engine,
                                              dict(os.environ), count, concurrency=1):
                     one_apply(targets, forks, engine)  # each worker's module cache: warm
-                    rows.append({"workers": count, **one_apply(targets, forks, engine)})
+                    rows.append({"workers": count,
+                                 **one_apply(targets, forks, engine, workers)})
                     workers.stop()
         finally:
             broker.stop()
@@ -177,7 +192,8 @@ def main() -> None:
     print(f"controller ingest: {ingest['written_per_s']:,.0f} messages/s written to the "
           f"stream, {ingest['taken_per_s']:,.0f}/s read, checked and recorded")
     print(f"{args.hosts} hosts, {args.forks} forks in all, agent pause {args.pause:g}s")
-    print("workers  total    ratio  connect  build   run    first-upload  last-end  finish")
+    print("workers  total    ratio  connect  build   run    first-upload  last-end  finish"
+          "  cpu: controller  workers")
     for row in rows:
         stages = row["stages_s"]
         assert isinstance(stages, dict)
@@ -185,7 +201,8 @@ def main() -> None:
         print(f"{row['workers'] or 'local':>7}  {row['total_s']:6.2f}s  {row['ratio']:5.2f}x  "
               f"{stages['connect']:6.2f}s  {stages['build']:5.2f}s  {stages['run']:5.2f}s  "
               f"{row['first_upload_s']:11.2f}s  {row['last_end_s']:7.2f}s  "
-              f"{stages['finish']:5.2f}s")
+              f"{stages['finish']:5.2f}s  {row['controller_cpu_s']:14.2f}s  "
+              f"{row['workers_cpu_s']:6.2f}s")
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     path = out / "engine.json"
