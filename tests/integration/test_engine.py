@@ -24,6 +24,7 @@ from stapctl.execute import RunOptions
 from stapctl.manifest import load_manifest
 from stapctl.models import Host
 from tests.engine_fleet import (
+    SCRIPT,
     Broker,
     Targets,
     Workers,
@@ -224,3 +225,31 @@ def test_a_worker_keeps_only_modules_whose_bytes_match_their_sha256(
     assert [p.name for p in engine.module_cache().iterdir()] == [f"{good_sha}.ko"]
     client.delete(engine.module_key(good_sha))  # cached: the broker is not asked again
     assert engine.fetch_module(client, good_sha).read_bytes() == good
+
+
+def test_stapctl_run_goes_through_the_engine_set_in_the_environment(
+        targets: Targets, broker: Broker, env: dict[str, str], workers: Workers) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "stapctl", "run", "h00*", "-i", str(targets.inventory),
+         "--format", "json", "-e", SCRIPT],
+        capture_output=True, text=True, timeout=300, check=False,
+        env=dict(env, STAPCTL_ENGINE=broker.engine))
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    (result,) = [r for r in records if r["type"] == "summary"]
+    assert sorted(o["host"] for o in result["outcomes"]) == targets.names[:10]
+    assert all(o["status"] == "ok" and o["worker"] for o in result["outcomes"])
+
+
+def test_a_detached_apply_is_refused_with_an_engine(targets: Targets,
+                                                     env: dict[str, str]) -> None:
+    targets.clear()
+    done = subprocess.run(
+        [sys.executable, "-m", "stapctl", "apply", str(targets.manifest), "-i",
+         str(targets.inventory), "--detach", "--engine", "celery+redis://127.0.0.1:1/0"],
+        capture_output=True, text=True, timeout=60, check=False, env=env)
+
+    assert done.returncode == 2
+    assert "--detach" in done.stderr and "engine" in done.stderr
+    assert not targets.traced("started")
