@@ -15,6 +15,7 @@ import pytest
 
 from stapctl.lab import LabStatus
 from tests.engine_fleet import Broker, Workers, start_broker, start_workers, write_secret
+from tests.loopback_sshd import wait_for
 
 from .helpers import stap_modules_loaded, write_manifest
 from .test_fleet import HOSTS, WATCH_OPENS
@@ -73,3 +74,28 @@ def test_three_guests_through_two_workers(fleet_lab: LabStatus, tmp_path: Path,
         assert words in lines, lines
     for index in range(len(HOSTS)):
         assert stap_modules_loaded(fleet_lab, index) == ""
+
+
+def test_the_broker_gone_mid_run_leaves_nothing_loaded(fleet_lab: LabStatus, tmp_path: Path,
+                                                       env: dict[str, str], broker: Broker,
+                                                       workers: Workers) -> None:
+    manifest = write_manifest(tmp_path, "watch-opens", WATCH_OPENS)
+    running = subprocess.Popen(
+        [sys.executable, "-m", "stapctl", "apply", "-i", str(fleet_lab.inventory), "--engine",
+         broker.engine, "--slices", "3", "--duration", "10m", str(manifest)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    folder = Path(env["XDG_DATA_HOME"]) / "stapctl" / "runs"
+
+    def all_started() -> bool:
+        events = list(folder.glob("*/events.jsonl"))
+        return bool(events) and events[0].read_text().count('"kind": "started"') >= len(HOSTS)
+
+    assert wait_for(all_started, 300), "the probes did not start"
+    broker.process.kill()
+    _, stderr = running.communicate(timeout=120)
+
+    assert running.returncode == 1, stderr[-3000:]
+    assert "went away" in stderr
+    # the workers stopped their probes: within the agents' dead-man at the latest
+    assert wait_for(lambda: all(stap_modules_loaded(fleet_lab, index) == ""
+                                for index in range(len(HOSTS))), 90)
