@@ -80,10 +80,13 @@ def test_the_broker_gone_mid_run_leaves_nothing_loaded(fleet_lab: LabStatus, tmp
                                                        env: dict[str, str], broker: Broker,
                                                        workers: Workers) -> None:
     manifest = write_manifest(tmp_path, "watch-opens", WATCH_OPENS)
-    running = subprocess.Popen(
-        [sys.executable, "-m", "stapctl", "apply", "-i", str(fleet_lab.inventory), "--engine",
-         broker.engine, "--slices", "3", "--duration", "10m", str(manifest)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    errors = tmp_path / "stderr"
+    with errors.open("wb") as stream:  # a file: nobody reads a pipe while the test waits
+        # two slices, one per worker: a third would wait for a worker to be free
+        running = subprocess.Popen(
+            [sys.executable, "-m", "stapctl", "apply", "-i", str(fleet_lab.inventory),
+             "--engine", broker.engine, "--slices", "2", "--duration", "10m", str(manifest)],
+            stdout=subprocess.DEVNULL, stderr=stream, env=env)
     folder = Path(env["XDG_DATA_HOME"]) / "stapctl" / "runs"
 
     def all_started() -> bool:
@@ -92,9 +95,10 @@ def test_the_broker_gone_mid_run_leaves_nothing_loaded(fleet_lab: LabStatus, tmp
 
     assert wait_for(all_started, 300), "the probes did not start"
     broker.process.kill()
-    _, stderr = running.communicate(timeout=120)
+    code = running.wait(timeout=120)
+    stderr = errors.read_text(errors="replace")
 
-    assert running.returncode == 1, stderr[-3000:]
+    assert code == 1, stderr[-3000:]
     assert "went away" in stderr
     # the workers stopped their probes: within the agents' dead-man at the latest
     assert wait_for(lambda: all(stap_modules_loaded(fleet_lab, index) == ""
