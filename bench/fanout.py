@@ -6,8 +6,9 @@ per target and per round, so nothing is skipped as already there), run one comma
 gather its output.
 
 - paramiko: a thread pool doing exactly that, with stapctl's own last command: the
-  agent's preflight (``python3 -I agent.py``, the request on stdin). The floor for any
-  controller that runs a Python agent on its targets.
+  agent's preflight (the agent run as stapctl runs it, by import with its bytecode cached;
+  the request on stdin). The floor for any controller that runs a Python agent on its
+  targets.
 - floor: the same script running ``sha256sum`` instead: the transport alone.
 - stapctl: ``Session.connect`` (agent already shipped, facts) and ``Session.run`` with
   ``RunOptions(check=True)`` on a Plan of prebuilt 300 KB artifacts: upload, then the
@@ -35,6 +36,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -50,7 +52,7 @@ from pathlib import Path
 import paramiko
 import yaml
 
-from stapctl.agent import AgentHost
+from stapctl.agent import BOOTSTRAP, AgentHost
 from stapctl.connection import ConnectOptions, LocalConnection
 from stapctl.execute import RunOptions
 from stapctl.models import (
@@ -130,7 +132,8 @@ def bare_paramiko(lab: Sshds, targets: list[Target], run_agent: bool) -> int:
             if not run_agent:
                 _, out, _ = client.exec_command(f"sha256sum {target.remote}")
                 return out.read().decode().split()[0] == sha256
-            stdin, out, _ = client.exec_command(f"python3 -I {agent_path()}")
+            stdin, out, _ = client.exec_command(
+                f"python3 -I -c {shlex.quote(BOOTSTRAP)} {agent_path()}")
             stdin.write(json.dumps({"protocol": 1, "action": "preflight",
                                     "module": target.remote, "sha256": sha256,
                                     "module_name": "stapctl_bench"}) + "\n")

@@ -1,15 +1,19 @@
 """stapctl's target agent: loads one SystemTap module and runs it, as staprun + stapio do.
 
-Uploaded to each target and run as ``python3 -I agent.py``; it needs nothing but Python 3.6+
-and the kernel. It speaks the stapctl agent protocol (docs/agent-protocol.md) on
-stdin/stdout and SystemTap's control protocol (as systemtap's runtime/transport and
-staprun speak it; the layouts are the constants below) with the module. The controller
-imports it too, for the frame codec and constants, so importing it has no side effects.
+Uploaded to each target and run by import (stapctl.agent.BOOTSTRAP: its bytecode is then
+cached); it needs nothing but Python 3.6+ and the kernel. It speaks the stapctl agent
+protocol (docs/agent-protocol.md) on stdin/stdout and SystemTap's control protocol (as
+systemtap's runtime/transport and staprun speak it; the layouts are the constants below)
+with the module. The controller imports it too, for the frame codec and constants, so
+importing it has no side effects.
+
+What only some runs need (ctypes for a load, subprocess for a script's command, traceback
+for an error) is imported where it is used: every import is paid in the target's CPU at
+each start, and a facts or preflight request needs none of them.
 """
 
 import codecs
 import contextlib
-import ctypes
 import errno
 import fcntl
 import hashlib
@@ -20,11 +24,9 @@ import re
 import select
 import signal
 import struct
-import subprocess
 import sys
 import threading
 import time
-import traceback
 
 try:  # a Python built without zlib still runs: it sends plain OUTPUT frames
     import zlib
@@ -600,6 +602,7 @@ class Kernel(object):
         self.proc = proc
         self.sys = sys_root
         self._libc = None
+        self._errno = None
 
     def proc_path(self, *parts):
         return os.path.join(self.proc, *parts)
@@ -624,22 +627,25 @@ class Kernel(object):
 
     def libc(self):
         if self._libc is None:
-            self._libc = ctypes.CDLL(None, use_errno=True)
-            self._libc.init_module.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-            self._libc.delete_module.argtypes = [ctypes.c_char_p, ctypes.c_uint]
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.init_module.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+            libc.delete_module.argtypes = [ctypes.c_char_p, ctypes.c_uint]
+            self._libc, self._errno = libc, ctypes.get_errno
         return self._libc
 
     def load(self, image, params):
         """init_module(2); OSError with the kernel's errno on failure."""
         image = bytes(image)
         if self.libc().init_module(image, len(image), params.encode("utf-8")) != 0:
-            code = ctypes.get_errno()
+            code = self._errno()
             raise OSError(code, os.strerror(code))
 
     def unload(self, name):
         """delete_module(2) with O_NONBLOCK, as rmmod; OSError (EAGAIN while in use)."""
         if self.libc().delete_module(name.encode("utf-8"), os.O_NONBLOCK) != 0:
-            code = ctypes.get_errno()
+            code = self._errno()
             raise OSError(code, os.strerror(code))
 
     def control_dir(self, name):
@@ -915,7 +921,7 @@ class FrameWriter(object):
                             ftype = FRAME_OUTPUT
                     self._write(ftype, payload)
             except Exception:  # e.g. MemoryError: never leave send() waiting for room
-                log("the stdout thread failed: %s" % traceback.format_exc())
+                log("the stdout thread failed: %s" % error_trace())
                 self.broken = True
 
     @staticmethod
@@ -1214,6 +1220,8 @@ class Children(object):
         It gets neither our stdin (the controller's channel) nor our descriptors (an
         inherited .cmd would keep the module loaded).
         """
+        import subprocess
+
         try:
             child = subprocess.Popen([b"sh", b"-c", command], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -1327,6 +1335,8 @@ class TargetCommand(object):
         # process, stdin from /dev/null: the PID the module is given is the command's.
         # The pipe closed without a line (the module never started) runs nothing.
         script = 'read -r _ && exec /bin/sh -c "$1" </dev/null'
+        import subprocess
+
         try:
             self.child = subprocess.Popen(["/bin/sh", "-c", script, "sh", command],
                                           stdin=release_read, stdout=subprocess.PIPE,
@@ -1814,6 +1824,13 @@ def preflight(request, facts):
     return image, name, params
 
 
+def error_trace():
+    """The exception being handled, with its traceback, for the log and an agent-error."""
+    import traceback
+
+    return traceback.format_exc()
+
+
 def remove_file(path):
     try:
         os.unlink(path)
@@ -1833,6 +1850,7 @@ def touch(path):
 STALE_AGE = 7 * 86400  # seconds since a module or agent file was last used
 STALE_PART_AGE = 3600  # seconds since an unfinished upload was last written
 UPLOADED = re.compile(r"(?:[0-9a-f]{64}\.ko|agent-[0-9a-f]+\.py)\Z")
+AGENT_BYTECODE = re.compile(r"(agent-[0-9a-f]+)\.[A-Za-z0-9_.-]+\.pyc\Z")  # in __pycache__
 
 
 def remove_stale_files(directory, keep, now=None):
@@ -1860,6 +1878,21 @@ def remove_stale_files(directory, keep, now=None):
             continue
         if stale and os.path.realpath(path) != keep:
             remove_file(path)
+    remove_orphan_bytecode(directory)
+
+
+def remove_orphan_bytecode(directory):
+    """Removes the cached bytecode of agents whose file is gone (the controller runs the
+    agent by import, so Python keeps it in ``__pycache__``)."""
+    cache = os.path.join(directory, "__pycache__")
+    try:
+        names = os.listdir(cache)
+    except OSError:
+        return  # no agent has run by import here yet
+    for name in names:
+        match = AGENT_BYTECODE.match(name)
+        if match and not os.path.exists(os.path.join(directory, match.group(1) + ".py")):
+            remove_file(os.path.join(cache, name))
 
 
 # ---------------------------------------------------------------- detached runs
@@ -2122,8 +2155,8 @@ def serve_detached(agent, request, folder, limits, state):
     except Failure as e:
         result = agent.result(e.kind, e.message)
     except Exception:
-        log(traceback.format_exc())
-        result = agent.result("agent-error", traceback.format_exc())
+        log(error_trace())
+        result = agent.result("agent-error", error_trace())
     if run.unload_problem:
         result.update(status="failed", kind=result["kind"] or "agent-error",
                       message="%s; %s" % (result["message"], run.unload_problem))
@@ -2346,7 +2379,7 @@ def daemonize(target, log_path):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         target()
     except BaseException:
-        log(traceback.format_exc())
+        log(error_trace())
     finally:
         os._exit(0)
 
@@ -2380,8 +2413,8 @@ class Agent(object):
         except Failure as e:
             result = self.result(e.kind, e.message)
         except Exception:
-            log(traceback.format_exc())
-            result = self.result("agent-error", traceback.format_exc())
+            log(error_trace())
+            result = self.result("agent-error", error_trace())
         if self.run is not None and self.run.unload_problem:
             result["status"] = "failed"
             result["kind"] = result["kind"] or "agent-error"

@@ -10,6 +10,7 @@ APT_PACKAGES=(
   systemd chromium  # systemd-analyze checks schedules' units; chromium opens HTML reports
   tmux  # the live merged view is checked in a real terminal
   redis-server  # the engine's broker, started on loopback by the tests that need it
+  postgresql  # a shared run history; the tests start their own server on loopback
 )
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

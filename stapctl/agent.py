@@ -1,9 +1,11 @@
 """The controller's side of the agent protocol (docs/agent-protocol.md).
 
 The agent file is shipped by content hash (uploaded only when ``agent-<sha256>.py`` is
-missing) and run as ``python3 -I PATH``; its request goes as JSON on stdin, never as
-shell arguments. The frames it sends back are decoded with the agent's own codec, so
-both ends share one definition.
+missing) and run by import (``python3 -I -c BOOTSTRAP PATH``), so the target's Python
+keeps its bytecode in the private work directory's ``__pycache__`` and compiles the file
+only on its first run; its request goes as JSON on stdin, never as shell arguments. The
+frames it sends back are decoded with the agent's own codec, so both ends share one
+definition.
 
 Everything the agent sends is untrusted: frames are size-capped, compressed output is
 inflated in bounded pieces, probe output is capped per run, JSON is checked for shape,
@@ -45,6 +47,12 @@ FACTS_TIMEOUT = 30.0  # seconds the facts command may stay silent (a hung home, 
 MAX_FRAME = 8 << 20  # the agent batches output in pieces of a few MiB at most
 MAX_TEXT = 4096  # characters kept of any text field the agent sends (messages, events)
 PING = b'{"op": "ping"}\n'
+# Runs the agent file (argv[1]) by import: unlike `python3 FILE`, an import caches the
+# compiled file (__pycache__/agent-<sha256>.cpython-*.pyc, checked against the file's
+# size and mtime at each start). Python 3.6+; -I keeps the home directory off sys.path.
+BOOTSTRAP = ("import importlib.util as u, sys; "
+             "s = u.spec_from_file_location('stapctl_agent', sys.argv[1]); "
+             "m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(m.main())")
 STOP = b'{"op": "stop"}\n'
 
 # the agent's own file, shipped verbatim (the wheel keeps it a real file on disk)
@@ -285,7 +293,7 @@ class AgentHost:
         ``timing.startup`` before its first byte) is cut
         off (its own dead-man then unloads the module) and UnresponsiveError raised.
         """
-        process = self.connection.start([self.python, "-I", self.path])
+        process = self.connection.start([self.python, "-I", "-c", BOOTSTRAP, self.path])
         watch = _Watch(process, stop or threading.Event(), deadline, timing)
         process.send(request.encode())
         watch.start()

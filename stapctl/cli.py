@@ -14,14 +14,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from stapctl import html_report, lab, report, schedule
+from stapctl import html_report, report, schedule
 from stapctl.adhoc import AdhocRun, adhoc_manifest, adhoc_target
 from stapctl.cache import ModuleCache, cache_dir
 from stapctl.config import load_config
@@ -35,7 +35,7 @@ from stapctl.difference import (
 )
 from stapctl.display import Display, err, message, signals_to
 from stapctl.engine import CeleryEngine, broker_url, start_worker
-from stapctl.errors import StapctlError, UsageError
+from stapctl.errors import HistoryError, StapctlError, UsageError
 from stapctl.execute import RunOptions
 from stapctl.manifest import explain as explain_key
 from stapctl.manifest import load_diff_spec, load_manifest, parse_duration, parse_period, parse_size
@@ -48,15 +48,17 @@ from stapctl.store import (
     diff_output,
     difference_json,
     file_name,
-    find_run,
     host_log_path,
-    list_runs,
     merged_output,
     prune_runs,
     read_detached,
     read_summary,
+    run_folder,
     run_json,
 )
+
+if TYPE_CHECKING:
+    from stapctl.lab import Lab, LabStatus
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -426,17 +428,19 @@ def runs() -> None:
 @click.option("-n", "limit", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="A JSON array, newest first.")
 def runs_list(limit: int, as_json: bool) -> None:
+    from stapctl import history
+    rows = history.list_runs(limit)
     if as_json:
-        click.echo(json.dumps([run_json(row) for row in list_runs(limit)]))
+        click.echo(json.dumps([run_json(row) for row in rows]))
         return
     table = Table()
-    for column in ("run", "started", "exit", "hosts", "ok", "failed"):
+    for column in ("run", "started", "exit", "hosts", "ok", "failed", "controller"):
         table.add_column(column)
-    for row in list_runs(limit):
+    for row in rows:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["started"]))
         exit_code = "-" if row["exit_code"] is None else str(row["exit_code"])  # unfinished
         table.add_row(row["id"], started, exit_code, str(row["hosts"]),
-                      str(row["ok"]), str(row["failed"]))
+                      str(row["ok"]), str(row["failed"]), row["controller"])
     # a pipe or file gets whole run ids, however long: they are what people copy
     (Console() if sys.stdout.isatty() else Console(width=1000)).print(table)
 
@@ -446,13 +450,18 @@ def runs_list(limit: int, as_json: bool) -> None:
 def runs_export(run_id: str) -> None:
     """Print the manifest a run applied, as recorded with it: for an ad-hoc run
     (`stapctl run`) a manifest to keep, which `stapctl apply` takes as it is."""
+    from stapctl import history
     try:
-        row = find_run(run_id)
+        row = history.find_run(run_id)
+    except HistoryError:
+        raise
     except StapctlError as exc:
         raise UsageError(f"{exc} (`stapctl runs list` shows the runs)") from None
-    recorded = Path(row["dir"]) / "manifest.yaml"
     try:
+        recorded = run_folder(row) / "manifest.yaml"
         click.echo(recorded.read_text(), nl=False)
+    except StapctlError as exc:
+        raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"run {row['id']} has no readable manifest.yaml in {row['dir']}: "
                          f"{exc.strerror}") from None
@@ -471,12 +480,19 @@ def runs_show(run_id: str, host: str | None, as_html: bool, as_json: bool,
     """A run's outcomes (and its difference from its baseline); a detached run's live
     state on each host."""
     row = known_run(run_id)
-    folder = Path(row["dir"])
-    if as_html:
-        click.echo(html_report.render(row, folder), nl=False)
-        return
     if as_json:
         click.echo(json.dumps(run_show_json(row, inventory)))
+        return
+    try:
+        folder = run_folder(row)
+    except StapctlError as exc:
+        if as_html or host is not None:
+            raise UsageError(str(exc)) from None
+        message(f"run {row['id']}  exit {row['exit_code']}  hosts {row['hosts']}  "
+                f"ok {row['ok']}  failed {row['failed']}  (from the history: {exc})")
+        return
+    if as_html:
+        click.echo(html_report.render(row, folder), nl=False)
         return
     if host is not None:
         log = host_log_path(folder, host)
@@ -500,8 +516,11 @@ def runs_show(run_id: str, host: str | None, as_html: bool, as_json: bool,
 
 
 def known_run(run_id: str) -> dict[str, Any]:
+    from stapctl import history
     try:
-        return find_run(run_id)
+        return history.find_run(run_id)
+    except HistoryError:
+        raise
     except StapctlError as exc:
         raise click.BadParameter(f"{exc} (`stapctl runs list` shows the runs)",
                                  param_hint="RUN") from None
@@ -546,7 +565,7 @@ def runs_diff(run_a: str, run_b: str, as_json: bool) -> None:
         raise UsageError(f"runs {before['id']} and {after['id']} are of different manifests "
                          f"('{before['name']}', '{after['name']}'): compare runs of one")
     try:
-        folder_a, folder_b = Path(before["dir"]), Path(after["dir"])
+        folder_a, folder_b = run_folder(before), run_folder(after)
         spec = load_diff_spec(folder_b / "manifest.yaml")
         difference = compare(
             after["id"], folder_b, before["id"], folder_a,
@@ -903,6 +922,13 @@ def lab_group() -> None:
     """Local qemu guests running real kernels, for trying stapctl and for its tests."""
 
 
+def default_lab() -> Lab:
+    """The user's lab, imported only by the commands that use it."""
+    from stapctl.lab import Lab
+
+    return Lab.default()
+
+
 @lab_group.command()
 @click.option("--hosts", "count", type=click.IntRange(1, 16), default=1, show_default=True)
 @click.option("--release", help="Kernel release to boot (its headers must be installed); "
@@ -910,7 +936,7 @@ def lab_group() -> None:
 def up(count: int, release: str | None) -> None:
     """Build the guest image if needed and boot COUNT guests."""
     with err.status("lab…") as status:
-        result = lab.Lab.default().up(count, progress=lambda text: status.update(text),
+        result = default_lab().up(count, progress=lambda text: status.update(text),
                                       release=release)
     show_lab(result, as_json=False)
 
@@ -919,18 +945,18 @@ def up(count: int, release: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
 def status(as_json: bool) -> None:
     """Show each guest and the inventory path."""
-    show_lab(lab.Lab.default().status(), as_json)
+    show_lab(default_lab().status(), as_json)
 
 
 @lab_group.command()
 def down() -> None:
     """Stop every guest the lab started."""
     with err.status("stopping guests…") as status:
-        lab.Lab.default().down(progress=lambda text: status.update(text))
+        default_lab().down(progress=lambda text: status.update(text))
     err.print("lab is down")
 
 
-def show_lab(result: lab.LabStatus, as_json: bool) -> None:
+def show_lab(result: LabStatus, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({
             "guests": [{"name": g.name, "host": g.host, "port": g.port, "user": g.user,

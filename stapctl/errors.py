@@ -33,6 +33,14 @@ class StapctlError(Exception):
     exit_code = 1
 
 
+class HistoryError(StapctlError):
+    """The run history cannot be reached or used; ``reason`` says why, without where."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"cannot use the run history {where}: {reason}")
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Issue:
     """One problem found in user input, located as precisely as we can."""

@@ -24,7 +24,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit
 
+from stapctl.config import config_path
 from stapctl.errors import StapctlError, UsageError
 from stapctl.models import Manifest
 from stapctl.store import data_dir
@@ -34,7 +36,9 @@ MARK = "# Written by `stapctl schedule add`; `stapctl schedule remove {name}` re
 STOP_TIMEOUT = 120  # seconds systemd waits after SIGTERM: agents stop, drain and unload
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 _PLAIN_WORD = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
-_PASSED_ENVIRONMENT = ("STAPCTL_CACHE_DIR", "STAPCTL_LAB_DIR")  # where stapctl keeps state
+# where stapctl keeps state, and its settings: a schedule records into the same history
+_PASSED_ENVIRONMENT = ("STAPCTL_CACHE_DIR", "STAPCTL_LAB_DIR", "STAPCTL_CONFIG",
+                       "STAPCTL_HISTORY")
 
 
 def unit_dir(user: bool, override: Path | None = None) -> Path:
@@ -84,6 +88,10 @@ def add(manifest: Manifest, directory: Path, *, name: str | None = None,
         raise UsageError("say when: --every 1h or --on-calendar SPEC (one of them)")
     if on_calendar is not None:
         _check_calendar(on_calendar)
+    if urlsplit(os.environ.get("STAPCTL_HISTORY", "")).password is not None:
+        raise UsageError("STAPCTL_HISTORY holds a password, which the schedule's unit would "
+                         "show to every user: put the history's URL in the settings file "
+                         f"{config_path()}, and the password there or in ~/.pgpass")
     timer, service = _units(directory, name)
     if timer.exists() or service.exists():
         raise UsageError(f"schedule {name} exists ({timer}): `stapctl schedule remove "

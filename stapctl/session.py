@@ -39,10 +39,9 @@ from stapctl.build import Builder
 from stapctl.connection import connect
 from stapctl.detach import DetachedRun
 from stapctl.difference import compare, recorded_hosts, recorded_many_probes
-from stapctl.errors import Issue, ManifestError, StapctlError, UsageError
+from stapctl.errors import HistoryError, Issue, ManifestError, StapctlError, UsageError
 from stapctl.execute import Connector, Fleet, RunOptions
 from stapctl.inventory import load_inventory
-from stapctl.lab import GuestState, Lab
 from stapctl.manifest import load_manifest
 from stapctl.models import (
     Difference,
@@ -57,7 +56,7 @@ from stapctl.models import (
 from stapctl.plan import ModuleJob, Plan, build_plan, check_scripts, gather_symbol_maps, make_plan
 from stapctl.probes import ProbeListing, list_probes
 from stapctl.sinks import deliver
-from stapctl.store import RunRecorder, failed_hosts, find_run, previous_run, read_detached
+from stapctl.store import RunRecorder, read_detached, run_folder
 from stapctl.yamldoc import Document
 
 T = TypeVar("T")
@@ -111,8 +110,9 @@ def detached_run(run_id: str, inventory: Path | None = None, limit: str | None =
     """The detached probes of a past `apply --detach` (a run id or a unique prefix), on
     their hosts as the inventory names them now (-i, else the manifest's, else the lab's:
     a lab guest started again has a new port); ``limit`` keeps some of the hosts."""
-    row = find_run(run_id)
-    folder = Path(row["dir"])
+    from stapctl import history
+    row = history.find_run(run_id)
+    folder = run_folder(row)
     probes = read_detached(folder)
     if not probes:
         raise StapctlError(f"run {row['id']} started nothing detached (it was not applied "
@@ -150,6 +150,8 @@ def select_hosts(manifest: Manifest, inventory: Path | None = None,
     elif manifest.inventory is not None:
         source = manifest.inventory
     else:
+        from stapctl.lab import GuestState, Lab  # the lab only when it is the inventory
+
         status = Lab.default().status()
         if not any(guest.state is GuestState.RUNNING for guest in status.guests):
             raise ManifestError(Issue(str(manifest.path), None, None, "inventory",
@@ -161,7 +163,8 @@ def select_hosts(manifest: Manifest, inventory: Path | None = None,
     retry = RETRY_LIMIT.fullmatch(limit or "")
     if retry is None:
         return inventory_hosts.select(manifest.hosts, limit)
-    run_id, names = failed_hosts(retry["run"], manifest.name)
+    from stapctl import history
+    run_id, names = history.failed_hosts(retry["run"], manifest.name)
     if not names:
         raise NothingToRetry(f"run {run_id} has no failed or unreachable host: nothing "
                              "to retry")
@@ -194,6 +197,23 @@ class EventChannel:
         self._events: deque[Event] = deque()
         self._ready = threading.Condition()
         self.consumer = threading.get_ident()
+        self._stage_over = False
+
+    def start_stage(self) -> None:
+        """A stage begins: ``get`` waits for its events again."""
+        with self._ready:
+            self._stage_over = False
+
+    def end_stage(self) -> None:
+        """The stage's work is done: ``get`` stops waiting at once, so the next stage
+        starts now rather than at the end of the consumer's timeout."""
+        with self._ready:
+            self._stage_over = True
+            self._ready.notify_all()
+
+    @property
+    def stage_over(self) -> bool:
+        return self._stage_over
 
     def put(self, event: Event) -> None:
         size = len(event.text) + 128
@@ -206,8 +226,10 @@ class EventChannel:
             self._ready.notify_all()
 
     def get(self, timeout: float) -> Event | None:
+        """The next event, or None after ``timeout`` or once the stage is over."""
         with self._ready:
-            if not self._ready.wait_for(lambda: bool(self._events), timeout):
+            if not self._ready.wait_for(lambda: bool(self._events) or self._stage_over,
+                                        timeout) or not self._events:
                 return None
             event = self._events.popleft()
             self._queued -= len(event.text) + 128
@@ -242,8 +264,8 @@ class Session:
         self.recorder: RunRecorder | None = None
         self._aggregator = Aggregator()
         self._lines: Counter[tuple[str, str]] = Counter()  # (host, probe) → output lines
-        self.baseline = self._baseline(baseline) if baseline is not None else None
         self._compare = baseline is not None
+        self.baseline = self._baseline(baseline) if baseline is not None else None
         self._interrupts = 0
         self._signal = int(signal.SIGINT)
         # phases and build progress from the workers, delivered in the caller's thread
@@ -362,10 +384,16 @@ class Session:
 
     def _baseline(self, wanted: str) -> dict[str, Any] | None:
         """The history row of the run to compare with; checked before anything runs."""
+        from stapctl import history
         if wanted == "last":
-            return previous_run(self.manifest.name, before=self.run_id)
+            try:
+                return history.previous_run(self.manifest.name, before=self.run_id)
+            except HistoryError as error:  # the run still goes, and is recorded as it can
+                self.listener.note(f"not compared with a baseline: {error}")
+                self._compare = False
+                return None
         try:
-            row = find_run(wanted)
+            row = history.find_run(wanted)
         except StapctlError as error:
             raise UsageError(f"--baseline: {error} (`stapctl runs list` shows the runs)") \
                 from None
@@ -387,8 +415,8 @@ class Session:
             self.listener.note(f"no earlier run of {self.manifest.name} to compare with: "
                                "this run is the baseline of the next")
             return None
-        baseline_folder = Path(self.baseline["dir"])
         try:
+            baseline_folder = run_folder(self.baseline)
             hosts = {o.host for o in self.fleet.outcomes} | set(recorded_hosts(baseline_folder))
             many = self.manifest.labels_output or recorded_many_probes(baseline_folder)
             return compare(self.run_id, self.recorder.dir, self.baseline["id"],
@@ -419,13 +447,16 @@ class Session:
                 box["value"] = work()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 box["error"] = exc
+            finally:
+                self.channel.end_stage()
 
         self.channel.consumer = threading.get_ident()
+        self.channel.start_stage()
         worker = threading.Thread(target=target, name="stapctl-run", daemon=True)
         worker.start()
         handled = 0
         forced_at: float | None = None
-        while worker.is_alive():
+        while not self.channel.stage_over:
             event = self.channel.get(timeout=0.2)
             self._deliver_notes()
             if event is not None:

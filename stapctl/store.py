@@ -1,4 +1,4 @@
-"""Run records: a folder per apply, and one SQLite history of them all.
+"""Run records: a folder per apply, and its row in the run history (stapctl.history).
 
 A run folder holds what is needed to understand the run later without the controller:
 the manifest as given, the rendered scripts, the plan, every event (JSON lines), each
@@ -17,11 +17,11 @@ import hashlib
 import json
 import os
 import shutil
-import sqlite3
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing, contextmanager, suppress
+from contextlib import suppress
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -31,7 +31,7 @@ import platformdirs
 
 from stapctl import report
 from stapctl.aggregate import aggregates_json
-from stapctl.errors import StapctlError, UsageError
+from stapctl.errors import HistoryError, StapctlError
 from stapctl.models import DetachedProbe, Difference, Event, Host, Manifest, Run
 from stapctl.plan import Plan
 
@@ -50,11 +50,10 @@ def data_dir() -> Path:
     return Path(platformdirs.user_data_dir("stapctl"))
 
 
-def history_path() -> Path:
-    return data_dir() / "history.sqlite"
+HISTORY_FILE = "history.sqlite"  # the default history, in the data folder
 
 
-def _own_data_dir() -> Path:
+def own_data_dir() -> Path:
     """stapctl's data dir, created private, and made private if an older stapctl left it
     readable by others: it holds every run's output."""
     path = data_dir()
@@ -64,38 +63,30 @@ def _own_data_dir() -> Path:
     return path
 
 
+def controller_name() -> str:
+    """This controller, as the history rows it records name it."""
+    return socket.gethostname()
+
+
+def run_folder(row: dict[str, Any]) -> Path:
+    """A run's folder, if it is on this machine; else a clear error saying where it is
+    (a history shared by several controllers lists the runs of all)."""
+    folder = Path(row["dir"])
+    if folder.is_dir():
+        return folder
+    if row["controller"] not in ("", controller_name()):
+        raise StapctlError(f"run {row['id']} was recorded by the controller "
+                           f"{row['controller']}: its folder {folder} is on that machine, "
+                           "not on this one")
+    raise StapctlError(f"run {row['id']}'s folder {folder} is gone (removed or moved)")
+
+
 def adhoc_manifest_dir() -> Path:
     """Where the manifests of ad-hoc runs (`stapctl run`) are written, each under its
     content's digest: the history names them as it names any manifest."""
-    path = _own_data_dir() / "adhoc"
+    path = own_data_dir() / "adhoc"
     path.mkdir(mode=DIR_MODE, exist_ok=True)
     return path
-
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-  id TEXT PRIMARY KEY, name TEXT NOT NULL, manifest TEXT NOT NULL, dir TEXT NOT NULL,
-  started REAL NOT NULL, finished REAL, exit_code INTEGER,
-  hosts INTEGER NOT NULL DEFAULT 0, ok INTEGER NOT NULL DEFAULT 0,
-  failed INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS retry_hosts (
-  run TEXT NOT NULL, host TEXT NOT NULL, PRIMARY KEY (run, host)
-)
-"""
-
-
-@contextmanager
-def _history(path: Path | None = None) -> Iterator[sqlite3.Connection]:
-    if path is None:
-        path = _own_data_dir() / history_path().name
-    else:
-        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    os.close(os.open(path, _WRITE, FILE_MODE))  # created private; sqlite's journals copy it
-    with closing(sqlite3.connect(path, timeout=30)) as db:
-        db.executescript(SCHEMA)
-        with db:
-            yield db
 
 
 class RunRecorder:
@@ -106,7 +97,8 @@ class RunRecorder:
     order, up to the failure.
     """
 
-    def __init__(self, run_id: str, manifest: Manifest, history: Path | None = None) -> None:
+    def __init__(self, run_id: str, manifest: Manifest,
+                 history: str | Path | None = None) -> None:
         if file_name(run_id) != run_id:
             raise StapctlError(f"{run_id!r} is not a valid run id: use letters, digits, "
                                "'-', '_' and '.'")
@@ -126,8 +118,8 @@ class RunRecorder:
         if folder_made:
             self._attempt("copy the manifest", self._copy_manifest)
             self._attempt("write events.jsonl", self._open_events)
-        listed = self._attempt("add the run to the history", self._add_to_history)
-        if not folder_made and not listed:
+        self._listed = self._attempt("add the run to the history", self._add_to_history)
+        if not folder_made and not self._listed:
             raise StapctlError("cannot record this run: " + "; ".join(self.warnings)
                                + " (free some disk space or fix the permissions)")
 
@@ -178,7 +170,7 @@ class RunRecorder:
     # -- the folder ----------------------------------------------------------------------
     def _create_folder(self) -> None:
         if self._manifest.output.dir is None:
-            _own_data_dir()
+            own_data_dir()
         self.dir.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         os.mkdir(self.dir, DIR_MODE)  # fails on anything already there, a symlink included
         dir_fd = os.open(self.dir, _READ | os.O_DIRECTORY)
@@ -267,34 +259,27 @@ class RunRecorder:
 
     # -- the history ---------------------------------------------------------------------
     def _add_to_history(self) -> None:
-        with _history(self.history) as db:
-            db.execute("INSERT INTO runs (id, name, manifest, dir, started) VALUES (?,?,?,?,?)",
-                       (self.run_id, self._manifest.name, str(self._manifest.path),
-                        str(self.dir), self._started))
+        from stapctl import history
+        history.add_run(self.history, self.run_id, self._manifest.name, self._manifest.path,
+                        self.dir, self._started)
 
     def _finish_history(self, run: Run) -> None:
         """Finish the run's row, adding it if it could not be added at the start."""
+        from stapctl import history
         hosts = {o.host for o in run.outcomes}
         failed = {o.host for o in run.failed}
-        with _history(self.history) as db:
-            db.execute(
-                "INSERT INTO runs (id, name, manifest, dir, started, finished, exit_code, "
-                "hosts, ok, failed) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE "
-                "SET finished=excluded.finished, exit_code=excluded.exit_code, "
-                "hosts=excluded.hosts, ok=excluded.ok, failed=excluded.failed",
-                (self.run_id, self._manifest.name, str(self._manifest.path), str(self.dir),
-                 self._started, time.time(), run.exit_code, len(hosts),
-                 len(hosts - failed), len(failed)))
-            db.execute("DELETE FROM retry_hosts WHERE run = ?", (self.run_id,))
-            db.executemany("INSERT INTO retry_hosts (run, host) VALUES (?, ?)",
-                           [(self.run_id, host) for host in run.retry_hosts])
+        history.finish_run(self.history, self.run_id, self._listed, {
+            "name": self._manifest.name, "manifest": str(self._manifest.path),
+            "dir": str(self.dir), "started": self._started, "finished": time.time(),
+            "exit_code": run.exit_code, "hosts": len(hosts), "ok": len(hosts - failed),
+            "failed": len(failed)}, run.retry_hosts)
 
     # -- failures ------------------------------------------------------------------------
     def _attempt(self, what: str, action: Callable[[], object]) -> bool:
         """Run one recording step; a failure becomes a warning. True if it worked."""
         try:
             action()
-        except (OSError, sqlite3.Error) as error:
+        except (OSError, HistoryError) as error:
             warning = f"run record {self.dir} is incomplete: cannot {what}: {_reason(error)}"
             if warning not in self.warnings:
                 self.warnings.append(warning)
@@ -302,9 +287,11 @@ class RunRecorder:
         return True
 
 
-def _reason(error: OSError | sqlite3.Error) -> str:
+def _reason(error: OSError | HistoryError) -> str:
     """What went wrong, without the errno number and file name a message already has."""
-    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    if isinstance(error, HistoryError):
+        return error.reason
+    return error.strerror or str(error)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -435,90 +422,21 @@ def read_log(run_folder: Path, host: str, many_probes: bool) -> Iterator[tuple[s
             yield probe, line
 
 
-@contextmanager
-def _history_to_read(path: Path | None) -> Iterator[sqlite3.Connection]:
-    """The history, for `runs` commands: one clear error if it cannot be opened."""
-    try:
-        with _history(path) as db:
-            yield db
-    except (OSError, sqlite3.Error) as error:
-        where = path or history_path()
-        raise StapctlError(f"cannot read the run history {where}: {_reason(error)}") from None
-
-
-def list_runs(limit: int = 20, history: Path | None = None) -> list[dict[str, Any]]:
-    with _history_to_read(history) as db:
-        db.row_factory = sqlite3.Row
-        rows = db.execute("SELECT * FROM runs ORDER BY started DESC LIMIT ?", (limit,))
-        return [dict(row) for row in rows]
-
-
-def find_run(run_id: str, history: Path | None = None) -> dict[str, Any]:
-    """A run by id or unique id prefix."""
-    with _history_to_read(history) as db:
-        db.row_factory = sqlite3.Row
-        rows = [dict(r) for r in db.execute("SELECT * FROM runs WHERE id LIKE ? || '%'",
-                                            (run_id,))]
-    if len(rows) != 1:
-        raise StapctlError(f"no run matches {run_id!r}" if not rows else
-                           f"{run_id!r} matches {len(rows)} runs; give more of the id")
-    return rows[0]
-
-
-def previous_run(name: str, before: str, history: Path | None = None) -> dict[str, Any] | None:
-    """The newest finished run of the manifest ``name`` other than the run ``before``
-    that was not interrupted (exit 128 + a signal): the baseline `apply --baseline last`
-    compares with. An interrupted run printed only part of what it would have."""
-    with _history_to_read(history) as db:
-        db.row_factory = sqlite3.Row
-        row = db.execute("SELECT * FROM runs WHERE name = ? AND id != ? AND finished IS NOT "
-                         "NULL AND exit_code < 128 ORDER BY started DESC LIMIT 1",
-                         (name, before)).fetchone()
-    return None if row is None else dict(row)
-
-
-def failed_hosts(run_id: str, manifest_name: str,
-                 history: Path | None = None) -> tuple[str, list[str]]:
-    """The id of a finished run and the hosts it failed on or could not reach, in the
-    order it listed them. ``run_id`` is an id, a unique prefix, or 'last': the newest
-    finished run of the manifest ``manifest_name``."""
-    if run_id == "last":
-        with _history_to_read(history) as db:
-            found = db.execute("SELECT id FROM runs WHERE name = ? AND finished IS NOT NULL "
-                               "ORDER BY started DESC LIMIT 1", (manifest_name,)).fetchone()
-        if found is None:
-            raise UsageError(f"no finished run of manifest {manifest_name!r} to retry: "
-                             "see `stapctl runs list`")
-        run_id = found[0]
-    try:
-        row = find_run(run_id, history)
-    except StapctlError as error:
-        raise UsageError(f"{error}: see `stapctl runs list`") from None
-    if row["finished"] is None:
-        raise UsageError(f"run {row['id']} has not finished: it has no failed hosts yet")
-    with _history_to_read(history) as db:
-        hosts = [host for (host,) in db.execute(
-            "SELECT host FROM retry_hosts WHERE run = ? ORDER BY rowid", (row["id"],))]
-    return row["id"], hosts
-
-
 def prune_runs(keep: int | None = None, older_than: float | None = None,
-               name: str | None = None, history: Path | None = None) -> list[str]:
-    """Remove finished runs (folder and history row) beyond the newest ``keep``, or
-    started more than ``older_than`` seconds ago, of the manifest ``name`` or of all;
-    returns their ids. A run not finished (running now, or cut short) is never removed."""
-    with _history_to_read(history) as db:
-        db.row_factory = sqlite3.Row
-        rows = [dict(row) for row in db.execute(
-            "SELECT * FROM runs WHERE finished IS NOT NULL AND (? IS NULL OR name = ?) "
-            "ORDER BY started DESC", (name, name))]
-        doomed = [row for index, row in enumerate(rows)
-                  if (keep is not None and index >= keep)
-                  or (older_than is not None and row["started"] < time.time() - older_than)]
-        for row in doomed:
-            _remove_run_folder(Path(row["dir"]))
-            db.execute("DELETE FROM runs WHERE id = ?", (row["id"],))
-            db.execute("DELETE FROM retry_hosts WHERE run = ?", (row["id"],))
+               name: str | None = None, history: str | Path | None = None) -> list[str]:
+    """Remove this controller's finished runs (folder and history row) beyond the newest
+    ``keep``, or started more than ``older_than`` seconds ago, of the manifest ``name`` or
+    of all; returns their ids. A run not finished (running now, or cut short) is never
+    removed, nor one recorded by another controller sharing the history: its folder is
+    on that machine."""
+    from stapctl import history as runs_history
+    rows = runs_history.prunable_runs(name, history)
+    doomed = [row for index, row in enumerate(rows)
+              if (keep is not None and index >= keep)
+              or (older_than is not None and row["started"] < time.time() - older_than)]
+    for row in doomed:
+        _remove_run_folder(Path(row["dir"]))
+        runs_history.forget_run(row["id"], history)
     return [row["id"] for row in doomed]
 
 
@@ -630,4 +548,4 @@ def run_json(row: dict[str, Any]) -> dict[str, Any]:
         counts[outcome["status"]] = counts.get(outcome["status"], 0) + 1
     return {"id": row["id"], "name": row["name"], "started": iso_time(row["started"]),
             "finished": iso_time(row["finished"]), "exit_code": row["exit_code"],
-            "hosts": row["hosts"], "outcomes": counts}
+            "hosts": row["hosts"], "outcomes": counts, "controller": row["controller"]}

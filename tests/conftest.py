@@ -13,10 +13,12 @@ Set when this file is imported, so the CLI's subprocesses inherit it as well:
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.postgres_server import PostgresServer, start_postgres
 
 STATE = Path(os.environ.get("STAPCTL_TEST_STATE")
              or Path.home() / ".cache" / "stapctl-tests").expanduser().resolve()
@@ -55,3 +57,31 @@ def pytest_collection_modifyitems(config: pytest.Config,
         raise pytest.UsageError(
             f"no test left to run: {selection} deselected all {collected} collected tests; "
             "end-to-end tests need `-m e2e`, and scripts/test.sh runs every tier")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on loopback for the tests of a shared history."""
+    try:
+        server = start_postgres()
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def history_where(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """A new, empty history of each kind: a SQLite file, a PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "history.sqlite"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.new_database()
+
+
+@pytest.fixture
+def configured_history(history_where: str | Path, monkeypatch: pytest.MonkeyPatch) -> str | Path:
+    """Each kind of history, as the settings name it: what stapctl, in this process and
+    in the commands a test runs, records into and reads."""
+    monkeypatch.setenv("STAPCTL_HISTORY", str(history_where))
+    return history_where

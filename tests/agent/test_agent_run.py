@@ -608,6 +608,19 @@ def test_stale_uploads_are_removed_and_fresh_ones_kept(tmp_path):
         "notes.txt", "stapctl_x.ko", "e" * 63 + ".ko", "agent-mine.py", "agent-aaaa.py"])
 
 
+def test_bytecode_of_agents_that_are_gone_is_removed(tmp_path):
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    (tmp_path / "agent-aaaa.py").write_text("x")
+    names = ["agent-aaaa.cpython-311.pyc", "agent-bbbb.cpython-311.pyc",
+             "agent-bbbb.cpython-36.opt-1.pyc", "other.cpython-311.pyc"]
+    for name in names:
+        (cache / name).write_text("x")
+    agent.remove_stale_files(str(tmp_path), str(tmp_path / "agent-aaaa.py"))
+    assert sorted(p.name for p in cache.iterdir()) == [
+        "agent-aaaa.cpython-311.pyc", "other.cpython-311.pyc"]
+
+
 def test_a_run_cleans_its_work_directory(tmp_path):
     workdir = tmp_path / "work"
     workdir.mkdir()

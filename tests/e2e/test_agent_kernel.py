@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from stapctl.agent import AgentHost, AgentRequest, Frame, RunResult
+from stapctl.agent import AGENT_SHA256, AgentHost, AgentRequest, Frame, RunResult
 from stapctl.build import Builder
 from stapctl.connection import ConnectOptions, Process, SSHConnection
 from stapctl.errors import ConnectError, StapctlError
@@ -221,6 +221,21 @@ def assert_clean_ending(run: Run, status: str, kind: str | None, reason: str) ->
 def test_the_scripts_exit_ends_the_run_ok(lab: LabStatus, ticker: ModuleArtifact) -> None:
     run = Run(lab, ticker, params={"stop_after": 3})
     assert assert_clean_ending(run, "ok", None, "exit()") == [1, 2, 3]
+
+
+def test_the_agent_runs_from_bytecode_cached_by_its_first_run(lab: LabStatus,
+                                                              ticker: ModuleArtifact) -> None:
+    """The agent is run by import, so the guest's Python keeps its compiled file and
+    later runs load that instead of compiling the agent again."""
+    first = Run(lab, ticker, params={"stop_after": 1})
+    assert_clean_ending(first, "ok", None, "exit()")
+    cache = first.copy.rsplit("/", 1)[0] + "/__pycache__"
+    compiled = f"stat -c '%n %y' {cache}/agent-{AGENT_SHA256[:16]}.cpython-*.pyc"
+    written = guest_run(lab, compiled)
+    assert written.strip(), f"no bytecode in {cache}"
+    second = Run(lab, ticker, params={"stop_after": 1})
+    assert_clean_ending(second, "ok", None, "exit()")
+    assert guest_run(lab, compiled) == written  # loaded, not compiled and written again
 
 
 def test_reaching_the_duration_ends_the_run_ok(lab: LabStatus, ticker: ModuleArtifact) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stapctl import store
+from stapctl import history
 from stapctl.lab import LabStatus
 
 from .helpers import apply, guest_run, stap_module_names
@@ -72,7 +72,7 @@ def test_a_scheduled_audit_shows_exactly_the_new_program(lab: LabStatus,
     finally:
         guest_run(lab, STOP_WORKLOAD)
 
-    first, second = sorted(store.list_runs(), key=lambda row: row["started"])
+    first, second = sorted(history.list_runs(), key=lambda row: row["started"])
     recorded = json.loads((Path(second["dir"]) / "difference.json").read_text())
     assert recorded["baseline"] == first["id"]
     [host] = recorded["hosts"]
@@ -101,7 +101,7 @@ def test_a_scheduled_run_stopped_with_sigterm_ends_cleanly(lab: LabStatus,
     running.send_signal(signal.SIGTERM)
     _, stderr = running.communicate(timeout=120)
     assert running.returncode == 143, stderr
-    [row] = store.list_runs()
+    [row] = history.list_runs()
     assert row["exit_code"] == 143 and row["finished"] is not None
     assert "not compared with a baseline" in stderr
     assert stap_module_names(lab) - before == set()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stapctl import store
+from stapctl import history
 from stapctl.aggregate import aggregates_json
 from stapctl.models import Aggregates, CountTotal, HistogramBucket, HistogramTotal
 from tests.unit.test_audits import AFTER, BEFORE, apply, quick_agent, write_manifest
@@ -88,7 +88,7 @@ def test_the_report_page_in_a_real_browser(tmp_path: Path) -> None:
     apply(tmp_path, manifest, {"h1": BEFORE, "h2": BEFORE})
     run, _ = apply(tmp_path, manifest, {"h1": [*AFTER, HOSTILE], "h2": BEFORE},
                    baseline="last")
-    folder = Path(store.find_run(run.id)["dir"])
+    folder = Path(history.find_run(run.id)["dir"])
     (folder / "aggregates.json").write_text(json.dumps(AGGREGATES))
 
     shown = subprocess.run([sys.executable, "-m", "stapctl", "runs", "show", run.id, "--html"],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stapctl import schedule, store
+from stapctl import history, schedule
 
 pytestmark = pytest.mark.integration
 
@@ -100,7 +100,11 @@ def test_a_broken_unit_fails_systemd_analyze(tmp_path: Path) -> None:
     assert "SIGNOPE" in checked.stderr
 
 
-def test_schedule_run_records_to_the_history_and_keeps_its_retention(tmp_path: Path) -> None:
+def test_schedule_run_records_to_the_history_and_keeps_its_retention(
+        tmp_path: Path, history_where: str | Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = tmp_path / "config.yaml"  # the history as the settings file names it
+    settings.write_text(f"history: {history_where}\n")
+    monkeypatch.setenv("STAPCTL_CONFIG", str(settings))
     units = tmp_path / "units"
     manifest = write_manifest(tmp_path)
     assert stapctl("schedule", "add", str(manifest), "--every", "15m", "--keep", "2",
@@ -111,18 +115,27 @@ def test_schedule_run_records_to_the_history_and_keeps_its_retention(tmp_path: P
                      env=elsewhere).returncode for _ in range(3)]
     assert codes == [1, 1, 1]  # the one host refused the connection: "every host failed"
 
-    runs = store.list_runs()
+    runs = history.list_runs()
     assert len(runs) == 2 and {row["name"] for row in runs} == {"nightly-audit"}
     assert all(row["exit_code"] == 1 and row["failed"] == 1 for row in runs)
     assert not (tmp_path / "elsewhere").exists()
     manual = stapctl("apply", str(manifest))
     assert manual.returncode == 1
-    assert len(store.list_runs()) == 3  # the manual run sits in the same history
+    assert len(history.list_runs()) == 3  # the manual run sits in the same history
 
     removed = stapctl("schedule", "remove", "nightly-audit", "--unit-dir", str(units))
     assert removed.returncode == 0 and list(units.iterdir()) == []
     gone = stapctl("schedule", "run", "nightly-audit", "--unit-dir", str(units))
     assert gone.returncode == 2 and "no schedule nightly-audit" in gone.stderr
+
+
+def test_a_history_password_is_never_written_into_a_unit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAPCTL_HISTORY", "postgresql://stapctl:hunter2@db.invalid/history")
+    added = stapctl("schedule", "add", str(write_manifest(tmp_path)), "--every", "1h",
+                    "--unit-dir", str(tmp_path / "units"))
+    assert added.returncode == 2 and "holds a password" in added.stderr
+    assert "hunter2" not in added.stderr and not (tmp_path / "units").exists()
 
 
 def test_bad_schedules_are_one_clear_line(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stapctl import store
+from stapctl import history, store
 from stapctl.agent import Timing
 from stapctl.errors import UsageError
 from stapctl.execute import RunOptions
@@ -93,6 +93,7 @@ def test_normalisation_drops_fields_then_replaces_patterns() -> None:
     assert DiffSpec().normalise("as  it is ") == "as  it is "
 
 
+@pytest.mark.usefixtures("configured_history")
 def test_baseline_last_records_exactly_the_planted_change(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path)
     first, notes = apply(tmp_path, manifest, {"h1": BEFORE, "h2": BEFORE}, baseline="last")
@@ -105,7 +106,7 @@ def test_baseline_last_records_exactly_the_planted_change(tmp_path: Path) -> Non
         HostDifference("h1", added=("* exec /tmp/planted",), added_total=1),
         HostDifference("h2", removed=("* exec /bin/cat",), removed_total=1),
     )
-    folder = Path(store.find_run(second.id)["dir"])
+    folder = Path(history.find_run(second.id)["dir"])
     recorded = json.loads((folder / "difference.json").read_text())
     assert recorded["baseline"] == first.id
     assert [h["host"] for h in recorded["hosts"]] == ["h1", "h2"]
@@ -119,6 +120,7 @@ def test_baseline_last_records_exactly_the_planted_change(tmp_path: Path) -> Non
     assert unchanged.difference.baseline == second.id
 
 
+@pytest.mark.usefixtures("configured_history")
 def test_runs_diff_exits_as_diff_does(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path)
     first, _ = apply(tmp_path, manifest, {"h1": BEFORE})
@@ -162,51 +164,60 @@ def test_a_bad_diff_key_is_located(tmp_path: Path) -> None:
 
 
 # -- retention ---------------------------------------------------------------------------
-def record(tmp_path: Path, history: Path, run_id: str, name: str, age: float,
+def record(tmp_path: Path, where: str | Path, run_id: str, name: str, age: float,
            finished: bool = True) -> Path:
     manifest = Manifest(path=tmp_path / "m.yaml", name=name, probes=())
     (tmp_path / "m.yaml").write_text("name: x\n")
-    recorder = store.RunRecorder(run_id, manifest, history)
+    recorder = store.RunRecorder(run_id, manifest, where)
     if finished:
         recorder.finish(Run(run_id, ()))
-    with store._history(history) as db:  # as if it had started `age` seconds ago
-        db.execute("UPDATE runs SET started = ? WHERE id = ?", (time.time() - age, run_id))
+    change_run(where, run_id, started=time.time() - age)  # as if it started `age` s ago
     return recorder.dir
 
 
-def test_prune_keeps_the_newest_and_the_unfinished(tmp_path: Path) -> None:
-    history = tmp_path / "history.sqlite"
-    folders = {run_id: record(tmp_path, history, run_id, name, age)
+def change_run(where: str | Path, run_id: str, **values: object) -> None:
+    with history.transaction(where) as connection:
+        connection.execute(history.runs.update().where(history.runs.c.id == run_id)
+                           .values(values))
+
+
+def test_prune_keeps_the_newest_and_the_unfinished(tmp_path: Path,
+                                                   history_where: str | Path) -> None:
+    where = history_where
+    folders = {run_id: record(tmp_path, where, run_id, name, age)
                for run_id, name, age in [("a1", "a", 50), ("a2", "a", 40), ("a3", "a", 30),
                                          ("b1", "b", 45)]}
-    folders["a0"] = record(tmp_path, history, "a0", "a", 60, finished=False)
+    folders["a0"] = record(tmp_path, where, "a0", "a", 60, finished=False)
+    folders["x1"] = record(tmp_path, where, "x1", "a", 70)
+    change_run(where, "x1", controller="another-controller")  # its folder is over there
 
-    assert store.prune_runs(keep=2, name="a", history=history) == ["a1"]
+    assert store.prune_runs(keep=2, name="a", history=where) == ["a1"]
     assert not folders["a1"].exists() and folders["a2"].exists() and folders["a0"].exists()
-    assert store.prune_runs(older_than=42, history=history) == ["b1"]
-    assert sorted(row["id"] for row in store.list_runs(history=history)) == ["a0", "a2", "a3"]
-    assert store.prune_runs(keep=0, history=history) == ["a3", "a2"]
-    assert [row["id"] for row in store.list_runs(history=history)] == ["a0"]
+    assert store.prune_runs(older_than=42, history=where) == ["b1"]
+    assert sorted(row["id"] for row in history.list_runs(history=where)) == [
+        "a0", "a2", "a3", "x1"]
+    assert store.prune_runs(keep=0, history=where) == ["a3", "a2"]
+    assert [row["id"] for row in history.list_runs(history=where)] == ["a0", "x1"]
+    assert folders["x1"].exists()
 
 
+@pytest.mark.usefixtures("configured_history")
 def test_runs_prune_on_the_command_line(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path)
     runs = [apply(tmp_path, manifest, {"h1": BEFORE})[0] for _ in range(3)]
     pruned = stapctl("runs", "prune", "--keep", "1", "--manifest", "audit")
     assert pruned.returncode == 0 and "removed 2 run(s)" in pruned.stderr
-    assert [row["id"] for row in store.list_runs()] == [runs[-1].id]
+    assert [row["id"] for row in history.list_runs()] == [runs[-1].id]
     nothing = stapctl("runs", "prune")
     assert nothing.returncode == 2 and "--keep" in nothing.stderr
     bad = stapctl("runs", "prune", "--older-than", "soon")
     assert bad.returncode == 2 and "30d" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_an_interrupted_run_is_no_baseline(tmp_path: Path) -> None:
-    history = tmp_path / "history.sqlite"
-    record(tmp_path, history, "done", "a", 20)
-    record(tmp_path, history, "cut", "a", 10)
-    with store._history(history) as db:
-        db.execute("UPDATE runs SET exit_code = 143 WHERE id = 'cut'")
-    row = store.previous_run("a", before="now", history=history)
+def test_an_interrupted_run_is_no_baseline(tmp_path: Path, history_where: str | Path) -> None:
+    record(tmp_path, history_where, "done", "a", 20)
+    record(tmp_path, history_where, "cut", "a", 10)
+    change_run(history_where, "cut", exit_code=143)
+    row = history.previous_run("a", before="now", history=history_where)
     assert row is not None and row["id"] == "done"
-    assert store.previous_run("b", before="now", history=history) is None
+    assert history.previous_run("b", before="now", history=history_where) is None

@@ -162,7 +162,8 @@ def test_runs_json_shapes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_unfinished_runs_list_nulls(tmp_path: Path) -> None:
-    from stapctl.store import RunRecorder, list_runs, run_json
+    from stapctl.history import list_runs
+    from stapctl.store import RunRecorder, run_json
     recorder = RunRecorder("20260101-000000-trace-abcd", manifest(tmp_path))
     assert recorder.dir.exists()
     row = run_json(list_runs()[0])

@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from stapctl import sandbox
 from stapctl.errors import ManifestError
 from stapctl.models import Probe
-from stapctl.render import check_template, parse_extra_vars, render_script
+from stapctl.render import check_template, is_plain, parse_extra_vars, render_script
 
 pytestmark = pytest.mark.unit
 
@@ -73,3 +76,11 @@ def test_every_bad_extra_var_is_reported() -> None:
     assert [(issue.file, issue.path) for issue in caught.value.issues] == [
         ("-e", "novalue"), ("-e", "1x=2"), ("no-such-vars.yaml", ""), ("-e", "=3")]
     assert caught.value.exit_code == 2
+
+
+@given(st.text(alphabet=st.sampled_from(list("{}#%\r\n \t$ab\u2028é")), max_size=40))
+def test_a_plain_script_is_rendered_as_jinja2_would_without_it(text: str) -> None:
+    """The fast path for scripts without template syntax (no jinja2 import) gives exactly
+    what the sandbox gives them."""
+    if is_plain(text):
+        assert render_script(probe(text), {}) == sandbox.render(probe(text), {}) == text

@@ -12,14 +12,15 @@ from stapctl.runtime import stapctl_agent as agent
 from stapctl.agent import Timing
 from stapctl.errors import StapctlError, UsageError
 from stapctl.execute import RunOptions
+from stapctl.history import find_run
 from stapctl.manifest import load_manifest
 from stapctl.models import Manifest, Run
 from stapctl.session import NothingToRetry, Session, select_hosts
-from stapctl.store import find_run, prune_runs
+from stapctl.store import prune_runs
 from tests.agent.fakekernel import Scenario
 from tests.fleet_double import FakeBuilder, FakeFleet
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("configured_history")]
 
 HELLO_EXIT = dict(begin=[("print", 0, b"hello\n")], running=[("request_exit",)])
 HOSTS = ("good", "gone", "also-gone")

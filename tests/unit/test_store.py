@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stapctl import report, store
+from stapctl import history, report, store
 from stapctl.errors import StapctlError
 from stapctl.models import Event, HostOutcome, Manifest, ModuleSpec, OutputSpec, Probe, Run
 from stapctl.plan import ModuleJob, Plan
@@ -57,10 +56,9 @@ def make_plan(probe: str = "p") -> Plan:
     return Plan((ModuleJob(Probe(probe, "", "m.yaml", 1), spec, ("a",)),))
 
 
-def history_row(history: Path, run_id: str) -> dict[str, object]:
-    with sqlite3.connect(history) as db:
-        db.row_factory = sqlite3.Row
-        return dict(db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
+def history_row(where: str | Path, run_id: str) -> dict[str, object]:
+    [row] = [row for row in history.list_runs(history=where) if row["id"] == run_id]
+    return row
 
 
 def mode(path: Path) -> int:
@@ -78,9 +76,9 @@ RUN = Run("r1", (HostOutcome("a", "p", "ok"), HostOutcome("b", "p", "failed", "r
 
 
 # -- the record --------------------------------------------------------------------------
-def test_a_run_is_recorded_in_its_folder_and_the_history(tmp_path: Path) -> None:
-    history = tmp_path / "history.sqlite"
-    recorder = RunRecorder("r1", make_manifest(tmp_path), history)
+def test_a_run_is_recorded_in_its_folder_and_the_history(tmp_path: Path,
+                                                         history_where: str | Path) -> None:
+    recorder = RunRecorder("r1", make_manifest(tmp_path), history_where)
     recorder.event(Event("a", "output", "p", "hello"))
     recorder.event(Event("a", "finished", "p"))
     recorder.plan(make_plan())
@@ -94,9 +92,10 @@ def test_a_run_is_recorded_in_its_folder_and_the_history(tmp_path: Path) -> None
     assert json.loads((folder / "plan.json").read_text())[0]["probe"] == "p"
     assert len(list((folder / "scripts").iterdir())) == 1
     assert json.loads((folder / "summary.json").read_text())["exit_code"] == 3
-    row = history_row(history, "r1")
+    row = history_row(history_where, "r1")
     assert (row["exit_code"], row["hosts"], row["ok"], row["failed"]) == (3, 2, 1, 1)
-    assert store.find_run("r", history) == row == store.list_runs(history=history)[0]
+    assert row["controller"] == store.controller_name() and row["dir"] == str(folder)
+    assert history.find_run("r", history_where) == row
     assert sorted(p.name for p in folder.iterdir()) == [
         "events.jsonl", "hosts", "manifest.yaml", "plan.json", "scripts", "summary.json"]
 
@@ -125,20 +124,20 @@ def test_records_are_private_to_their_owner(tmp_path: Path,
     assert len(files) == 6 and {mode(f) for f in files} == {0o600}
 
 
-def test_a_run_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+def test_a_run_folder_that_is_a_symlink_is_refused(tmp_path: Path,
+                                                   history_where: str | Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "r1").symlink_to(elsewhere)
-    history = tmp_path / "history.sqlite"
-    recorder = RunRecorder("r1", make_manifest(tmp_path), history)
+    recorder = RunRecorder("r1", make_manifest(tmp_path), history_where)
     recorder.event(Event("a", "output", "p", "secret"))
     recorder.plan(make_plan())
     recorder.finish(RUN)
     assert list(elsewhere.iterdir()) == []
     assert recorder.warnings == [
         f"run record {recorder.dir} is incomplete: cannot create the run folder: File exists"]
-    assert history_row(history, "r1")["exit_code"] == 3  # the history still has the run
+    assert history_row(history_where, "r1")["exit_code"] == 3  # the history still has it
 
 
 def test_files_in_the_run_folder_are_never_written_through_a_symlink(tmp_path: Path) -> None:
@@ -335,6 +334,6 @@ def test_merged_output_streams_a_large_run_in_little_memory(tmp_path: Path) -> N
 
 def test_an_unreadable_history_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    for read in (lambda h: store.list_runs(history=h), lambda h: store.find_run("r", h)):
-        with pytest.raises(StapctlError, match="^cannot read the run history .*h.sqlite: "):
+    for read in (lambda h: history.list_runs(history=h), lambda h: history.find_run("r", h)):
+        with pytest.raises(StapctlError, match="^cannot use the run history .*h.sqlite: "):
             read(tmp_path / "file" / "h.sqlite")
