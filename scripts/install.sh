@@ -9,6 +9,7 @@ APT_PACKAGES=(
   dropbear-bin kmod cpio openssh-client openssh-server python3-venv sudo
   systemd chromium  # systemd-analyze checks schedules' units; chromium opens HTML reports
   tmux  # the live merged view is checked in a real terminal
+  redis-server  # the engine's broker, started on loopback by the tests that need it
   postgresql  # a shared run history; the tests start their own server on loopback
   mmdebstrap zstd  # build roots of other Debian suites; their zstd-compressed kernels
 )

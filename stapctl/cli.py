@@ -24,6 +24,7 @@ from rich.text import Text
 from stapctl import html_report, report, schedule, toolchains
 from stapctl.adhoc import AdhocRun, adhoc_manifest, adhoc_target
 from stapctl.cache import ModuleCache, cache_dir
+from stapctl.config import load_config
 from stapctl.detach import DetachedRun, Fetched, ProbeState, host_state
 from stapctl.difference import (
     compare,
@@ -33,6 +34,7 @@ from stapctl.difference import (
     recorded_many_probes,
 )
 from stapctl.display import Display, err, message, signals_to
+from stapctl.engine import CeleryEngine, broker_url, start_worker
 from stapctl.errors import HistoryError, StapctlError, UsageError
 from stapctl.execute import RunOptions
 from stapctl.manifest import explain as explain_key
@@ -135,9 +137,27 @@ def run_options(command: F) -> F:
                      "output differs from the majority's, as a unified diff against it."),
         click.option("--check", is_flag=True,
                      help="Connect, upload and run the preflight; load nothing."),
+        click.option("--engine", metavar="celery+redis://HOST:PORT/DB",
+                     help="Fan the run out over `stapctl worker` processes on this broker "
+                          "(default: $STAPCTL_ENGINE, the config's `engine`, else here)."),
+        click.option("--slices", type=click.IntRange(1), help="With an engine: split the "
+                     "hosts into this many tasks (default: one per --forks hosts)."),
     ]):
         command = option(command)
     return command
+
+
+def fan_out_engine(engine: str | None, slices: int | None) -> CeleryEngine | None:
+    """The engine a run goes through: --engine, else the configured one, else none (this
+    process fans out)."""
+    config = load_config()
+    chosen = engine or config.engine
+    if chosen is None:
+        if slices is not None:
+            raise UsageError("--slices splits a run over an engine's workers: add "
+                             "--engine celery+redis://HOST:PORT/DB")
+        return None
+    return CeleryEngine(broker_url(chosen), config.secret(), slices)
 
 
 accept_new_host_keys_option = click.option(
@@ -206,7 +226,7 @@ def with_overrides(manifest: Manifest, forks: int | None, fmt: str | None) -> Ma
 @detach_options
 def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tuple[str, ...],
           forks: int | None, duration: str | None, fmt: str | None, live: bool, diff: bool,
-          check: bool,
+          check: bool, engine: str | None, slices: int | None,
           baseline: str | None, accept_new_host_keys: bool, detach: bool,
           max_duration: str | None, max_disk: str | None) -> None:
     """Compile the manifest's probes and run them on its hosts.
@@ -222,11 +242,15 @@ def apply(manifest: Path, inventory: Path | None, limit: str | None, extra: tupl
     loaded = with_detach(with_overrides(load_manifest(manifest), forks, fmt), detach,
                          max_duration, max_disk)
     extra_vars = parse_extra_vars(list(extra))
+    fan_out = fan_out_engine(engine, slices)
+    if fan_out is not None and loaded.detach is not None:
+        raise UsageError("--detach runs on the hosts without the controller: it does not "
+                         "go through an engine (leave out --engine / STAPCTL_ENGINE)")
     hosts = target_hosts(loaded, inventory, limit)
     options = RunOptions(duration=seconds, check=check,
                          accept_new_host_keys=accept_new_host_keys)
     run, session, display = apply_and_report(loaded, hosts, extra_vars, options, live,
-                                             diff, baseline)
+                                             diff, baseline, fan_out)
     if loaded.detach is not None and session.fleet.detached:
         message(f"detached: `stapctl runs show {run.id}`, `stapctl attach {run.id}`, "
                 f"`stapctl collect {run.id}`, `stapctl stop {run.id}`")
@@ -246,12 +270,13 @@ def check_views(manifest: Manifest, live: bool, diff: bool) -> None:
 
 def apply_and_report(manifest: Manifest, hosts: list[Host], extra_vars: dict[str, Any],
                      options: RunOptions, live: bool = False, diff: bool = False,
-                     baseline: str | None = None) -> tuple[Run, Session, Display]:
+                     baseline: str | None = None, engine: CeleryEngine | None = None,
+                     ) -> tuple[Run, Session, Display]:
     """Apply the manifest through the Session with the live display, then report it."""
     check_views(manifest, live, diff)
     display = Display(manifest, [host.name for host in hosts], live=live, diff=diff)
     session = Session(manifest, hosts, extra_vars=extra_vars, options=options,
-                      listener=display, baseline=baseline)
+                      listener=display, baseline=baseline, engine=engine)
     with display, signals_to(session):
         run = session.apply()
     report_run(run, session, display)
@@ -291,7 +316,8 @@ def apply_and_report(manifest: Manifest, hosts: list[Host], extra_vars: dict[str
 def run_command(pattern: str, words: tuple[str, ...], script: str | None,
                 inventory: Path | None, limit: str | None, variables: tuple[str, ...],
                 forks: int | None, duration: str | None, fmt: str | None, live: bool,
-                diff: bool, check: bool, pid: int | None, command: str | None,
+                diff: bool, check: bool, engine: str | None, slices: int | None,
+                pid: int | None, command: str | None,
                 process: str | None, each: bool, accept_new_host_keys: bool) -> None:
     """Run one script on the hosts PATTERN matches, as stap does on one:
 
@@ -317,10 +343,34 @@ def run_command(pattern: str, words: tuple[str, ...], script: str | None,
         args=words if script is not None else words[1:],
         variables=parse_extra_vars(list(variables)), duration=duration, forks=forks,
         format=fmt, inventory=inventory, target=adhoc_target(pid, command, process, each)))
+    fan_out = fan_out_engine(engine, slices)
     hosts = target_hosts(manifest, inventory, limit)
     options = RunOptions(check=check, accept_new_host_keys=accept_new_host_keys)
-    run, _, _ = apply_and_report(manifest, hosts, {}, options, live, diff)
+    run, _, _ = apply_and_report(manifest, hosts, {}, options, live, diff, engine=fan_out)
     sys.exit(run.exit_code)
+
+
+# -- worker ------------------------------------------------------------------------------
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--engine", metavar="celery+redis://HOST:PORT/DB",
+              help="The broker to serve (default: $STAPCTL_ENGINE, else the config's "
+                   "`engine`).")
+@click.argument("celery_options", nargs=-1, type=click.UNPROCESSED)
+def worker(engine: str | None, celery_options: tuple[str, ...]) -> None:
+    """Serve the slices of runs fanned out over ENGINE: Celery's worker, with its
+    options (e.g. -n NAME@%h --concurrency 4 --pool threads).
+
+    It needs the controllers' shared secret (secret_file in the config, or
+    $STAPCTL_SECRET_FILE), and SSH access to the hosts it is sent.
+    """
+    config = load_config()
+    chosen = engine or config.engine
+    if chosen is None:
+        raise UsageError("no engine to serve: pass --engine celery+redis://HOST:PORT/DB or "
+                         "set STAPCTL_ENGINE")
+    url = broker_url(chosen)
+    config.secret()  # a worker without the secret could only refuse every task
+    start_worker(url, list(celery_options))
 
 
 def report_run(run: Run, session: Session, display: Display) -> None:

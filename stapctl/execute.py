@@ -149,7 +149,7 @@ class Fleet:
     def _event(self, host: str, kind: EventKind, text: str = "", probe: str = "") -> None:
         self.emit(Event(host=host, kind=kind, probe=probe, text=text, time=time.time()))
 
-    def _record(self, outcome: HostOutcome) -> None:
+    def record(self, outcome: HostOutcome) -> None:
         """Keep a (host, probe)'s first outcome: after a forced stop, a job cut off later
         must not replace the one already reported."""
         with self._lock:
@@ -157,15 +157,20 @@ class Fleet:
                 return
             self._ended.add((outcome.host, outcome.probe))
             self.outcomes.append(outcome)
+        self.report(outcome)
+
+    def report(self, outcome: HostOutcome) -> None:
+        """Tell the run a (host, probe) ended, by its ending event; a fleet serving a
+        slice for an engine's controller sends the outcome itself instead."""
         text = outcome.message if not outcome.kind else f"{outcome.kind}: {outcome.message}"
         self._event(outcome.host, ENDING_EVENT[outcome.status], text, outcome.probe)
 
     def _fail(self, host: str, probe: str, status: OutcomeStatus, kind: FailureKind,
               message: str) -> None:
-        self._record(HostOutcome(host=host, probe=probe, status=status, kind=kind,
+        self.record(HostOutcome(host=host, probe=probe, status=status, kind=kind,
                                  message=message))
 
-    def _fail_all(self, host: str, status: OutcomeStatus, kind: FailureKind,
+    def fail_all(self, host: str, status: OutcomeStatus, kind: FailureKind,
                   message: str) -> None:
         for probe in self.manifest.probes:
             self._fail(host, probe.name, status, kind, message)
@@ -185,16 +190,16 @@ class Fleet:
 
     def _connect_one(self, host: Host) -> None:
         if self.stop.is_set():
-            self._fail_all(host.name, "skipped", FailureKind.SKIPPED,
+            self.fail_all(host.name, "skipped", FailureKind.SKIPPED,
                            "interrupted before connecting")
             return
         try:
             connection = self.connector(host, self._connect_options(host))
         except StapctlError as exc:
-            self._fail_all(host.name, "unreachable", FailureKind.UNREACHABLE, str(exc))
+            self.fail_all(host.name, "unreachable", FailureKind.UNREACHABLE, str(exc))
             return
         except Exception as exc:  # noqa: BLE001 - a controller fault stays this host's
-            self._fail_all(host.name, "failed", FailureKind.CONTROLLER_ERROR, _fault(exc))
+            self.fail_all(host.name, "failed", FailureKind.CONTROLLER_ERROR, _fault(exc))
             return
         try:
             agent = AgentHost(connection, host.python)
@@ -204,7 +209,7 @@ class Fleet:
             with contextlib.suppress(Exception):
                 connection.close()
             status, kind, message = _classify(exc)
-            self._fail_all(host.name, status, kind, message)
+            self.fail_all(host.name, status, kind, message)
             return
         with self._lock:
             keep = self._kept < self._keep_limit
@@ -264,7 +269,7 @@ class Fleet:
                               else f"max_fail_percentage ({self.strategy.max_fail_percentage:g}%)"
                               " exceeded")
                     for name in batch:
-                        self._fail_all(name, "skipped", FailureKind.SKIPPED, reason)
+                        self.fail_all(name, "skipped", FailureKind.SKIPPED, reason)
                     continue
                 list(pool.map(lambda name: self._run_host(name, plan), batch))
         return self.outcomes
@@ -321,7 +326,7 @@ class Fleet:
         if lines.split_lines:
             self._event(host, "warning", f"{lines.split_lines} line(s) longer than "
                         f"{self.options.max_line} bytes were split", probe)
-        self._record(outcome)
+        self.record(outcome)
 
     def _run_each(self, session: _Session, job: ModuleJob, target: Target,
                   deadline: float | None) -> None:
@@ -448,7 +453,7 @@ class Fleet:
         still accounts for each host it was given."""
         reason = "interrupted" if self.stop.is_set() else "not run"
         for host in self.hosts:
-            self._fail_all(host, "skipped", FailureKind.SKIPPED, reason)
+            self.fail_all(host, "skipped", FailureKind.SKIPPED, reason)
 
     def close(self) -> None:
         for session in list(self.sessions.values()):

@@ -361,6 +361,7 @@ class FailureKind(StrEnum):
     COMPILE_FAILED = "compile-failed"
     CONTROLLER_ERROR = "controller-error"  # a fault of the controller itself
     SKIPPED = "skipped"
+    WORKER_LOST = "worker-lost"  # the engine's worker serving the host went away
 
     @classmethod
     def from_agent(cls, value: object) -> FailureKind:
@@ -392,6 +393,7 @@ class HostOutcome:
     kind: FailureKind | None = None
     message: str = ""
     stats: Mapping[str, int] = field(default_factory=dict)
+    worker: str = ""  # the engine's worker that served the host; "" when run locally
 
     @property
     def ok(self) -> bool:

@@ -75,6 +75,13 @@ class Listener(Protocol):
     def tick(self) -> None: ...  # a few times a second while a run goes, events or not
 
 
+class Engine(Protocol):
+    """Runs a planned run's fan-out elsewhere (stapctl.engine): it feeds what happens on
+    the hosts into the Fleet's events and outcomes, and stops when its ``stop`` is set."""
+
+    def run(self, fleet: Fleet, plan: Plan) -> None: ...
+
+
 class Silent:
     """A listener that shows nothing (benchmarks, library use)."""
 
@@ -237,9 +244,11 @@ class Session:
                  extra_vars: Mapping[str, Any] | None = None,
                  options: RunOptions | None = None, listener: Listener | None = None,
                  builder: Builder | None = None, connector: Connector = connect,
-                 record: bool = True, baseline: str | None = None) -> None:
+                 record: bool = True, baseline: str | None = None,
+                 engine: Engine | None = None) -> None:
         """``baseline``: a run id (or unique prefix) of the same manifest, or "last" (its
-        newest finished run), whose output the run's is compared with when it ends."""
+        newest finished run), whose output the run's is compared with when it ends.
+        ``engine``: what runs the plan on the hosts instead of this process's Fleet."""
         self.manifest = manifest
         self.hosts = hosts
         self.extra_vars = dict(extra_vars or {})
@@ -250,6 +259,7 @@ class Session:
             secrets.token_hex(2)
         self.fleet = Fleet(manifest, options or RunOptions(), self.channel.put, connector,
                            run_name=self.run_id)
+        self.engine = engine
         self.record = record
         self.recorder: RunRecorder | None = None
         self._aggregator = Aggregator()
@@ -301,7 +311,11 @@ class Session:
         if self.recorder is not None:
             self.recorder.plan(plan)
         self._phase("running")
-        self._in_background(lambda: self.fleet.run(plan))
+        engine = self.engine
+        if engine is None:
+            self._in_background(lambda: self.fleet.run(plan))
+        else:
+            self._in_background(lambda: engine.run(self.fleet, plan))
 
     def finish(self, error: BaseException | None = None) -> Run:
         """Close every connection, give each host not yet ended its outcome, send the

@@ -138,8 +138,8 @@ def test_the_first_outcome_of_a_host_wins(tmp_path: Path) -> None:
     fleet = Fleet(manifest(tmp_path), RunOptions(), events.append)
     fleet.hosts.append("h")
     first = HostOutcome(host="h", probe="p", status="failed", kind=FailureKind.STOPPED)
-    fleet._record(first)
-    fleet._record(replace(first, status="ok", kind=None))
+    fleet.record(first)
+    fleet.record(replace(first, status="ok", kind=None))
     fleet.settle()
 
     assert fleet.outcomes == [first]
