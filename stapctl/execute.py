@@ -233,10 +233,10 @@ class Fleet:
         try:
             connection = self.connector(session.host, self._connect_options(session.host))
         except StapctlError as exc:
-            self._fail_all(session.host.name, "unreachable", FailureKind.UNREACHABLE, str(exc))
+            self.fail_all(session.host.name, "unreachable", FailureKind.UNREACHABLE, str(exc))
             return False
         except Exception as exc:  # noqa: BLE001 - a controller fault stays this host's
-            self._fail_all(session.host.name, "failed", FailureKind.CONTROLLER_ERROR,
+            self.fail_all(session.host.name, "failed", FailureKind.CONTROLLER_ERROR,
                            _fault(exc))
             return False
         session.connection = session.agent.connection = connection
