@@ -292,18 +292,24 @@ class Dispatch:
             if stop_sent:  # a slice no worker took will not start
                 for piece in self.slices.values():
                     piece.ended = piece.ended or not piece.running
-            entries: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] = \
-                self.redis.xread({self.keys.stream: last}, count=BATCH, block=200)  # type: ignore[assignment]
-            for _, messages in entries:
-                for message_id, fields in messages:
-                    last = message_id.decode()
-                    self._take(fields)
-            if entries:
-                self.redis.xtrim(self.keys.stream, minid=last)
+            last, _ = self._read(last, block=200)
             if time.monotonic() - checked_at > RENEW:
                 checked_at = time.monotonic()
-                self._check_leases()
+                last = self._check_leases(last)
         self.redis.delete(self.keys.stream)
+
+    def _read(self, last: str, block: int | None) -> tuple[str, bool]:
+        """Take the messages after ``last`` (waiting up to ``block`` ms, None: not at all);
+        the new last one, and whether there were any."""
+        entries: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] = \
+            self.redis.xread({self.keys.stream: last}, count=BATCH, block=block)  # type: ignore[assignment]
+        for _, messages in entries:
+            for message_id, fields in messages:
+                last = message_id.decode()
+                self._take(fields)
+        if entries:
+            self.redis.xtrim(self.keys.stream, minid=last)
+        return last, bool(entries)
 
     def _take(self, fields: dict[bytes, bytes]) -> None:
         try:
@@ -341,12 +347,21 @@ class Dispatch:
         else:
             raise ValueError(f"unknown message {kind!r}")
 
-    def _check_leases(self) -> None:
-        for piece in list(self.slices.values()):
-            for execution, worker in list(piece.running.items()):
-                if not self.redis.exists(self.keys.lease(execution)):
-                    del piece.running[execution]
-                    self._lost(piece, execution, worker)
+    def _check_leases(self, last: str) -> str:
+        """Hand on the slices whose lease lapsed. A worker sends its slice's end before
+        it drops the lease, so the stream is read to its end first: a slice that ended
+        in the meantime is not taken for lost."""
+        lapsed = [(piece, execution) for piece in self.slices.values()
+                  for execution in piece.running
+                  if not self.redis.exists(self.keys.lease(execution))]
+        more = bool(lapsed)
+        while more:
+            last, more = self._read(last, block=None)
+        for piece, execution in lapsed:
+            worker = piece.running.pop(execution, None)
+            if worker is not None:
+                self._lost(piece, execution, worker)
+        return last
 
     def _lost(self, piece: Slice, execution: str, worker: str) -> None:
         """A worker went away in the middle of a slice: the hosts it started fail, the

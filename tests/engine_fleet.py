@@ -81,18 +81,26 @@ class Targets:
 
 def agent_double(path: Path, traces: Path, pause: float) -> None:
     """Test double of the agent: hello, loaded, started, a line, then `pause` seconds
-    listening for the controller's stop; leaves PID.started and PID.done / .stopped /
+    listening for the controller's stop; leaves ID.started and ID.done / .stopped /
     .orphaned (its controller's connection went away) in ``traces``."""
     path.write_text(textwrap.dedent(f"""\
         #!{sys.executable}
-        import json, os, select, struct, sys, time
+        import json, os, select, signal, struct, sys, time
         TRACES, PAUSE = {str(traces)!r}, {pause!r}
+        ME = "%d-%s" % (os.getpid(), os.urandom(8).hex())  # PIDs are reused in a run
+        def trace(state):
+            open(os.path.join(TRACES, "%s.%s" % (ME, state)), "w").close()
+        def orphaned(*_):
+            trace("orphaned")
+            os._exit(0)
+        signal.signal(signal.SIGHUP, orphaned)  # sshd's word that the connection is gone
         def frame(kind, data):
             payload = json.dumps(data).encode() if isinstance(data, dict) else data
-            sys.stdout.buffer.write(struct.pack(">BI", ord(kind), len(payload)) + payload)
-            sys.stdout.flush()
-        def trace(state):
-            open(os.path.join(TRACES, "%d.%s" % (os.getpid(), state)), "w").close()
+            try:
+                sys.stdout.buffer.write(struct.pack(">BI", ord(kind), len(payload)) + payload)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                orphaned()
         request = json.loads(sys.stdin.readline())
         frame("H", {{"protocol": 1, "agent": "double", "pid": os.getpid()}})
         frame("E", {{"event": "loaded", "module": request.get("module_name", "")}})
@@ -105,8 +113,7 @@ def agent_double(path: Path, traces: Path, pause: float) -> None:
             if ready:
                 line = sys.stdin.readline()
                 if not line:
-                    trace("orphaned")
-                    sys.exit(0)
+                    orphaned()
                 if json.loads(line).get("op") == "stop":
                     ending = "stopped"
                     break
