@@ -2,11 +2,11 @@
 
 stap runs in its toolchain (the host, or a build root) and builds against the release's
 headers tree there (or a symlinked copy of it holding the host's System.map, for
-kprobe.function) and, when the release needs runtime fixes, a patched copy of the
-runtime. Those copies live where the toolchain's stap can read them (the cache for the
-host's, the root for the others), and stap keeps its own cache (``SYSTEMTAP_DIR``) there
-too, so kernel feature probing (15 s and more) is paid once per toolchain, not once per
-module.
+kprobe.function; a build root's stap also finds that map in a /boot of its own) and, when
+the release needs runtime fixes, a patched copy of the runtime. Those copies live where
+the toolchain's stap can read them (the cache for the host's, the root for the others),
+and stap keeps its own cache (``SYSTEMTAP_DIR``) there too, so kernel feature probing
+(15 s and more) is paid once per toolchain, not once per module.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Compiler:
             script.write_text("\n" * (spec.first_line - 1) + spec.script)
             # `--`: an argument such as '-5' is the script's, never an option of stap's
             proc = self._stap([*argv, *spec.options, "--", script.name, *spec.args],
-                              Path(tmp))
+                              Path(tmp), self._boot(spec.release, spec.symbol_map))
             module = Path(tmp) / f"{spec.module_name}.ko"
             origin = spec.origin or script.name
             if proc.returncode != 0 or not module.is_file():
@@ -118,7 +118,7 @@ class Compiler:
                 "-r", self.build_tree(release, symbol_map)]
         with tempfile.TemporaryDirectory(dir=self._scratch("work"),
                                          ignore_cleanup_errors=True) as tmp:
-            proc = self._stap(argv, Path(tmp))
+            proc = self._stap(argv, Path(tmp), self._boot(release, symbol_map))
         complaint = _user_facing_stderr(proc.stderr, "<input>", "pattern", 1)
         if proc.returncode != 0 and complaint:
             raise UsageError(f"stap cannot list the probe pattern {pattern!r}: "
@@ -146,6 +146,21 @@ class Compiler:
                                     tree / "System.map")
                     (tree / ".complete").touch()
         return self.toolchain.inside(tree)
+
+    def _boot(self, release: str, symbol_map: str) -> Path | None:
+        """For a build root's stap, a /boot holding the host's System.map (``symbol_map``,
+        its sha256) as System.map-RELEASE: systemtap 5 reads kernel symbols only there
+        (or in /usr/lib/debug/boot), never from the build tree."""
+        if not symbol_map or self.toolchain.is_host:
+            return None
+        boot = self._scratch("boot") / f"{release}-{symbol_map[:16]}"
+        target = boot / f"System.map-{release}"
+        if not target.exists():
+            boot.mkdir(exist_ok=True)
+            partial = target.with_name(f".{os.getpid()}.part")
+            shutil.copyfile(self.cache.directory("symbols") / f"{symbol_map}.map", partial)
+            os.replace(partial, target)
+        return boot
 
     def _runtime(self, spec: ModuleSpec) -> Path | None:
         """A patched runtime copy for the spec's fixes, made once and kept in the cache."""
@@ -175,11 +190,12 @@ class Compiler:
         return self.cache.locked(name if self.toolchain.is_host
                                  else f"{self.toolchain.name}-{name}")
 
-    def _stap(self, argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-        """Run the toolchain's stap in ``cwd`` with its own stap cache."""
+    def _stap(self, argv: list[str], cwd: Path,
+              boot: Path | None) -> subprocess.CompletedProcess[str]:
+        """Run the toolchain's stap in ``cwd`` with its own stap cache (and /boot)."""
         env = {"SYSTEMTAP_DIR": self.toolchain.inside(self._scratch("stap"))}
-        return subprocess.run(self.toolchain.command(argv, cwd, env), capture_output=True,
-                              text=True, check=False)
+        return subprocess.run(self.toolchain.command(argv, cwd, env, boot),
+                              capture_output=True, text=True, check=False)
 
 
 def _script_name(name: str) -> str:

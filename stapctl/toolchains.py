@@ -129,7 +129,7 @@ class Toolchain:
 
     def scratch(self, cache: ModuleCache, name: str) -> Path:
         """A private directory for the compiler's files (``stap``, ``work``, ``trees``,
-        ``runtime``) where this toolchain's stap can read them."""
+        ``boot``, ``runtime``) where this toolchain's stap can read them."""
         if self.is_host:
             return cache.directory(name)
         path = self.root / SCRATCH / name
@@ -137,20 +137,22 @@ class Toolchain:
         return path
 
     def command(self, argv: list[str], cwd: Path | None = None,
-                env: dict[str, str] | None = None) -> list[str]:
+                env: dict[str, str] | None = None, boot: Path | None = None) -> list[str]:
         """The command line that runs ``argv`` (a program of the tree) in the toolchain.
 
-        A root runs in a mount namespace of its own with /proc, /sys and /dev bound, so
-        nothing stays mounted when the command ends.
+        A root runs in a mount namespace of its own with /proc, /sys and /dev bound, and
+        ``boot`` (a directory of the root) bound over its /boot, so nothing stays mounted
+        when the command ends and concurrent commands each see their own /boot.
         """
         settings = [f"{name}={value}" for name, value in (env or {}).items()]
         if self.is_host:
             return ["env", *(["-C", str(cwd)] if cwd else []), *settings, *argv]
         inner = ["env", *(["-C", self.inside(cwd)] if cwd else []), *settings, *argv]
-        script = ('r=$1; shift; mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" '
-                  '&& mount --rbind /dev "$r/dev" && exec chroot "$r" "$@"')
+        script = ('r=$1; b=$2; shift 2; mount -t proc proc "$r/proc" '
+                  '&& mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" '
+                  '&& { [ -z "$b" ] || mount --bind "$b" "$r/boot"; } && exec chroot "$r" "$@"')
         return [*_as_root(), "unshare", "--mount", "--propagation", "private",
-                "sh", "-c", script, "sh", str(self.root), *inner]
+                "sh", "-c", script, "sh", str(self.root), str(boot or ""), *inner]
 
     def describe(self) -> dict[str, str]:
         return {"name": self.name, "stap_version": self.stap_version, "suite": self.suite,
