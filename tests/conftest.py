@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine_fleet import Broker, start_broker
 from tests.postgres_server import PostgresServer, start_postgres
 
 STATE = Path(os.environ.get("STAPCTL_TEST_STATE")
@@ -85,3 +86,13 @@ def configured_history(history_where: str | Path, monkeypatch: pytest.MonkeyPatc
     in the commands a test runs, records into and reads."""
     monkeypatch.setenv("STAPCTL_HISTORY", str(history_where))
     return history_where
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A redis-server of the test's own on loopback, for the engine's tests."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    running = start_broker(folder)
+    yield running
+    running.stop()

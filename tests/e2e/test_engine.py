@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from stapctl.lab import LabStatus
-from tests.engine_fleet import Broker, Workers, start_broker, start_workers, write_secret
+from tests.engine_fleet import Broker, Workers, start_workers, write_secret
 from tests.loopback_sshd import wait_for
 
 from .helpers import stap_modules_loaded, write_manifest
@@ -27,15 +27,6 @@ pytestmark = pytest.mark.e2e
 def env(tmp_path: Path) -> dict[str, str]:
     return dict(os.environ, STAPCTL_SECRET_FILE=str(write_secret(tmp_path)),
                 XDG_DATA_HOME=str(tmp_path / "data"))
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    folder = tmp_path / "redis"
-    folder.mkdir()
-    running = start_broker(folder)
-    yield running
-    running.stop()
 
 
 @pytest.fixture

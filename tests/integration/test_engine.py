@@ -30,7 +30,6 @@ from tests.engine_fleet import (
     Workers,
     make_targets,
     run_folder,
-    start_broker,
     start_workers,
     wait_started,
     write_secret,
@@ -50,15 +49,6 @@ def targets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Targets]:
     fleet = make_targets(tmp_path_factory.mktemp("targets"), HOSTS, headers_release(), 2.0)
     yield fleet
     fleet.sshds.stop()
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    folder = tmp_path / "redis"
-    folder.mkdir()
-    running = start_broker(folder)
-    yield running
-    running.stop()
 
 
 @pytest.fixture
