@@ -39,6 +39,16 @@ def guest_host(lab: LabStatus, index: int = 0) -> Host:
     return lab.host(lab.guests[index].name)
 
 
+def write_inventory(path: Path, hosts: dict[str, Host]) -> Path:
+    """An Ansible inventory of guests from several labs, as a user would write it."""
+    path.write_text(yaml.safe_dump({"all": {"hosts": {
+        name: {"ansible_host": h.address, "ansible_port": h.port, "ansible_user": h.user,
+               "ansible_ssh_private_key_file": h.key_file,
+               "stapctl_known_hosts": h.known_hosts}
+        for name, h in hosts.items()}}}))
+    return path
+
+
 def guest_run(lab: LabStatus, command: str, index: int = 0) -> str:
     """Run a shell command in a guest and return its stdout."""
     connection = connect(guest_host(lab, index), ConnectOptions())

@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from stapctl.lab import LabStatus
 
-from .helpers import guest_host
+from .helpers import guest_host, write_inventory
 from .test_two_kernels import other_lab  # noqa: F401 - the second guest's fixture
 
 pytestmark = pytest.mark.e2e
@@ -28,12 +27,7 @@ def probes(inventory: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_probes_listed_per_kernel_then_from_the_cache(
         lab: LabStatus, other_lab: LabStatus, tmp_path: Path) -> None:  # noqa: F811
     hosts = {"main": guest_host(lab), "other": guest_host(other_lab)}
-    inventory = tmp_path / "inventory.yaml"
-    inventory.write_text(yaml.safe_dump({"all": {"hosts": {
-        name: {"ansible_host": h.address, "ansible_port": h.port, "ansible_user": h.user,
-               "ansible_ssh_private_key_file": h.key_file,
-               "stapctl_known_hosts": h.known_hosts}
-        for name, h in hosts.items()}}}))
+    inventory = write_inventory(tmp_path / "inventory.yaml", hosts)
 
     # kprobe.function: no debuginfo, so stap needs each guest's kallsyms as its System.map
     result = probes(inventory, "--json", 'kprobe.function("vfs_rea*")')

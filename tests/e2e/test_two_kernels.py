@@ -17,7 +17,7 @@ from stapctl.manifest import load_manifest
 from stapctl.plan import ModuleJob
 from stapctl.session import Session, Silent, select_hosts
 
-from .helpers import guest_host, write_manifest
+from .helpers import guest_host, write_inventory, write_manifest
 
 pytestmark = pytest.mark.e2e
 
@@ -48,12 +48,7 @@ def other_lab() -> Iterator[LabStatus]:
 def test_two_releases_two_parallel_compiles_then_none(
         lab: LabStatus, other_lab: LabStatus, tmp_path: Path) -> None:
     hosts = {"main": guest_host(lab), "other": guest_host(other_lab)}
-    inventory = tmp_path / "inventory.yaml"
-    inventory.write_text(yaml.safe_dump({"all": {"hosts": {
-        name: {"ansible_host": h.address, "ansible_port": h.port, "ansible_user": h.user,
-               "ansible_ssh_private_key_file": h.key_file,
-               "stapctl_known_hosts": h.known_hosts}
-        for name, h in hosts.items()}}}))
+    inventory = write_inventory(tmp_path / "inventory.yaml", hosts)
     token = secrets.token_hex(4)  # a script no cache has seen: the compiles are real
     script = 'probe oneshot { printf("TOKEN %s\\n", "{{ kernel_release }}") }'
     manifest_path = write_manifest(tmp_path, "kernels", script.replace("TOKEN", token))
