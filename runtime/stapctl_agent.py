@@ -72,6 +72,8 @@ PRIVILEGE = struct.Struct("=i")
 TRACE_MAGIC = b"\xf0\x9f\xa9\xba"  # 5.x relay record header starts with it
 TRACE_HEADER = struct.Struct("=II")  # sequence, length
 MAX_RECORD = 128 * 1024
+RELAY_READ_SIZE = 1 << 18  # bytes a relay file read asks for
+RELAY_READS = 16  # reads of one relay file in a row, at most (4 MiB)
 RESYNC_WINDOW = 1 << 20  # how far a 4.x header's sequence may be from the last one
 WAIT = -1  # RecordParser: decide when more data has arrived
 TRACE_NAME = re.compile(r"trace\d+\Z")
@@ -1181,23 +1183,25 @@ class RelaySet(object):
         if not moved and cpu not in self.unpinned:
             self.unpinned.add(cpu)
             log("cannot run on CPU %d: reading its relay file from another CPU" % cpu)
-        now = time.monotonic()
-        got = False
-        for _ in range(64):  # bounded, so .cmd is served even under a flood
+        chunks = []
+        for _ in range(RELAY_READS):  # bounded, so .cmd is served even under a flood
             try:
-                data = os.read(fd, 65536)
+                data = os.read(fd, RELAY_READ_SIZE)
             except OSError as e:
                 if e.errno not in (errno.ENODATA, errno.EAGAIN, errno.EINTR):
                     log("reading relay file: %s" % e)
                 break
             if not data:
                 break
-            got = True
-            for seq, record in parser.feed(data):
-                self.merger.add(seq, record, now)
+            chunks.append(data)
         if moved:
             self.kernel.run_on(self.home_cpus)
-        return got
+        # parsed after the move back: the CPU's probes get it back as soon as it is read
+        now = time.monotonic()
+        for data in chunks:
+            for seq, record in parser.feed(data):
+                self.merger.add(seq, record, now)
+        return bool(chunks)
 
     def read_all(self):
         """Reads every relay file that has data, finalized or not; True if any had.
