@@ -72,6 +72,8 @@ PRIVILEGE = struct.Struct("=i")
 TRACE_MAGIC = b"\xf0\x9f\xa9\xba"  # 5.x relay record header starts with it
 TRACE_HEADER = struct.Struct("=II")  # sequence, length
 MAX_RECORD = 128 * 1024
+RELAY_READ_SIZE = 1 << 18  # bytes a relay file read asks for
+RELAY_READS = 16  # reads of one relay file in a row, at most (4 MiB)
 RESYNC_WINDOW = 1 << 20  # how far a 4.x header's sequence may be from the last one
 WAIT = -1  # RecordParser: decide when more data has arrived
 TRACE_NAME = re.compile(r"trace\d+\Z")
@@ -112,18 +114,23 @@ class FrameReader(object):
 
     def feed(self, data):
         """Returns the frames completed by ``data`` as (type letter, payload bytes)."""
-        self._buf += data
+        buf = self._buf
+        buf += data
         frames = []
-        while len(self._buf) >= FRAME_HEADER.size:
-            code, length = FRAME_HEADER.unpack_from(self._buf)
-            ftype = chr(code)
-            if ftype not in FRAME_TYPES or length > self.max_frame:
-                raise ValueError("corrupt agent stream: frame type %r, length %d" % (ftype, length))
-            end = FRAME_HEADER.size + length
-            if len(self._buf) < end:
-                break
-            frames.append((ftype, bytes(self._buf[FRAME_HEADER.size:end])))
-            del self._buf[:end]
+        start = 0
+        with memoryview(buf) as view:  # one copy of each payload, one trim of the buffer
+            while len(buf) - start >= FRAME_HEADER.size:
+                code, length = FRAME_HEADER.unpack_from(buf, start)
+                ftype = chr(code)
+                if ftype not in FRAME_TYPES or length > self.max_frame:
+                    raise ValueError("corrupt agent stream: frame type %r, length %d"
+                                     % (ftype, length))
+                end = start + FRAME_HEADER.size + length
+                if len(buf) < end:
+                    break
+                frames.append((ftype, bytes(view[start + FRAME_HEADER.size:end])))
+                start = end
+        del buf[:start]
         return frames
 
     @property
@@ -278,13 +285,15 @@ class RecordParser(object):
 
     Records may span reads. A header with length 0 or over 128 KiB means the stream lost
     its framing (4.8 leaves stale bytes where it drops a record): skip forward until a
-    plausible header, counting what was skipped.
+    plausible header, counting what was skipped. Parsing moves an offset through the
+    buffer, which is trimmed once per feed: a big read costs one copy, not one per record.
     """
 
     def __init__(self, generation):
         self.magic = TRACE_MAGIC if generation >= 5 else b""
         self.header_size = len(self.magic) + TRACE_HEADER.size
         self.buf = bytearray()
+        self.pos = 0  # where the unparsed bytes of buf start
         self.last_seq = 0
         self.resyncing = False
         self.desyncs = 0
@@ -297,58 +306,68 @@ class RecordParser(object):
     def finish(self):
         """At the end of the stream: the remaining records, then what a cut one carried."""
         records = self._records(final=True)
-        if len(self.buf) >= self.header_size:
-            seq, length = TRACE_HEADER.unpack_from(self.buf, len(self.magic))
-            data = bytes(self.buf[self.header_size:])
+        buf = self.buf
+        if len(buf) >= self.header_size:
+            seq, length = TRACE_HEADER.unpack_from(buf, len(self.magic))
+            data = bytes(buf[self.header_size:])
             self._desync(length - len(data))
             records.append((seq, data))
             self.buf = bytearray()
         self._skip(len(self.buf))
+        del self.buf[:self.pos]
+        self.pos = 0
         return records
 
     def _records(self, final):
         records = []
-        while True:
-            record = self._next(final)
-            if record is None:
-                return records
-            records.append(record)
+        with memoryview(self.buf) as view:
+            while True:
+                record = self._next(view, final)
+                if record is None:
+                    break
+                records.append(record)
+        del self.buf[:self.pos]
+        self.pos = 0
+        return records
 
-    def _next(self, final):
+    def _next(self, view, final):
         buf = self.buf
-        while len(buf) >= self.header_size:
-            if self.magic and not buf.startswith(self.magic):
-                found = buf.find(self.magic)
-                self._skip(found if found > 0 else len(buf) - len(self.magic) + 1)
+        magic = self.magic
+        while len(buf) - self.pos >= self.header_size:
+            pos = self.pos
+            if magic and not buf.startswith(magic, pos):
+                found = buf.find(magic, pos)
+                self._skip(found - pos if found > pos else len(buf) - pos - len(magic) + 1)
                 continue
-            if self.magic:
-                length = TRACE_HEADER.unpack_from(buf, len(self.magic))[1]
+            if magic:
+                length = TRACE_HEADER.unpack_from(buf, pos + len(magic))[1]
                 at = 0 if 0 < length <= MAX_RECORD else None
             else:
-                at = self._header_at(buf, final)
+                at = self._header_at(buf, pos, final)
             if at is None:
                 self._skip(1)
                 continue
             if at == WAIT:
                 return None
             self._skip(at)  # stale bytes where 4.x dropped a record
-            seq, length = TRACE_HEADER.unpack_from(buf, len(self.magic))
-            end = self.header_size + length
+            pos = self.pos
+            seq, length = TRACE_HEADER.unpack_from(buf, pos + len(magic))
+            end = pos + self.header_size + length
             if len(buf) < end:
                 if final and self.resyncing:  # a guess no more data can confirm
                     self._skip(1)
                     continue
                 return None
-            data = bytes(buf[self.header_size:end])
-            del buf[:end]
+            data = bytes(view[pos + self.header_size:end])
+            self.pos = end
             self.resyncing = False
             self.last_seq = seq
             return seq, data
         return None
 
-    def _header_at(self, buf, final):
-        """4.x: where the next header starts (0 to 8 bytes on), None if nowhere near, or
-        WAIT to decide once more data has arrived.
+    def _header_at(self, buf, pos, final):
+        """4.x: where the next header starts (0 to 8 bytes past ``pos``), None if nowhere
+        near, or WAIT to decide once more data has arrived.
 
         4.x has no magic to find headers by. When a record's header does not fit in what
         is left of a sub-buffer, 4.x drops the record and leaves those (up to 8) bytes
@@ -361,13 +380,13 @@ class RecordParser(object):
         """
         best = None
         for offset in range(TRACE_HEADER.size + 1):
-            if len(buf) < offset + TRACE_HEADER.size:
+            if len(buf) < pos + offset + TRACE_HEADER.size:
                 break
-            seq, length = TRACE_HEADER.unpack_from(buf, offset)
+            seq, length = TRACE_HEADER.unpack_from(buf, pos + offset)
             if not (0 < length <= MAX_RECORD and seq > self.last_seq):
                 continue
             near = seq <= self.last_seq + RESYNC_WINDOW
-            followed = self._followed(buf, offset, seq, length, final)
+            followed = self._followed(buf, pos + offset, seq, length, final)
             if followed and (near or not self.resyncing):
                 return offset
             unrefuted = followed is None and (near or not self.resyncing)
@@ -380,10 +399,10 @@ class RecordParser(object):
         return WAIT if offset and followed is None and not final else offset
 
     @staticmethod
-    def _followed(buf, offset, seq, length, final):
-        """True if another header follows the record at ``offset``, False if not, None if
+    def _followed(buf, at, seq, length, final):
+        """True if another header follows the record at ``at``, False if not, None if
         the bytes to tell have not arrived (at the stream's end: never will)."""
-        after = offset + TRACE_HEADER.size + length
+        after = at + TRACE_HEADER.size + length
         for gap in range(TRACE_HEADER.size + 1):
             if len(buf) < after + gap + TRACE_HEADER.size:
                 return False if final and len(buf) < after else None
@@ -395,9 +414,9 @@ class RecordParser(object):
     def _skip(self, count):
         if count <= 0:
             return
-        skipped = bytes(self.buf[:count])
-        del self.buf[:count]
-        lost = len(skipped) - skipped.count(b"\0")  # zero padding is not data
+        end = self.pos + count
+        lost = count - self.buf.count(b"\0", self.pos, end)  # zero padding is not data
+        self.pos = end
         if lost:
             self._desync(lost)
 
@@ -849,15 +868,19 @@ class FrameWriter(object):
     def _write(self, ftype, payload):
         if self.broken:
             return
-        view = memoryview(encode_frame(ftype, payload))
+        header = FRAME_HEADER.pack(ord(ftype), len(payload))
+        # a big payload goes after its header as it is: no copy of it to join them
+        pieces = (header, payload) if len(payload) > 65536 else (header + payload,)
         try:
-            while view:
-                try:
-                    view = view[os.write(self.fd, view):]
-                except BlockingIOError:
-                    if not self.poller.poll(self.stall_timeout * 1000):
-                        raise OSError(errno.ETIMEDOUT, "stdout accepted nothing for %.0f s"
-                                      % self.stall_timeout) from None
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    try:
+                        view = view[os.write(self.fd, view):]
+                    except BlockingIOError:
+                        if not self.poller.poll(self.stall_timeout * 1000):
+                            raise OSError(errno.ETIMEDOUT, "stdout accepted nothing for %.0f s"
+                                          % self.stall_timeout) from None
         except OSError as e:
             log("stdout is gone (%s); carrying on to clean up" % e)
             self.broken = True
@@ -1160,23 +1183,25 @@ class RelaySet(object):
         if not moved and cpu not in self.unpinned:
             self.unpinned.add(cpu)
             log("cannot run on CPU %d: reading its relay file from another CPU" % cpu)
-        now = time.monotonic()
-        got = False
-        for _ in range(64):  # bounded, so .cmd is served even under a flood
+        chunks = []
+        for _ in range(RELAY_READS):  # bounded, so .cmd is served even under a flood
             try:
-                data = os.read(fd, 65536)
+                data = os.read(fd, RELAY_READ_SIZE)
             except OSError as e:
                 if e.errno not in (errno.ENODATA, errno.EAGAIN, errno.EINTR):
                     log("reading relay file: %s" % e)
                 break
             if not data:
                 break
-            got = True
-            for seq, record in parser.feed(data):
-                self.merger.add(seq, record, now)
+            chunks.append(data)
         if moved:
             self.kernel.run_on(self.home_cpus)
-        return got
+        # parsed after the move back: the CPU's probes get it back as soon as it is read
+        now = time.monotonic()
+        for data in chunks:
+            for seq, record in parser.feed(data):
+                self.merger.add(seq, record, now)
+        return bool(chunks)
 
     def read_all(self):
         """Reads every relay file that has data, finalized or not; True if any had.

@@ -46,6 +46,7 @@ FACTS_SCRIPT = 'uname -r && uname -m && command -v "$0"'  # $0: the interpreter
 FACTS_TIMEOUT = 30.0  # seconds the facts command may stay silent (a hung home, a stuck sudo)
 MAX_FRAME = 8 << 20  # the agent batches output in pieces of a few MiB at most
 MAX_TEXT = 4096  # characters kept of any text field the agent sends (messages, events)
+READ_SIZE = 1 << 20  # bytes asked of the agent's stream at once: what has arrived, up to this
 PING = b'{"op": "ping"}\n'
 # Runs the agent file (argv[1]) by import: unlike `python3 FILE`, an import caches the
 # compiled file (__pycache__/agent-<sha256>.cpython-*.pyc, checked against the file's
@@ -434,7 +435,7 @@ def read_frames(recv: Callable[[int], bytes]) -> Iterator[Frame]:
     """
     reader = wire.FrameReader(max_frame=MAX_FRAME)
     inflater = wire.OutputInflater()
-    while chunk := recv(65536):
+    while chunk := recv(READ_SIZE):
         try:
             frames = reader.feed(chunk)
         except ValueError as exc:

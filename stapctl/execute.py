@@ -503,7 +503,7 @@ class LineSplitter:
         self._splitting = False
 
     def feed(self, data: bytes) -> None:
-        start = 0
+        start = self._whole_lines(data)
         while start < len(data):
             newline = data.find(b"\n", start, start + self._max - len(self._partial) + 1)
             if newline >= 0:
@@ -521,6 +521,20 @@ class LineSplitter:
                     self.split_lines += 1
                     self._splitting = True
                 self._line()
+
+    def _whole_lines(self, data: bytes) -> int:
+        """Emits the complete lines ``data`` starts with, when there is no partial line
+        before them and none is too long: the whole run of them split and decoded at
+        once. Returns where the bytes left for the line-by-line path start."""
+        end = data.rfind(b"\n") + 1
+        if self._partial or self._splitting or not end:
+            return 0
+        block = data[:end - 1]
+        if max(map(len, block.split(b"\n"))) > self._max:
+            return 0
+        for line in block.decode(errors="replace").split("\n"):
+            self._emit(line)
+        return end
 
     def flush(self) -> None:
         if self._partial:

@@ -62,6 +62,7 @@ from stapctl.yamldoc import Document
 T = TypeVar("T")
 FORCE_GRACE = 3.0  # seconds to collect the outcomes of cut connections after a 2nd interrupt
 EVENT_BUDGET = 16 << 20  # bytes of events waiting for the listener before workers wait
+TAKE_BYTES = 1 << 20  # bytes of events the listener takes at once, at most
 
 
 class Listener(Protocol):
@@ -225,16 +226,21 @@ class EventChannel:
             self._queued += size
             self._ready.notify_all()
 
-    def get(self, timeout: float) -> Event | None:
-        """The next event, or None after ``timeout`` or once the stage is over."""
+    def take(self, timeout: float) -> list[Event]:
+        """The events waiting, in order, up to TAKE_BYTES of them (one lock and one
+        wake-up for a burst of output lines, not one each, in bounded memory); none
+        after ``timeout`` or once the stage is over."""
         with self._ready:
-            if not self._ready.wait_for(lambda: bool(self._events) or self._stage_over,
-                                        timeout) or not self._events:
-                return None
-            event = self._events.popleft()
-            self._queued -= len(event.text) + 128
+            self._ready.wait_for(lambda: bool(self._events) or self._stage_over, timeout)
+            events: list[Event] = []
+            taken = 0
+            while self._events and (not events or taken < TAKE_BYTES):
+                event = self._events.popleft()
+                events.append(event)
+                taken += len(event.text) + 128
+            self._queued -= taken
             self._ready.notify_all()
-            return event
+            return events
 
 
 class Session:
@@ -460,10 +466,9 @@ class Session:
         handled = 0
         forced_at: float | None = None
         while not self.channel.stage_over:
-            event = self.channel.get(timeout=0.2)
+            events = self.channel.take(timeout=0.2)
             self._deliver_notes()
-            if event is not None:
-                self._deliver(event)
+            self._deliver(events)
             self.listener.tick()
             if self._interrupts > handled:
                 handled = self._interrupts
@@ -484,20 +489,21 @@ class Session:
 
     def _deliver_waiting(self) -> None:
         self._deliver_notes()
-        while (event := self.channel.get(timeout=0)) is not None:
-            self._deliver(event)
+        while events := self.channel.take(timeout=0):
+            self._deliver(events)
 
     def _deliver_notes(self) -> None:
         while self._notes:
             self._notes.popleft()()
 
-    def _deliver(self, event: Event) -> None:
-        if self.recorder is not None:
-            self.recorder.event(event)
-        if event.kind == "output":
-            self._lines[(event.host, event.probe)] += 1
-            self._aggregator.feed(event)
-        self.listener.event(event)
+    def _deliver(self, events: list[Event]) -> None:
+        if self.recorder is not None and events:
+            self.recorder.events(events)
+        for event in events:
+            if event.kind == "output":
+                self._lines[(event.host, event.probe)] += 1
+                self._aggregator.feed(event)
+            self.listener.event(event)
 
 
 def _exit_code(error: BaseException | None) -> int | None:

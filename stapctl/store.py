@@ -20,7 +20,7 @@ import shutil
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import asdict
 from functools import partial
@@ -124,12 +124,23 @@ class RunRecorder:
                                + " (free some disk space or fix the permissions)")
 
     def event(self, event: Event) -> None:
+        self.events([event])
+
+    def events(self, events: Sequence[Event]) -> None:
+        """Record events delivered together: one write to events.jsonl and one to each
+        host's log for the lot, so a controller killed mid-run leaves whole lines, every
+        one it had delivered."""
         if (events_fd := self._events_fd) is not None:
-            line = (json.dumps(asdict(event)) + "\n").encode()
-            if not self._attempt("write events.jsonl", lambda: _write_all(events_fd, line)):
+            data = "".join(json.dumps(vars(event)) + "\n" for event in events).encode()
+            if not self._attempt("write events.jsonl", lambda: _write_all(events_fd, data)):
                 self._close_events()
-        if event.kind == "output":
-            self._write_output(event)
+        outputs: dict[str, list[str]] = {}
+        for event in events:
+            if event.kind == "output":
+                prefix = f"[{event.probe}] " if self._many_probes else ""
+                outputs.setdefault(event.host, []).append(prefix + event.text + "\n")
+        for host, lines in outputs.items():
+            self._write_output(host, "".join(lines).encode("utf-8", "replace"))
 
     def plan(self, plan: Plan) -> None:
         self._attempt("write the scripts and plan.json", lambda: self._write_plan(plan))
@@ -200,15 +211,13 @@ class RunRecorder:
             events_fd, self._events_fd = self._events_fd, None
             self._attempt("write events.jsonl", lambda: os.close(events_fd))
 
-    def _write_output(self, event: Event) -> None:
-        if self._dir_fd is None or event.host in self._failed_logs:
+    def _write_output(self, host: str, data: bytes) -> None:
+        if self._dir_fd is None or host in self._failed_logs:
             return
-        prefix = f"[{event.probe}] " if self._many_probes else ""
-        line = (prefix + event.text + "\n").encode("utf-8", "replace")
         if not self._attempt("write the output of hosts",
-                             lambda: _write_all(self._host_log(event.host), line)):
-            self._failed_logs.add(event.host)
-            self._attempt("write the output of hosts", lambda: self._close_log(event.host))
+                             lambda: _write_all(self._host_log(host), data)):
+            self._failed_logs.add(host)
+            self._attempt("write the output of hosts", lambda: self._close_log(host))
 
     def _host_log(self, host: str) -> int:
         """The host's log, open; at most OPEN_HOST_LOGS are, so any number of hosts fit

@@ -204,6 +204,27 @@ def test_a_full_disk_truncates_the_record_but_the_run_is_still_finished(
     assert history_row(history, "r1")["exit_code"] == 0
 
 
+def test_events_delivered_together_are_recorded_as_one_by_one(tmp_path: Path) -> None:
+    events = [Event(host, kind, probe, f"{kind} {i} é", time=float(i))
+              for i in range(50) for host, kind, probe in
+              (("a", "output", "p"), ("b", "output", "q"), ("a", "warning", "p"))]
+    folders = []
+    for name, deliver in (("single", lambda r: [r.event(e) for e in events]),
+                          ("batch", lambda r: r.events(events))):
+        (tmp_path / name).mkdir()
+        recorder = RunRecorder("r1", make_manifest(tmp_path / name, probes=("p", "q")),
+                               tmp_path / name / "history.sqlite")
+        deliver(recorder)
+        recorder.finish(Run("r1", ()))
+        assert recorder.warnings == []
+        folders.append(recorder.dir)
+    single, batch = folders
+    assert (batch / "events.jsonl").read_text() == (single / "events.jsonl").read_text()
+    assert host_log_path(batch, "a").read_text() == host_log_path(single, "a").read_text() \
+        == "".join(f"[p] output {i} é\n" for i in range(50))
+    assert host_log_path(batch, "b").read_text() == host_log_path(single, "b").read_text()
+
+
 def test_an_unwritable_history_still_leaves_the_whole_folder(tmp_path: Path) -> None:
     (tmp_path / "not-a-dir").write_text("")
     recorder = RunRecorder("r1", make_manifest(tmp_path), tmp_path / "not-a-dir" / "h.sqlite")
