@@ -163,8 +163,7 @@ def test_a_tampered_task_is_refused(tmp_path: Path, targets: Targets, broker: Br
     # a real slice's task of one host, signed, then one byte of its work changed
     work = SliceWork(run_id="tampered", slice_id="1",
                      manifest=load_manifest(targets.manifest), options=RunOptions(),
-                     hosts=(Host(name="h000", address="127.0.0.1"),), order=("h000",),
-                     jobs=())
+                     hosts=(Host(name="h000", address="127.0.0.1"),), order=("h000",))
     payload, signed = seal(secret, work)
     data = bytearray(base64.b64decode(payload))
     data[len(data) // 2] ^= 1

@@ -20,7 +20,7 @@ SECRET = b"s3cret"
 def work(issued: float | None = None) -> SliceWork:
     manifest = Manifest(path=Path("m.yaml"), name="m", probes=())
     made = SliceWork(run_id="r", slice_id="1", manifest=manifest, options=RunOptions(),
-                     hosts=(Host(name="a", address="127.0.0.1"),), order=("a",), jobs=())
+                     hosts=(Host(name="a", address="127.0.0.1"),), order=("a",))
     return made if issued is None else SliceWork(**{**made.__dict__, "issued": issued})
 
 
