@@ -8,21 +8,25 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from stapctl import engine
-from stapctl.engine import TASK, SliceWork, broker_url, celery_app, seal
+from stapctl.engine import TASK, CeleryEngine, SliceWork, broker_url, celery_app, seal
 from stapctl.errors import StapctlError
-from stapctl.execute import RunOptions
+from stapctl.execute import Fleet, RunOptions
 from stapctl.manifest import load_manifest
 from stapctl.models import Host
+from stapctl.session import select_hosts
 from tests.engine_fleet import (
     SCRIPT,
     Broker,
@@ -68,14 +72,16 @@ class Controller:
     """`stapctl apply` through the engine, its stdout and stderr in files (a pipe nobody
     reads while the test waits would stall it)."""
 
-    def __init__(self, targets: Targets, broker: Broker, env: dict[str, str]) -> None:
+    def __init__(self, targets: Targets, broker: Broker, env: dict[str, str],
+                 manifest: Path | None = None, slices: int = 30) -> None:
         folder = Path(env["XDG_DATA_HOME"]).parent
         self.stdout, self.stderr = folder / "stdout", folder / "stderr"
         with self.stdout.open("wb") as out, self.stderr.open("wb") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "stapctl", "apply", str(targets.manifest), "-i",
-                 str(targets.inventory), "--engine", broker.engine, "--forks", "10",
-                 "--slices", "30", "--format", "json"], stdout=out, stderr=err, env=env)
+                [sys.executable, "-m", "stapctl", "apply", str(manifest or targets.manifest),
+                 "-i", str(targets.inventory), "--engine", broker.engine, "--forks", "10",
+                 "--slices", str(slices), "--format", "json"], stdout=out, stderr=err,
+                env=env)
 
     def wait(self, seconds: float) -> int:
         return self.process.wait(timeout=seconds)
@@ -84,7 +90,7 @@ class Controller:
         return self.stderr.read_text(errors="replace")[-3000:]
 
 
-def summary(env: dict[str, str]) -> dict[str, object]:
+def summary(env: dict[str, str]) -> dict[str, Any]:
     folder = run_folder(Path(env["XDG_DATA_HOME"]))
     assert folder is not None
     return dict(json.loads((folder / "summary.json").read_text()))
@@ -242,3 +248,154 @@ def test_a_detached_apply_is_refused_with_an_engine(targets: Targets,
     assert done.returncode == 2
     assert "--detach" in done.stderr and "engine" in done.stderr
     assert not targets.traced("started")
+
+
+# -- a small fleet of its own for each test below ---------------------------------------
+SMALL = 20
+ZONE = "stapctl-zone"  # the targets' address: only the workers' ssh_config resolves it
+
+
+def small_targets(tmp_path: Path, **agent: Any) -> Iterator[Targets]:
+    if os.geteuid() != 0:
+        pytest.skip("the loopback sshd logs in as root; run the tests as root")
+    fleet = make_targets(tmp_path / "targets", SMALL, headers_release(), **agent)
+    yield fleet
+    fleet.sshds.stop()
+
+
+def zone_env(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
+    """The workers' environment: a home whose ssh_config resolves ZONE to loopback."""
+    home = tmp_path / "zone-home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(f"Host {ZONE}\n    HostName 127.0.0.1\n")
+    return dict(env, HOME=str(home))
+
+
+@pytest.fixture
+def zone(tmp_path: Path) -> Iterator[Targets]:
+    (tmp_path / "targets").mkdir()
+    yield from small_targets(tmp_path, pause=0.5, address=ZONE)
+
+
+def test_the_workers_connect_and_the_controller_never_does(
+        tmp_path: Path, zone: Targets, broker: Broker, env: dict[str, str]) -> None:
+    # the controller cannot reach the hosts: its own (local) run finds them unreachable
+    local = subprocess.run(
+        [sys.executable, "-m", "stapctl", "apply", str(zone.manifest), "-i",
+         str(zone.inventory), "--format", "json"],
+        capture_output=True, text=True, timeout=120, check=False, env=env)
+    records = [json.loads(line) for line in local.stdout.splitlines()]
+    (result,) = [r for r in records if r["type"] == "summary"]
+    assert {o["status"] for o in result["outcomes"]} == {"unreachable"}, local.stderr
+    for folder in (Path(env["XDG_DATA_HOME"]) / "stapctl" / "runs").iterdir():
+        shutil.rmtree(folder)
+    for _ in start_workers(tmp_path / "workers", broker.engine, zone_env(tmp_path, env), 2,
+                           concurrency=2):
+        done = Controller(zone, broker, env, slices=4)
+        assert done.wait(120) == 0, done.errors()
+
+    outcomes = outcomes_once(env, zone)
+    assert {o["status"] for o in outcomes} == {"ok"}
+    assert len(zone.traced("started")) == SMALL == len(zone.traced("done"))
+    folder = run_folder(Path(env["XDG_DATA_HOME"]))
+    assert folder is not None
+    events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
+    connected = [e for e in events if e["kind"] == "connected"]
+    assert sorted(e["host"] for e in connected) == zone.names  # from the workers' facts
+    assert {e["text"] for e in connected} == {f"{headers_release()} x86_64"}
+
+
+def test_a_host_file_is_read_by_its_worker(tmp_path: Path, zone: Targets, broker: Broker,
+                                           env: dict[str, str]) -> None:
+    """What kprobe.function's symbol maps go through: a connected host's file, read over
+    the connection its worker holds."""
+    secret = Path(env["STAPCTL_SECRET_FILE"]).read_bytes().strip()
+    manifest = load_manifest(zone.manifest)
+    hosts = select_hosts(manifest, zone.inventory)
+    for _ in start_workers(tmp_path / "workers", broker.engine, zone_env(tmp_path, env), 1,
+                           concurrency=1):
+        fleet = Fleet(manifest, RunOptions(), lambda event: None, run_name="files")
+        dispatch = CeleryEngine(broker_url(broker.engine), secret, 2).begin(
+            fleet, lambda text: None)
+        try:
+            assert sorted(dispatch.connect(hosts)) == zone.names
+            wanted = Path("/etc/hostname").read_bytes()
+            assert dispatch.read_file("h003", "/etc/hostname", 4096) == wanted
+            with pytest.raises(StapctlError, match="/nonexistent"):
+                dispatch.read_file("h004", "/nonexistent", 4096)
+        finally:
+            dispatch.close()
+
+
+@pytest.fixture
+def canary(tmp_path: Path) -> Iterator[Targets]:
+    (tmp_path / "targets").mkdir()
+    yield from small_targets(tmp_path, pause=0.2, failing=(0,))
+
+
+def test_a_failing_canary_skips_the_rest_on_every_worker_as_a_local_run_does(
+        tmp_path: Path, canary: Targets, broker: Broker, env: dict[str, str],
+        workers: Workers) -> None:
+    manifest = tmp_path / "canary.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "apiVersion": "stapctl/v1", "kind": "Trace", "name": "canary",
+        "strategy": {"serial": [1, "50%"], "max_fail_percentage": 0},
+        "probes": [{"name": "hello", "script": SCRIPT}]}))
+    done = Controller(canary, broker, env, manifest, slices=4)
+    code = done.wait(120)
+    assert code == 1, done.errors()  # nothing ran ok
+    through_engine = outcomes_once(env, canary)
+    assert len(canary.traced("started")) == 1  # the canary alone ran
+    for folder in (Path(env["XDG_DATA_HOME"]) / "stapctl" / "runs").iterdir():
+        shutil.rmtree(folder)
+    local = subprocess.run(
+        [sys.executable, "-m", "stapctl", "apply", str(manifest), "-i",
+         str(canary.inventory), "--format", "json"],
+        capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert local.returncode == code, local.stderr[-3000:]
+
+    def kinds(outcomes: list[dict[str, str]]) -> dict[str, tuple[str, str, str]]:
+        return {o["host"]: (o["status"], o["kind"], o["message"]) for o in outcomes}
+
+    assert kinds(through_engine) == kinds(outcomes_once(env, canary))
+    assert kinds(through_engine)["h000"][:2] == ("failed", "runtime-error")
+    assert set(list(kinds(through_engine).values())[1:]) == {
+        ("skipped", "skipped", "max_fail_percentage (0%) exceeded")}
+
+
+def test_no_worker_is_said_once_and_an_interrupt_still_stops_cleanly(
+        tmp_path: Path, canary: Targets, broker: Broker, env: dict[str, str]) -> None:
+    waiting = Controller(canary, broker, env, slices=2)
+    assert wait_for(lambda: "waiting for a worker" in waiting.errors(), 30), waiting.errors()
+    assert wait_for(lambda: waiting.process.poll() is None, 1)  # it keeps waiting
+    waiting.process.send_signal(signal.SIGINT)
+
+    assert waiting.wait(60) == 130, waiting.errors()
+    errors = waiting.errors()
+    assert errors.count("waiting for a worker") == 1
+    assert f"start one with `stapctl worker --engine {broker.engine}`" in errors
+    assert "Traceback" not in errors
+    assert {o["status"] for o in outcomes_once(env, canary)} == {"skipped"}
+    assert not canary.traced("started")
+
+
+@pytest.fixture
+def stubborn(tmp_path: Path) -> Iterator[Targets]:
+    (tmp_path / "targets").mkdir()
+    yield from small_targets(tmp_path, pause=120.0, heeds_stop=False)
+
+
+def test_a_second_interrupt_makes_the_workers_cut_their_hosts(
+        tmp_path: Path, stubborn: Targets, broker: Broker, env: dict[str, str],
+        workers: Workers) -> None:
+    running = Controller(stubborn, broker, env, slices=4)
+    assert wait_started(Path(env["XDG_DATA_HOME"]), SMALL), running.errors()
+    running.process.send_signal(signal.SIGINT)  # the agents do not heed a stop...
+    assert wait_for(lambda: running.process.poll() is not None, 3) is False
+    running.process.send_signal(signal.SIGINT)  # ... so a second cuts their connections
+
+    assert running.wait(30) == 130, running.errors()
+    # cut off, the agents end on their own, long before their 120 s (or a 30 s grace)
+    assert wait_for(lambda: len(stubborn.traced("orphaned")) == SMALL, 15), \
+        len(stubborn.traced("orphaned"))
+    assert "Traceback" not in running.errors()
