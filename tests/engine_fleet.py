@@ -74,6 +74,13 @@ class Targets:
     def traced(self, state: str) -> list[Path]:
         return list(self.traces.glob(f"*.{state}"))
 
+    def running(self) -> set[str]:
+        """The agents that started and have not ended (done, stopped or orphaned)."""
+        def ids(state: str) -> set[str]:
+            return {trace.stem for trace in self.traced(state)}
+
+        return ids("started") - ids("done") - ids("stopped") - ids("orphaned")
+
     def clear(self) -> None:
         for trace in self.traces.iterdir():
             trace.unlink()
