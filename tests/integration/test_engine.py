@@ -23,10 +23,10 @@ import yaml
 from stapctl import engine
 from stapctl.engine import TASK, CeleryEngine, SliceWork, broker_url, celery_app, seal
 from stapctl.errors import StapctlError
-from stapctl.execute import Fleet, RunOptions
+from stapctl.execute import RunOptions
 from stapctl.manifest import load_manifest
 from stapctl.models import Host
-from stapctl.session import select_hosts
+from stapctl.session import Session, select_hosts
 from tests.engine_fleet import (
     SCRIPT,
     Broker,
@@ -304,26 +304,36 @@ def test_the_workers_connect_and_the_controller_never_does(
     assert {e["text"] for e in connected} == {f"{headers_release()} x86_64"}
 
 
-def test_a_host_file_is_read_by_its_worker(tmp_path: Path, zone: Targets, broker: Broker,
-                                           env: dict[str, str]) -> None:
-    """What kprobe.function's symbol maps go through: a connected host's file, read over
-    the connection its worker holds."""
+def test_kernel_symbols_are_read_by_the_workers(tmp_path: Path, zone: Targets,
+                                                broker: Broker, env: dict[str, str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """kprobe.function's symbol maps: each host's /proc/kallsyms is read by the worker
+    holding its connection (the controller cannot reach the hosts)."""
+    monkeypatch.setenv("STAPCTL_SECRET_FILE", env["STAPCTL_SECRET_FILE"])
+    manifest = tmp_path / "kprobe.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "apiVersion": "stapctl/v1", "kind": "Trace", "name": "kprobe", "inventory":
+        str(zone.inventory), "probes": [{"name": "reads", "script":
+                                         'probe kprobe.function("vfs_read") { exit() }'}]}))
+    loaded = load_manifest(manifest)
     secret = Path(env["STAPCTL_SECRET_FILE"]).read_bytes().strip()
-    manifest = load_manifest(zone.manifest)
-    hosts = select_hosts(manifest, zone.inventory)
     for _ in start_workers(tmp_path / "workers", broker.engine, zone_env(tmp_path, env), 1,
                            concurrency=1):
-        fleet = Fleet(manifest, RunOptions(), lambda event: None, run_name="files")
-        dispatch = CeleryEngine(broker_url(broker.engine), secret, 2).begin(
-            fleet, lambda text: None)
+        session = Session(loaded, select_hosts(loaded)[:3], record=False,
+                          engine=CeleryEngine(broker_url(broker.engine), secret, 2))
         try:
-            assert sorted(dispatch.connect(hosts)) == zone.names
-            wanted = Path("/etc/hostname").read_bytes()
-            assert dispatch.read_file("h003", "/etc/hostname", 4096) == wanted
+            connected = session.connect()
+            assert session.engine is not None
             with pytest.raises(StapctlError, match="/nonexistent"):
-                dispatch.read_file("h004", "/nonexistent", 4096)
+                session.engine.read_file("h001", "/nonexistent", 4096)
         finally:
-            dispatch.close()
+            session.finish()
+
+    assert sorted(connected) == zone.names[:3]
+    maps = {facts.symbol_map for _, facts in connected.values()}
+    # the targets are this machine: their symbols are its own
+    assert maps == {session.builder.store_symbol_map(Path("/proc/kallsyms").read_bytes())}, \
+        [facts for _, facts in connected.values()]
 
 
 @pytest.fixture
