@@ -337,6 +337,32 @@ def test_kernel_symbols_are_read_by_the_workers(tmp_path: Path, zone: Targets,
 
 
 @pytest.fixture
+def slow_facts(tmp_path: Path) -> Iterator[Targets]:
+    (tmp_path / "targets").mkdir()
+    yield from small_targets(tmp_path, pause=0.2, facts_delay=3.0)
+
+
+def test_a_worker_lost_while_connecting_has_its_hosts_served_by_another(
+        tmp_path: Path, slow_facts: Targets, broker: Broker, env: dict[str, str]) -> None:
+    # one slice each: a worker of concurrency 1 reserves one task at a time
+    started = start_workers(tmp_path / "workers", broker.engine, env, 2, concurrency=1)
+    workers = next(started)
+    try:
+        running = Controller(slow_facts, broker, env, slices=2)
+        assert wait_for(lambda: all("received" in log.read_text(errors="replace")
+                                    for log in workers.logs.values()), 30), running.errors()
+        workers.processes["w1"].kill()  # while its hosts' facts are being gathered
+        code = running.wait(120)
+    finally:
+        started.close()
+
+    assert code == 0, running.errors()
+    outcomes = outcomes_once(env, slow_facts)
+    assert {(o["status"], o["worker"].split("@")[0]) for o in outcomes} == {("ok", "w2")}
+    assert len(slow_facts.traced("started")) == SMALL  # nothing loaded twice
+
+
+@pytest.fixture
 def canary(tmp_path: Path) -> Iterator[Targets]:
     (tmp_path / "targets").mkdir()
     yield from small_targets(tmp_path, pause=0.2, failing=(0,))
