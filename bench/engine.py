@@ -10,12 +10,14 @@ At equal total forks F: locally one Fleet with F threads; with N workers each ru
 slice at a time (``--concurrency 1``) of F/N forks, and the run is cut into N slices
 (``--slices-per-worker`` times N), so N·(F/N) = F hosts are worked on at once either way.
 
-Where the time goes: each run's stages (connect: SSH, agent, facts on the controller;
-build: plan and the cached compile; run: the fan-out; finish: the record), and within
-the run stage the time to the first host's upload (with an engine: handing out the
-slices, a worker picking one up and connecting to its hosts itself) and to the last
-host's end; the CPU time the controller and the workers spent. And how many workers'
-messages per second one controller takes (the engine's limit on a fleet's event rate).
+Where the time goes: each run's stages (connect: SSH, agent, facts — locally on the
+controller, through an engine on the workers, with the slices handed out and the facts
+sent back; build: plan and the cached compile; run: the fan-out — through an engine the
+modules stored, the plan published and each worker's module fetched, then the batches
+released; finish: the record), and within the run stage the time to the first host's
+upload and to the last host's end; the CPU time the controller and the workers spent.
+And how many workers' messages per second one controller takes (the engine's limit on
+a fleet's event rate).
 Prints a table; writes bench/results/engine.json. Needs root (sshd logs in as root) and
 redis-server.
 

@@ -194,6 +194,18 @@ def text_field(value: object) -> str:
     return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "… (cut)"
 
 
+def checked_facts(release: str, arch: str) -> HostFacts:
+    """A host's kernel release and arch, once both pass the rule of stapctl.facts (they
+    become paths and arguments here), else BadFactsError. A target's own answer and an
+    engine worker's report of it go through this one check."""
+    for name, value in (("kernel release", release), ("arch", arch)):
+        if not is_safe_fact(value):
+            raise BadFactsError(f"the host reports its {name} as {shown(value)}, which "
+                                f"stapctl will not use in paths or commands: it must be "
+                                f"{SAFE_FACT_RULE}")
+    return HostFacts(release=release, arch=arch)
+
+
 @dataclass(frozen=True)
 class Frame:
     kind: Literal["hello", "output", "event", "result"]
@@ -252,12 +264,7 @@ class AgentHost:
             raise AgentError(f"cannot gather facts (exit {code})" +
                              (f": {tail.splitlines()[-1]}" if tail else ""), tail)
         release, arch, _interpreter = lines
-        for name, value in (("kernel release", release), ("arch", arch)):
-            if not is_safe_fact(value):
-                raise BadFactsError(f"the host reports its {name} as {shown(value)}, which "
-                                    f"stapctl will not use in paths or commands: it must be "
-                                    f"{SAFE_FACT_RULE}")
-        return HostFacts(release=release, arch=arch)
+        return checked_facts(release, arch)
 
     def upload_module(self, local: Path, sha256: str) -> str:
         """Upload a module unless the target already holds it; returns its remote path.

@@ -1,25 +1,43 @@
 """Fan-out over Celery workers on a Redis broker (`--engine celery+redis://HOST:PORT/DB`).
 
-The controller connects, plans and compiles as for a local run; only the run stage's
-fan-out changes: the hosts are cut into slices, each slice is one Celery task, and a
-`stapctl worker` anywhere that reaches the broker and the hosts runs it with the same
-Fleet a local run uses. What crosses the broker, and why it can be trusted:
+With an engine the controller never connects to a host: it cuts the hosts into slices,
+each slice one Celery task, and a `stapctl worker` anywhere that reaches the broker and
+the slice's hosts serves it with the same Fleet a local run uses, one connection per host
+from facts to run. The run goes in three steps over the broker:
+
+1. connect: each worker claims its slice's hosts, connects, ships the agent and gathers
+   facts; it sends each host's facts (checked on the controller as a target's own are)
+   or its outcome. The controller waits for every host's, plans and compiles as for a
+   local run; a host's file it needs (kernel symbols) is read by the worker holding the
+   host's connection, on request;
+2. plan: the controller stores the modules and publishes the plan to every worker of
+   the run (the run's control stream);
+3. run: the controller rolls the run out batch by batch under the manifest's policy, as
+   a local run does (`serial`, the canary, max_fail_percentage over the whole run): it
+   releases a batch with a `go` message, and the next only when each worker holding
+   hosts of it has run its part; then `end`.
+
+What crosses the broker, and why it can be trusted:
 
 - a task is a pickled ``SliceWork`` with an HMAC-SHA256 of it under the shared secret
   (``Config.secret()``); a worker checks the HMAC before unpickling anything and refuses
-  a task that is unsigned, tampered with or older than a day;
+  a task that is unsigned, tampered with or older than a day. The controller's messages
+  (the plan, batches, file requests, `end`) are signed the same way;
 - modules are stored under ``stapctl:module:SHA256``; a worker keeps one only if its
   bytes hash to that name, and caches it by that name;
-- every message a worker sends back (events, outcomes, the slice's start and end) goes
-  into the run's Redis stream signed the same way; the controller drops anything
-  unsigned, and checks hosts and kinds as it would a target's.
+- every message a worker sends back (facts, events, outcomes, files, the slice's start
+  and end) goes into the run's Redis stream signed the same way; the controller drops
+  anything unsigned, and checks hosts, facts and kinds as it would a target's.
 
-Faults: each worker's slice holds a lease key it renews every second. When a lease
-lapses before its slice ended, the hosts that worker had started end failed as
-``worker-lost`` (their agents unload on their dead-man once its SSH connections drop)
-and the hosts it had not started go to another worker once. Hosts are claimed one by
-one in Redis before they are started, so a task Celery hands out again (late
-acknowledgement, rejected when its worker is lost) never runs a host twice.
+Stops and faults: a stop (first interrupt) is a key the workers watch, as is a cut (the
+second: they close their hosts' connections and the agents unload on their dead-man).
+Each worker's slice holds a lease key it renews every second, and the controller one the
+workers wait on (a worker whose controller went away ends its slice). When a slice's
+lease lapses before the plan, nothing was loaded: the hosts that worker held go to
+another worker once. After it, the hosts it held and had not ended fail as
+``worker-lost``. Hosts are claimed one by one in Redis before they are connected, so a
+task Celery hands out again (late acknowledgement, rejected when its worker is lost)
+never serves a host twice.
 """
 
 from __future__ import annotations
@@ -28,6 +46,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -38,7 +57,8 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -46,19 +66,21 @@ from urllib.parse import urlsplit
 
 import platformdirs
 
+from stapctl.agent import checked_facts
 from stapctl.config import load_config
-from stapctl.errors import StapctlError, UsageError
+from stapctl.errors import BadFactsError, StapctlError, UsageError
 from stapctl.execute import Fleet, RunOptions
 from stapctl.models import (
     Event,
     EventKind,
     FailureKind,
     Host,
+    HostFacts,
     HostOutcome,
     Manifest,
     OutcomeStatus,
 )
-from stapctl.plan import ModuleJob, Plan
+from stapctl.plan import Plan
 
 if TYPE_CHECKING:  # imported when used: a local run does not pay for them
     import celery
@@ -71,6 +93,8 @@ MODULE_TTL = 7 * 86400  # seconds a module stays on the broker after its last ru
 RUN_TTL = 86400  # a run's keys, and the age past which a task is refused
 LEASE = 6.0  # seconds a worker's slice lives on the broker without a renewal
 RENEW = 1.0  # how often a worker renews its lease and looks for a stop
+NO_WORKER_NOTE = 5.0  # seconds without any slice begun before the controller says so
+FILE_WAIT = 120.0  # seconds the controller waits for a host's file from its worker
 STREAM_BOUND = 10_000  # messages waiting in a run's stream before workers wait
 BATCH = 500  # messages sent, or read, at once
 EVENT_KINDS = frozenset(get_args(EventKind))
@@ -146,7 +170,6 @@ class SliceWork:
     options: RunOptions
     hosts: tuple[Host, ...]
     order: tuple[str, ...]  # every host of the run, in order: their remote ids
-    jobs: tuple[ModuleJob, ...]
     issued: float = field(default_factory=time.time)
 
 
@@ -197,6 +220,18 @@ class RunKeys:
     def over(self) -> str:
         return self.key("over")
 
+    @property
+    def control(self) -> str:  # the controller's messages to every worker of the run
+        return self.key("control")
+
+    @property
+    def cut(self) -> str:  # the second interrupt: workers cut their hosts' connections
+        return self.key("cut")
+
+    @property
+    def controller(self) -> str:  # the controller's lease: workers wait while it lives
+        return self.key("controller")
+
     def claim(self, host: str) -> str:
         return self.key(f"claim:{host}")
 
@@ -209,104 +244,220 @@ class RunKeys:
 class Slice:
     id: str
     hosts: list[str]
-    again: bool = False  # the unstarted hosts of a lost slice, handed out once more
+    again: bool = False  # the hosts of a slice lost while connecting, handed out once more
     running: dict[str, str] = field(default_factory=dict)  # execution → worker
-    ended: bool = False
+    began: bool = False
 
 
 @dataclass
 class CeleryEngine:
-    """Runs the fan-out of a run on Celery workers; see the module's docstring."""
+    """Serves runs on Celery workers; see the module's docstring."""
 
     url: str  # the broker's redis:// URL
     secret: bytes
     slices: int | None = None  # how many slices; None: one per `forks` hosts
 
-    def run(self, fleet: Fleet, plan: Plan) -> None:
-        Dispatch(self, fleet, plan).run()
+    def begin(self, fleet: Fleet, note: Callable[[str], None]) -> Dispatch:
+        return Dispatch(self, fleet, note)
 
 
 class Dispatch:
-    """One run handed out in slices, its workers' messages fed into the run's Fleet."""
+    """One run handed out in slices. A thread of its own (the pump) feeds the workers'
+    messages into the run's Fleet, keeps the controller's lease and passes a stop on;
+    the stages wait on what it has taken in."""
 
-    def __init__(self, engine: CeleryEngine, fleet: Fleet, plan: Plan) -> None:
+    def __init__(self, engine: CeleryEngine, fleet: Fleet, note: Callable[[str], None]) -> None:
         self.engine = engine
         self.fleet = fleet
-        self.plan = plan
+        self.note = note
         self.keys = RunKeys(fleet.run_name)
         self.redis = broker(engine.url)
         self.app = celery_app(engine.url)
         self.slices: dict[str, Slice] = {}
-        self.hosts = {host.name: host for host in
-                      (session.host for session in fleet.sessions.values())}
-        self.order = tuple(fleet.hosts)
+        self.hosts: dict[str, Host] = {}
+        self.facts: dict[str, HostFacts] = {}
+        self.owner: dict[str, str] = {}  # host → the execution that connected it
+        self.lost: set[str] = set()  # executions whose worker went away
+        self.ran: set[tuple[str, int]] = set()  # (execution, batch) it ran its part of
+        self.files: dict[str, bytes | str] = {}  # request → the file, or why not
+        self.planned = False
+        self.changed = threading.Condition()
+        self.error: EngineError | None = None
+        self.closing = threading.Event()
+        self.pump: threading.Thread | None = None
 
-    def run(self) -> None:
-        import redis as redis_module
+    # -- the stages ----------------------------------------------------------------------
+    def connect(self, hosts: Sequence[Host]) -> dict[str, tuple[Host, HostFacts]]:
+        """Hand the hosts out in slices; wait until each has its facts or its outcome
+        (or the run stops). The workers connect: this process never does."""
+        self.hosts = {host.name: host for host in hosts}
+        names = list(self.hosts)
+        self.fleet.hosts += names
+        count = self.engine.slices or math.ceil(len(names) / max(1, self.fleet.strategy.forks))
 
-        names = [name for name in self.fleet.hosts if name in self.fleet.sessions]
-        self.fleet.close()  # the workers connect on their own
-        try:
-            self._store_modules()
-            for hosts in split(names, self.engine.slices or math.ceil(
-                    len(names) / max(1, self.fleet.strategy.forks))):
-                self._send(hosts, again=False)
-            self._follow()
-        except redis_module.RedisError as error:
-            raise EngineError(f"the broker {self.engine.url} cannot be reached or went away "
-                              f"({error}): the workers stop their hosts, whose agents "
-                              "unload") from None
-        finally:
-            with contextlib.suppress(Exception):  # the broker's loss is reported already
-                self.redis.set(self.keys.over, "1", ex=RUN_TTL)
+        def hand_out() -> None:
+            self.redis.set(self.keys.controller, "1", px=int(LEASE * 1000))
+            for piece in split(names, count):
+                self._send(piece, again=False)
 
-    def _store_modules(self) -> None:
-        for job in self.plan.jobs:
+        self._guard(hand_out)
+        self.pump = threading.Thread(target=self._pump, name="stapctl-engine", daemon=True)
+        self.pump.start()
+        waited_from, noted = time.monotonic(), False
+        while not self._wait(lambda: self.fleet.stop.is_set() or all(
+                name in self.facts or self.fleet.has_ended(name) for name in names), RENEW):
+            if not noted and time.monotonic() - waited_from > NO_WORKER_NOTE and \
+                    not self._begun():
+                noted = True
+                self.note(f"waiting for a worker on {self.engine.url}: none has taken slice "
+                          f"1 of {len(self.slices)} yet; start one with `stapctl worker "
+                          f"--engine {SCHEME}{self.engine.url.removeprefix('redis://')}`")
+        with self.changed:
+            return {name: (self.hosts[name], self.facts[name]) for name in names
+                    if name in self.facts}
+
+    def read_file(self, name: str, path: str, limit: int) -> bytes:
+        """A file of a connected host's, read by the worker that holds its connection."""
+        request = secrets.token_hex(8)
+        self._control({"t": "read", "id": request, "host": name, "path": path,
+                       "limit": limit})
+        deadline = time.monotonic() + FILE_WAIT
+        self._wait(lambda: request in self.files or self.owner.get(name) in self.lost
+                   or time.monotonic() > deadline, None)
+        with self.changed:
+            answer = self.files.pop(request, None)
+        if isinstance(answer, bytes):
+            return answer
+        raise StapctlError(f"{path}: {answer or 'its worker went away or did not answer'}")
+
+    def run(self, plan: Plan) -> None:
+        """Publish the plan, then release the run's batches one by one: each only once
+        every host of the one before has its outcome, the rollout policy checked over the
+        whole run as a local run does; then wait for every slice to end."""
+        self._guard(lambda: self._store_modules(plan))
+        self._control({"t": "plan", "plan": base64.b64encode(pickle.dumps(plan)).decode()})
+        with self.changed:
+            self.planned = True
+            names = [name for name in self.fleet.hosts if name in self.facts]
+        index = itertools.count()
+
+        def release(batch: list[str]) -> None:
+            number = next(index)
+            self._control({"t": "go", "batch": number, "hosts": batch})
+            with self.changed:
+                owners = {self.owner[name] for name in batch}
+            self._wait(lambda: all((owner, number) in self.ran or owner in self.lost
+                                   for owner in owners), None)
+
+        self.fleet.roll_out(names, release)
+        self._control({"t": "end"})
+        self._wait(lambda: not any(piece.running for piece in self.slices.values()), None)
+
+    def _store_modules(self, plan: Plan) -> None:
+        for job in plan.jobs:
             if job.artifact is None or job.error:
                 continue
             key = module_key(job.artifact.sha256)
             if not self.redis.expire(key, MODULE_TTL):
                 self.redis.set(key, job.artifact.path.read_bytes(), ex=MODULE_TTL)
 
+    def cut(self) -> None:
+        with contextlib.suppress(Exception):  # the broker's loss is reported already
+            self.redis.set(self.keys.cut, "1", ex=RUN_TTL)
+
+    def close(self) -> None:
+        """The run is over: the workers still waiting end their slices."""
+        if self.pump is None:
+            return
+        with contextlib.suppress(Exception):  # the broker's loss is reported already
+            self.redis.set(self.keys.over, "1", ex=RUN_TTL)
+            self._control({"t": "end"})
+        self.closing.set()
+        self.pump.join()
+        self.pump = None
+        with contextlib.suppress(Exception):
+            self.redis.delete(self.keys.stream, self.keys.control)
+
+    def _begun(self) -> bool:
+        with self.changed:
+            return any(piece.began for piece in self.slices.values())
+
+    # -- waiting on the pump -------------------------------------------------------------
+    def _wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until ``done`` (checked under the lock) or ``timeout``; whether it is. The
+        broker's loss fails the run."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.changed:
+            while not done():
+                if self.error is not None:
+                    raise self.error
+                left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                self.changed.wait(left)
+            return True
+
+    def _guard(self, work: Callable[[], object]) -> None:
+        import redis as redis_module
+
+        try:
+            work()
+        except redis_module.RedisError as error:
+            raise self._broken(error) from None
+
+    def _broken(self, error: Exception) -> EngineError:
+        return EngineError(f"the broker {self.engine.url} cannot be reached or went away "
+                           f"({error}): the workers stop their hosts, whose agents unload")
+
+    def _control(self, message: dict[str, Any]) -> None:
+        """A signed message to every worker of the run."""
+        data = json.dumps(message).encode()
+        self._guard(lambda: (
+            self.redis.xadd(self.keys.control, {"m": data, "s": signature(
+                self.engine.secret, data)}),
+            self.redis.expire(self.keys.control, RUN_TTL)))
+
     def _send(self, hosts: list[str], again: bool) -> None:
-        chosen = set(hosts)
-        jobs = tuple(replace(job, hosts=tuple(h for h in job.hosts if h in chosen))
-                     for job in self.plan.jobs if chosen.intersection(job.hosts))
         slice_id = f"{len(self.slices) + 1}"
         work = SliceWork(run_id=self.keys.run_id, slice_id=slice_id,
                          manifest=replace(self.fleet.manifest, document=None),
                          options=self.fleet.options,
-                         hosts=tuple(self.hosts[name] for name in hosts), order=self.order,
-                         jobs=jobs)
+                         hosts=tuple(self.hosts[name] for name in hosts),
+                         order=tuple(self.fleet.hosts))
         self.slices[slice_id] = Slice(slice_id, hosts, again=again)
         self.app.send_task(TASK, args=seal(self.engine.secret, work))
 
-    def _follow(self) -> None:
-        """Feed the workers' messages to the fleet until every slice ended; pass a stop
-        on; hand out again the hosts of a worker that went away."""
-        last, stop_sent, checked_at = "0-0", False, time.monotonic()
-        while not all(s.ended and not s.running for s in self.slices.values()):
-            if self.fleet.stop.is_set() and not stop_sent:
-                self.redis.set(self.keys.stop, "1", ex=RUN_TTL)
-                stop_sent = True
-            if stop_sent:  # a slice no worker took will not start
-                for piece in self.slices.values():
-                    piece.ended = piece.ended or not piece.running
-            last, _ = self._read(last, block=200)
-            if time.monotonic() - checked_at > RENEW:
-                checked_at = time.monotonic()
-                last = self._check_leases(last)
-        self.redis.delete(self.keys.stream)
+    # -- the pump ------------------------------------------------------------------------
+    def _pump(self) -> None:
+        import redis as redis_module
+
+        last, stop_sent, checked_at = "0-0", False, 0.0
+        try:
+            while not self.closing.is_set():
+                if time.monotonic() - checked_at > RENEW:
+                    checked_at = time.monotonic()
+                    self.redis.set(self.keys.controller, "1", px=int(LEASE * 1000))
+                    last = self._check_leases(last)
+                if self.fleet.stop.is_set() and not stop_sent:
+                    self.redis.set(self.keys.stop, "1", ex=RUN_TTL)
+                    stop_sent = True
+                last, _ = self._read(last, block=200)
+        except redis_module.RedisError as error:
+            with self.changed:
+                self.error = self._broken(error)
+                self.changed.notify_all()
 
     def _read(self, last: str, block: int | None) -> tuple[str, bool]:
         """Take the messages after ``last`` (waiting up to ``block`` ms, None: not at all);
         the new last one, and whether there were any."""
         entries: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] = \
             self.redis.xread({self.keys.stream: last}, count=BATCH, block=block)  # type: ignore[assignment]
-        for _, messages in entries:
-            for message_id, fields in messages:
-                last = message_id.decode()
-                self._take(fields)
+        with self.changed:
+            for _, messages in entries:
+                for message_id, fields in messages:
+                    last = message_id.decode()
+                    self._take(fields)
+            self.changed.notify_all()
         if entries:
             self.redis.xtrim(self.keys.stream, minid=last)
         return last, bool(entries)
@@ -322,20 +473,26 @@ class Dispatch:
 
     def _apply(self, message: dict[str, Any]) -> None:
         kind = message["t"]
-        if kind in ("begin", "end"):
+        if kind in ("begin", "end", "ran"):
             piece = self.slices[str(message["slice"])]
             execution = str(message["execution"])
             if kind == "begin":
                 piece.running[execution] = str(message["worker"])
-                piece.ended = False
-            else:
+                piece.began = True
+            elif kind == "end":
                 piece.running.pop(execution, None)
-                piece.ended = True
+            else:
+                self.ran.add((execution, int(message["batch"])))
             return
         host = str(message["host"])
         if host not in self.hosts:
             raise ValueError(f"host {host!r} is not in this run")
-        if kind == "event" and message["kind"] in EVENT_KINDS:
+        if kind == "facts":
+            self._facts(host, message)
+        elif kind == "file":
+            self.files[str(message["id"])] = base64.b64decode(message["data"]) \
+                if message.get("data") is not None else str(message["error"])
+        elif kind == "event" and message["kind"] in EVENT_KINDS:
             self.fleet.emit(Event(host=host, kind=message["kind"], probe=str(message["probe"]),
                                   text=str(message["text"]), time=float(message["time"])))
         elif kind == "outcome" and message["status"] in STATUSES:
@@ -347,12 +504,29 @@ class Dispatch:
         else:
             raise ValueError(f"unknown message {kind!r}")
 
+    def _facts(self, host: str, message: dict[str, Any]) -> None:
+        """A host's facts as its worker read them, checked as a target's own are."""
+        execution = str(message["execution"])
+        if execution in self.lost or self.planned or self.fleet.has_ended(host):
+            return
+        try:
+            facts = checked_facts(str(message["release"]), str(message["arch"]))
+        except BadFactsError as error:
+            self.fleet.fail_all(host, "failed", error.kind, str(error))
+            return
+        self.facts[host] = facts
+        self.owner[host] = execution
+        self.fleet.emit(Event(host=host, kind="connected", text=f"{facts.release} "
+                              f"{facts.arch}", time=time.time()))
+
     def _check_leases(self, last: str) -> str:
         """Hand on the slices whose lease lapsed. A worker sends its slice's end before
         it drops the lease, so the stream is read to its end first: a slice that ended
         in the meantime is not taken for lost."""
-        lapsed = [(piece, execution) for piece in self.slices.values()
-                  for execution in piece.running
+        with self.changed:
+            running = [(piece, execution) for piece in self.slices.values()
+                       for execution in piece.running]
+        lapsed = [(piece, execution) for piece, execution in running
                   if not self.redis.exists(self.keys.lease(execution))]
         more = bool(lapsed)
         while more:
@@ -360,30 +534,39 @@ class Dispatch:
         for piece, execution in lapsed:
             worker = piece.running.pop(execution, None)
             if worker is not None:
-                self._lost(piece, execution, worker)
+                with self.changed:
+                    self._lost(piece, execution, worker)
+                    self.changed.notify_all()
         return last
 
     def _lost(self, piece: Slice, execution: str, worker: str) -> None:
-        """A worker went away in the middle of a slice: the hosts it started fail, the
-        others go to another worker (once)."""
+        """A worker went away in the middle of a slice. Before the plan nothing was
+        loaded: the hosts it held go to another worker (once). After, the hosts it held
+        and had not ended fail."""
+        self.lost.add(execution)
+        held = [host for host in piece.hosts if not self.fleet.has_ended(host)]
         claims: list[bytes | None] = self.redis.mget(  # type: ignore[assignment]
-            [self.keys.claim(host) for host in piece.hosts])
-        unstarted = []
-        for host, claim in zip(piece.hosts, claims, strict=True):
-            if claim is None:
-                unstarted.append(host)
-            elif claim.decode() == execution:
-                self.fleet.fail_all(host, "failed", FailureKind.WORKER_LOST,
-                                    f"worker {worker} went away while running it")
-        piece.ended = True
-        if not unstarted or self.fleet.stop.is_set():
+            [self.keys.claim(host) for host in held]) if held else []
+        mine = [host for host, claim in zip(held, claims, strict=True)
+                if claim is None or claim.decode() == execution]
+        if self.planned:
+            for host in mine:
+                if self.owner.get(host) == execution:
+                    self.fleet.fail_all(host, "failed", FailureKind.WORKER_LOST,
+                                        f"worker {worker} went away while serving it")
             return
+        if not mine or self.fleet.stop.is_set():
+            return
+        for host in mine:
+            self.facts.pop(host, None)
+            self.owner.pop(host, None)
         if piece.again:
-            for host in unstarted:
+            for host in mine:
                 self.fleet.fail_all(host, "failed", FailureKind.WORKER_LOST,
-                                    f"not started: its workers went away twice ({worker})")
-        else:
-            self._send(unstarted, again=True)
+                                    f"not connected: its workers went away twice ({worker})")
+            return
+        self.redis.delete(*[self.keys.claim(host) for host in mine])
+        self._send(mine, again=True)
 
 
 def split(names: list[str], count: int) -> Iterable[list[str]]:
@@ -408,7 +591,12 @@ def serve_slice(task: Any, payload: object, signed: object) -> str:
         log.error("stapctl: refused a task: %s", error)
         return "refused"
     worker = str(task.request.hostname or socket.gethostname())
-    SliceRunner(broker(task.app.conf.broker_url), secret, work, worker).run()
+    runner = SliceRunner(broker(task.app.conf.broker_url), secret, work, worker)
+    # the task ends once its hosts are connected: a worker lost before that has its task
+    # handed to another (late acknowledgement), and the slot goes to the next slice,
+    # since the controller plans only when every slice has connected its hosts
+    threading.Thread(target=runner.run, name=f"stapctl-slice-{work.slice_id}").start()
+    runner.connected.wait()
     return "served"
 
 
@@ -490,16 +678,20 @@ def outcome_fields(outcome: HostOutcome) -> dict[str, Any]:
 
 
 class SliceRunner:
-    """One execution of one slice on a worker."""
+    """One execution of one slice on a worker: connect its hosts and report their facts,
+    read their files on request, then run each batch the controller releases, on the
+    same connections."""
 
     def __init__(self, client: redis.Redis, secret: bytes, work: SliceWork,
                  worker: str) -> None:
         self.redis = client
+        self.secret = secret
         self.work = work
         self.keys = RunKeys(work.run_id)
         self.worker = worker
         self.execution = secrets.token_hex(8)
         self.done = threading.Event()
+        self.connected = threading.Event()  # set once its hosts are connected, or it ended
         self.fleet = SliceFleet(work.manifest, work.options, self._event,
                                 run_name=work.run_id)
         self.publisher = Publisher(client, secret, self.keys.stream, self.fleet.stop.set)
@@ -511,47 +703,117 @@ class SliceRunner:
             log.info("stapctl: run %s is over or stopping: slice %s dropped",
                      self.work.run_id, self.work.slice_id)
             self.publisher.close()
+            self.connected.set()
             return
         self.redis.set(self.keys.lease(self.execution), self.worker, px=int(LEASE * 1000))
-        self.publisher.send({"t": "begin", "slice": self.work.slice_id,
-                             "execution": self.execution, "worker": self.worker})
+        self._send("begin", worker=self.worker)
         watch = threading.Thread(target=self._watch, name="stapctl-lease", daemon=True)
         watch.start()
         try:
-            plan = self._plan()
-            hosts = [host for host in self.work.hosts if self._claim(host.name)]
-            self.fleet.connect(hosts)
+            self.fleet.connect([host for host in self.work.hosts if self._claim(host.name)])
             self.fleet.hosts = list(self.work.order)
-            self.fleet.run(plan)
+            self.connected.set()
+            self._follow()
         finally:
+            self.connected.set()
             self.fleet.close()
-            self.publisher.send({"t": "end", "slice": self.work.slice_id,
-                                 "execution": self.execution})
+            self._send("end")
             self.publisher.close()
             self.done.set()
             watch.join()
             with contextlib.suppress(Exception):  # the broker's loss is reported already
                 self.redis.delete(self.keys.lease(self.execution))
 
+    def _send(self, kind: str, **fields: object) -> None:
+        self.publisher.send({"t": kind, "slice": self.work.slice_id,
+                             "execution": self.execution, **fields})
+
     def _event(self, event: Event) -> None:
-        if event.kind != "connected":  # the controller reported the connection already
-            self.publisher.send({"t": "event", "host": event.host, "kind": event.kind,
-                                 "probe": event.probe, "text": event.text,
-                                 "time": event.time})
+        if event.kind == "connected":  # the controller checks the facts, then says so
+            facts = self.fleet.sessions[event.host].facts
+            self.publisher.send({"t": "facts", "host": event.host, "release": facts.release,
+                                 "arch": facts.arch, "execution": self.execution})
+            return
+        self.publisher.send({"t": "event", "host": event.host, "kind": event.kind,
+                             "probe": event.probe, "text": event.text, "time": event.time})
 
     def _claim(self, host: str) -> bool:
-        """Whether this execution starts the host: no other one did, and the run is not
+        """Whether this execution serves the host: no other one does, and the run is not
         stopping (the controller may have stopped waiting for slices not yet begun)."""
         if self.fleet.stop.is_set() or self.redis.exists(self.keys.stop):
             return False
         return bool(self.redis.set(self.keys.claim(host), self.execution, nx=True,
                                    ex=RUN_TTL))
 
-    def _plan(self) -> Plan:
-        """The slice's jobs with their modules from this worker's cache; a host whose
-        module cannot be had fails that probe."""
+    def _follow(self) -> None:
+        """Do what the controller's messages say until it ends the run or goes away: read
+        a host's file, take the plan, run a released batch's hosts of this slice."""
+        plan, mine, last = Plan(jobs=()), set[str](), "0-0"
+        with ThreadPoolExecutor(max_workers=max(1, self.fleet.strategy.forks)) as readers:
+            while self.redis.exists(self.keys.controller):
+                for message in self._control(last):
+                    last = message.pop("id_")
+                    kind = message["t"]
+                    if kind == "end":
+                        return
+                    if kind == "read" and message["host"] in self.fleet.sessions:
+                        readers.submit(self._read_file, message)
+                    elif kind == "plan":
+                        plan, mine = self._plan(message["plan"])
+                    elif kind == "go":
+                        self.fleet.run_hosts(plan, [str(name) for name in message["hosts"]
+                                                    if name in mine])
+                        self._send("ran", batch=int(message["batch"]))
+        log.error("stapctl: the controller of run %s went away: slice %s ends",
+                  self.work.run_id, self.work.slice_id)
+
+    def _control(self, last: str) -> list[dict[str, Any]]:
+        """The controller's messages after ``last`` (waiting a moment for some); one not
+        signed by it is dropped. Each carries its stream id as ``id_``."""
+        entries: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] = \
+            self.redis.xread({self.keys.control: last}, count=BATCH,  # type: ignore[assignment]
+                             block=int(RENEW * 1000))
+        messages = []
+        for _, received in entries:
+            for message_id, fields in received:
+                try:
+                    data = checked(self.secret, fields.get(b"m", b""),
+                                   fields.get(b"s", b"").decode(errors="replace"))
+                    messages.append({**json.loads(data), "id_": message_id.decode()})
+                except (Refused, ValueError) as error:
+                    log.warning("stapctl: dropped a message of run %s: %s",
+                                self.work.run_id, error)
+        return messages
+
+    def _read_file(self, message: dict[str, Any]) -> None:
+        host = str(message["host"])
+        try:
+            data = self.fleet.read_file(host, str(message["path"]), int(message["limit"]))
+            answer: dict[str, object] = {"data": base64.b64encode(data).decode()}
+        except StapctlError as error:
+            answer = {"error": str(error)}
+        except Exception as error:  # noqa: BLE001 - a fault stays this host's answer
+            answer = {"error": f"the worker failed ({type(error).__name__}: {error})"}
+        self.publisher.send({"t": "file", "id": message["id"], "host": host, **answer})
+
+    def _plan(self, payload: str) -> tuple[Plan, set[str]]:
+        """The run's plan (its signature was checked) for the hosts this execution still
+        holds, with the modules from this worker's cache; a host whose module cannot be
+        had fails that probe."""
+        plan = pickle.loads(base64.b64decode(payload))  # noqa: S301 - signed by the controller
+        if not isinstance(plan, Plan):
+            raise Refused("the plan is not a stapctl plan")
+        held = [name for name in self.fleet.sessions]
+        claims: list[bytes | None] = self.redis.mget(  # type: ignore[assignment]
+            [self.keys.claim(name) for name in held]) if held else []
+        mine = {name for name, claim in zip(held, claims, strict=True)
+                if claim is not None and claim.decode() == self.execution}
         jobs = []
-        for job in self.work.jobs:
+        for job in plan.jobs:
+            hosts = tuple(name for name in job.hosts if name in mine)
+            if not hosts:
+                continue
+            job = replace(job, hosts=hosts)
             if job.artifact is None or job.error:
                 jobs.append(job)
                 continue
@@ -565,18 +827,25 @@ class SliceRunner:
                                                   message=str(error), worker=self.worker))
                 continue
             jobs.append(replace(job, artifact=replace(job.artifact, path=path)))
-        return Plan(jobs=tuple(jobs))
+        return Plan(jobs=tuple(jobs)), mine
 
     def _watch(self) -> None:
-        """Renew the lease and pass a stop on; a broker gone stops the slice cleanly."""
+        """Renew the lease; pass a stop on, and a cut (the controller's second interrupt:
+        every connection closed, the agents unload on their own); a broker gone stops the
+        slice cleanly."""
         import redis as redis_module
 
+        cut = False
         while not self.done.wait(RENEW):
             try:
                 self.redis.set(self.keys.lease(self.execution), self.worker,
                                px=int(LEASE * 1000))
-                if self.redis.exists(self.keys.stop):
+                stop, cutting = self.redis.mget([self.keys.stop, self.keys.cut])
+                if stop is not None:
                     self.fleet.stop.set()
+                if cutting is not None and not cut:
+                    cut = True
+                    self.fleet.close()
             except redis_module.RedisError as error:
                 log.error("stapctl: the broker went away (%s): stopping the slice", error)
                 self.fleet.stop.set()

@@ -137,6 +137,7 @@ class Fleet:
     run_name: str = ""  # the run's id: detached runs are named after it on the targets
     detached: list[DetachedProbe] = field(default_factory=list)  # started detached
     _ended: set[tuple[str, str]] = field(default_factory=set)
+    _ended_hosts: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _workers: int = 1  # hosts worked on at once: forks, within the connection budget
     _kept: int = 0  # connections held open from facts to run
@@ -156,6 +157,7 @@ class Fleet:
             if (outcome.host, outcome.probe) in self._ended:
                 return
             self._ended.add((outcome.host, outcome.probe))
+            self._ended_hosts.add(outcome.host)
             self.outcomes.append(outcome)
         self.report(outcome)
 
@@ -256,28 +258,41 @@ class Fleet:
 
     # -- run -----------------------------------------------------------------------------
     def run(self, plan: Plan) -> list[HostOutcome]:
-        """Run the plan batch by batch, in inventory order as Ansible does (the canary of
-        `serial: [1, ...]` is the first host); stop starting batches past
-        max_fail_percentage."""
-        names = [name for name in self.hosts if name in self.sessions]
-        total = len(names) or 1
-        with ThreadPoolExecutor(max_workers=self._workers) as pool:
-            for batch in batches(names, self.strategy.serial):
-                if self.stop.is_set() or self._failed_percentage(total) > \
-                        self.strategy.max_fail_percentage:
-                    reason = ("interrupted" if self.stop.is_set()
-                              else f"max_fail_percentage ({self.strategy.max_fail_percentage:g}%)"
-                              " exceeded")
-                    for name in batch:
-                        self.fail_all(name, "skipped", FailureKind.SKIPPED, reason)
-                    continue
-                list(pool.map(lambda name: self._run_host(name, plan), batch))
+        """Run the plan on the connected hosts under the rollout policy."""
+        self.roll_out([name for name in self.hosts if name in self.sessions],
+                      lambda batch: self.run_hosts(plan, batch))
         return self.outcomes
 
-    def _failed_percentage(self, total: int) -> float:
+    def roll_out(self, names: Sequence[str], run_batch: Callable[[list[str]], None]) -> None:
+        """Hand ``names`` to ``run_batch`` batch by batch, in inventory order as Ansible
+        does (the canary of `serial: [1, ...]` is the first host); past
+        max_fail_percentage, or once stopped, the batches left are skipped. An engine's
+        controller rolls out its whole run here too, its batches run by the workers."""
+        total = len(names) or 1
+        for batch in batches(names, self.strategy.serial):
+            if self.stop.is_set() or self._failed_percentage(names, total) > \
+                    self.strategy.max_fail_percentage:
+                reason = ("interrupted" if self.stop.is_set()
+                          else f"max_fail_percentage ({self.strategy.max_fail_percentage:g}%)"
+                          " exceeded")
+                for name in batch:
+                    self.fail_all(name, "skipped", FailureKind.SKIPPED, reason)
+                continue
+            run_batch(batch)
+
+    def run_hosts(self, plan: Plan, names: Sequence[str]) -> None:
+        """Run the plan on these connected hosts, ``forks`` at once."""
+        with ThreadPoolExecutor(max_workers=self._workers) as pool:
+            list(pool.map(lambda name: self._run_host(name, plan), names))
+
+    def _failed_percentage(self, names: Sequence[str], total: int) -> float:
         with self._lock:
             hosts = {o.host for o in self.outcomes if o.status in ("failed", "unreachable")}
-        return 100.0 * len(hosts & set(self.sessions)) / total
+        return 100.0 * len(hosts.intersection(names)) / total
+
+    def has_ended(self, host: str) -> bool:
+        """Whether some outcome of the host's is in (it failed to connect, or ran)."""
+        return host in self._ended_hosts
 
     def _run_host(self, name: str, plan: Plan) -> None:
         session = self.sessions[name]

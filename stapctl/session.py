@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -76,11 +76,22 @@ class Listener(Protocol):
     def tick(self) -> None: ...  # a few times a second while a run goes, events or not
 
 
-class Engine(Protocol):
-    """Runs a planned run's fan-out elsewhere (stapctl.engine): it feeds what happens on
-    the hosts into the Fleet's events and outcomes, and stops when its ``stop`` is set."""
+class EngineRun(Protocol):
+    """One run's connect and fan-out done elsewhere (stapctl.engine): what happens on the
+    hosts is fed into the Fleet's events and outcomes; it stops when the Fleet's ``stop``
+    is set."""
 
-    def run(self, fleet: Fleet, plan: Plan) -> None: ...
+    def connect(self, hosts: Sequence[Host]) -> dict[str, tuple[Host, HostFacts]]: ...
+    def read_file(self, name: str, path: str, limit: int) -> bytes: ...
+    def run(self, plan: Plan) -> None: ...
+    def cut(self) -> None: ...  # the second interrupt: connections cut where they are
+    def close(self) -> None: ...  # the run is over, whatever happened
+
+
+class Engine(Protocol):
+    """Where a run's hosts are served instead of this process (stapctl.engine)."""
+
+    def begin(self, fleet: Fleet, note: Callable[[str], None]) -> EngineRun: ...
 
 
 class Silent:
@@ -265,7 +276,7 @@ class Session:
             secrets.token_hex(2)
         self.fleet = Fleet(manifest, options or RunOptions(), self.channel.put, connector,
                            run_name=self.run_id)
-        self.engine = engine
+        self.engine = engine.begin(self.fleet, self._note) if engine is not None else None
         self.record = record
         self.recorder: RunRecorder | None = None
         self._aggregator = Aggregator()
@@ -321,13 +332,13 @@ class Session:
         if engine is None:
             self._in_background(lambda: self.fleet.run(plan))
         else:
-            self._in_background(lambda: engine.run(self.fleet, plan))
+            self._in_background(lambda: engine.run(plan))
 
     def finish(self, error: BaseException | None = None) -> Run:
         """Close every connection, give each host not yet ended its outcome, send the
         run to the manifest's sinks and finish the record: always the last stage,
         whatever happened before. A sink that fails is a warning of the run."""
-        self.fleet.close()
+        self._close()
         self.fleet.settle()
         self._deliver_waiting()
         self.listener.phase("interrupted" if self.interrupted else "done")
@@ -435,14 +446,29 @@ class Session:
             return None
 
     def _connect(self) -> dict[str, tuple[Host, HostFacts]]:
-        connected = self.fleet.connect(self.hosts)
+        """Through the engine, if any: its workers connect, and read the hosts' files."""
+        served = self.engine or self.fleet
+        connected = served.connect(self.hosts)
         if not connected or self.fleet.stop.is_set():
             return {}
-        return gather_symbol_maps(self.manifest, connected, self.fleet.read_file,
-                                  self.builder)
+        return gather_symbol_maps(self.manifest, connected, served.read_file, self.builder)
+
+    def _close(self) -> None:
+        self.fleet.close()
+        if self.engine is not None:
+            self.engine.close()
+
+    def _cut(self) -> None:
+        """The second interrupt: every connection cut, here or on the engine's workers."""
+        self.fleet.close()
+        if self.engine is not None:
+            self.engine.cut()
 
     def _phase(self, text: str) -> None:
         self._notes.append(lambda: self.listener.phase(text))
+
+    def _note(self, text: str) -> None:
+        self._notes.append(lambda: self.listener.note(text))
 
     # -- the caller's thread -------------------------------------------------------------
     def _in_background(self, work: Callable[[], T]) -> T | None:
@@ -476,7 +502,7 @@ class Session:
                 if handled == 1:
                     self.fleet.stop.set()
                 elif handled == 2:
-                    self.fleet.close()
+                    self._cut()
                     forced_at = time.monotonic()
                 else:
                     break

@@ -74,19 +74,29 @@ class Targets:
     def traced(self, state: str) -> list[Path]:
         return list(self.traces.glob(f"*.{state}"))
 
+    def running(self) -> set[str]:
+        """The agents that started and have not ended (done, stopped or orphaned)."""
+        def ids(state: str) -> set[str]:
+            return {trace.stem for trace in self.traced(state)}
+
+        return ids("started") - ids("done") - ids("stopped") - ids("orphaned")
+
     def clear(self) -> None:
         for trace in self.traces.iterdir():
             trace.unlink()
 
 
-def agent_double(path: Path, traces: Path, pause: float) -> None:
+def agent_double(path: Path, traces: Path, pause: float, heeds_stop: bool = True,
+                 failing: tuple[int, ...] = ()) -> None:
     """Test double of the agent: hello, loaded, started, a line, then `pause` seconds
-    listening for the controller's stop; leaves ID.started and ID.done / .stopped /
-    .orphaned (its controller's connection went away) in ``traces``."""
+    listening for the controller's stop (unless not ``heeds_stop``); leaves ID.started and
+    ID.done / .stopped / .orphaned (its controller's connection went away) in ``traces``.
+    The hosts whose remote id is in ``failing`` end failed (runtime-error)."""
     path.write_text(textwrap.dedent(f"""\
         #!{sys.executable}
         import json, os, select, signal, struct, sys, time
         TRACES, PAUSE = {str(traces)!r}, {pause!r}
+        HEEDS_STOP, FAILING = {heeds_stop!r}, {list(failing)!r}
         ME = "%d-%s" % (os.getpid(), os.urandom(8).hex())  # PIDs are reused in a run
         def trace(state):
             open(os.path.join(TRACES, "%s.%s" % (ME, state)), "w").close()
@@ -114,30 +124,37 @@ def agent_double(path: Path, traces: Path, pause: float) -> None:
                 line = sys.stdin.readline()
                 if not line:
                     orphaned()
-                if json.loads(line).get("op") == "stop":
+                if json.loads(line).get("op") == "stop" and HEEDS_STOP:
                     ending = "stopped"
                     break
-        frame("R", {{"status": "ok", "message": ending}})
+        if request.get("remote_id") in FAILING:
+            frame("R", {{"status": "failed", "kind": "runtime-error", "message": "failing"}})
+        else:
+            frame("R", {{"status": "ok", "message": ending}})
         trace(ending)
         """))
     path.chmod(0o755)
 
 
-def make_targets(base: Path, count: int, release: str, pause: float) -> Targets:
-    """``count`` hosts on count/25 sshd processes; `uname -r` on them says ``release``."""
+def make_targets(base: Path, count: int, release: str, pause: float, *,
+                 heeds_stop: bool = True, failing: tuple[int, ...] = (),
+                 address: str = "127.0.0.1", facts_delay: float = 0.0) -> Targets:
+    """``count`` hosts on count/25 sshd processes; `uname -r` on them says ``release``
+    (after ``facts_delay`` seconds); the inventory names them at ``address`` (an alias
+    only an ssh_config may resolve); the agent double as ``agent_double`` has it."""
     bin_dir, traces = base / "bin", base / "traces"
     bin_dir.mkdir()
     traces.mkdir()
-    (bin_dir / "uname").write_text(f"#!/bin/sh\ncase \"$1\" in -m) echo x86_64;; *) echo "
-                                   f"{release};; esac\n")
+    (bin_dir / "uname").write_text(f"#!/bin/sh\nsleep {facts_delay}\ncase \"$1\" in -m) "
+                                   f"echo x86_64;; *) echo {release};; esac\n")
     (bin_dir / "uname").chmod(0o755)
-    agent_double(bin_dir / "agent-double", traces, pause)
+    agent_double(bin_dir / "agent-double", traces, pause, heeds_stop, failing)
     sshds = start_sshds(base, -(-count // HOSTS_PER_SSHD),
                         f"SetEnv PATH={bin_dir}:/usr/bin:/bin SHLVL=1\n")
     names = [f"h{index:03d}" for index in range(count)]
     inventory = base / "hosts.yaml"
     inventory.write_text(yaml.safe_dump({"all": {"hosts": {name: {
-        "ansible_host": "127.0.0.1", "ansible_port": sshds.ports[index // HOSTS_PER_SSHD],
+        "ansible_host": address, "ansible_port": sshds.ports[index // HOSTS_PER_SSHD],
         "ansible_user": "root", "ansible_ssh_private_key_file": str(sshds.client_key),
         "stapctl_known_hosts": str(sshds.known_hosts),
         "ansible_python_interpreter": str(bin_dir / "agent-double"),

@@ -8,21 +8,25 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from stapctl import engine
-from stapctl.engine import TASK, SliceWork, broker_url, celery_app, seal
+from stapctl.engine import TASK, CeleryEngine, SliceWork, broker_url, celery_app, seal
 from stapctl.errors import StapctlError
 from stapctl.execute import RunOptions
 from stapctl.manifest import load_manifest
 from stapctl.models import Host
+from stapctl.session import Session, select_hosts
 from tests.engine_fleet import (
     SCRIPT,
     Broker,
@@ -68,14 +72,16 @@ class Controller:
     """`stapctl apply` through the engine, its stdout and stderr in files (a pipe nobody
     reads while the test waits would stall it)."""
 
-    def __init__(self, targets: Targets, broker: Broker, env: dict[str, str]) -> None:
+    def __init__(self, targets: Targets, broker: Broker, env: dict[str, str],
+                 manifest: Path | None = None, slices: int = 30) -> None:
         folder = Path(env["XDG_DATA_HOME"]).parent
         self.stdout, self.stderr = folder / "stdout", folder / "stderr"
         with self.stdout.open("wb") as out, self.stderr.open("wb") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "stapctl", "apply", str(targets.manifest), "-i",
-                 str(targets.inventory), "--engine", broker.engine, "--forks", "10",
-                 "--slices", "30", "--format", "json"], stdout=out, stderr=err, env=env)
+                [sys.executable, "-m", "stapctl", "apply", str(manifest or targets.manifest),
+                 "-i", str(targets.inventory), "--engine", broker.engine, "--forks", "10",
+                 "--slices", str(slices), "--format", "json"], stdout=out, stderr=err,
+                env=env)
 
     def wait(self, seconds: float) -> int:
         return self.process.wait(timeout=seconds)
@@ -84,7 +90,7 @@ class Controller:
         return self.stderr.read_text(errors="replace")[-3000:]
 
 
-def summary(env: dict[str, str]) -> dict[str, object]:
+def summary(env: dict[str, str]) -> dict[str, Any]:
     folder = run_folder(Path(env["XDG_DATA_HOME"]))
     assert folder is not None
     return dict(json.loads((folder / "summary.json").read_text()))
@@ -133,8 +139,7 @@ def test_a_worker_killed_mid_run_leaves_its_hosts_failed_or_served_by_another(
     assert code == 3, running.errors()  # partly failed: the run still finished
     assert "Traceback" not in running.errors()
     # the killed worker's agents lost their controller's connection: nothing runs on
-    assert wait_for(lambda: len(targets.traced("started")) == len(
-        targets.traced("done")) + len(targets.traced("orphaned")), 30)
+    assert wait_for(lambda: not targets.running(), 30), targets.running()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -163,8 +168,7 @@ def test_a_tampered_task_is_refused(tmp_path: Path, targets: Targets, broker: Br
     # a real slice's task of one host, signed, then one byte of its work changed
     work = SliceWork(run_id="tampered", slice_id="1",
                      manifest=load_manifest(targets.manifest), options=RunOptions(),
-                     hosts=(Host(name="h000", address="127.0.0.1"),), order=("h000",),
-                     jobs=())
+                     hosts=(Host(name="h000", address="127.0.0.1"),), order=("h000",))
     payload, signed = seal(secret, work)
     data = bytearray(base64.b64decode(payload))
     data[len(data) // 2] ^= 1
@@ -243,3 +247,190 @@ def test_a_detached_apply_is_refused_with_an_engine(targets: Targets,
     assert done.returncode == 2
     assert "--detach" in done.stderr and "engine" in done.stderr
     assert not targets.traced("started")
+
+
+# -- a small fleet of its own for each test below ---------------------------------------
+SMALL = 20
+ZONE = "stapctl-zone"  # the targets' address: only the workers' ssh_config resolves it
+
+
+def small_targets(tmp_path: Path, **agent: Any) -> Iterator[Targets]:
+    if os.geteuid() != 0:
+        pytest.skip("the loopback sshd logs in as root; run the tests as root")
+    fleet = make_targets(tmp_path / "targets", SMALL, headers_release(), **agent)
+    yield fleet
+    fleet.sshds.stop()
+
+
+def zone_env(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
+    """The workers' environment: a home whose ssh_config resolves ZONE to loopback."""
+    home = tmp_path / "zone-home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(f"Host {ZONE}\n    HostName 127.0.0.1\n")
+    return dict(env, HOME=str(home))
+
+
+@pytest.fixture
+def zone(tmp_path: Path) -> Iterator[Targets]:
+    (tmp_path / "targets").mkdir()
+    yield from small_targets(tmp_path, pause=0.5, address=ZONE)
+
+
+def test_the_workers_connect_and_the_controller_never_does(
+        tmp_path: Path, zone: Targets, broker: Broker, env: dict[str, str]) -> None:
+    # the controller cannot reach the hosts: its own (local) run finds them unreachable
+    local = subprocess.run(
+        [sys.executable, "-m", "stapctl", "apply", str(zone.manifest), "-i",
+         str(zone.inventory), "--format", "json"],
+        capture_output=True, text=True, timeout=120, check=False, env=env)
+    records = [json.loads(line) for line in local.stdout.splitlines()]
+    (result,) = [r for r in records if r["type"] == "summary"]
+    assert {o["status"] for o in result["outcomes"]} == {"unreachable"}, local.stderr
+    for folder in (Path(env["XDG_DATA_HOME"]) / "stapctl" / "runs").iterdir():
+        shutil.rmtree(folder)
+    for _ in start_workers(tmp_path / "workers", broker.engine, zone_env(tmp_path, env), 2,
+                           concurrency=2):
+        done = Controller(zone, broker, env, slices=4)
+        assert done.wait(120) == 0, done.errors()
+
+    outcomes = outcomes_once(env, zone)
+    assert {o["status"] for o in outcomes} == {"ok"}
+    assert len(zone.traced("started")) == SMALL == len(zone.traced("done"))
+    folder = run_folder(Path(env["XDG_DATA_HOME"]))
+    assert folder is not None
+    events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
+    connected = [e for e in events if e["kind"] == "connected"]
+    assert sorted(e["host"] for e in connected) == zone.names  # from the workers' facts
+    assert {e["text"] for e in connected} == {f"{headers_release()} x86_64"}
+
+
+def test_kernel_symbols_are_read_by_the_workers(tmp_path: Path, zone: Targets,
+                                                broker: Broker, env: dict[str, str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """kprobe.function's symbol maps: each host's /proc/kallsyms is read by the worker
+    holding its connection (the controller cannot reach the hosts)."""
+    monkeypatch.setenv("STAPCTL_SECRET_FILE", env["STAPCTL_SECRET_FILE"])
+    manifest = tmp_path / "kprobe.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "apiVersion": "stapctl/v1", "kind": "Trace", "name": "kprobe", "inventory":
+        str(zone.inventory), "probes": [{"name": "reads", "script":
+                                         'probe kprobe.function("vfs_read") { exit() }'}]}))
+    loaded = load_manifest(manifest)
+    secret = Path(env["STAPCTL_SECRET_FILE"]).read_bytes().strip()
+    for _ in start_workers(tmp_path / "workers", broker.engine, zone_env(tmp_path, env), 1,
+                           concurrency=1):
+        session = Session(loaded, select_hosts(loaded)[:3], record=False,
+                          engine=CeleryEngine(broker_url(broker.engine), secret, 2))
+        try:
+            connected = session.connect()
+            assert session.engine is not None
+            with pytest.raises(StapctlError, match="/nonexistent"):
+                session.engine.read_file("h001", "/nonexistent", 4096)
+        finally:
+            session.finish()
+
+    assert sorted(connected) == zone.names[:3]
+    maps = {facts.symbol_map for _, facts in connected.values()}
+    # the targets are this machine: their symbols are its own
+    assert maps == {session.builder.store_symbol_map(Path("/proc/kallsyms").read_bytes())}, \
+        [facts for _, facts in connected.values()]
+
+
+@pytest.fixture
+def slow_facts(tmp_path: Path) -> Iterator[Targets]:
+    (tmp_path / "targets").mkdir()
+    yield from small_targets(tmp_path, pause=0.2, facts_delay=3.0)
+
+
+def test_a_worker_lost_while_connecting_has_its_hosts_served_by_another(
+        tmp_path: Path, slow_facts: Targets, broker: Broker, env: dict[str, str]) -> None:
+    # one slice each: a worker of concurrency 1 reserves one task at a time
+    started = start_workers(tmp_path / "workers", broker.engine, env, 2, concurrency=1)
+    workers = next(started)
+    try:
+        running = Controller(slow_facts, broker, env, slices=2)
+        assert wait_for(lambda: all("received" in log.read_text(errors="replace")
+                                    for log in workers.logs.values()), 30), running.errors()
+        workers.processes["w1"].kill()  # while its hosts' facts are being gathered
+        code = running.wait(120)
+    finally:
+        started.close()
+
+    assert code == 0, running.errors()
+    outcomes = outcomes_once(env, slow_facts)
+    assert {(o["status"], o["worker"].split("@")[0]) for o in outcomes} == {("ok", "w2")}
+    assert len(slow_facts.traced("started")) == SMALL  # nothing loaded twice
+
+
+@pytest.fixture
+def canary(tmp_path: Path) -> Iterator[Targets]:
+    (tmp_path / "targets").mkdir()
+    yield from small_targets(tmp_path, pause=0.2, failing=(0,))
+
+
+def test_a_failing_canary_skips_the_rest_on_every_worker_as_a_local_run_does(
+        tmp_path: Path, canary: Targets, broker: Broker, env: dict[str, str],
+        workers: Workers) -> None:
+    manifest = tmp_path / "canary.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "apiVersion": "stapctl/v1", "kind": "Trace", "name": "canary",
+        "strategy": {"serial": [1, "50%"], "max_fail_percentage": 0},
+        "probes": [{"name": "hello", "script": SCRIPT}]}))
+    done = Controller(canary, broker, env, manifest, slices=4)
+    code = done.wait(120)
+    assert code == 1, done.errors()  # nothing ran ok
+    through_engine = outcomes_once(env, canary)
+    assert len(canary.traced("started")) == 1  # the canary alone ran
+    for folder in (Path(env["XDG_DATA_HOME"]) / "stapctl" / "runs").iterdir():
+        shutil.rmtree(folder)
+    local = subprocess.run(
+        [sys.executable, "-m", "stapctl", "apply", str(manifest), "-i",
+         str(canary.inventory), "--format", "json"],
+        capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert local.returncode == code, local.stderr[-3000:]
+
+    def kinds(outcomes: list[dict[str, str]]) -> dict[str, tuple[str, str, str]]:
+        return {o["host"]: (o["status"], o["kind"], o["message"]) for o in outcomes}
+
+    assert kinds(through_engine) == kinds(outcomes_once(env, canary))
+    assert kinds(through_engine)["h000"][:2] == ("failed", "runtime-error")
+    assert set(list(kinds(through_engine).values())[1:]) == {
+        ("skipped", "skipped", "max_fail_percentage (0%) exceeded")}
+
+
+def test_no_worker_is_said_once_and_an_interrupt_still_stops_cleanly(
+        tmp_path: Path, canary: Targets, broker: Broker, env: dict[str, str]) -> None:
+    waiting = Controller(canary, broker, env, slices=2)
+    assert wait_for(lambda: "waiting for a worker" in waiting.errors(), 30), waiting.errors()
+    assert wait_for(lambda: waiting.process.poll() is None, 1)  # it keeps waiting
+    waiting.process.send_signal(signal.SIGINT)
+
+    assert waiting.wait(60) == 130, waiting.errors()
+    errors = waiting.errors()
+    assert errors.count("waiting for a worker") == 1
+    assert f"start one with `stapctl worker --engine {broker.engine}`" in errors
+    assert "Traceback" not in errors
+    assert {o["status"] for o in outcomes_once(env, canary)} == {"skipped"}
+    assert not canary.traced("started")
+
+
+@pytest.fixture
+def stubborn(tmp_path: Path) -> Iterator[Targets]:
+    (tmp_path / "targets").mkdir()
+    yield from small_targets(tmp_path, pause=120.0, heeds_stop=False)
+
+
+def test_a_second_interrupt_makes_the_workers_cut_their_hosts(
+        tmp_path: Path, stubborn: Targets, broker: Broker, env: dict[str, str],
+        workers: Workers) -> None:
+    running = Controller(stubborn, broker, env, slices=4)
+    assert wait_started(Path(env["XDG_DATA_HOME"]), SMALL), running.errors()
+    running.process.send_signal(signal.SIGINT)  # the agents do not heed a stop...
+    assert wait_for(lambda: running.process.poll() is not None, 3) is False
+    running.process.send_signal(signal.SIGINT)  # ... so a second cuts their connections
+
+    assert running.wait(30) == 130, running.errors()
+    # cut off, the agents end on their own, long before their 120 s (or a 30 s grace)
+    assert wait_for(lambda: len(stubborn.traced("orphaned")) == SMALL, 15), \
+        len(stubborn.traced("orphaned"))
+    assert "Traceback" not in running.errors()
