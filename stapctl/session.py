@@ -152,7 +152,7 @@ def select_hosts(manifest: Manifest, inventory: Path | None = None,
     else:
         from stapctl.lab import GuestState, Lab  # the lab only when it is the inventory
 
-        status = Lab.default().status()
+        status = Lab.default().status(login=False)
         if not any(guest.state is GuestState.RUNNING for guest in status.guests):
             raise ManifestError(Issue(str(manifest.path), None, None, "inventory",
                                       "no inventory: pass -i INVENTORY, set `inventory:` in "
