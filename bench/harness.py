@@ -165,7 +165,7 @@ def exec_to_loaded(report: Report, lab: guests.Guests, mode: Mode) -> None:
         artifact = builder.build(builder.spec(guests.HELLO, release, "x86_64", (),
                                               origin="hello"))
         agent = AgentHost(connection)
-        agent.install()
+        agent.prepare()
         remote = agent.upload_module(artifact.path, artifact.sha256)
         ko = f"/tmp/{artifact.module_name}.ko"
         guests.shell(connection, f"cp {remote} {ko}")

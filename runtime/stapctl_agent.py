@@ -1791,6 +1791,8 @@ def preflight(request, facts):
         with open(path, "rb") as f:
             image = f.read()
     except (OSError, IOError) as e:
+        if e.errno == errno.ENOENT:  # the controller sends it and asks again
+            raise refuse("module %s is not on this host" % path) from None
         raise refuse("cannot read module %s: %s" % (path, e.strerror)) from None
     digest = hashlib.sha256(image).hexdigest()
     if digest != request.get("sha256"):

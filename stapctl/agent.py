@@ -42,8 +42,27 @@ from stapctl.runtime import stapctl_agent as wire
 # zlib level the agent is asked to send probe output with (0: plain OUTPUT frames). Level 1:
 # probe output compresses well even so, and an emulated guest's CPU is the scarce thing.
 COMPRESS = 1
-FACTS_SCRIPT = 'uname -r && uname -m && command -v "$0"'  # $0: the interpreter
-FACTS_TIMEOUT = 30.0  # seconds the facts command may stay silent (a hung home, a stuck sudo)
+WORKDIR = ".cache/stapctl-agent"  # under the login user's home (not ~/.cache/stapctl: on a
+# controller that is its own target, that is the build cache)
+NOT_PRIVATE = 3  # PREPARE_SCRIPT's exit status when the work directory is not private
+# AgentHost.prepare: $0 the interpreter, $1 the agent's file name, then the sudo prefix of
+# the connection's commands (none without become). Prints the home, the size of the
+# agent's file there (0: none), the kernel release, the arch and the interpreter's path.
+PREPARE_SCRIPT = f"""cd || exit
+d={WORKDIR}
+mkdir -p -m 700 "$d" || exit
+case $(ls -ld "$d") in
+  d???------*) ;;
+  *) echo "$PWD/$d must be a private directory (0700); it is not: remove it or fix \
+its mode" >&2; exit {NOT_PRIVATE} ;;
+esac
+pwd
+if [ -f "$d/$1" ] && [ ! -h "$d/$1" ]; then wc -c < "$d/$1"; else echo 0; fi
+python=$0
+shift
+"$@" sh -c 'uname -r && uname -m && command -v "$0"' "$python"
+"""
+FACTS_TIMEOUT = 30.0  # seconds the prepare command may stay silent (a hung home, a stuck sudo)
 MAX_FRAME = 8 << 20  # the agent batches output in pieces of a few MiB at most
 MAX_TEXT = 4096  # characters kept of any text field the agent sends (messages, events)
 PING = b'{"op": "ping"}\n'
@@ -142,6 +161,16 @@ class RunResult:
                    removed=data.get("removed") is True, pids=_pids(data.get("pids")))
 
 
+def module_to_send(result: RunResult) -> Literal["missing", "corrupt"] | None:
+    """Whether the agent found no module file to run, or a corrupt one that it removed:
+    then the module is to be sent (again) and the request repeated."""
+    if result.kind != FailureKind.PREFLIGHT_REFUSED:
+        return None
+    if "is not on this host" in result.message:
+        return "missing"
+    return "corrupt" if "sha256 mismatch" in result.message else None
+
+
 def _pids(value: object) -> tuple[int, ...]:
     """The positive integers of a list from the agent, in its order; nothing else."""
     if not isinstance(value, list):
@@ -210,56 +239,67 @@ class Frame:
 
 
 class AgentHost:
-    """The agent installed on one connected host."""
+    """The agent on one connected host; ``prepare`` first."""
 
     def __init__(self, connection: Connection, python: str = "python3") -> None:
         self.connection = connection
         self.python = python
-        # not ~/.cache/stapctl: on a controller that is its own target, that is the build cache
-        self.workdir = connection.home().rstrip("/") + "/.cache/stapctl-agent"
-        self.path = f"{self.workdir}/agent-{AGENT_SHA256[:16]}.py"
+        self.workdir = ""  # <home>/.cache/stapctl-agent: the home is known once prepared
+        self.path = ""
+        # the agent was sent by this connection: the host is new to stapctl, and its
+        # modules are looked for before they are run rather than reported missing after
+        self.shipped = False
 
-    def install(self) -> None:
-        """Create the private work directory and upload the agent unless it is there."""
-        self.connection.ensure_private_dir(self.workdir)
-        if not self.connection.exists(self.path, AGENT_SIZE):
-            self.connection.put(AGENT_FILE, self.path)
+    def prepare(self) -> HostFacts:
+        """Make the private work directory, ship the agent unless it is there, and return
+        the kernel release and arch (what planning needs): one shell command, and SFTP
+        only when the agent must be sent.
 
-    def facts(self) -> HostFacts:
-        """Kernel release and arch (what planning needs) and that the interpreter is there.
-
-        One shell command, not the agent's `facts` action: that costs a Python start per
-        host (~25 ms of CPU, more than the rest of a check: bench/fanout.py), and the agent
-        collects and checks the full facts again before it loads anything. Run with
-        become like the agent, so a sudo that asks for a password fails here. Release and
-        arch become paths and arguments here, so one that is not a plain name raises
+        The directory is made and checked as the login user (it receives SFTP uploads):
+        a directory, not a symlink, no access for group or others. Only the interpreter's
+        lookup goes through sudo with become, so that a sudo that would ask for a password
+        fails here. Not the agent's `facts` action: that costs a Python start per host
+        (~25 ms of CPU, more than the rest of a check: bench/fanout.py), and the agent
+        collects and checks the full facts again before it loads anything. Release and
+        arch become paths and arguments, so one that is not a plain name raises
         BadFactsError.
         """
-        done = run_command(self.connection, ["sh", "-c", FACTS_SCRIPT, self.python],
-                           timeout=FACTS_TIMEOUT)
+        name = f"agent-{AGENT_SHA256[:16]}.py"
+        done = run_command(self.connection, ["sh", "-c", PREPARE_SCRIPT, self.python, name,
+                                             *self.connection.sudo()],
+                           timeout=FACTS_TIMEOUT, become=False)
         code = done.status
         lines = done.stdout.decode(errors="replace").splitlines()
-        if code != 0 or len(lines) != 3:
-            if len(lines) == 2:  # uname answered, `command -v` did not
+        if code != 0 or len(lines) != 5:
+            tail = done.stderr.strip()
+            if code == NOT_PRIVATE:
+                raise AgentError(text_field(tail.splitlines()[-1]), tail)
+            if code == 0 and len(lines) == 4:  # uname answered, `command -v` did not
                 raise AgentError(f"{self.python} not found on the host: install Python 3.6+ "
                                  "or set ansible_python_interpreter")
-            tail = done.stderr.strip()
             if "password is required" in tail or "a terminal is required" in tail:
                 raise AgentError("sudo would ask for a password (become is on, and stapctl "
                                  "never types one): give this user passwordless sudo, or "
                                  "log in as root", tail)
             raise AgentError(f"cannot gather facts (exit {code})" +
                              (f": {tail.splitlines()[-1]}" if tail else ""), tail)
-        release, arch, _interpreter = lines
-        for name, value in (("kernel release", release), ("arch", arch)):
+        home, agent_size, release, arch, _interpreter = lines
+        for fact, value in (("kernel release", release), ("arch", arch)):
             if not is_safe_fact(value):
-                raise BadFactsError(f"the host reports its {name} as {shown(value)}, which "
+                raise BadFactsError(f"the host reports its {fact} as {shown(value)}, which "
                                     f"stapctl will not use in paths or commands: it must be "
                                     f"{SAFE_FACT_RULE}")
+        self.workdir = f"{home.rstrip('/')}/{WORKDIR}"
+        self.path = f"{self.workdir}/{name}"
+        if agent_size.strip() != str(AGENT_SIZE):
+            self.connection.put(AGENT_FILE, self.path)
+            self.shipped = True
         return HostFacts(release=release, arch=arch)
 
-    def upload_module(self, local: Path, sha256: str) -> str:
-        """Upload a module unless the target already holds it; returns its remote path.
+    def upload_module(self, local: Path, sha256: str, look: bool = True) -> str:
+        """Send a module unless the target holds it; returns its remote path. Without
+        ``look``, on a host that had the agent already, nothing is looked for: the agent
+        reports a module that is missing (`module_to_send`) and it is sent then.
 
         The local file is hashed again before it is sent: one that no longer matches
         ``sha256`` (its cache entry changed after it was checked) is never shipped. A copy
@@ -268,6 +308,8 @@ class AgentHost:
         if SHA256.fullmatch(sha256) is None:
             raise AgentError(f"{local}: {shown(sha256)} is not a sha256: rebuild the module")
         remote = f"{self.workdir}/{sha256}.ko"
+        if not look and not self.shipped:
+            return remote
         try:
             size = local.stat().st_size
         except OSError as exc:
