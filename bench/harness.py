@@ -463,6 +463,9 @@ def main() -> None:
     stap_dir = Path(os.environ.get("STAPCTL_BENCH_DIR")
                     or platformdirs.user_cache_dir("stapctl-bench")) / "stap"
     report = Report()
+    # a user's install keeps its bytecode: every contender runs as it would there, even
+    # where the environment asks Python not to write bytecode
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     # runs go to a history of the benchmark's own, not the user's; the lab stays where it is
     os.environ["STAPCTL_LAB_DIR"] = str(stapctl_lab.Lab.default().directory)
     with tempfile.TemporaryDirectory(prefix="stapctl-bench-") as tmp:

@@ -459,6 +459,7 @@ class Session:
         worker.start()
         handled = 0
         forced_at: float | None = None
+        self._deliver_notes()  # the stage's phase is shown as it starts, not 0.2 s on
         while not self.channel.stage_over:
             event = self.channel.get(timeout=0.2)
             self._deliver_notes()
