@@ -189,7 +189,8 @@ def exec_to_loaded(report: Report, lab: guests.Guests, mode: Mode) -> None:
                  ["tool", "exec → /sys/module/NAME appears"],
                  [[name, f.show()] for name, f in figures.items()],
                  "The same hello module; a stopwatch in the guest polls /sys/module every "
-                 "millisecond from the tool's exec.")
+                 "millisecond from the tool's exec for a new entry named like the module "
+                 "(the agent renames it as staprun -R does).")
     report.verdicts.append(Verdict("agent_exec_to_loaded_over_staprun",
                                    figures["stapctl agent"].median / figures["staprun"].median,
                                    1.2))
