@@ -47,7 +47,8 @@ WORKDIR = ".cache/stapctl-agent"  # under the login user's home (not ~/.cache/st
 NOT_PRIVATE = 3  # PREPARE_SCRIPT's exit status when the work directory is not private
 # AgentHost.prepare: $0 the interpreter, $1 the agent's file name, then the sudo prefix of
 # the connection's commands (none without become). Prints the home, the size of the
-# agent's file there (0: none), the kernel release, the arch and the interpreter's path.
+# agent's file there (0: none), the modules there on one line, the kernel release, the
+# arch and the interpreter's path.
 PREPARE_SCRIPT = f"""cd || exit
 d={WORKDIR}
 mkdir -p -m 700 "$d" || exit
@@ -58,6 +59,9 @@ its mode" >&2; exit {NOT_PRIVATE} ;;
 esac
 pwd
 if [ -f "$d/$1" ] && [ ! -h "$d/$1" ]; then wc -c < "$d/$1"; else echo 0; fi
+modules=
+for f in "$d"/*.ko; do [ -f "$f" ] && [ ! -h "$f" ] && modules="$modules ${{f##*/}}"; done
+echo "modules:$modules"
 python=$0
 shift
 "$@" sh -c 'uname -r && uname -m && command -v "$0"' "$python"
@@ -247,9 +251,7 @@ class AgentHost:
         self.python = python
         self.workdir = ""  # <home>/.cache/stapctl-agent: the home is known once prepared
         self.path = ""
-        # the agent was sent by this connection: the host is new to stapctl, and its
-        # modules are looked for before they are run rather than reported missing after
-        self.shipped = False
+        self.modules: set[str] = set()  # the module files in it (<sha256>.ko), as prepared
 
     def prepare(self) -> HostFacts:
         """Make the private work directory, ship the agent unless it is there, and return
@@ -271,11 +273,11 @@ class AgentHost:
                            timeout=FACTS_TIMEOUT, become=False)
         code = done.status
         lines = done.stdout.decode(errors="replace").splitlines()
-        if code != 0 or len(lines) != 5:
+        if code != 0 or len(lines) != 6:
             tail = done.stderr.strip()
             if code == NOT_PRIVATE:
                 raise AgentError(text_field(tail.splitlines()[-1]), tail)
-            if code == 0 and len(lines) == 4:  # uname answered, `command -v` did not
+            if code == 0 and len(lines) == 5:  # uname answered, `command -v` did not
                 raise AgentError(f"{self.python} not found on the host: install Python 3.6+ "
                                  "or set ansible_python_interpreter")
             if "password is required" in tail or "a terminal is required" in tail:
@@ -284,7 +286,7 @@ class AgentHost:
                                  "log in as root", tail)
             raise AgentError(f"cannot gather facts (exit {code})" +
                              (f": {tail.splitlines()[-1]}" if tail else ""), tail)
-        home, agent_size, release, arch, _interpreter = lines
+        home, agent_size, modules, release, arch, _interpreter = lines
         for fact, value in (("kernel release", release), ("arch", arch)):
             if not is_safe_fact(value):
                 raise BadFactsError(f"the host reports its {fact} as {shown(value)}, which "
@@ -292,36 +294,34 @@ class AgentHost:
                                     f"{SAFE_FACT_RULE}")
         self.workdir = f"{home.rstrip('/')}/{WORKDIR}"
         self.path = f"{self.workdir}/{name}"
+        self.modules = set(modules.removeprefix("modules:").split())
         if agent_size.strip() != str(AGENT_SIZE):
             self.connection.put(AGENT_FILE, self.path)
-            self.shipped = True
         return HostFacts(release=release, arch=arch)
 
-    def upload_module(self, local: Path, sha256: str, look: bool = True) -> str:
-        """Send a module unless the target holds it; returns its remote path. Without
-        ``look``, on a host that had the agent already, nothing is looked for: the agent
-        reports a module that is missing (`module_to_send`) and it is sent then.
+    def upload_module(self, local: Path, sha256: str, again: bool = False) -> str:
+        """Send a module unless the target held it when prepared (``again``: send it all
+        the same); returns its remote path. A copy there is checked by the agent before
+        it loads it: a corrupt or vanished one it reports (`module_to_send`), and it is
+        sent again.
 
         The local file is hashed again before it is sent: one that no longer matches
-        ``sha256`` (its cache entry changed after it was checked) is never shipped. A copy
-        already on the target is checked by the agent before it loads it.
+        ``sha256`` (its cache entry changed after it was checked) is never shipped.
         """
         if SHA256.fullmatch(sha256) is None:
             raise AgentError(f"{local}: {shown(sha256)} is not a sha256: rebuild the module")
-        remote = f"{self.workdir}/{sha256}.ko"
-        if not look and not self.shipped:
+        name = f"{sha256}.ko"
+        remote = f"{self.workdir}/{name}"
+        if name in self.modules and not again:
             return remote
-        try:
-            size = local.stat().st_size
-        except OSError as exc:
-            raise AgentError(f"cannot read the module {local}: {exc.strerror}: run again to "
-                             "rebuild it") from exc
-        if not self.connection.exists(remote, size):
-            if file_sha256(local) != sha256:
-                raise AgentError(f"{local} changed after it was built (its sha256 is no "
-                                 f"longer {sha256[:12]}…), so it was not uploaded: run again "
-                                 "to rebuild it")
-            self.connection.put(local, remote)
+        if not local.is_file():
+            raise AgentError(f"cannot read the module {local}: run again to rebuild it")
+        if file_sha256(local) != sha256:
+            raise AgentError(f"{local} changed after it was built (its sha256 is no "
+                             f"longer {sha256[:12]}…), so it was not uploaded: run again "
+                             "to rebuild it")
+        self.connection.put(local, remote)
+        self.modules.add(name)
         return remote
 
     def call(self, request: AgentRequest, on_frame: Callable[[Frame], None] = lambda _: None,

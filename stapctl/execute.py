@@ -116,12 +116,12 @@ class _Session:
     # one file transfer at a time: concurrent ones on one connection stall
     upload_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def upload(self, job: ModuleJob, look: bool = True) -> str:
-        """The job's module on the host (sent unless it is there); its remote path.
-        Without ``look``, see AgentHost.upload_module."""
+    def upload(self, job: ModuleJob, again: bool = False) -> str:
+        """The job's module on the host (sent unless it was there, or ``again``); its
+        remote path."""
         assert job.artifact is not None
         with self.upload_lock:
-            return self.agent.upload_module(job.artifact.path, job.artifact.sha256, look)
+            return self.agent.upload_module(job.artifact.path, job.artifact.sha256, again)
 
 
 @dataclass
@@ -369,7 +369,7 @@ class Fleet:
         host, probe = session.host.name, job.probe.name
         artifact = job.artifact
         assert artifact is not None
-        remote = session.upload(job, look=False)
+        remote = session.upload(job)
         self._event(host, "uploaded", remote, probe)
         timing = self.options.timing
         duration = self.options.duration if self.options.duration is not None \
@@ -445,7 +445,7 @@ class Fleet:
         if reason == "corrupt":
             self._event(session.host.name, "warning",
                         "the module on the host was corrupt: sent again", job.probe.name)
-        session.upload(job)
+        session.upload(job, again=True)
         return True
 
     def _agent_event(self, host: str, probe: str, event: Mapping[str, Any]) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import socket
 import threading
@@ -139,9 +138,6 @@ class FakeConnection:
         self._facts = facts
         self.closed = False
 
-    def exists(self, path: str, size: int) -> bool:
-        return os.path.isfile(path) and os.path.getsize(path) == size
-
     def put(self, local: Path, remote: str) -> None:
         shutil.copyfile(local, remote)
 
@@ -159,7 +155,9 @@ class FakeConnection:
             workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
             agent = workdir / argv[4]
             size = agent.stat().st_size if agent.is_file() else 0
-            return CompletedProcess(f"{self._home}\n{size}\n".encode() + self._facts)
+            modules = "".join(f" {ko.name}" for ko in workdir.glob("*.ko"))
+            return CompletedProcess(f"{self._home}\n{size}\nmodules:{modules}\n".encode()
+                                    + self._facts)
         return self._agent(self.kernel)
 
     def close(self) -> None:

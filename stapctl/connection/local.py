@@ -73,9 +73,6 @@ class LocalConnection:
     def open(self) -> None:
         return None
 
-    def exists(self, path: str, size: int) -> bool:
-        return os.path.isfile(path) and os.path.getsize(path) == size
-
     def put(self, local: Path, remote: str) -> None:
         """Copy to a partial file renamed into place; a failed copy leaves nothing."""
         partial = partial_name(remote)

@@ -11,7 +11,6 @@ import contextlib
 import os
 import shlex
 import socket
-import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -423,10 +422,6 @@ class SSHConnection:
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise ConnectError(f"{self.host.name}: {what}: {exc}") from exc
 
-    def exists(self, path: str, size: int) -> bool:
-        attrs = self._sftp_call(f"cannot inspect {path}", lambda sftp: _lstat(sftp, path))
-        return attrs is not None and stat.S_ISREG(attrs.st_mode or 0) and attrs.st_size == size
-
     def put(self, local: Path, remote: str) -> None:
         """Upload to a partial file renamed into place; a failed upload leaves nothing."""
         partial = partial_name(remote)
@@ -471,13 +466,6 @@ class SSHConnection:
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise ConnectError(f"{self.host.name}: cannot start {argv[0]}: {exc}") from exc
         return _SSHProcess(channel)
-
-
-def _lstat(sftp: paramiko.SFTPClient, path: str) -> paramiko.SFTPAttributes | None:
-    try:
-        return sftp.lstat(path)
-    except FileNotFoundError:
-        return None
 
 
 def _remove_if_there(sftp: paramiko.SFTPClient, path: str) -> None:

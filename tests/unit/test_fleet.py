@@ -197,28 +197,22 @@ def test_an_agent_that_does_not_end_after_the_stop_is_cut(tmp_path: Path) -> Non
     assert "cut off" in outcome.message
 
 
-def test_a_host_with_the_agent_is_sent_only_the_module_its_agent_misses(
+def test_a_host_is_sent_only_what_its_prepare_command_did_not_find(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fleet = FakeFleet(tmp_path, {"h": Scenario(**HELLO_EXIT)})
     first, _ = session(tmp_path, fleet)
     assert first.apply().exit_code == 0  # a new host: the agent and the module are sent
     sent: list[str] = []
-    looked: list[str] = []
-    put, exists = FakeConnection.put, FakeConnection.exists
+    put = FakeConnection.put
 
     def counted_put(self: FakeConnection, local: Path, remote: str) -> None:
         sent.append(Path(remote).name)
         put(self, local, remote)
 
-    def counted_exists(self: FakeConnection, path: str, size: int) -> bool:
-        looked.append(Path(path).name)
-        return exists(self, path, size)
-
     monkeypatch.setattr(FakeConnection, "put", counted_put)
-    monkeypatch.setattr(FakeConnection, "exists", counted_exists)
     second, _ = session(tmp_path, fleet)
     assert second.apply().exit_code == 0
-    assert sent == [] and looked == []  # both there: nothing looked for, nothing sent
+    assert sent == []  # both there, as the prepare command said: nothing sent
 
     builder = second.builder
     assert isinstance(builder, FakeBuilder)

@@ -89,12 +89,16 @@ def test_the_work_directory_is_made_private_and_the_agent_sent_once(
         target: AgentHost, tmp_path: Path) -> None:
     target.prepare()
     workdir = tmp_path / "home" / ".cache" / "stapctl-agent"
-    assert target.workdir == str(workdir) and target.shipped
+    assert target.workdir == str(workdir) and target.modules == set()
     assert workdir.stat().st_mode & 0o777 == 0o700
     assert Path(target.path).read_bytes() == AGENT_FILE.read_bytes()
+    sent = Path(target.path).stat().st_mtime_ns
+    (workdir / f"{'0' * 64}.ko").write_bytes(b"m")
+    (workdir / f"{'1' * 64}.ko").symlink_to(workdir / f"{'0' * 64}.ko")
     again = AgentHost(target.connection)
     again.prepare()
-    assert again.path == target.path and not again.shipped
+    assert again.path == target.path and Path(target.path).stat().st_mtime_ns == sent
+    assert again.modules == {f"{'0' * 64}.ko"}  # a symlink is no module
 
 
 @pytest.mark.parametrize("mode", [0o755, 0o710, 0o701])
@@ -106,7 +110,7 @@ def test_a_work_directory_others_can_enter_is_refused(target: AgentHost, tmp_pat
     with pytest.raises(AgentError, match="must be a private directory") as caught:
         target.prepare()
     assert str(workdir) in str(caught.value)
-    assert not target.shipped
+    assert list(workdir.iterdir()) == []  # no agent sent into it
 
 
 def test_a_work_directory_that_is_a_symlink_is_refused(target: AgentHost,
