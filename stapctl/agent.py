@@ -51,7 +51,7 @@ NOT_PRIVATE = 3  # PREPARE_SCRIPT's exit status when the work directory is not p
 # arch and the interpreter's path.
 PREPARE_SCRIPT = f"""cd || exit
 d={WORKDIR}
-mkdir -p -m 700 "$d" || exit
+[ -d "$d" ] || mkdir -p -m 700 "$d" || exit
 case $(ls -ld "$d") in
   d???------*) ;;
   *) echo "$PWD/$d must be a private directory (0700); it is not: remove it or fix \
