@@ -101,13 +101,17 @@ def make_targets(lab: Sshds, count: int, round_dir: Path, tool: str) -> list[Tar
 
 # -- the ways compared -------------------------------------------------------------------
 def agent_path() -> str:
-    """Where stapctl keeps its agent on these targets (they are this machine, as root)."""
-    return AgentHost(LocalConnection(Host(name="here", address="local"), ConnectOptions())).path
+    """Where stapctl keeps its agent on these targets (they are this machine, as root),
+    put there if it is not."""
+    agent = AgentHost(LocalConnection(Host(name="here", address="local"), ConnectOptions()))
+    agent.prepare()
+    return agent.path
 
 
 def bare_paramiko(lab: Sshds, targets: list[Target], forks: int) -> int:
     """Connect, SFTP put, run stapctl's own last step (the agent's preflight), read its
     output; returns how many succeeded."""
+    agent = agent_path()
 
     def one(target: Target) -> bool:
         client = paramiko.SSHClient()
@@ -123,7 +127,7 @@ def bare_paramiko(lab: Sshds, targets: list[Target], forks: int) -> int:
             with client.open_sftp() as sftp:
                 sftp.put(str(target.payload), target.remote)
             stdin, out, _ = client.exec_command(
-                f"python3 -I -c {shlex.quote(BOOTSTRAP)} {agent_path()}")
+                f"python3 -I -c {shlex.quote(BOOTSTRAP)} {agent}")
             stdin.write(json.dumps({"protocol": 1, "action": "preflight",
                                     "module": target.remote, "sha256": sha256,
                                     "module_name": "stapctl_bench"}) + "\n")

@@ -153,14 +153,20 @@ def outcome_statuses(timing: Timing) -> dict[str, str]:
 
 # Times, inside the guest, from a tool's exec to its module appearing in /sys/module:
 # the same stopwatch for staprun and for stapctl's agent (argv after the module's name;
-# the first argument is a line for the tool's stdin, kept open until the tool ends).
+# the first argument is a line for the tool's stdin, kept open until the tool ends). The
+# agent loads a module under a name of its own (staprun -R's scheme: the name's head, then
+# its pid), so any new entry named like the module's head counts; a tool that ends without
+# one fails the measure.
 LOADED_AFTER = ("python3 -c 'import os, subprocess, sys, time; "
+                "head = sys.argv[1][:-8]; before = set(os.listdir(\"/sys/module\")); "
                 "t = time.monotonic(); p = subprocess.Popen(sys.argv[3:], stdin=subprocess.PIPE,"
                 " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
                 "p.stdin.write(sys.argv[2].encode() + b\"\\n\"); p.stdin.flush()\n"
-                "while not os.path.exists(\"/sys/module/\" + sys.argv[1]) and p.poll() is None:"
-                " time.sleep(0.001)\n"
-                "loaded = time.monotonic() - t; p.wait(); print(loaded, p.returncode)'")
+                "new = lambda: any(m.startswith(head) for m in set(os.listdir(\"/sys/module\"))"
+                " - before)\n"
+                "while not new() and p.poll() is None: time.sleep(0.001)\n"
+                "loaded = time.monotonic() - t if p.poll() is None or new() else -1; p.wait(); "
+                "print(loaded, p.returncode)'")
 
 
 def loaded_after(connection: Connection, module_name: str, stdin_line: str,
@@ -168,8 +174,8 @@ def loaded_after(connection: Connection, module_name: str, stdin_line: str,
     out = shell(connection, f"{LOADED_AFTER} {shlex.quote(module_name)} "
                             f"{shlex.quote(stdin_line)} {shlex.join(argv)}")
     seconds, code = out.split()[:2]
-    if code != "0":
-        raise SystemExit(f"{argv[0]} failed in the guest: {out}")
+    if code != "0" or float(seconds) < 0:
+        raise SystemExit(f"{argv[0]} failed in the guest or loaded no module: {out}")
     return float(seconds)
 
 

@@ -133,7 +133,7 @@ def measure(connection: Connection, text: str, lines: int, rounds: int,
                         origin="throughput")
     artifact = builder.build(spec)
     agent = AgentHost(connection)
-    agent.install()
+    agent.prepare()
     remote = agent.upload_module(artifact.path, artifact.sha256)
     ko = f"/tmp/{artifact.module_name}.ko"  # staprun names the module after the file
     shell(connection, f"cp {remote} {ko}")

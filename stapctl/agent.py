@@ -42,18 +42,42 @@ from stapctl.runtime import stapctl_agent as wire
 # zlib level the agent is asked to send probe output with (0: plain OUTPUT frames). Level 1:
 # probe output compresses well even so, and an emulated guest's CPU is the scarce thing.
 COMPRESS = 1
-FACTS_SCRIPT = 'uname -r && uname -m && command -v "$0"'  # $0: the interpreter
-FACTS_TIMEOUT = 30.0  # seconds the facts command may stay silent (a hung home, a stuck sudo)
+WORKDIR = ".cache/stapctl-agent"  # under the login user's home (not ~/.cache/stapctl: on a
+# controller that is its own target, that is the build cache)
+NOT_PRIVATE = 3  # PREPARE_SCRIPT's exit status when the work directory is not private
+# AgentHost.prepare: $0 the interpreter, $1 the agent's file name, then the sudo prefix of
+# the connection's commands (none without become). Prints the home, the size of the
+# agent's file there (0: none), the modules there on one line, the kernel release, the
+# arch and the interpreter's path.
+PREPARE_SCRIPT = f"""cd || exit
+d={WORKDIR}
+[ -d "$d" ] || mkdir -p -m 700 "$d" || exit
+case $(ls -ld "$d") in
+  d???------*) ;;
+  *) echo "$PWD/$d must be a private directory (0700); it is not: remove it or fix \
+its mode" >&2; exit {NOT_PRIVATE} ;;
+esac
+pwd
+if [ -f "$d/$1" ] && [ ! -h "$d/$1" ]; then wc -c < "$d/$1"; else echo 0; fi
+modules=
+for f in "$d"/*.ko; do [ -f "$f" ] && [ ! -h "$f" ] && modules="$modules ${{f##*/}}"; done
+echo "modules:$modules"
+python=$0
+shift
+"$@" sh -c 'uname -r && uname -m && command -v "$0"' "$python"
+"""
+FACTS_TIMEOUT = 30.0  # seconds the prepare command may stay silent (a hung home, a stuck sudo)
 MAX_FRAME = 8 << 20  # the agent batches output in pieces of a few MiB at most
 MAX_TEXT = 4096  # characters kept of any text field the agent sends (messages, events)
 READ_SIZE = 1 << 20  # bytes asked of the agent's stream at once: what has arrived, up to this
 PING = b'{"op": "ping"}\n'
 # Runs the agent file (argv[1]) by import: unlike `python3 FILE`, an import caches the
 # compiled file (__pycache__/agent-<sha256>.cpython-*.pyc, checked against the file's
-# size and mtime at each start). Python 3.6+; -I keeps the home directory off sys.path.
-BOOTSTRAP = ("import importlib.util as u, sys; "
-             "s = u.spec_from_file_location('stapctl_agent', sys.argv[1]); "
-             "m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(m.main())")
+# size and mtime at each start). Its folder is on sys.path only for that import, and by
+# name rather than through importlib.util, whose import alone takes tens of milliseconds
+# on a slow target. Python 3.6+; -I keeps the home directory off sys.path.
+BOOTSTRAP = ("import sys; d, _, f = sys.argv[1].rpartition('/'); sys.path.insert(0, d); "
+             "m = __import__(f[:-3]); del sys.path[0]; sys.exit(m.main())")
 STOP = b'{"op": "stop"}\n'
 
 # the agent's own file, shipped verbatim (the wheel keeps it a real file on disk)
@@ -143,6 +167,16 @@ class RunResult:
                    removed=data.get("removed") is True, pids=_pids(data.get("pids")))
 
 
+def module_to_send(result: RunResult) -> Literal["missing", "corrupt"] | None:
+    """Whether the agent found no module file to run, or a corrupt one that it removed:
+    then the module is to be sent (again) and the request repeated."""
+    if result.kind != FailureKind.PREFLIGHT_REFUSED:
+        return None
+    if "is not on this host" in result.message:
+        return "missing"
+    return "corrupt" if "sha256 mismatch" in result.message else None
+
+
 def _pids(value: object) -> tuple[int, ...]:
     """The positive integers of a list from the agent, in its order; nothing else."""
     if not isinstance(value, list):
@@ -223,70 +257,80 @@ class Frame:
 
 
 class AgentHost:
-    """The agent installed on one connected host."""
+    """The agent on one connected host; ``prepare`` first."""
 
     def __init__(self, connection: Connection, python: str = "python3") -> None:
         self.connection = connection
         self.python = python
-        # not ~/.cache/stapctl: on a controller that is its own target, that is the build cache
-        self.workdir = connection.home().rstrip("/") + "/.cache/stapctl-agent"
-        self.path = f"{self.workdir}/agent-{AGENT_SHA256[:16]}.py"
+        self.workdir = ""  # <home>/.cache/stapctl-agent: the home is known once prepared
+        self.path = ""
+        self.modules: set[str] = set()  # the module files in it (<sha256>.ko), as prepared
 
-    def install(self) -> None:
-        """Create the private work directory and upload the agent unless it is there."""
-        self.connection.ensure_private_dir(self.workdir)
-        if not self.connection.exists(self.path, AGENT_SIZE):
-            self.connection.put(AGENT_FILE, self.path)
+    def prepare(self) -> HostFacts:
+        """Make the private work directory, ship the agent unless it is there, and return
+        the kernel release and arch (what planning needs): one shell command, and SFTP
+        only when the agent must be sent.
 
-    def facts(self) -> HostFacts:
-        """Kernel release and arch (what planning needs) and that the interpreter is there.
-
-        One shell command, not the agent's `facts` action: that costs a Python start per
-        host (~25 ms of CPU, more than the rest of a check: bench/fanout.py), and the agent
-        collects and checks the full facts again before it loads anything. Run with
-        become like the agent, so a sudo that asks for a password fails here. Release and
-        arch become paths and arguments here, so one that is not a plain name raises
+        The directory is made and checked as the login user (it receives SFTP uploads):
+        a directory, not a symlink, no access for group or others. Only the interpreter's
+        lookup goes through sudo with become, so that a sudo that would ask for a password
+        fails here. Not the agent's `facts` action: that costs a Python start per host
+        (~25 ms of CPU, more than the rest of a check: bench/fanout.py), and the agent
+        collects and checks the full facts again before it loads anything. Release and
+        arch become paths and arguments, so one that is not a plain name raises
         BadFactsError.
         """
-        done = run_command(self.connection, ["sh", "-c", FACTS_SCRIPT, self.python],
-                           timeout=FACTS_TIMEOUT)
+        name = f"agent-{AGENT_SHA256[:16]}.py"
+        done = run_command(self.connection, ["sh", "-c", PREPARE_SCRIPT, self.python, name,
+                                             *self.connection.sudo()],
+                           timeout=FACTS_TIMEOUT, become=False)
         code = done.status
         lines = done.stdout.decode(errors="replace").splitlines()
-        if code != 0 or len(lines) != 3:
-            if len(lines) == 2:  # uname answered, `command -v` did not
+        if code != 0 or len(lines) != 6:
+            tail = done.stderr.strip()
+            if code == NOT_PRIVATE:
+                raise AgentError(text_field(tail.splitlines()[-1]), tail)
+            if code == 0 and len(lines) == 5:  # uname answered, `command -v` did not
                 raise AgentError(f"{self.python} not found on the host: install Python 3.6+ "
                                  "or set ansible_python_interpreter")
-            tail = done.stderr.strip()
             if "password is required" in tail or "a terminal is required" in tail:
                 raise AgentError("sudo would ask for a password (become is on, and stapctl "
                                  "never types one): give this user passwordless sudo, or "
                                  "log in as root", tail)
             raise AgentError(f"cannot gather facts (exit {code})" +
                              (f": {tail.splitlines()[-1]}" if tail else ""), tail)
-        release, arch, _interpreter = lines
-        return checked_facts(release, arch)
+        home, agent_size, modules, release, arch, _interpreter = lines
+        facts = checked_facts(release, arch)
+        self.workdir = f"{home.rstrip('/')}/{WORKDIR}"
+        self.path = f"{self.workdir}/{name}"
+        self.modules = set(modules.removeprefix("modules:").split())
+        if agent_size.strip() != str(AGENT_SIZE):
+            self.connection.put(AGENT_FILE, self.path)
+        return facts
 
-    def upload_module(self, local: Path, sha256: str) -> str:
-        """Upload a module unless the target already holds it; returns its remote path.
+    def upload_module(self, local: Path, sha256: str, again: bool = False) -> str:
+        """Send a module unless the target held it when prepared (``again``: send it all
+        the same); returns its remote path. A copy there is checked by the agent before
+        it loads it: a corrupt or vanished one it reports (`module_to_send`), and it is
+        sent again.
 
         The local file is hashed again before it is sent: one that no longer matches
-        ``sha256`` (its cache entry changed after it was checked) is never shipped. A copy
-        already on the target is checked by the agent before it loads it.
+        ``sha256`` (its cache entry changed after it was checked) is never shipped.
         """
         if SHA256.fullmatch(sha256) is None:
             raise AgentError(f"{local}: {shown(sha256)} is not a sha256: rebuild the module")
-        remote = f"{self.workdir}/{sha256}.ko"
-        try:
-            size = local.stat().st_size
-        except OSError as exc:
-            raise AgentError(f"cannot read the module {local}: {exc.strerror}: run again to "
-                             "rebuild it") from exc
-        if not self.connection.exists(remote, size):
-            if file_sha256(local) != sha256:
-                raise AgentError(f"{local} changed after it was built (its sha256 is no "
-                                 f"longer {sha256[:12]}…), so it was not uploaded: run again "
-                                 "to rebuild it")
-            self.connection.put(local, remote)
+        name = f"{sha256}.ko"
+        remote = f"{self.workdir}/{name}"
+        if name in self.modules and not again:
+            return remote
+        if not local.is_file():
+            raise AgentError(f"cannot read the module {local}: run again to rebuild it")
+        if file_sha256(local) != sha256:
+            raise AgentError(f"{local} changed after it was built (its sha256 is no "
+                             f"longer {sha256[:12]}…), so it was not uploaded: run again "
+                             "to rebuild it")
+        self.connection.put(local, remote)
+        self.modules.add(name)
         return remote
 
     def call(self, request: AgentRequest, on_frame: Callable[[Frame], None] = lambda _: None,

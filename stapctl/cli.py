@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from stapctl import html_report, report, schedule, toolchains
+from stapctl import report, schedule, toolchains
 from stapctl.adhoc import AdhocRun, adhoc_manifest, adhoc_target
 from stapctl.cache import ModuleCache, cache_dir
 from stapctl.config import load_config
@@ -34,7 +34,6 @@ from stapctl.difference import (
     recorded_many_probes,
 )
 from stapctl.display import Display, err, message, signals_to
-from stapctl.engine import CeleryEngine, broker_url, start_worker
 from stapctl.errors import HistoryError, StapctlError, UsageError
 from stapctl.execute import RunOptions
 from stapctl.manifest import explain as explain_key
@@ -58,6 +57,7 @@ from stapctl.store import (
 )
 
 if TYPE_CHECKING:
+    from stapctl.engine import CeleryEngine
     from stapctl.lab import Lab, LabStatus
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -149,7 +149,7 @@ def run_options(command: F) -> F:
 
 def fan_out_engine(engine: str | None, slices: int | None) -> CeleryEngine | None:
     """The engine a run goes through: --engine, else the configured one, else none (this
-    process fans out)."""
+    process fans out; the engine's module, a tenth of the start-up, is not imported)."""
     config = load_config()
     chosen = engine or config.engine
     if chosen is None:
@@ -157,6 +157,7 @@ def fan_out_engine(engine: str | None, slices: int | None) -> CeleryEngine | Non
             raise UsageError("--slices splits a run over an engine's workers: add "
                              "--engine celery+redis://HOST:PORT/DB")
         return None
+    from stapctl.engine import CeleryEngine, broker_url
     return CeleryEngine(broker_url(chosen), config.secret(), slices)
 
 
@@ -368,6 +369,7 @@ def worker(engine: str | None, celery_options: tuple[str, ...]) -> None:
     if chosen is None:
         raise UsageError("no engine to serve: pass --engine celery+redis://HOST:PORT/DB or "
                          "set STAPCTL_ENGINE")
+    from stapctl.engine import broker_url, start_worker
     url = broker_url(chosen)
     config.secret()  # a worker without the secret could only refuse every task
     start_worker(url, list(celery_options))
@@ -492,6 +494,7 @@ def runs_show(run_id: str, host: str | None, as_html: bool, as_json: bool,
                 f"ok {row['ok']}  failed {row['failed']}  (from the history: {exc})")
         return
     if as_html:
+        from stapctl import html_report
         click.echo(html_report.render(row, folder), nl=False)
         return
     if host is not None:

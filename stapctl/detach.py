@@ -218,7 +218,7 @@ class DetachedRun:
             try:
                 connection = self._connect(host)
                 agent = AgentHost(connection, host.python)
-                agent.install()
+                agent.prepare()
                 return list(work(agent, probes))
             except StapctlError as exc:
                 return [failed(probe, str(exc)) for probe in probes]

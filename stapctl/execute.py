@@ -25,6 +25,7 @@ from stapctl.agent import (
     RunResult,
     Timing,
     detached_state,
+    module_to_send,
     text_field,
 )
 from stapctl.connection import Connection, ConnectOptions, connect
@@ -115,11 +116,12 @@ class _Session:
     # one file transfer at a time: concurrent ones on one connection stall
     upload_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def upload(self, job: ModuleJob) -> str:
-        """The job's module on the host (sent unless it is there); its remote path."""
+    def upload(self, job: ModuleJob, again: bool = False) -> str:
+        """The job's module on the host (sent unless it was there, or ``again``); its
+        remote path."""
         assert job.artifact is not None
         with self.upload_lock:
-            return self.agent.upload_module(job.artifact.path, job.artifact.sha256)
+            return self.agent.upload_module(job.artifact.path, job.artifact.sha256, again)
 
 
 @dataclass
@@ -205,8 +207,7 @@ class Fleet:
             return
         try:
             agent = AgentHost(connection, host.python)
-            agent.install()
-            facts = agent.facts()
+            facts = agent.prepare()
         except Exception as exc:  # noqa: BLE001 - every failure is this host's outcome
             with contextlib.suppress(Exception):
                 connection.close()
@@ -413,10 +414,7 @@ class Fleet:
 
         result = session.agent.call(request, on_frame, self.stop, deadline, timing,
                                     self.options.max_output)
-        if _corrupt_upload(result):  # the agent removed the bad copy: send it once more
-            self._event(host, "warning", "the module on the host was corrupt: sent again",
-                        probe)
-            session.upload(job)
+        if self._send_again(session, job, result):
             result = session.agent.call(request, on_frame, self.stop, deadline, timing,
                                         self.options.max_output)
         return HostOutcome(host=host, probe=probe, status="ok" if result.ok else "failed",
@@ -439,8 +437,7 @@ class Fleet:
             max_disk=spec.max_disk, file_size=spec.file_size, file_count=spec.file_count,
             remote_id=self.hosts.index(host), remote_uri=remote_uri(session.host))
         result = session.agent.call(request, timing=self.options.timing)
-        if _corrupt_upload(result):  # the agent removed the bad copy: send it once more
-            session.upload(job)
+        if self._send_again(session, job, result):
             result = session.agent.call(request, timing=self.options.timing)
         if not result.ok:
             return HostOutcome(host=host, probe=probe, status="failed", kind=result.kind,
@@ -453,6 +450,18 @@ class Fleet:
         self._event(host, "started", f"detached as {name}", probe)
         return HostOutcome(host=host, probe=probe, status="ok", message=(
             f"detached: {state['state']}, module {state['module']}, pid {state['pid']}"))
+
+    def _send_again(self, session: _Session, job: ModuleJob, result: RunResult) -> bool:
+        """Send the module when the agent found none, or a corrupt copy (which it
+        removed); True when the request is to be repeated."""
+        reason = module_to_send(result)
+        if reason is None:
+            return False
+        if reason == "corrupt":
+            self._event(session.host.name, "warning",
+                        "the module on the host was corrupt: sent again", job.probe.name)
+        session.upload(job, again=True)
+        return True
 
     def _agent_event(self, host: str, probe: str, event: Mapping[str, Any]) -> None:
         name = event.get("event")
@@ -479,10 +488,6 @@ class Fleet:
 def detached_name(run_id: str, probe: str) -> str:
     """The name of a probe's detached run on its hosts (its folder there)."""
     return f"{run_id}.{file_name(probe)}"
-
-
-def _corrupt_upload(result: RunResult) -> bool:
-    return result.kind == FailureKind.PREFLIGHT_REFUSED and "sha256 mismatch" in result.message
 
 
 def _classify(exc: BaseException) -> tuple[OutcomeStatus, FailureKind, str]:

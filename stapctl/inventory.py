@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 
 from stapctl.errors import Issue, ManifestError
 from stapctl.models import Host, InlineGroup, InlineInventory
-from stapctl.schema import did_you_mean, schema_issues, schema_validator
+from stapctl.schema import did_you_mean, schema_issues
 from stapctl.yamldoc import (
     Document,
     KeyPath,
@@ -868,8 +868,8 @@ def _read_yaml_inventory(doc: Document, builder: _Builder) -> None:
     """Ansible's YAML format: top-level groups (usually 'all'), each with ``hosts`` (a
     mapping of names, ranges allowed, to vars), ``children`` (nested groups), ``vars``."""
     builder.issues.extend(doc.issues)
-    found = schema_issues(doc, doc.data, schema_validator("inventory.schema.json",
-                                                          "ansible_inventory"))
+    found = schema_issues(doc, doc.data, "inventory.schema.json",
+                                                  "ansible_inventory")
     builder.issues.extend(issue for _, issue in found)
     if found or doc.data is None:
         return

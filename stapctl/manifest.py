@@ -42,7 +42,6 @@ from stapctl.schema import (
     registry,
     resolved,
     schema_issues,
-    schema_validator,
     unknown_key_message,
 )
 from stapctl.yamldoc import Document, KeyPath, UnreadableFile, read_text, read_yaml
@@ -206,7 +205,7 @@ def load_manifest(path: Path) -> Manifest:
         raise ManifestError(doc.issue(("apiVersion",), f"unsupported apiVersion "
                                       f"{describe(version)}: this stapctl reads "
                                       f"'{SUPPORTED_API_VERSION}' manifests"))
-    found = schema_issues(doc, data, schema_validator("manifest.schema.json"))
+    found = schema_issues(doc, data, "manifest.schema.json")
     builder = _ManifestBuilder(doc, {bad for bad, _ in found})
     manifest = builder.build(data)
     issues = [*doc.issues, *(issue for _, issue in found), *builder.issues]
@@ -485,7 +484,7 @@ def load_diff_spec(path: Path) -> DiffSpec:
     doc = read_yaml(path)
     data = doc.data if isinstance(doc.data, dict) else {}
     found = [(bad, issue) for bad, issue in
-             schema_issues(doc, data, schema_validator("manifest.schema.json"))
+             schema_issues(doc, data, "manifest.schema.json")
              if bad[:1] == ("diff",)]
     builder = _ManifestBuilder(doc, {bad for bad, _ in found})
     spec = builder._diff(data.get("diff", {}))

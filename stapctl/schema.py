@@ -3,18 +3,23 @@ its file, with the key path and what was expected ("did you mean" for a close ke
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import hashlib
 import importlib.resources
 import json
 from collections.abc import Iterator, Mapping
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
-from referencing import Registry, Resource
-
+from stapctl.cache import cache_dir
 from stapctl.errors import Issue
 from stapctl.yamldoc import Document, KeyPath
+
+if TYPE_CHECKING:
+    import jsonschema
+    from referencing import Registry
 
 SCHEMA_BASE = "https://stapctl.invalid/schemas/v1/"
 
@@ -29,6 +34,7 @@ def load_schema(name: str) -> dict[str, Any]:
 
 @functools.cache
 def registry() -> Registry[Any]:
+    from referencing import Registry, Resource
     return Registry().with_resources(
         (SCHEMA_BASE + name, Resource.from_contents(load_schema(name)))
         for name in ("manifest.schema.json", "inventory.schema.json")
@@ -38,20 +44,54 @@ def registry() -> Registry[Any]:
 @functools.cache
 def schema_validator(name: str, definition: str | None = None) -> jsonschema.Draft202012Validator:
     """A validator for a shipped schema, or for one of its ``$defs``."""
+    import jsonschema
     schema: dict[str, Any] = load_schema(name)
     if definition is not None:
         schema = {"$ref": f"{SCHEMA_BASE}{name}#/$defs/{definition}"}
     return jsonschema.Draft202012Validator(schema, registry=registry())
 
 
-def schema_issues(doc: Document, data: Any, validator: jsonschema.Draft202012Validator,
-                  root: KeyPath = ()) -> list[tuple[KeyPath, Issue]]:
-    """Every schema violation of ``data`` (found at ``root`` in ``doc``), in plain words."""
+def schema_issues(doc: Document, data: Any, name: str, definition: str | None = None
+                  ) -> list[tuple[KeyPath, Issue]]:
+    """Every violation of ``data`` (``doc``'s) of a shipped schema or one of its
+    ``$defs``, in plain words.
+
+    Data found valid once is not checked again (a verdict file in the cache, named by the
+    digest of the schema and the data): jsonschema's import alone is a tenth of a warm
+    start-up. Data with a violation is checked every time.
+    """
+    verdict = _verdict(name, definition, data)
+    if verdict is not None and verdict.exists():
+        return []
+    validator = schema_validator(name, definition)
     found: list[tuple[KeyPath, Issue]] = []
     for error in validator.iter_errors(data):
         for path, message, of_key in _plain_errors(validator, error):
-            found.append((root + path, doc.issue(root + path, message, of_key=of_key)))
+            found.append((path, doc.issue(path, message, of_key=of_key)))
+    if not found and verdict is not None:
+        with contextlib.suppress(OSError):  # a cache that cannot be written costs a check
+            verdict.parent.mkdir(parents=True, exist_ok=True)
+            verdict.touch()
     return found
+
+
+def _verdict(name: str, definition: str | None, data: Any) -> Path | None:
+    """Where the verdict "valid" on ``data`` is kept; None for data that has no exact
+    JSON form (then it is always checked). Every value is written with its type, so a
+    date and the string of it, or 1 and 1.0, are told apart."""
+    try:
+        text = json.dumps([load_schema(name), definition, _typed(data)], sort_keys=True)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return cache_dir() / "schema-valid" / hashlib.sha256(text.encode()).hexdigest()
+
+
+def _typed(value: Any) -> Any:
+    if isinstance(value, dict):
+        return [[_typed(k), _typed(v)] for k, v in value.items()]
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    return [type(value).__name__, value]
 
 
 def _plain_errors(validator: jsonschema.Draft202012Validator,

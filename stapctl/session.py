@@ -164,7 +164,7 @@ def select_hosts(manifest: Manifest, inventory: Path | None = None,
     else:
         from stapctl.lab import GuestState, Lab  # the lab only when it is the inventory
 
-        status = Lab.default().status()
+        status = Lab.default().status(login=False)
         if not any(guest.state is GuestState.RUNNING for guest in status.guests):
             raise ManifestError(Issue(str(manifest.path), None, None, "inventory",
                                       "no inventory: pass -i INVENTORY, set `inventory:` in "
@@ -491,6 +491,7 @@ class Session:
         worker.start()
         handled = 0
         forced_at: float | None = None
+        self._deliver_notes()  # the stage's phase is shown as it starts, not 0.2 s on
         while not self.channel.stage_over:
             events = self.channel.take(timeout=0.2)
             self._deliver_notes()

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -118,8 +119,13 @@ class RunRecorder:
         if folder_made:
             self._attempt("copy the manifest", self._copy_manifest)
             self._attempt("write events.jsonl", self._open_events)
-        self._listed = self._attempt("add the run to the history", self._add_to_history)
-        if not folder_made and not self._listed:
+        self._listed = False
+        # the history's database library takes a tenth of a second to import: its row is
+        # added beside the run's start, and waited for before the row is finished
+        self._listing = threading.Thread(target=self._list, name="stapctl-history",
+                                         daemon=True)
+        self._listing.start()
+        if not folder_made and not self.listed():
             raise StapctlError("cannot record this run: " + "; ".join(self.warnings)
                                + " (free some disk space or fix the permissions)")
 
@@ -267,6 +273,14 @@ class RunRecorder:
             raise
 
     # -- the history ---------------------------------------------------------------------
+    def listed(self) -> bool:
+        """Whether the run's row is in the history (waiting for it to be added)."""
+        self._listing.join()
+        return self._listed
+
+    def _list(self) -> None:
+        self._listed = self._attempt("add the run to the history", self._add_to_history)
+
     def _add_to_history(self) -> None:
         from stapctl import history
         history.add_run(self.history, self.run_id, self._manifest.name, self._manifest.path,
@@ -275,9 +289,10 @@ class RunRecorder:
     def _finish_history(self, run: Run) -> None:
         """Finish the run's row, adding it if it could not be added at the start."""
         from stapctl import history
+        listed = self.listed()
         hosts = {o.host for o in run.outcomes}
         failed = {o.host for o in run.failed}
-        history.finish_run(self.history, self.run_id, self._listed, {
+        history.finish_run(self.history, self.run_id, listed, {
             "name": self._manifest.name, "manifest": str(self._manifest.path),
             "dir": str(self.dir), "started": self._started, "finished": time.time(),
             "exit_code": run.exit_code, "hosts": len(hosts), "ok": len(hosts - failed),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import socket
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 from stapctl.runtime import stapctl_agent as wire
 
+from stapctl.agent import WORKDIR
 from stapctl.build import Builder
 from stapctl.connection import ConnectOptions, Process
 from stapctl.errors import ConnectError
@@ -114,7 +114,7 @@ class HostileProcess(SocketProcess):
 
 
 class CompletedProcess(SocketProcess):
-    """A short command's canned answer (the facts command)."""
+    """A short command's canned answer (the prepare command)."""
 
     def __init__(self, stdout: bytes) -> None:
         super().__init__()
@@ -124,8 +124,9 @@ class CompletedProcess(SocketProcess):
 
 
 class FakeConnection:
-    """A Connection to a fake host: files live in a temporary folder, the facts command
-    gets a canned answer, and the agent command runs ``agent(kernel)``."""
+    """A Connection to a fake host: files live in a temporary folder, the prepare command
+    makes the work directory there and gives canned facts, and the agent command runs
+    ``agent(kernel)``."""
 
     def __init__(self, host: Host, kernel: FakeKernel, home: Path,
                  agent: Callable[[FakeKernel], Process] = AgentProcess,
@@ -137,26 +138,26 @@ class FakeConnection:
         self._facts = facts
         self.closed = False
 
-    def home(self) -> str:
-        return str(self._home)
-
-    def ensure_private_dir(self, path: str) -> None:
-        Path(path).mkdir(mode=0o700, parents=True, exist_ok=True)
-
-    def exists(self, path: str, size: int) -> bool:
-        return os.path.isfile(path) and os.path.getsize(path) == size
-
     def put(self, local: Path, remote: str) -> None:
         shutil.copyfile(local, remote)
 
     def read_file(self, path: str, limit: int) -> bytes:
         return Path(self.kernel.root, path.lstrip("/")).read_bytes()[:limit]
 
-    def start(self, argv: Sequence[str]) -> Process:
+    def sudo(self) -> list[str]:
+        return []
+
+    def start(self, argv: Sequence[str], become: bool = True) -> Process:
         if self.closed:
             raise ConnectError(f"{self.host.name}: connection closed")
-        if argv[0] == "sh":
-            return CompletedProcess(self._facts)
+        if argv[0] == "sh":  # AgentHost.prepare: the work directory, the agent's size there
+            workdir = self._home / WORKDIR
+            workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            agent = workdir / argv[4]
+            size = agent.stat().st_size if agent.is_file() else 0
+            modules = "".join(f" {ko.name}" for ko in workdir.glob("*.ko"))
+            return CompletedProcess(f"{self._home}\n{size}\nmodules:{modules}\n".encode()
+                                    + self._facts)
         return self._agent(self.kernel)
 
     def close(self) -> None:

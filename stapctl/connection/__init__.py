@@ -17,15 +17,15 @@ from stapctl.connection.base import (
     Connection,
     ConnectOptions,
     Process,
-    privileged,
     run_command,
+    sudo_prefix,
 )
 from stapctl.connection.local import LocalConnection
 from stapctl.connection.ssh import SSHConnection
 from stapctl.models import Host
 
 __all__ = ["Completed", "ConnectOptions", "Connection", "LocalConnection", "Process",
-           "SSHConnection", "connect", "privileged", "run_command"]
+           "SSHConnection", "connect", "sudo_prefix", "run_command"]
 
 
 def connect(host: Host, options: ConnectOptions) -> Connection:

@@ -47,12 +47,11 @@ class Connection(Protocol):
     host: Host
 
     def open(self) -> None: ...
-    def home(self) -> str: ...
-    def ensure_private_dir(self, path: str) -> None: ...
-    def exists(self, path: str, size: int) -> bool: ...
     def put(self, local: Path, remote: str) -> None: ...  # the one way to upload
     def read_file(self, path: str, limit: int) -> bytes: ...
-    def start(self, argv: Sequence[str]) -> Process: ...
+    # as the login user, or with become through sudo() (`sudo -n --` unless it is root)
+    def start(self, argv: Sequence[str], become: bool = True) -> Process: ...
+    def sudo(self) -> list[str]: ...
     def close(self) -> None: ...
 
 
@@ -64,13 +63,13 @@ class Completed:
 
 
 def run_command(connection: Connection, argv: Sequence[str], stdin: bytes = b"",
-                timeout: float | None = None) -> Completed:
+                timeout: float | None = None, become: bool = True) -> Completed:
     """Run a short command to its end: the one way to run something that is not the agent.
 
     A command that stays silent (no output, no exit) for ``timeout`` seconds is killed
     (``Process.kill``) and reported as a ConnectError.
     """
-    process = connection.start(argv)
+    process = connection.start(argv, become)
     watchdog = _Watchdog(timeout, process.kill)
     try:
         if stdin:
@@ -124,11 +123,10 @@ class _Watchdog:
         return ConnectError(f"{host}: {argv[0]}: no answer within {self.timeout:g}s")
 
 
-def privileged(argv: Sequence[str], user_is_root: bool, become: bool) -> list[str]:
-    """Prefix argv with a non-interactive sudo when the login user is not root."""
-    if user_is_root or not become:
-        return list(argv)
-    return ["sudo", "-n", "--", *argv]
+def sudo_prefix(user_is_root: bool, become: bool) -> list[str]:
+    """What a command run with become is prefixed with: a non-interactive sudo when the
+    login user is not root."""
+    return [] if user_is_root or not become else ["sudo", "-n", "--"]
 
 
 def partial_name(remote: str) -> str:

@@ -6,7 +6,6 @@ import contextlib
 import io
 import os
 import shutil
-import stat
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from stapctl.connection.base import (
     Process,
     StderrCollector,
     partial_name,
-    privileged,
+    sudo_prefix,
 )
 from stapctl.errors import ConnectError
 from stapctl.models import Host
@@ -74,21 +73,6 @@ class LocalConnection:
     def open(self) -> None:
         return None
 
-    def home(self) -> str:
-        return str(Path.home())
-
-    def ensure_private_dir(self, path: str) -> None:
-        try:
-            Path(path).mkdir(mode=0o700, parents=True, exist_ok=True)
-            mode = os.lstat(path).st_mode
-        except OSError as exc:
-            raise ConnectError(f"cannot create {path}: {exc.strerror or exc}") from exc
-        if not stat.S_ISDIR(mode) or stat.S_IMODE(mode) & 0o077:
-            raise ConnectError(f"{path} must be a private directory (0700)")
-
-    def exists(self, path: str, size: int) -> bool:
-        return os.path.isfile(path) and os.path.getsize(path) == size
-
     def put(self, local: Path, remote: str) -> None:
         """Copy to a partial file renamed into place; a failed copy leaves nothing."""
         partial = partial_name(remote)
@@ -114,8 +98,11 @@ class LocalConnection:
             raise ConnectError(f"{path} is larger than {limit} bytes")
         return data
 
-    def start(self, argv: Sequence[str]) -> Process:
-        full = privileged(argv, os.geteuid() == 0, self.options.become)
+    def sudo(self) -> list[str]:
+        return sudo_prefix(os.geteuid() == 0, self.options.become)
+
+    def start(self, argv: Sequence[str], become: bool = True) -> Process:
+        full = [*self.sudo(), *argv] if become else list(argv)
         try:
             popen = subprocess.Popen(full, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)

@@ -11,7 +11,6 @@ import contextlib
 import os
 import shlex
 import socket
-import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,7 +24,7 @@ from stapctl.connection.base import (
     Process,
     StderrCollector,
     partial_name,
-    privileged,
+    sudo_prefix,
 )
 from stapctl.connection.known_hosts import KnownHosts, changed_key_error, known_hosts_name
 from stapctl.errors import AuthError, ConnectError, StapctlError
@@ -256,7 +255,6 @@ class SSHConnection:
         self._gateway: _Gateway | None = None
         self._sftp_lock = threading.Lock()  # one SFTP session is opened, not two
         self._sftp: paramiko.SFTPClient | None = None
-        self._home: str | None = None
 
     # -- open and close -------------------------------------------------------------------
     def open(self) -> None:
@@ -424,28 +422,6 @@ class SSHConnection:
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise ConnectError(f"{self.host.name}: {what}: {exc}") from exc
 
-    def home(self) -> str:
-        if self._home is None:
-            self._home = self._sftp_call("cannot find the home directory",
-                                         lambda sftp: sftp.normalize("."))
-        return self._home
-
-    def ensure_private_dir(self, path: str) -> None:
-        """Create ``path`` (0700) and its missing parents; one round trip when it exists."""
-        attrs = self._sftp_call(f"cannot inspect {path}", lambda sftp: _lstat(sftp, path))
-        if attrs is None:
-            attrs = self._sftp_call(f"cannot create {path}", lambda sftp: _make_dirs(sftp, path))
-        mode = attrs.st_mode or 0
-        if not stat.S_ISDIR(mode) or stat.S_IMODE(mode) & 0o077:
-            raise ConnectError(
-                f"{self.host.name}: {path} must be a private directory (0700); "
-                "it is not: remove it or fix its mode"
-            )
-
-    def exists(self, path: str, size: int) -> bool:
-        attrs = self._sftp_call(f"cannot inspect {path}", lambda sftp: _lstat(sftp, path))
-        return attrs is not None and stat.S_ISREG(attrs.st_mode or 0) and attrs.st_size == size
-
     def put(self, local: Path, remote: str) -> None:
         """Upload to a partial file renamed into place; a failed upload leaves nothing."""
         partial = partial_name(remote)
@@ -475,8 +451,11 @@ class SSHConnection:
         return data
 
     # -- commands -------------------------------------------------------------------------
-    def start(self, argv: Sequence[str]) -> Process:
-        command = shlex.join(privileged(argv, self.user_is_root, self.options.become))
+    def sudo(self) -> list[str]:
+        return sudo_prefix(self.user_is_root, self.options.become)
+
+    def start(self, argv: Sequence[str], become: bool = True) -> Process:
+        command = shlex.join([*self.sudo(), *argv] if become else argv)
         timeout = self.options.connect_timeout
         try:
             channel = self._transport().open_session(timeout=timeout)
@@ -487,24 +466,6 @@ class SSHConnection:
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise ConnectError(f"{self.host.name}: cannot start {argv[0]}: {exc}") from exc
         return _SSHProcess(channel)
-
-
-def _lstat(sftp: paramiko.SFTPClient, path: str) -> paramiko.SFTPAttributes | None:
-    try:
-        return sftp.lstat(path)
-    except FileNotFoundError:
-        return None
-
-
-def _make_dirs(sftp: paramiko.SFTPClient, path: str) -> paramiko.SFTPAttributes:
-    """mkdir -p, the last one 0700; returns the attributes of ``path``."""
-    parts = path.strip("/").split("/")
-    current = ""
-    for index, part in enumerate(parts):
-        current += "/" + part
-        if _lstat(sftp, current) is None:
-            sftp.mkdir(current, 0o700 if index == len(parts) - 1 else 0o755)
-    return sftp.lstat(path)
 
 
 def _remove_if_there(sftp: paramiko.SFTPClient, path: str) -> None:

@@ -401,7 +401,7 @@ def test_a_good_upload_is_kept_and_touched(tmp_path):
 
 def test_preflight_refuses_a_missing_module(tmp_path):
     kernel = FakeKernel(tmp_path / "root")
-    assert "cannot read module" in refused(tmp_path, kernel, module=str(tmp_path / "nope.ko"))
+    assert "is not on this host" in refused(tmp_path, kernel, module=str(tmp_path / "nope.ko"))
 
 
 def test_preflight_refuses_a_module_for_another_release(tmp_path):

@@ -102,8 +102,8 @@ class TappedConnection(SSHConnection):
 
     process: TappedProcess | None = None
 
-    def start(self, argv: Sequence[str]) -> Process:
-        self.process = TappedProcess(super().start(argv))
+    def start(self, argv: Sequence[str], become: bool = True) -> Process:
+        self.process = TappedProcess(super().start(argv, become))
         return self.process
 
 
@@ -119,7 +119,7 @@ class Run:
         self.connection = TappedConnection(guest_host(lab), ConnectOptions())
         self.connection.open()
         agent = AgentHost(self.connection)
-        agent.install()
+        agent.prepare()
         self.copy = f"{agent.workdir}/run-{secrets.token_hex(6)}.ko"
         self.connection.put(artifact.path, self.copy)
         self.frames: list[Frame] = []

@@ -83,7 +83,7 @@ def test_passwordless_sudo_runs_the_agent_as_root(sshd: Sshd, plain_user: str,
     connection = connect(user_host(sshd, plain_user), ConnectOptions(become=True))
     try:
         agent = AgentHost(connection)
-        agent.install()
+        agent.prepare()
         assert agent.workdir.startswith(pwd.getpwnam(plain_user).pw_dir)
         result = agent.call(AgentRequest("facts"))
         assert result.facts["euid"] == 0
@@ -95,7 +95,7 @@ def test_without_become_the_agent_runs_as_the_login_user(sshd: Sshd, plain_user:
     connection = connect(user_host(sshd, plain_user), ConnectOptions(become=False))
     try:
         agent = AgentHost(connection)
-        agent.install()
+        agent.prepare()
         result = agent.call(AgentRequest("facts"))
         assert result.facts["euid"] == pwd.getpwnam(plain_user).pw_uid
     finally:
@@ -112,5 +112,5 @@ def test_local_connection_gathers_this_machines_facts(tmp_path: Path) -> None:
     _, facts = connected["here"]
     assert facts.release == os.uname().release and facts.arch == os.uname().machine
     agent = AgentHost(LocalConnection(host, ConnectOptions()))
-    agent.install()
+    agent.prepare()
     assert agent.call(AgentRequest("facts")).facts["release"] == os.uname().release

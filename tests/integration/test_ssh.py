@@ -71,21 +71,17 @@ def test_server_that_never_answers_times_out(silent_server: int) -> None:
     assert time.monotonic() - started < 10
 
 
-def test_upload_goes_to_a_private_directory(sshd: Sshd, tmp_path: Path) -> None:
+def test_upload_arrives_whole_and_private(sshd: Sshd, tmp_path: Path) -> None:
     connection = connect(host_for(sshd), ConnectOptions())
     try:
-        target = str(tmp_path / "remote" / "work")
-        connection.ensure_private_dir(target)
-        assert (Path(target).stat().st_mode & 0o777) == 0o700
+        target = tmp_path / "remote"
+        target.mkdir(mode=0o700)
         source = tmp_path / "module.ko"
         source.write_bytes(b"x" * 300_000)
-        assert not connection.exists(target + "/m.ko", 300_000)
-        connection.put(source, target + "/m.ko")
-        assert connection.exists(target + "/m.ko", 300_000)
-        assert (Path(target) / "m.ko").read_bytes() == source.read_bytes()
-        Path(target).chmod(0o755)
-        with pytest.raises(ConnectError, match="private"):
-            connection.ensure_private_dir(target)
+        connection.put(source, f"{target}/m.ko")
+        assert (target / "m.ko").read_bytes() == source.read_bytes()
+        assert (target / "m.ko").stat().st_mode & 0o777 == 0o600
+        assert [p.name for p in target.iterdir()] == ["m.ko"]  # no partial file left
     finally:
         connection.close()
 

@@ -165,7 +165,7 @@ def test_unfinished_runs_list_nulls(tmp_path: Path) -> None:
     from stapctl.history import list_runs
     from stapctl.store import RunRecorder, run_json
     recorder = RunRecorder("20260101-000000-trace-abcd", manifest(tmp_path))
-    assert recorder.dir.exists()
+    assert recorder.dir.exists() and recorder.listed()
     row = run_json(list_runs()[0])
     assert row["finished"] is None and row["exit_code"] is None and row["outcomes"] == {}
 

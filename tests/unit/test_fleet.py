@@ -17,6 +17,7 @@ from stapctl.session import Session
 from tests.agent.fakekernel import Scenario
 from tests.fleet_double import (
     FakeBuilder,
+    FakeConnection,
     FakeFleet,
     quick_agent,  # noqa: F401 - autouse: shortened agent waits
 )
@@ -194,6 +195,35 @@ def test_an_agent_that_does_not_end_after_the_stop_is_cut(tmp_path: Path) -> Non
     outcome = run.outcomes[0]
     assert outcome.kind == FailureKind.TIMED_OUT
     assert "cut off" in outcome.message
+
+
+def test_a_host_is_sent_only_what_its_prepare_command_did_not_find(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet = FakeFleet(tmp_path, {"h": Scenario(**HELLO_EXIT)})
+    first, _ = session(tmp_path, fleet)
+    assert first.apply().exit_code == 0  # a new host: the agent and the module are sent
+    sent: list[str] = []
+    put = FakeConnection.put
+
+    def counted_put(self: FakeConnection, local: Path, remote: str) -> None:
+        sent.append(Path(remote).name)
+        put(self, local, remote)
+
+    monkeypatch.setattr(FakeConnection, "put", counted_put)
+    second, _ = session(tmp_path, fleet)
+    assert second.apply().exit_code == 0
+    assert sent == []  # both there, as the prepare command said: nothing sent
+
+    builder = second.builder
+    assert isinstance(builder, FakeBuilder)
+    module = tmp_path / "h" / "home" / ".cache" / "stapctl-agent" / \
+        f"{builder.artifact.sha256}.ko"
+    module.unlink()
+    third, listener = session(tmp_path, fleet)
+    run = third.apply()
+    assert run.exit_code == 0, run.outcomes
+    assert sent == [module.name] and module.read_bytes() == builder.path.read_bytes()
+    assert not any(e.kind == "warning" for e in listener.events)
 
 
 def test_a_corrupt_module_on_the_host_is_sent_again(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stapctl.agent import AgentHost
+from stapctl.agent import AGENT_FILE, AgentHost
 from stapctl.connection import ConnectOptions, LocalConnection
 from stapctl.errors import AgentError, BadFactsError
 from stapctl.facts import is_safe_fact, shown
@@ -50,7 +50,7 @@ def target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AgentHost:
 def test_real_releases_are_accepted(target: AgentHost, monkeypatch: pytest.MonkeyPatch,
                                     release: str) -> None:
     monkeypatch.setenv("FAKE_RELEASE", release)
-    facts = target.facts()
+    facts = target.prepare()
     assert (facts.release, facts.arch) == (release, "x86_64")
 
 
@@ -61,7 +61,7 @@ def test_a_release_unfit_for_a_path_is_refused(target: AgentHost,
                                                release: str) -> None:
     monkeypatch.setenv("FAKE_RELEASE", release)
     with pytest.raises(BadFactsError, match="kernel release") as caught:
-        target.facts()
+        target.prepare()
     message = str(caught.value)
     assert shown(release) in message
     assert message.isascii() and message.isprintable()
@@ -73,16 +73,55 @@ def test_an_arch_unfit_for_a_path_is_refused(target: AgentHost,
                                              arch: str) -> None:
     monkeypatch.setenv("FAKE_ARCH", arch)
     with pytest.raises(AgentError):  # an empty line is a bad fact or a short answer
-        target.facts()
+        target.prepare()
 
 
 def test_a_long_hostile_release_is_shown_cut_short(target: AgentHost,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_RELEASE", "../" * 1000)
     with pytest.raises(BadFactsError) as caught:
-        target.facts()
+        target.prepare()
     assert len(str(caught.value)) < 300
     assert "'../../" in str(caught.value)
+
+
+def test_the_work_directory_is_made_private_and_the_agent_sent_once(
+        target: AgentHost, tmp_path: Path) -> None:
+    target.prepare()
+    workdir = tmp_path / "home" / ".cache" / "stapctl-agent"
+    assert target.workdir == str(workdir) and target.modules == set()
+    assert workdir.stat().st_mode & 0o777 == 0o700
+    assert Path(target.path).read_bytes() == AGENT_FILE.read_bytes()
+    sent = Path(target.path).stat().st_mtime_ns
+    (workdir / f"{'0' * 64}.ko").write_bytes(b"m")
+    (workdir / f"{'1' * 64}.ko").symlink_to(workdir / f"{'0' * 64}.ko")
+    again = AgentHost(target.connection)
+    again.prepare()
+    assert again.path == target.path and Path(target.path).stat().st_mtime_ns == sent
+    assert again.modules == {f"{'0' * 64}.ko"}  # a symlink is no module
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o710, 0o701])
+def test_a_work_directory_others_can_enter_is_refused(target: AgentHost, tmp_path: Path,
+                                                      mode: int) -> None:
+    workdir = tmp_path / "home" / ".cache" / "stapctl-agent"
+    workdir.mkdir(parents=True)
+    workdir.chmod(mode)
+    with pytest.raises(AgentError, match="must be a private directory") as caught:
+        target.prepare()
+    assert str(workdir) in str(caught.value)
+    assert list(workdir.iterdir()) == []  # no agent sent into it
+
+
+def test_a_work_directory_that_is_a_symlink_is_refused(target: AgentHost,
+                                                       tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (tmp_path / "home" / ".cache").mkdir()
+    (tmp_path / "home" / ".cache" / "stapctl-agent").symlink_to(elsewhere)
+    with pytest.raises(AgentError, match="must be a private directory"):
+        target.prepare()
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_the_rule() -> None:
@@ -95,7 +134,7 @@ def test_the_rule() -> None:
 
 def test_a_module_that_changed_since_it_was_built_is_not_uploaded(
         target: AgentHost, tmp_path: Path) -> None:
-    target.install()
+    target.prepare()
     module = tmp_path / "module.ko"
     module.write_bytes(b"built module")
     sha256 = hashlib.sha256(b"built module").hexdigest()
@@ -109,7 +148,7 @@ def test_a_module_that_changed_since_it_was_built_is_not_uploaded(
 
 
 def test_a_sha256_that_is_no_file_name_is_refused(target: AgentHost, tmp_path: Path) -> None:
-    target.install()
+    target.prepare()
     module = tmp_path / "module.ko"
     module.write_bytes(b"m")
     with pytest.raises(AgentError, match="is not a sha256"):

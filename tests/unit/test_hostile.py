@@ -307,10 +307,10 @@ def test_a_facts_command_that_never_answers_times_out(
     monkeypatch.setattr(agent_module, "FACTS_TIMEOUT", 0.3)
     original = FakeConnection.start
 
-    def stuck_facts(self: FakeConnection, argv: Sequence[str]) -> Process:
+    def stuck_facts(self: FakeConnection, argv: Sequence[str], become: bool = True) -> Process:
         if self.host.name == "evil" and argv[0] == "sh":
             return HostileProcess(b"", hang=True)  # a hung home directory, a stuck sudo
-        return original(self, argv)
+        return original(self, argv, become)
 
     monkeypatch.setattr(FakeConnection, "start", stuck_facts)
     fleet = FakeFleet(tmp_path, {"good": GOOD, "evil": Scenario()})

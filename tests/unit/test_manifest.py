@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from stapctl import schema as schema_module
 from stapctl.errors import ManifestError
 from stapctl.manifest import (
     check_stap_option,
@@ -293,3 +294,27 @@ def test_every_playbook_loads_and_renders(path: Path) -> None:
     for probe in manifest.probes:
         script = render_script(probe, manifest.vars)
         assert "{{" not in script and "probe " in script
+
+
+def test_a_manifest_found_valid_is_not_checked_again_until_it_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAPCTL_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "trace.yaml"
+    path.write_text((PLAYBOOKS / "hello.yaml").read_text())
+    load_manifest(path)
+    assert len(list((tmp_path / "cache" / "schema-valid").iterdir())) == 1
+    validator = schema_module.schema_validator
+
+    def checked_again(name: str, definition: str | None = None) -> Any:
+        raise AssertionError(f"{name} checked again")  # fault injection
+
+    monkeypatch.setattr(schema_module, "schema_validator", checked_again)
+    load_manifest(path)  # the same data: its verdict stands
+    path.write_text(path.read_text() + "strategy: {seriall: 1}\n")
+    with pytest.raises(AssertionError, match="checked again"):
+        load_manifest(path)
+    monkeypatch.setattr(schema_module, "schema_validator", validator)
+    for _ in range(2):  # a violation is never kept as a verdict
+        with pytest.raises(ManifestError, match="did you mean 'serial'"):
+            load_manifest(path)
+    assert len(list((tmp_path / "cache" / "schema-valid").iterdir())) == 1
