@@ -27,13 +27,13 @@ def run_id(result: subprocess.CompletedProcess[str]) -> str:
     return match.group(1)
 
 
-def test_one_liner_tells_each_host_apart(lab: LabStatus) -> None:
+def test_one_liner_tells_each_host_apart(fleet_lab: LabStatus) -> None:
     result = stapctl("run", "all", "-e",
                      r'probe oneshot { printf("%d %s %s\n", remote_id(), remote_uri(), @1) }',
                      "--", "hello")
     assert result.returncode == 0, result.stderr
     expected = {f"{guest.name}: {index} ssh://{guest.user}@{guest.host}:{guest.port} hello"
-                for index, guest in enumerate(lab.guests)}
+                for index, guest in enumerate(fleet_lab.guests)}
     assert len(expected) == 3
     assert set(result.stdout.splitlines()) == expected
 
