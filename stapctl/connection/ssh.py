@@ -31,6 +31,7 @@ from stapctl.errors import AuthError, ConnectError, StapctlError
 from stapctl.models import Host
 
 MAX_JUMPS = 4
+IDLE_WAKE = 1.0  # seconds between an idle connection's checks for its own close
 T = TypeVar("T")
 
 
@@ -306,6 +307,10 @@ class SSHConnection:
             raise self._handshake_error(where, exc) from exc
         if self._closed:
             raise self._closed_error()
+        # paramiko's transport thread wakes every 0.1 s to see whether it was closed; close()
+        # shuts the socket down, which wakes it at once, so an idle host held open from its
+        # facts to its run need not cost ten wake-ups a second (a thousand hosts: 10,000)
+        sock.settimeout(IDLE_WAKE)
 
     def _tunnel(self, address: str, port: int) -> paramiko.Channel:
         """A TCP stream to (address, port) opened from this host: a ProxyJump hop."""
