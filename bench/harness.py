@@ -1,5 +1,6 @@
 """bench/run: stapctl head to head with stap --remote, staprun, a bare paramiko pool and
-Ansible, in one invocation; writes bench/RESULTS.md (see bench/README.md).
+Ansible, in one invocation; writes bench/RESULTS.md (--quick: bench/RESULTS-quick.md;
+see bench/README.md).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from stapctl.models import Host  # noqa: E402
 from tests.loopback_sshd import free_port  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
+QUICK_RESULTS = REPO / "bench" / "RESULTS-quick.md"  # a quick run leaves the full one be
 
 
 @dataclass(frozen=True)
@@ -437,7 +439,7 @@ def guest_release(lab: guests.Guests) -> str:
 
 def write_results(report: Report, header: str, mode: Mode, seconds: float) -> None:
     commands = "\n".join(f"- {label}: `{text}`" for label, text in report.commands.items())
-    RESULTS.write_text(
+    (RESULTS if mode.full else QUICK_RESULTS).write_text(
         "# stapctl against its peers\n\nWritten by `bench/run` (bench/README.md says what "
         "each figure is). Each figure: the median over the runs, (min–max).\n\n"
         f"{header}- runs per figure: {mode.runs} ({mode.runs_at_1000} at N = 1000); throughput "
