@@ -14,8 +14,8 @@ from facts to run. The run goes in three steps over the broker:
    the run (the run's control stream);
 3. run: the controller rolls the run out batch by batch under the manifest's policy, as
    a local run does (`serial`, the canary, max_fail_percentage over the whole run): it
-   releases a batch with a `go` message, and the next only when each worker holding
-   hosts of it has run its part; then `end`.
+   releases a batch with a `go` message, and the next only when every host of it has
+   ended; then `end`.
 
 What crosses the broker, and why it can be trusted:
 
@@ -49,7 +49,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import itertools
 import json
 import logging
 import math
@@ -96,7 +95,7 @@ MODULE_TTL = 7 * 86400  # seconds a module stays on the broker after its last ru
 RUN_TTL = 86400  # a run's keys, and the age past which a task is refused
 LEASE = 6.0  # seconds a worker's slice lives on the broker without a renewal
 RENEW = 1.0  # how often a worker renews its lease and looks for a stop
-NO_WORKER_NOTE = 5.0  # seconds without any slice begun before the controller says so
+NO_WORKER_NOTE = 5.0  # seconds with no worker serving the run before it is said
 FILE_WAIT = 120.0  # seconds the controller waits for a host's file from its worker
 STREAM_BOUND = 10_000  # messages waiting in a run's stream before workers wait
 BATCH = 500  # messages sent, or read, at once
@@ -106,7 +105,7 @@ if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('set', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
 return 0
 """
-# a lost execution's host: another's (OTHERS), started by it (STARTED), or taken from it
+# a lost execution's host: another's (0), started by it (STARTED), or taken from it
 HAND_ON = """
 local claim = redis.call('get', KEYS[1])
 if claim and claim ~= ARGV[1] then return 0 end
@@ -114,7 +113,7 @@ if redis.call('exists', KEYS[2]) == 1 then return 1 end
 redis.call('del', KEYS[1])
 return 2
 """
-OTHERS, STARTED, HANDED_ON = 0, 1, 2
+STARTED, HANDED_ON = 1, 2
 EVENT_KINDS = frozenset(get_args(EventKind))
 STATUSES = frozenset(get_args(OutcomeStatus))
 
@@ -350,12 +349,11 @@ class Dispatch:
         self._control({"t": "plan", "plan": base64.b64encode(pickle.dumps(plan)).decode()})
         with self.changed:
             names = [name for name in self.fleet.hosts if name in self.facts]
-        index = itertools.count()
 
         def release(batch: list[str]) -> None:
             # every host of the batch ends, wherever it runs: on the worker that connected
             # it, or on the one its slice was handed to when that worker went away
-            self._control({"t": "go", "batch": next(index), "hosts": batch})
+            self._control({"t": "go", "hosts": batch})
             self._wait_for_workers(lambda: all(self.fleet.has_ended(name) for name in batch))
 
         self.fleet.roll_out(names, release)

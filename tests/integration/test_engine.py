@@ -349,8 +349,11 @@ def test_a_worker_lost_while_connecting_has_its_hosts_served_by_another(
     workers = next(started)
     try:
         running = Controller(slow_facts, broker, env, slices=2)
+        # w1 has begun its slice: it is logging in to its hosts
         assert wait_for(lambda: all("received" in log.read_text(errors="replace")
-                                    for log in workers.logs.values()), 30), running.errors()
+                                    for log in workers.logs.values()) and "Authentication"
+                        in workers.logs["w1"].read_text(errors="replace"), 30), \
+            running.errors()
         workers.processes["w1"].kill()  # while its hosts' facts are being gathered
         code = running.wait(120)
     finally:
