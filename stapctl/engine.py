@@ -14,8 +14,8 @@ from facts to run. The run goes in three steps over the broker:
    the run (the run's control stream);
 3. run: the controller rolls the run out batch by batch under the manifest's policy, as
    a local run does (`serial`, the canary, max_fail_percentage over the whole run): it
-   releases a batch with a `go` message, and the next only when each worker holding
-   hosts of it has run its part; then `end`.
+   releases a batch with a `go` message, and the next only when every host of it has
+   ended; then `end`.
 
 What crosses the broker, and why it can be trusted:
 
@@ -32,12 +32,15 @@ What crosses the broker, and why it can be trusted:
 Stops and faults: a stop (first interrupt) is a key the workers watch, as is a cut (the
 second: they close their hosts' connections and the agents unload on their dead-man).
 Each worker's slice holds a lease key it renews every second, and the controller one the
-workers wait on (a worker whose controller went away ends its slice). When a slice's
-lease lapses before the plan, nothing was loaded: the hosts that worker held go to
-another worker once. After it, the hosts it held and had not ended fail as
-``worker-lost``. Hosts are claimed one by one in Redis before they are connected, so a
-task Celery hands out again (late acknowledgement, rejected when its worker is lost)
-never serves a host twice.
+workers wait on (a worker whose controller went away ends its slice). Hosts are claimed
+one by one in Redis before they are connected, and marked started there (only while
+still claimed) before anything is sent to them, so a task Celery hands out again (late
+acknowledgement, rejected when its worker is lost) never serves a host twice. When a
+slice's lease lapses, the hosts its worker had started and not ended fail as
+``worker-lost``; the others lose its claim (atomically with that check, so it can no
+longer start them) and go to another worker once, as a new slice. A new slice after the
+plan connects its hosts, runs them under the batches already released (a host whose
+kernel is not the one the plan built for fails as ``bad-facts``) and waits for the next.
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import itertools
 import json
 import logging
 import math
@@ -93,10 +95,25 @@ MODULE_TTL = 7 * 86400  # seconds a module stays on the broker after its last ru
 RUN_TTL = 86400  # a run's keys, and the age past which a task is refused
 LEASE = 6.0  # seconds a worker's slice lives on the broker without a renewal
 RENEW = 1.0  # how often a worker renews its lease and looks for a stop
-NO_WORKER_NOTE = 5.0  # seconds without any slice begun before the controller says so
+NO_WORKER_NOTE = 5.0  # seconds with no worker serving the run before it is said
 FILE_WAIT = 120.0  # seconds the controller waits for a host's file from its worker
 STREAM_BOUND = 10_000  # messages waiting in a run's stream before workers wait
 BATCH = 500  # messages sent, or read, at once
+# a worker starts a host only while it holds the host's claim; 1 if it may start it
+START = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('set', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+return 0
+"""
+# a lost execution's host: another's (0), started by it (STARTED), or taken from it
+HAND_ON = """
+local claim = redis.call('get', KEYS[1])
+if claim and claim ~= ARGV[1] then return 0 end
+if redis.call('exists', KEYS[2]) == 1 then return 1 end
+redis.call('del', KEYS[1])
+return 2
+"""
+STARTED, HANDED_ON = 1, 2
 EVENT_KINDS = frozenset(get_args(EventKind))
 STATUSES = frozenset(get_args(OutcomeStatus))
 
@@ -235,6 +252,9 @@ class RunKeys:
     def claim(self, host: str) -> str:
         return self.key(f"claim:{host}")
 
+    def started(self, host: str) -> str:
+        return self.key(f"started:{host}")
+
     def lease(self, execution: str) -> str:
         return self.key(f"lease:{execution}")
 
@@ -244,9 +264,8 @@ class RunKeys:
 class Slice:
     id: str
     hosts: list[str]
-    again: bool = False  # the hosts of a slice lost while connecting, handed out once more
+    again: bool = False  # the unstarted hosts of a slice whose worker went away
     running: dict[str, str] = field(default_factory=dict)  # execution → worker
-    began: bool = False
 
 
 @dataclass
@@ -278,9 +297,8 @@ class Dispatch:
         self.facts: dict[str, HostFacts] = {}
         self.owner: dict[str, str] = {}  # host → the execution that connected it
         self.lost: set[str] = set()  # executions whose worker went away
-        self.ran: set[tuple[str, int]] = set()  # (execution, batch) it ran its part of
         self.files: dict[str, bytes | str] = {}  # request → the file, or why not
-        self.planned = False
+        self.noted = False  # whether the run was said to wait for a worker
         self.changed = threading.Condition()
         self.error: EngineError | None = None
         self.closing = threading.Event()
@@ -303,15 +321,8 @@ class Dispatch:
         self._guard(hand_out)
         self.pump = threading.Thread(target=self._pump, name="stapctl-engine", daemon=True)
         self.pump.start()
-        waited_from, noted = time.monotonic(), False
-        while not self._wait(lambda: self.fleet.stop.is_set() or all(
-                name in self.facts or self.fleet.has_ended(name) for name in names), RENEW):
-            if not noted and time.monotonic() - waited_from > NO_WORKER_NOTE and \
-                    not self._begun():
-                noted = True
-                self.note(f"waiting for a worker on {self.engine.url}: none has taken slice "
-                          f"1 of {len(self.slices)} yet; start one with `stapctl worker "
-                          f"--engine {SCHEME}{self.engine.url.removeprefix('redis://')}`")
+        self._wait_for_workers(lambda: all(name in self.facts or self.fleet.has_ended(name)
+                                           for name in names))
         with self.changed:
             return {name: (self.hosts[name], self.facts[name]) for name in names
                     if name in self.facts}
@@ -337,17 +348,13 @@ class Dispatch:
         self._guard(lambda: self._store_modules(plan))
         self._control({"t": "plan", "plan": base64.b64encode(pickle.dumps(plan)).decode()})
         with self.changed:
-            self.planned = True
             names = [name for name in self.fleet.hosts if name in self.facts]
-        index = itertools.count()
 
         def release(batch: list[str]) -> None:
-            number = next(index)
-            self._control({"t": "go", "batch": number, "hosts": batch})
-            with self.changed:
-                owners = {self.owner[name] for name in batch}
-            self._wait(lambda: all((owner, number) in self.ran or owner in self.lost
-                                   for owner in owners), None)
+            # every host of the batch ends, wherever it runs: on the worker that connected
+            # it, or on the one its slice was handed to when that worker went away
+            self._control({"t": "go", "hosts": batch})
+            self._wait_for_workers(lambda: all(self.fleet.has_ended(name) for name in batch))
 
         self.fleet.roll_out(names, release)
         self._control({"t": "end"})
@@ -378,11 +385,22 @@ class Dispatch:
         with contextlib.suppress(Exception):
             self.redis.delete(self.keys.stream, self.keys.control)
 
-    def _begun(self) -> bool:
-        with self.changed:
-            return any(piece.began for piece in self.slices.values())
-
     # -- waiting on the pump -------------------------------------------------------------
+    def _wait_for_workers(self, done: Callable[[], bool]) -> None:
+        """Wait until ``done`` or a stop; said once when no worker serves any slice of the
+        run for a while (none started yet, or every one went away)."""
+        idle_from = time.monotonic()
+        while not self._wait(lambda: self.fleet.stop.is_set() or done(), RENEW):
+            with self.changed:
+                serving = any(piece.running for piece in self.slices.values())
+            if serving:
+                idle_from = time.monotonic()
+            elif not self.noted and time.monotonic() - idle_from > NO_WORKER_NOTE:
+                self.noted = True
+                self.note(f"waiting for a worker on {self.engine.url}: none is serving this "
+                          f"run's slices; start one with `stapctl worker --engine "
+                          f"{SCHEME}{self.engine.url.removeprefix('redis://')}`")
+
     def _wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
         """Wait until ``done`` (checked under the lock) or ``timeout``; whether it is. The
         broker's loss fails the run."""
@@ -473,16 +491,13 @@ class Dispatch:
 
     def _apply(self, message: dict[str, Any]) -> None:
         kind = message["t"]
-        if kind in ("begin", "end", "ran"):
+        if kind in ("begin", "end"):
             piece = self.slices[str(message["slice"])]
             execution = str(message["execution"])
             if kind == "begin":
                 piece.running[execution] = str(message["worker"])
-                piece.began = True
-            elif kind == "end":
-                piece.running.pop(execution, None)
             else:
-                self.ran.add((execution, int(message["batch"])))
+                piece.running.pop(execution, None)
             return
         host = str(message["host"])
         if host not in self.hosts:
@@ -507,7 +522,7 @@ class Dispatch:
     def _facts(self, host: str, message: dict[str, Any]) -> None:
         """A host's facts as its worker read them, checked as a target's own are."""
         execution = str(message["execution"])
-        if execution in self.lost or self.planned or self.fleet.has_ended(host):
+        if execution in self.lost or self.fleet.has_ended(host):
             return
         try:
             facts = checked_facts(str(message["release"]), str(message["arch"]))
@@ -540,33 +555,31 @@ class Dispatch:
         return last
 
     def _lost(self, piece: Slice, execution: str, worker: str) -> None:
-        """A worker went away in the middle of a slice. Before the plan nothing was
-        loaded: the hosts it held go to another worker (once). After, the hosts it held
-        and had not ended fail."""
+        """A worker went away in the middle of a slice: the hosts it had started and not
+        ended fail; the others it held go to another worker (once), unless the run stops.
+        Before the plan it had started none."""
         self.lost.add(execution)
         held = [host for host in piece.hosts if not self.fleet.has_ended(host)]
-        claims: list[bytes | None] = self.redis.mget(  # type: ignore[assignment]
-            [self.keys.claim(host) for host in held]) if held else []
-        mine = [host for host, claim in zip(held, claims, strict=True)
-                if claim is None or claim.decode() == execution]
-        if self.planned:
-            for host in mine:
-                if self.owner.get(host) == execution:
-                    self.fleet.fail_all(host, "failed", FailureKind.WORKER_LOST,
-                                        f"worker {worker} went away while serving it")
-            return
-        if not mine or self.fleet.stop.is_set():
-            return
-        for host in mine:
+        pipe = self.redis.pipeline(transaction=False)
+        for host in held:
+            pipe.eval(HAND_ON, 2, self.keys.claim(host), self.keys.started(host), execution)
+        fates = dict(zip(held, pipe.execute(), strict=True))
+        for host in held:
+            if fates[host] == STARTED:
+                self.fleet.fail_all(host, "failed", FailureKind.WORKER_LOST,
+                                    f"worker {worker} went away while serving it")
+        handed = [host for host in held if fates[host] == HANDED_ON]
+        for host in handed:
             self.facts.pop(host, None)
             self.owner.pop(host, None)
-        if piece.again:
-            for host in mine:
-                self.fleet.fail_all(host, "failed", FailureKind.WORKER_LOST,
-                                    f"not connected: its workers went away twice ({worker})")
+        if not handed or self.fleet.stop.is_set():
             return
-        self.redis.delete(*[self.keys.claim(host) for host in mine])
-        self._send(mine, again=True)
+        if piece.again:
+            for host in handed:
+                self.fleet.fail_all(host, "failed", FailureKind.WORKER_LOST,
+                                    f"not served: its workers went away twice ({worker})")
+            return
+        self._send(handed, again=True)
 
 
 def split(names: list[str], count: int) -> Iterable[list[str]]:
@@ -661,14 +674,20 @@ class Publisher:
 
 
 class SliceFleet(Fleet):
-    """A Fleet whose ended hosts are sent to the controller as outcomes."""
+    """A Fleet whose ended hosts are sent to the controller as outcomes, and which runs a
+    host only once it is marked started on the broker (``begins``)."""
 
     publisher: Publisher
     worker: str
+    begins: Callable[[str], bool]
 
     def report(self, outcome: HostOutcome) -> None:
         message = {"t": "outcome", **outcome_fields(outcome), "worker": self.worker}
         self.publisher.send(message)
+
+    def _run_host(self, name: str, plan: Plan) -> None:
+        if self.begins(name):
+            super()._run_host(name, plan)
 
 
 def outcome_fields(outcome: HostOutcome) -> dict[str, Any]:
@@ -697,6 +716,7 @@ class SliceRunner:
         self.publisher = Publisher(client, secret, self.keys.stream, self.fleet.stop.set)
         self.fleet.publisher = self.publisher
         self.fleet.worker = worker
+        self.fleet.begins = self._begins
 
     def run(self) -> None:
         if self.redis.exists(self.keys.over, self.keys.stop):
@@ -737,6 +757,21 @@ class SliceRunner:
         self.publisher.send({"t": "event", "host": event.host, "kind": event.kind,
                              "probe": event.probe, "text": event.text, "time": event.time})
 
+    def _begins(self, host: str) -> bool:
+        """Mark the host started, before anything is sent to it, if this execution still
+        holds it (the controller takes back the unstarted hosts of a worker it found
+        gone); whether it does. Synchronous, so a controller never hands on a host this
+        execution may have started."""
+        import redis as redis_module
+
+        try:
+            return bool(self.redis.eval(START, 2, self.keys.claim(host),
+                                        self.keys.started(host), self.execution, RUN_TTL))
+        except redis_module.RedisError as error:
+            log.error("stapctl: the broker went away (%s): stopping the slice", error)
+            self.fleet.stop.set()
+            return False
+
     def _claim(self, host: str) -> bool:
         """Whether this execution serves the host: no other one does, and the run is not
         stopping (the controller may have stopped waiting for slices not yet begun)."""
@@ -763,7 +798,6 @@ class SliceRunner:
                     elif kind == "go":
                         self.fleet.run_hosts(plan, [str(name) for name in message["hosts"]
                                                     if name in mine])
-                        self._send("ran", batch=int(message["batch"]))
         log.error("stapctl: the controller of run %s went away: slice %s ends",
                   self.work.run_id, self.work.slice_id)
 
@@ -799,7 +833,8 @@ class SliceRunner:
     def _plan(self, payload: str) -> tuple[Plan, set[str]]:
         """The run's plan (its signature was checked) for the hosts this execution still
         holds, with the modules from this worker's cache; a host whose module cannot be
-        had fails that probe."""
+        had fails that probe, and one whose kernel is not the one its module was built
+        for (connected again after its first worker went away) fails."""
         plan = pickle.loads(base64.b64decode(payload))  # noqa: S301 - signed by the controller
         if not isinstance(plan, Plan):
             raise Refused("the plan is not a stapctl plan")
@@ -808,6 +843,15 @@ class SliceRunner:
             [self.keys.claim(name) for name in held]) if held else []
         mine = {name for name, claim in zip(held, claims, strict=True)
                 if claim is not None and claim.decode() == self.execution}
+        for job in plan.jobs:
+            for name in mine.intersection(job.hosts):
+                facts = self.fleet.sessions[name].facts
+                if (facts.release, facts.arch) != (job.spec.release, job.spec.arch):
+                    self.fleet.fail_all(name, "failed", FailureKind.BAD_FACTS,
+                                        f"its kernel is now {facts.release} {facts.arch}, "
+                                        f"not the {job.spec.release} {job.spec.arch} the run "
+                                        "was planned for: apply again")
+        mine = {name for name in mine if not self.fleet.has_ended(name)}
         jobs = []
         for job in plan.jobs:
             hosts = tuple(name for name in job.hosts if name in mine)

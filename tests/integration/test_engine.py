@@ -349,8 +349,11 @@ def test_a_worker_lost_while_connecting_has_its_hosts_served_by_another(
     workers = next(started)
     try:
         running = Controller(slow_facts, broker, env, slices=2)
+        # w1 has begun its slice: it is logging in to its hosts
         assert wait_for(lambda: all("received" in log.read_text(errors="replace")
-                                    for log in workers.logs.values()), 30), running.errors()
+                                    for log in workers.logs.values()) and "Authentication"
+                        in workers.logs["w1"].read_text(errors="replace"), 30), \
+            running.errors()
         workers.processes["w1"].kill()  # while its hosts' facts are being gathered
         code = running.wait(120)
     finally:
@@ -360,6 +363,87 @@ def test_a_worker_lost_while_connecting_has_its_hosts_served_by_another(
     outcomes = outcomes_once(env, slow_facts)
     assert {(o["status"], o["worker"].split("@")[0]) for o in outcomes} == {("ok", "w2")}
     assert len(slow_facts.traced("started")) == SMALL  # nothing loaded twice
+
+
+@pytest.fixture
+def slow_run(tmp_path: Path) -> Iterator[Targets]:
+    (tmp_path / "targets").mkdir()
+    yield from small_targets(tmp_path, pause=3.0, facts_delay=2.0)
+
+
+def serving_worker(broker: Broker, host: str) -> str:
+    """The worker whose execution holds ``host``'s claim, from the broker's keys."""
+    client = engine.broker(broker_url(broker.engine))
+    (claim,) = client.scan_iter(f"{engine.PREFIX}run:*:claim:{host}")
+    run_key = claim.decode().rsplit(":claim:", 1)[0]
+    worker = client.get(f"{run_key}:lease:{client.get(claim).decode()}")
+    assert worker is not None
+    return str(worker.decode())
+
+
+def test_a_worker_lost_after_the_plan_has_its_unstarted_hosts_served_by_another(
+        tmp_path: Path, slow_run: Targets, broker: Broker, env: dict[str, str]) -> None:
+    """Batches of two over two slices of ten: the first worker dies running the first
+    batch, while the rest of its slice waits for batches not yet released."""
+    manifest = tmp_path / "serial.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "apiVersion": "stapctl/v1", "kind": "Trace", "name": "serial",
+        "strategy": {"serial": [2]}, "probes": [{"name": "hello", "script": SCRIPT}]}))
+    # one slice each: a worker of concurrency 1 reserves one task at a time
+    started = start_workers(tmp_path / "workers", broker.engine, env, 2, concurrency=1)
+    workers = next(started)
+    try:
+        running = Controller(slow_run, broker, env, manifest, slices=2)
+        assert wait_started(Path(env["XDG_DATA_HOME"]), 2), running.errors()
+        dead = serving_worker(broker, "h000")
+        workers.processes[dead.split("@")[0]].kill()  # SIGKILL: no chance to report
+        code = running.wait(300)
+    finally:
+        started.close()
+
+    assert code == 3, running.errors()  # partly failed: the run still finished
+    outcomes = {o["host"]: o for o in outcomes_once(env, slow_run)}
+    first = slow_run.names[:2]
+    assert {(outcomes[h]["status"], outcomes[h]["kind"]) for h in first} == {
+        ("failed", "worker-lost")}
+    assert all(dead in outcomes[h]["message"] for h in first)
+    rest = [o for h, o in outcomes.items() if h not in first]
+    assert {(o["status"], o["worker"].split("@")[0]) for o in rest} == {
+        ("ok", next(name for name in workers.processes if not dead.startswith(name)))}
+    assert len(slow_run.traced("started")) == SMALL  # each host's agent started once
+    assert "Traceback" not in running.errors()
+
+
+def test_hosts_handed_on_that_no_worker_takes_wait_for_one_and_an_interrupt_ends_them(
+        tmp_path: Path, slow_run: Targets, broker: Broker, env: dict[str, str]) -> None:
+    """The only worker dies running the first batch: the rest of its hosts wait for
+    another worker, the controller says so, and Ctrl-C ends the run."""
+    manifest = tmp_path / "serial.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "apiVersion": "stapctl/v1", "kind": "Trace", "name": "serial",
+        "strategy": {"serial": [2]}, "probes": [{"name": "hello", "script": SCRIPT}]}))
+    started = start_workers(tmp_path / "workers", broker.engine, env, 1, concurrency=1)
+    workers = next(started)
+    try:
+        running = Controller(slow_run, broker, env, manifest, slices=1)
+        assert wait_started(Path(env["XDG_DATA_HOME"]), 2), running.errors()
+        workers.processes["w1"].kill()
+        assert wait_for(lambda: "waiting for a worker" in running.errors(), 60), \
+            running.errors()
+        running.process.send_signal(signal.SIGINT)
+        code = running.wait(60)
+    finally:
+        started.close()
+
+    assert code == 130, running.errors()
+    assert running.errors().count("waiting for a worker") == 1
+    assert "Traceback" not in running.errors()
+    outcomes = {o["host"]: o for o in outcomes_once(env, slow_run)}
+    first = slow_run.names[:2]
+    assert {(outcomes[h]["status"], outcomes[h]["kind"]) for h in first} == {
+        ("failed", "worker-lost")}
+    assert {outcomes[h]["status"] for h in slow_run.names[2:]} == {"skipped"}
+    assert len(slow_run.traced("started")) == 2
 
 
 @pytest.fixture
