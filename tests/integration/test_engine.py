@@ -381,14 +381,20 @@ def serving_worker(broker: Broker, host: str) -> str:
     return str(worker.decode())
 
 
+def batches_of_two(folder: Path) -> Path:
+    """A manifest run in batches of two hosts: later batches wait for earlier ones."""
+    manifest = folder / "serial.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "apiVersion": "stapctl/v1", "kind": "Trace", "name": "serial",
+        "strategy": {"serial": [2]}, "probes": [{"name": "hello", "script": SCRIPT}]}))
+    return manifest
+
+
 def test_a_worker_lost_after_the_plan_has_its_unstarted_hosts_served_by_another(
         tmp_path: Path, slow_run: Targets, broker: Broker, env: dict[str, str]) -> None:
     """Batches of two over two slices of ten: the first worker dies running the first
     batch, while the rest of its slice waits for batches not yet released."""
-    manifest = tmp_path / "serial.yaml"
-    manifest.write_text(yaml.safe_dump({
-        "apiVersion": "stapctl/v1", "kind": "Trace", "name": "serial",
-        "strategy": {"serial": [2]}, "probes": [{"name": "hello", "script": SCRIPT}]}))
+    manifest = batches_of_two(tmp_path)
     # one slice each: a worker of concurrency 1 reserves one task at a time
     started = start_workers(tmp_path / "workers", broker.engine, env, 2, concurrency=1)
     workers = next(started)
@@ -418,10 +424,7 @@ def test_hosts_handed_on_that_no_worker_takes_wait_for_one_and_an_interrupt_ends
         tmp_path: Path, slow_run: Targets, broker: Broker, env: dict[str, str]) -> None:
     """The only worker dies running the first batch: the rest of its hosts wait for
     another worker, the controller says so, and Ctrl-C ends the run."""
-    manifest = tmp_path / "serial.yaml"
-    manifest.write_text(yaml.safe_dump({
-        "apiVersion": "stapctl/v1", "kind": "Trace", "name": "serial",
-        "strategy": {"serial": [2]}, "probes": [{"name": "hello", "script": SCRIPT}]}))
+    manifest = batches_of_two(tmp_path)
     started = start_workers(tmp_path / "workers", broker.engine, env, 1, concurrency=1)
     workers = next(started)
     try:
