@@ -62,11 +62,16 @@ class Completed:
     stderr: str  # the tail only
 
 
+COMMAND_OUTPUT_LIMIT = 1 << 20  # bytes a short command may send: the prepare lists modules
+
+
 def run_command(connection: Connection, argv: Sequence[str], stdin: bytes = b"",
-                timeout: float | None = None, become: bool = True) -> Completed:
+                timeout: float | None = None, become: bool = True,
+                limit: int = COMMAND_OUTPUT_LIMIT) -> Completed:
     """Run a short command to its end: the one way to run something that is not the agent.
 
-    A command that stays silent (no output, no exit) for ``timeout`` seconds is killed
+    A command that stays silent (no output, no exit) for ``timeout`` seconds, or that
+    sends more than ``limit`` bytes (a hostile target's flood), is killed
     (``Process.kill``) and reported as a ConnectError.
     """
     process = connection.start(argv, become)
@@ -76,8 +81,14 @@ def run_command(connection: Connection, argv: Sequence[str], stdin: bytes = b"",
             process.send(stdin)
         process.close_stdin()
         chunks = []
+        size = 0
         while chunk := process.recv(65536):
             watchdog.heard()
+            size += len(chunk)
+            if size > limit:
+                process.kill()
+                raise ConnectError(f"{connection.host.name}: `{argv[0]}` sent more than "
+                                   f"{limit >> 10} KiB: stopped (a short command never does)")
             chunks.append(chunk)
         status = process.wait()
     except ConnectError as exc:

@@ -5,6 +5,7 @@ stand-ins (test doubles) that send crafted frames; the good hosts run the real a
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import tracemalloc
@@ -321,6 +322,32 @@ def test_a_facts_command_that_never_answers_times_out(
 
     status, kind, message = outcome_of(run, "evil")
     assert status == "failed" and "no answer within 0.3" in message, (kind, message)
+    assert_the_rest_went_on(run, session, fleet)
+
+
+def test_a_prepare_command_that_floods_is_stopped_at_its_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = FakeConnection.start
+
+    def flood(sock: socket.socket) -> None:
+        while True:  # until the controller cuts it off
+            sock.sendall(b"m" * 65536)
+
+    def flooding_prepare(self: FakeConnection, argv: Sequence[str],
+                         become: bool = True) -> Process:
+        if self.host.name == "evil" and argv[0] == "sh":
+            return HostileProcess(flood)
+        return original(self, argv, become)
+
+    monkeypatch.setattr(FakeConnection, "start", flooding_prepare)
+    fleet = FakeFleet(tmp_path, {"good": GOOD, "evil": Scenario()})
+    session = Session(manifest(tmp_path), fleet.hosts(), listener=Counting(),
+                      options=RunOptions(timing=QUICK), builder=FakeBuilder(tmp_path / "c"),
+                      connector=fleet.connect)
+    run = session.apply()
+
+    status, kind, message = outcome_of(run, "evil")
+    assert status == "failed" and "sent more than 1024 KiB" in message, (kind, message)
     assert_the_rest_went_on(run, session, fleet)
 
 
