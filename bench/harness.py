@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ from stapctl.build import Builder  # noqa: E402
 from stapctl.models import Host  # noqa: E402
 from tests.loopback_sshd import free_port  # noqa: E402
 
+SECTIONS = ("hello", "exec", "throughput", "syscalls", "fanout", "thousand", "plan",
+            "behaviour")
+QUICK_SECTIONS = ("hello", "exec", "throughput", "fanout")  # those with a target
 RESULTS = REPO / "bench" / "RESULTS.md"
 QUICK_RESULTS = REPO / "bench" / "RESULTS-quick.md"  # a quick run leaves the full one be
 
@@ -458,7 +462,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="at most 5 minutes: the comparisons that have targets")
     parser.add_argument("--runs", type=int, help="runs per figure (default 3)")
+    parser.add_argument("--only", help="these sections alone, comma-separated (of "
+                        f"{', '.join(SECTIONS)}); printed, no results file written")
     args = parser.parse_args()
+    only = args.only.split(",") if args.only else []
+    if unknown := set(only) - set(SECTIONS):
+        parser.error(f"no section {', '.join(sorted(unknown))}: say one of "
+                     f"{', '.join(SECTIONS)}")
     mode = QUICK if args.quick else FULL
     if args.runs:
         mode = replace(mode, runs=args.runs)
@@ -476,30 +486,38 @@ def main() -> None:
         os.environ["XDG_DATA_HOME"] = str(work / "data")
         for sub in ("fanout", "thousand"):
             (work / sub).mkdir()
-        lab = guests.Guests.find(work, stap_dir)
         report.places = {str(work): "$WORK", str(REPO) + "/": "", str(Path(sys.executable)
                          .parent) + "/": ".venv/bin/",
-                         os.environ["STAPCTL_LAB_DIR"]: "$LAB",
-                         str(lab.runtime or "-"): "$RUNTIME_COPY"}
-        header = machine(lab)
-        sections: list[Callable[[], None]] = [
-            lambda: hello(report, lab, mode, work),
-            lambda: exec_to_loaded(report, lab, mode),
-            lambda: output_throughput(report, lab, mode),
-            lambda: syscalls(report, lab, mode, work),
-            lambda: fan_out(report, mode, work / "fanout"),
-            lambda: thousand_hosts(report, work / "thousand"),
-            lambda: planning(report),
-            lambda: behaviour(report, lab, work),
-        ]
-        for section in sections if mode.full else sections[:3] + sections[4:5]:
+                         os.environ["STAPCTL_LAB_DIR"]: "$LAB"}
+
+        @cache
+        def lab() -> guests.Guests:  # the fan-out and planning sections need no lab
+            found = guests.Guests.find(work, stap_dir)
+            report.places[str(found.runtime or "-")] = "$RUNTIME_COPY"
+            return found
+
+        header = "" if only else machine(lab())
+        sections: dict[str, Callable[[], None]] = {
+            "hello": lambda: hello(report, lab(), mode, work),
+            "exec": lambda: exec_to_loaded(report, lab(), mode),
+            "throughput": lambda: output_throughput(report, lab(), mode),
+            "syscalls": lambda: syscalls(report, lab(), mode, work),
+            "fanout": lambda: fan_out(report, mode, work / "fanout"),
+            "thousand": lambda: thousand_hosts(report, work / "thousand"),
+            "plan": lambda: planning(report),
+            "behaviour": lambda: behaviour(report, lab(), work),
+        }
+        chosen = only or [name for name in SECTIONS if mode.full or name in QUICK_SECTIONS]
+        for name in chosen:
+            section = sections[name]
             try:
                 section()
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - said in RESULTS.md
                 say(f"a section failed: {exc}")
                 report.sections.append(f"## A section failed\n\n```\n{exc}\n```\n")
                 report.verdicts.append(Verdict("section_failed", 1.0, 0.0))
-    write_results(report, header, mode, time.monotonic() - started)
+    if not only:
+        write_results(report, header, mode, time.monotonic() - started)
     for verdict in report.verdicts:
         print(verdict.line())
     sys.exit(0 if all(v.ok for v in report.verdicts) else 1)
