@@ -47,7 +47,7 @@ from pathlib import Path
 import paramiko
 import yaml
 
-from stapctl.agent import BOOTSTRAP, AgentHost
+from stapctl.agent import AgentHost, agent_argv
 from stapctl.connection import ConnectOptions, LocalConnection
 from stapctl.execute import RunOptions
 from stapctl.models import (
@@ -127,7 +127,7 @@ def bare_paramiko(lab: Sshds, targets: list[Target], forks: int) -> int:
             with client.open_sftp() as sftp:
                 sftp.put(str(target.payload), target.remote)
             stdin, out, _ = client.exec_command(
-                f"python3 -I -c {shlex.quote(BOOTSTRAP)} {agent}")
+                shlex.join(agent_argv("python3", agent)))
             stdin.write(json.dumps({"protocol": 1, "action": "preflight",
                                     "module": target.remote, "sha256": sha256,
                                     "module_name": "stapctl_bench"}) + "\n")

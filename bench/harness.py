@@ -33,7 +33,7 @@ import throughput  # noqa: E402
 from measure import Figure, Timing, figure, run  # noqa: E402
 
 from stapctl import lab as stapctl_lab  # noqa: E402
-from stapctl.agent import BOOTSTRAP, AgentHost, AgentRequest  # noqa: E402
+from stapctl.agent import AgentHost, AgentRequest, agent_argv  # noqa: E402
 from stapctl.build import Builder  # noqa: E402
 from stapctl.models import Host  # noqa: E402
 from tests.loopback_sshd import free_port  # noqa: E402
@@ -182,7 +182,7 @@ def exec_to_loaded(report: Report, lab: guests.Guests, mode: Mode) -> None:
                                                    ["staprun", ko]),
             "stapctl agent": lambda: guests.loaded_after(
                 connection, artifact.module_name, request,
-                ["python3", "-I", "-c", BOOTSTRAP, agent.path]),  # as AgentHost.call does
+                agent_argv("python3", agent.path)),  # as AgentHost.call does
         }
         for contender in contenders.values():
             contender()  # the agent's bytecode, the guest's page cache

@@ -1,11 +1,11 @@
 """The controller's side of the agent protocol (docs/agent-protocol.md).
 
 The agent file is shipped by content hash (uploaded only when ``agent-<sha256>.py`` is
-missing) and run by import (``python3 -I -c BOOTSTRAP PATH``), so the target's Python
-keeps its bytecode in the private work directory's ``__pycache__`` and compiles the file
-only on its first run; its request goes as JSON on stdin, never as shell arguments. The
-frames it sends back are decoded with the agent's own codec, so both ends share one
-definition.
+missing) and run by import (``agent_argv``: ``python3 -I -S -c BOOTSTRAP PATH``), so
+the target's Python keeps its bytecode in the private work directory's ``__pycache__``
+and compiles the file only on its first run; its request goes as JSON on stdin, never as
+shell arguments. The frames it sends back are decoded with the agent's own codec, so both
+ends share one definition.
 
 Everything the agent sends is untrusted: frames are size-capped, compressed output is
 inflated in bounded pieces, probe output is capped per run, JSON is checked for shape,
@@ -67,6 +67,9 @@ shift
 "$@" sh -c 'uname -r && uname -m && command -v "$0"' "$python"
 """
 FACTS_TIMEOUT = 30.0  # seconds the prepare command may stay silent (a hung home, a stuck sudo)
+# a spare agent is used only this young: the agent waits 60 s for its request
+# (stapctl_agent.Agent.request_timeout), and a spare past that has given up
+SPARE_LIFETIME = 30.0
 MAX_FRAME = 8 << 20  # the agent batches output in pieces of a few MiB at most
 MAX_TEXT = 4096  # characters kept of any text field the agent sends (messages, events)
 READ_SIZE = 1 << 20  # bytes asked of the agent's stream at once: what has arrived, up to this
@@ -75,9 +78,31 @@ PING = b'{"op": "ping"}\n'
 # compiled file (__pycache__/agent-<sha256>.cpython-*.pyc, checked against the file's
 # size and mtime at each start). Its folder is on sys.path only for that import, and by
 # name rather than through importlib.util, whose import alone takes tens of milliseconds
-# on a slow target. Python 3.6+; -I keeps the home directory off sys.path.
-BOOTSTRAP = ("import sys; d, _, f = sys.argv[1].rpartition('/'); sys.path.insert(0, d); "
-             "m = __import__(f[:-3]); del sys.path[0]; sys.exit(m.main())")
+# on a slow target. First it checks, as the prepare command does, that the folder is
+# private and the file a file: a spare agent (AgentHost.prepare) starts before that
+# command has looked. Python 3.6+; -I keeps the home directory off sys.path, -S skips
+# site, which the agent does not need (a tenth of its start on an emulated target).
+BOOTSTRAP = """import os, sys
+p = sys.argv[1]
+d, _, f = p.rpartition('/')
+try:
+    private = (os.lstat(d).st_mode & 0o170077 == 0o040000
+               and os.lstat(p).st_mode & 0o170000 == 0o100000)
+except OSError:
+    private = False
+if not private:
+    sys.exit('stapctl agent: %s is not a private (0700) folder holding %s' % (d, f))
+sys.path.insert(0, d)
+m = __import__(f[:-3])
+del sys.path[0]
+sys.exit(m.main())"""
+
+
+def agent_argv(python: str, path: str) -> list[str]:
+    """The command that runs the agent file at ``path``: the one way it is started."""
+    return [python, "-I", "-S", "-c", BOOTSTRAP, path]
+
+
 STOP = b'{"op": "stop"}\n'
 
 # the agent's own file, shipped verbatim (the wheel keeps it a real file on disk)
@@ -265,8 +290,9 @@ class AgentHost:
         self.workdir = ""  # <home>/.cache/stapctl-agent: the home is known once prepared
         self.path = ""
         self.modules: set[str] = set()  # the module files in it (<sha256>.ko), as prepared
+        self._spare: tuple[float, Process] | None = None  # (started, process), for one call
 
-    def prepare(self) -> HostFacts:
+    def prepare(self, spare: bool = False) -> HostFacts:
         """Make the private work directory, ship the agent unless it is there, and return
         the kernel release and arch (what planning needs): one shell command, and SFTP
         only when the agent must be sent.
@@ -279,8 +305,17 @@ class AgentHost:
         collects and checks the full facts again before it loads anything. Release and
         arch become paths and arguments, so one that is not a plain name raises
         BadFactsError.
+
+        With ``spare``, the agent is started beside that command, from the home folder
+        (the login's working directory), for the host's first call to take: its Python
+        start, the largest part of a short run's time on a slow target, then overlaps the
+        prepare and the planning. BOOTSTRAP checks the folder before it runs anything; a
+        spare that cannot start (the agent is not there yet) is replaced at the call.
         """
         name = f"agent-{AGENT_SHA256[:16]}.py"
+        if spare:
+            self._spare = (time.monotonic(),
+                           self.connection.start(agent_argv(self.python, f"{WORKDIR}/{name}")))
         done = run_command(self.connection, ["sh", "-c", PREPARE_SCRIPT, self.python, name,
                                              *self.connection.sudo()],
                            timeout=FACTS_TIMEOUT, become=False)
@@ -305,8 +340,28 @@ class AgentHost:
         self.path = f"{self.workdir}/{name}"
         self.modules = set(modules.removeprefix("modules:").split())
         if agent_size.strip() != str(AGENT_SIZE):
+            self.discard_spare()  # it started a stale copy, or none
             self.connection.put(AGENT_FILE, self.path)
         return facts
+
+    def discard_spare(self) -> None:
+        """End the spare agent unused (on its stdin's EOF it exits without a request)."""
+        if self._spare is not None:
+            process = self._spare[1]
+            self._spare = None
+            with contextlib.suppress(Exception):
+                process.close_stdin()
+                process.kill()
+
+    def _take_spare(self) -> Process | None:
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        if time.monotonic() - spare[0] > SPARE_LIFETIME:
+            self._spare = spare
+            self.discard_spare()
+            return None
+        return spare[1]
 
     def upload_module(self, local: Path, sha256: str, again: bool = False) -> str:
         """Send a module unless the target held it when prepared (``again``: send it all
@@ -345,9 +400,30 @@ class AgentHost:
         ``timing.startup`` before its first byte) is cut
         off (its own dead-man then unloads the module) and UnresponsiveError raised.
         """
-        process = self.connection.start([self.python, "-I", "-c", BOOTSTRAP, self.path])
+        spare = self._take_spare()
+        if spare is not None:
+            try:
+                return self._call(spare, request, on_frame, stop, deadline, timing, max_output,
+                                  spare=True)
+            except _SpareUnstarted:
+                pass
+        return self._call(self.connection.start(agent_argv(self.python, self.path)), request,
+                          on_frame, stop, deadline, timing, max_output)
+
+    def _call(self, process: Process, request: AgentRequest,
+              on_frame: Callable[[Frame], None], stop: threading.Event | None,
+              deadline: float | None, timing: Timing, max_output: int,
+              spare: bool = False) -> RunResult:
+        """``spare``: the process is a spare agent, which raises _SpareUnstarted if it
+        ended before its first byte (it never read the request)."""
         watch = _Watch(process, stop or threading.Event(), deadline, timing)
-        process.send(request.encode())
+        try:
+            process.send(request.encode())
+        except ConnectError:
+            if not spare:
+                raise
+            process.kill()
+            raise _SpareUnstarted from None
         watch.start()
         result: dict[str, Any] | None = None
         output = 0
@@ -374,6 +450,8 @@ class AgentHost:
         if result is None:
             tail = process.stderr_tail().strip()
             process.kill()
+            if spare and not watch.heard:
+                raise _SpareUnstarted
             if watch.silent.is_set():
                 raise watch.silence_error()
             if watch.cut.is_set():
@@ -392,6 +470,10 @@ class AgentHost:
             return RunResult(False, FailureKind.TIMED_OUT,
                              "stopped: the host's timeout was reached", parsed.stats)
         return parsed
+
+
+class _SpareUnstarted(Exception):
+    """A spare agent ended without a byte: the call starts the agent anew."""
 
 
 class _Watch:
@@ -432,6 +514,11 @@ class _Watch:
 
     def finish(self) -> None:
         self._finished.set()
+
+    @property
+    def heard(self) -> bool:
+        """Whether the agent has sent anything yet."""
+        return self._heard_once
 
     def silence_error(self) -> AgentError:
         if not self._heard_once:

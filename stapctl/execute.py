@@ -144,6 +144,7 @@ class Fleet:
     _workers: int = 1  # hosts worked on at once: forks, within the connection budget
     _kept: int = 0  # connections held open from facts to run
     _keep_limit: int = 0  # beyond it a host's connection is parked
+    _first: set[str] = field(default_factory=set)  # the hosts that run first: given a spare
 
     @property
     def strategy(self) -> Strategy:
@@ -188,6 +189,8 @@ class Fleet:
         self._workers = max(1, min(self.strategy.forks, budget))
         # the workers must always find descriptors free to open a parked host's connection
         self._keep_limit = budget - self._workers
+        names = [host.name for host in hosts]
+        self._first = set(next(batches(names, self.strategy.serial), [])[:self._workers])
         with ThreadPoolExecutor(max_workers=self._workers) as pool:
             list(pool.map(self._connect_one, hosts))
         return {name: (s.host, s.facts) for name, s in self.sessions.items()}
@@ -207,7 +210,9 @@ class Fleet:
             return
         try:
             agent = AgentHost(connection, host.python)
-            facts = agent.prepare()
+            # a spare agent for the hosts whose run starts as soon as the plan is made
+            facts = agent.prepare(spare=host.name in self._first
+                                  and self._kept < self._keep_limit)
         except Exception as exc:  # noqa: BLE001 - every failure is this host's outcome
             with contextlib.suppress(Exception):
                 connection.close()

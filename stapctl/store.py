@@ -52,6 +52,7 @@ def data_dir() -> Path:
 
 
 HISTORY_FILE = "history.sqlite"  # the default history, in the data folder
+LISTING_DELAY = 1.0  # seconds after which a run not yet started is listed all the same
 
 
 def own_data_dir() -> Path:
@@ -120,8 +121,10 @@ class RunRecorder:
             self._attempt("copy the manifest", self._copy_manifest)
             self._attempt("write events.jsonl", self._open_events)
         self._listed = False
-        # the history's database library takes a tenth of a second to import: its row is
-        # added beside the run's start, and waited for before the row is finished
+        # the history's database library takes a tenth of a second of CPU to import: its
+        # row is added in the background once the run starts (plan) or a second has gone,
+        # so that it does not slow the connects, and waited for before it is finished
+        self._list_now = threading.Event()
         self._listing = threading.Thread(target=self._list, name="stapctl-history",
                                          daemon=True)
         self._listing.start()
@@ -149,6 +152,7 @@ class RunRecorder:
             self._write_output(host, "".join(lines).encode("utf-8", "replace"))
 
     def plan(self, plan: Plan) -> None:
+        self._list_now.set()
         self._attempt("write the scripts and plan.json", lambda: self._write_plan(plan))
 
     def detached(self, probes: Iterable[DetachedProbe]) -> None:
@@ -275,10 +279,12 @@ class RunRecorder:
     # -- the history ---------------------------------------------------------------------
     def listed(self) -> bool:
         """Whether the run's row is in the history (waiting for it to be added)."""
+        self._list_now.set()
         self._listing.join()
         return self._listed
 
     def _list(self) -> None:
+        self._list_now.wait(LISTING_DELAY)
         self._listed = self._attempt("add the run to the history", self._add_to_history)
 
     def _add_to_history(self) -> None:

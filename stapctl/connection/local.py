@@ -104,8 +104,9 @@ class LocalConnection:
     def start(self, argv: Sequence[str], become: bool = True) -> Process:
         full = [*self.sudo(), *argv] if become else list(argv)
         try:
+            # in the home folder, where an SSH login's commands start
             popen = subprocess.Popen(full, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, cwd=Path.home())
         except OSError as exc:
             raise ConnectError(f"cannot start {full[0]}: {exc.strerror or exc}") from exc
         return _LocalProcess(popen)
