@@ -52,7 +52,7 @@ def data_dir() -> Path:
 
 
 HISTORY_FILE = "history.sqlite"  # the default history, in the data folder
-LISTING_DELAY = 1.0  # seconds after which a run not yet started is listed all the same
+LISTING_DELAY = 1.0  # seconds into a run when its row is added to the history
 
 
 def own_data_dir() -> Path:
@@ -121,9 +121,10 @@ class RunRecorder:
             self._attempt("copy the manifest", self._copy_manifest)
             self._attempt("write events.jsonl", self._open_events)
         self._listed = False
-        # the history's database library takes a tenth of a second of CPU to import: its
-        # row is added in the background once the run starts (plan) or a second has gone,
-        # so that it does not slow the connects, and waited for before it is finished
+        # the history's database library takes a tenth of a second of CPU to import: the
+        # row is added in the background a second into the run (or at its end, if sooner),
+        # off the connects and a short run's first lines, and waited for before it is
+        # finished
         self._list_now = threading.Event()
         self._listing = threading.Thread(target=self._list, name="stapctl-history",
                                          daemon=True)
@@ -152,7 +153,6 @@ class RunRecorder:
             self._write_output(host, "".join(lines).encode("utf-8", "replace"))
 
     def plan(self, plan: Plan) -> None:
-        self._list_now.set()
         self._attempt("write the scripts and plan.json", lambda: self._write_plan(plan))
 
     def detached(self, probes: Iterable[DetachedProbe]) -> None:

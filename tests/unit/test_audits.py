@@ -171,6 +171,8 @@ def record(tmp_path: Path, where: str | Path, run_id: str, name: str, age: float
     recorder = store.RunRecorder(run_id, manifest, where)
     if finished:
         recorder.finish(Run(run_id, ()))
+    else:
+        assert recorder.listed()  # a run still going is in the history
     change_run(where, run_id, started=time.time() - age)  # as if it started `age` s ago
     return recorder.dir
 

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 from collections import defaultdict
 from pathlib import Path
@@ -76,6 +77,17 @@ RUN = Run("r1", (HostOutcome("a", "p", "ok"), HostOutcome("b", "p", "failed", "r
 
 
 # -- the record --------------------------------------------------------------------------
+def test_a_run_still_going_is_in_the_history_a_moment_in(
+        tmp_path: Path, history_where: str | Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "LISTING_DELAY", 0.3)
+    RunRecorder("r1", make_manifest(tmp_path), history_where)
+    deadline = time.monotonic() + 30
+    while not history.list_runs(history=history_where) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [row] = history.list_runs(history=history_where)
+    assert row["id"] == "r1" and row["finished"] is None
+
+
 def test_a_run_is_recorded_in_its_folder_and_the_history(tmp_path: Path,
                                                          history_where: str | Path) -> None:
     recorder = RunRecorder("r1", make_manifest(tmp_path), history_where)
