@@ -8,7 +8,8 @@ with the module. The controller imports it too, for the frame codec and constant
 importing it has no side effects.
 
 What only some runs need (ctypes for a load, subprocess for a script's command, traceback
-for an error) is imported where it is used: every import is paid in the target's CPU at
+for an error) is imported where it is used (ctypes before the request when the command
+line says `load`): every import is paid in the target's CPU at
 each start, and a facts or preflight request needs none of them.
 """
 
@@ -79,6 +80,8 @@ TRACE_NAME = re.compile(r"trace\d+\Z")
 SIGNATURE_MARK = b"~Module signature appended~\n"
 PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 TRANSPORT_FAILURES = re.compile(r"There were (\d+) transport failures")
+LOCKDOWN = re.compile(r"\[(\w+)\]")  # the mode in use in /sys/kernel/security/lockdown
+MEM_AVAILABLE = re.compile(r"^MemAvailable:\s+(\d+)", re.M)
 KERNEL_SYMBOLS = ("_stext", "kallsyms_lookup_name", "kallsyms_on_each_symbol",
                   "module_kallsyms_on_each_symbol")
 EKEYREJECTED = getattr(errno, "EKEYREJECTED", 129)
@@ -791,10 +794,9 @@ def collect_facts(kernel):
 
     release, machine = kernel.uname()
     lockdown_text = kernel.read(kernel.sys_path("kernel", "security", "lockdown"))
-    lockdown = re.search(r"\[(\w+)\]", lockdown_text or "")
+    lockdown = LOCKDOWN.search(lockdown_text or "")
     sig_enforce = kernel.read(kernel.sys_path("module", "module", "parameters", "sig_enforce"))
-    meminfo = re.search(r"^MemAvailable:\s+(\d+)", kernel.read(kernel.proc_path("meminfo")) or "",
-                        re.M)
+    meminfo = MEM_AVAILABLE.search(kernel.read(kernel.proc_path("meminfo")) or "")
     modules_text = kernel.read(kernel.proc_path("modules"))
     loaded = [line.split()[0] for line in (modules_text or "").splitlines()
               if line.startswith(("stap_", "stapctl_"))]
@@ -2437,13 +2439,17 @@ class Agent(object):
     def on_signal(self, signum, _frame):
         self.signalled = signum
 
-    def serve(self):
-        """Answers one request; returns the process exit status (0 when the result is ok)."""
+    def serve(self, loads=False):
+        """Answers one request; returns the process exit status (0 when the result is ok).
+        ``loads``: the request will load a module, so the loader (ctypes, libc) is made
+        ready before it is read, while a spare agent waits for it."""
         self.out.json(FRAME_HELLO, {"protocol": PROTOCOL_VERSION, "agent": AGENT_VERSION,
                                     "python": "%d.%d.%d" % tuple(sys.version_info[:3]),
                                     "pid": os.getpid()})
         request = {}
         try:
+            if loads:
+                self.kernel.libc()
             request = self.read_request()
             result = self.handle(request)
         except Failure as e:
@@ -2510,7 +2516,7 @@ class Agent(object):
         raise Failure("agent-error", "unknown action %r" % (action,))
 
 
-def serve(kernel=None, stdin_fd=0, stdout_fd=1, **options):
+def serve(kernel=None, stdin_fd=0, stdout_fd=1, loads=False, **options):
     """Runs the agent on the given descriptors; signals are caught only in the main thread."""
     agent = Agent(kernel, stdin_fd, stdout_fd, **options)
     previous = {}
@@ -2518,14 +2524,15 @@ def serve(kernel=None, stdin_fd=0, stdout_fd=1, **options):
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             previous[signum] = signal.signal(signum, agent.on_signal)
     try:
-        return agent.serve()
+        return agent.serve(loads)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
 def main():
-    return serve()
+    """argv (after the agent's path): `load` when the request will load a module."""
+    return serve(loads=sys.argv[2:] == ["load"])
 
 
 if __name__ == "__main__":

@@ -98,12 +98,14 @@ del sys.path[0]
 sys.exit(m.main())"""
 
 
-def agent_argv(python: str, path: str) -> list[str]:
-    """The command that runs the agent file at ``path``: the one way it is started."""
-    return [python, "-I", "-S", "-c", BOOTSTRAP, path]
+def agent_argv(python: str, path: str, loads: bool = False) -> list[str]:
+    """The command that runs the agent file at ``path``: the one way it is started.
+    ``loads``: its request will load a module (the agent readies its loader first)."""
+    return [python, "-I", "-S", "-c", BOOTSTRAP, path, *(["load"] if loads else [])]
 
 
 STOP = b'{"op": "stop"}\n'
+LOADING_ACTIONS = ("run", "detach")  # the requests that load a module
 
 # the agent's own file, shipped verbatim (the wheel keeps it a real file on disk)
 AGENT_FILE = Path(str(resources.files("stapctl.runtime").joinpath("stapctl_agent.py")))
@@ -292,7 +294,7 @@ class AgentHost:
         self.modules: set[str] = set()  # the module files in it (<sha256>.ko), as prepared
         self._spare: tuple[float, Process] | None = None  # (started, process), for one call
 
-    def prepare(self, spare: bool = False) -> HostFacts:
+    def prepare(self, spare: bool = False, loads: bool = False) -> HostFacts:
         """Make the private work directory, ship the agent unless it is there, and return
         the kernel release and arch (what planning needs): one shell command, and SFTP
         only when the agent must be sent.
@@ -309,13 +311,15 @@ class AgentHost:
         With ``spare``, the agent is started beside that command, from the home folder
         (the login's working directory), for the host's first call to take: its Python
         start, the largest part of a short run's time on a slow target, then overlaps the
-        prepare and the planning. BOOTSTRAP checks the folder before it runs anything; a
-        spare that cannot start (the agent is not there yet) is replaced at the call.
+        prepare and the planning (``loads``: the call will load a module, and the spare
+        readies its loader as it waits). BOOTSTRAP checks the folder before it runs
+        anything; a spare that cannot start (the agent is not there yet) is replaced at
+        the call.
         """
         name = f"agent-{AGENT_SHA256[:16]}.py"
         if spare:
-            self._spare = (time.monotonic(),
-                           self.connection.start(agent_argv(self.python, f"{WORKDIR}/{name}")))
+            self._spare = (time.monotonic(), self.connection.start(
+                agent_argv(self.python, f"{WORKDIR}/{name}", loads)))
         done = run_command(self.connection, ["sh", "-c", PREPARE_SCRIPT, self.python, name,
                                              *self.connection.sudo()],
                            timeout=FACTS_TIMEOUT, become=False)
@@ -407,8 +411,9 @@ class AgentHost:
                                   spare=True)
             except _SpareUnstarted:
                 pass
-        return self._call(self.connection.start(agent_argv(self.python, self.path)), request,
-                          on_frame, stop, deadline, timing, max_output)
+        process = self.connection.start(agent_argv(self.python, self.path,
+                                                   request.action in LOADING_ACTIONS))
+        return self._call(process, request, on_frame, stop, deadline, timing, max_output)
 
     def _call(self, process: Process, request: AgentRequest,
               on_frame: Callable[[Frame], None], stop: threading.Event | None,

@@ -212,7 +212,8 @@ class Fleet:
             agent = AgentHost(connection, host.python)
             # a spare agent for the hosts whose run starts as soon as the plan is made
             facts = agent.prepare(spare=host.name in self._first
-                                  and self._kept < self._keep_limit)
+                                  and self._kept < self._keep_limit,
+                                  loads=not self.options.check)
         except Exception as exc:  # noqa: BLE001 - every failure is this host's outcome
             with contextlib.suppress(Exception):
                 connection.close()

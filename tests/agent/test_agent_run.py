@@ -638,3 +638,25 @@ def test_a_run_cleans_its_work_directory(tmp_path):
     outcome = drive(kernel, request)
     assert outcome.result["status"] == "ok", outcome.result
     assert module.exists() and not stale.exists()
+
+
+@pytest.mark.parametrize("loads", [False, True])
+def test_an_agent_told_it_will_load_readies_its_loader_before_its_request(
+        tmp_path, loads):
+    readied = []
+
+    class Loader(FakeKernel):
+        def libc(self):
+            readied.append("libc")
+
+    stdin_r, stdin_w = os.pipe()
+    stdout_r, stdout_w = os.pipe()
+    os.close(stdin_w)  # the request never comes: only what precedes reading it runs
+    try:
+        code = agent.serve(Loader(tmp_path), stdin_r, stdout_w, loads=loads)
+    finally:
+        os.close(stdin_r)
+        os.close(stdout_w)
+        os.close(stdout_r)
+    assert code == 1
+    assert readied == (["libc"] if loads else [])
