@@ -182,7 +182,7 @@ def exec_to_loaded(report: Report, lab: guests.Guests, mode: Mode) -> None:
                                                    ["staprun", ko]),
             "stapctl agent": lambda: guests.loaded_after(
                 connection, artifact.module_name, request,
-                agent_argv("python3", agent.path)),  # as AgentHost.call does
+                agent_argv("python3", agent.path, loads=True)),  # as AgentHost.call does
         }
         for contender in contenders.values():
             contender()  # the agent's bytecode, the guest's page cache
