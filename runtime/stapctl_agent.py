@@ -2249,9 +2249,13 @@ def live_state(kernel, folder):
 
 
 def process_runs(kernel, pid, agent_file):
-    """Whether ``pid`` is a live process running ``agent_file`` (the pid is not reused)."""
+    """Whether ``pid`` is a live process running ``agent_file`` (the pid is not reused):
+    an argument of its command line is that file, by the path it was started with (a
+    spare agent's is relative to the home folder)."""
     cmdline = kernel.read(kernel.proc_path(str(pid), "cmdline"))
-    return bool(agent_file) and cmdline is not None and agent_file in cmdline
+    name = "/" + os.path.basename(agent_file or "")
+    return name != "/" and cmdline is not None and any(
+        arg == agent_file or arg.endswith(name) for arg in cmdline.split("\0"))
 
 
 def detached_status(agent, request):

@@ -230,3 +230,20 @@ def test_a_run_that_ends_while_its_state_is_read_is_finished_not_lost(tmp_path, 
     state = agent.live_state(kernel, folder)
     assert state["state"] == "finished" and state["reason"] == "stop"
     assert kernel.unload_calls == 0
+
+
+@pytest.mark.parametrize("cmdline, runs", [
+    ("python3\0-I\0-S\0-c\0BOOT\0/root/.cache/stapctl-agent/agent-0123.py\0load\0", True),
+    # a spare agent, started from the home folder before the home was known
+    ("python3\0-I\0-S\0-c\0BOOT\0.cache/stapctl-agent/agent-0123.py\0load\0", True),
+    ("python3\0-I\0-S\0-c\0BOOT\0/root/.cache/stapctl-agent/agent-4567.py\0", False),
+    ("sshd: root@notty\0", False),  # the pid was reused
+    (None, False),  # the process is gone
+])
+def test_a_run_s_process_is_known_by_its_agent_file(tmp_path, cmdline, runs):
+    kernel = FakeKernel(tmp_path)
+    if cmdline is not None:
+        os.makedirs(os.path.join(kernel.proc, "4242"))
+        with open(os.path.join(kernel.proc, "4242", "cmdline"), "w") as f:
+            f.write(cmdline)
+    assert agent.process_runs(kernel, 4242, "/root/.cache/stapctl-agent/agent-0123.py") is runs
