@@ -139,7 +139,9 @@ def ingest_rate(engine: str, secret: bytes, count: int = 50_000) -> dict[str, fl
     recorder = RunRecorder("ingest-run", manifest)
     started, last, taken = time.perf_counter(), "0-0", 0
     while taken < count:
-        for _, messages in client.xread({keys.stream: last}, count=BATCH):
+        replies: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] = \
+            client.xread({keys.stream: last}, count=BATCH)  # type: ignore[assignment]
+        for _, messages in replies:
             for message_id, fields in messages:
                 last = message_id.decode()
                 message = json.loads(checked(secret, fields[b"m"], fields[b"s"].decode()))

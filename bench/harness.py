@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +129,7 @@ def hello(report: Report, lab: guests.Guests, mode: Mode, work: Path) -> None:
     script = work / "hello.stp"
     script.write_text(guests.HELLO)
     one, three = lab.hosts[:1], lab.hosts
-    contenders = {
+    contenders: dict[str, Callable[[], Timing]] = {
         "stapctl 1": lambda: checked(lab.stapctl_hello(one), "stapctl apply", 1),
         "stap 1": lambda: checked(lab.stap_remote(script, one), "stap --remote", 1),
         "stapctl 3": lambda: checked(lab.stapctl_hello(three), "stapctl apply", 3),
@@ -177,7 +177,7 @@ def exec_to_loaded(report: Report, lab: guests.Guests, mode: Mode) -> None:
         guests.shell(connection, f"cp {remote} {ko}")
         request = AgentRequest(action="run", module=remote, sha256=artifact.sha256,
                                module_name=artifact.module_name).encode().decode().strip()
-        contenders = {
+        contenders: dict[str, Callable[[], float]] = {
             "staprun": lambda: guests.loaded_after(connection, artifact.module_name, "",
                                                    ["staprun", ko]),
             "stapctl agent": lambda: guests.loaded_after(
@@ -231,7 +231,7 @@ def syscalls(report: Report, lab: guests.Guests, mode: Mode, work: Path) -> None
     script = work / "syscalls.stp"
     script.write_text(guests.SYSCALLS)
     # a run that fails (stap's overload check, a lost host) is a result here, not an error
-    contenders = {
+    contenders: dict[str, Callable[[], Timing]] = {
         "stapctl": lambda: lab.stapctl_run(script, lab.hosts),
         "stap --remote": lambda: lab.stap_remote(script, lab.hosts),
     }
@@ -273,7 +273,7 @@ def fan_out(report: Report, mode: Mode, work: Path) -> None:
             raise SystemExit(f"stapctl did not reach the loopback target: {warm}")
         for n in mode.fanout:
             contenders: dict[str, Callable[[], dict[str, Any]]] = {
-                tool: (lambda t=tool, n=n: one_fanout(t, n, mode.forks, work))
+                tool: partial(one_fanout, tool, n, mode.forks, work)
                 for tool in ("stapctl", "paramiko")}
             runs = mode.runs_at_1000 if n >= 1000 else mode.runs
             say(f"fan-out: N={n}, {runs} runs each")

@@ -39,7 +39,7 @@ def measure(counts: list[int]) -> list[dict[str, object]]:
     the first N is the cold build, the others are warm."""
     kernels = releases()
     builder = Builder()
-    rows = []
+    rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         manifest_path = Path(tmp) / "bench.yaml"
         for k in range(1, len(kernels) + 1):
