@@ -307,10 +307,14 @@ class Fleet:
         if unparked and not self._unpark(session):
             return
         deadline = (time.monotonic() + self.strategy.timeout) if self.strategy.timeout else None
+        # the jobs side by side, the first in this worker's own thread
+        jobs = plan.jobs_for(name)
         threads = [threading.Thread(target=self._run_job, args=(session, job, deadline))
-                   for job in plan.jobs_for(name)]
+                   for job in jobs[1:]]
         for thread in threads:
             thread.start()
+        if jobs:
+            self._run_job(session, jobs[0], deadline)
         for thread in threads:
             thread.join()
         if unparked:  # its descriptor goes to the next parked host

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -119,7 +120,8 @@ class _Watchdog:
             if not self._heard.wait(self.timeout):
                 if not self._stopped.is_set():
                     self.fired = True
-                    self._kill()
+                    with contextlib.suppress(Exception):  # a connection gone is stopped
+                        self._kill()
                 return
             self._heard.clear()
 

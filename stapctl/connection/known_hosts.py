@@ -20,6 +20,11 @@ from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 
 from stapctl.errors import HostKeyError
 
+Entries = list[tuple[str, paramiko.PKey]]
+# each file's entries as last read, by its (inode, mtime, size) then: a fleet's hosts
+# share one or two files, which would otherwise be parsed again for every connection
+_parsed: dict[Path, tuple[tuple[int, int, int], Entries]] = {}
+
 
 def load_known_hosts(keys: paramiko.HostKeys, *paths: Path) -> paramiko.HostKeys:
     """Add to ``keys`` those of known_hosts files (a missing file has none), hashed names
@@ -34,14 +39,19 @@ def load_known_hosts(keys: paramiko.HostKeys, *paths: Path) -> paramiko.HostKeys
     return keys
 
 
-def _read_entries(path: Path) -> list[tuple[str, paramiko.PKey]]:
+def _read_entries(path: Path) -> Entries:
     try:
+        stat = path.stat()  # before the read: a change after it is seen next time
+        version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        cached = _parsed.get(path)
+        if cached is not None and cached[0] == version:
+            return cached[1]
         text = path.read_text(errors="replace")
     except FileNotFoundError:
         return []
     except OSError as exc:
         raise HostKeyError(f"cannot read known_hosts {path}: {exc.strerror or exc}") from exc
-    entries = []
+    entries: Entries = []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith(("#", "@")):  # @cert-authority, @revoked: not used
@@ -53,6 +63,7 @@ def _read_entries(path: Path) -> list[tuple[str, paramiko.PKey]]:
                                "fix or remove it") from exc
         if entry is not None:  # None: too few fields, or a key type paramiko does not know
             entries += [(name, entry.key) for name in entry.hostnames]
+    _parsed[path] = (version, entries)
     return entries
 
 

@@ -111,3 +111,16 @@ def test_a_corrupt_known_hosts_line_is_named(tmp_path: Path) -> None:
     path.write_text("# comment\n\nhost ssh-ed25519 AAAA!!!notbase64=\n")
     with pytest.raises(HostKeyError, match=r"known_hosts:3: not a valid known_hosts line"):
         load_known_hosts(paramiko.HostKeys(), path)
+
+
+def test_a_known_hosts_file_is_read_again_once_it_changes(tmp_path: Path) -> None:
+    first, second = new_key(), new_key()
+    path = tmp_path / "known_hosts"
+    path.write_text(f"h1 {first.get_name()} {first.get_base64()}\n")
+    assert load_known_hosts(paramiko.HostKeys(), path).lookup("h1") is not None
+    path.write_text(f"h2 {second.get_name()} {second.get_base64()}\n")  # rewritten
+    again = load_known_hosts(paramiko.HostKeys(), path)
+    assert again.lookup("h1") is None
+    assert again.lookup("h2")[second.get_name()] == second  # type: ignore[index]
+    path.unlink()
+    assert load_known_hosts(paramiko.HostKeys(), path).lookup("h2") is None
