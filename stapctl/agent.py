@@ -350,22 +350,21 @@ class AgentHost:
 
     def discard_spare(self) -> None:
         """End the spare agent unused (on its stdin's EOF it exits without a request)."""
-        if self._spare is not None:
-            process = self._spare[1]
-            self._spare = None
+        spare, self._spare = self._spare, None
+        if spare is not None:
             with contextlib.suppress(Exception):
-                process.close_stdin()
-                process.kill()
+                spare[1].close_stdin()
+                spare[1].kill()
 
     def _take_spare(self) -> Process | None:
-        spare, self._spare = self._spare, None
-        if spare is None:
-            return None
-        if time.monotonic() - spare[0] > SPARE_LIFETIME:
-            self._spare = spare
+        """The spare agent for this call, if there is one young enough; an older one is
+        ended."""
+        if self._spare is None or time.monotonic() - self._spare[0] > SPARE_LIFETIME:
             self.discard_spare()
             return None
-        return spare[1]
+        process = self._spare[1]
+        self._spare = None
+        return process
 
     def upload_module(self, local: Path, sha256: str, again: bool = False) -> str:
         """Send a module unless the target held it when prepared (``again``: send it all
