@@ -157,7 +157,7 @@ def stapctl_fleet(lab: Sshds, targets: list[Target], forks: int, check: bool) ->
                                                       "stapctl_bench")))
     session = Session(manifest, hosts, options=RunOptions(check=check), record=not check)
     try:
-        session.connect()
+        session.connect(spares=True)  # as apply does
         session.run(Plan(jobs=tuple(jobs)))
     finally:
         run = session.finish()

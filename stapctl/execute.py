@@ -144,7 +144,7 @@ class Fleet:
     _workers: int = 1  # hosts worked on at once: forks, within the connection budget
     _kept: int = 0  # connections held open from facts to run
     _keep_limit: int = 0  # beyond it a host's connection is parked
-    _first: set[str] = field(default_factory=set)  # the hosts that run first: given a spare
+    _first: set[str] = field(default_factory=set)  # the hosts given a spare agent
 
     @property
     def strategy(self) -> Strategy:
@@ -181,15 +181,17 @@ class Fleet:
             self._fail(host, probe.name, status, kind, message)
 
     # -- connect -------------------------------------------------------------------------
-    def connect(self, hosts: Sequence[Host]) -> dict[str, tuple[Host, HostFacts]]:
+    def connect(self, hosts: Sequence[Host],
+                spares: bool = False) -> dict[str, tuple[Host, HostFacts]]:
         """Connect, ship the agent and gather facts on every host; the unreachable are
-        recorded as outcomes and left out of the result."""
+        recorded as outcomes and left out of the result. ``spares``: a run follows, so the
+        hosts of its first batch (up to forks) get a spare agent (AgentHost.prepare)."""
         self.hosts += [host.name for host in hosts]
         budget = connection_budget()
         self._workers = max(1, min(self.strategy.forks, budget))
         # the workers must always find descriptors free to open a parked host's connection
         self._keep_limit = budget - self._workers
-        names = [host.name for host in hosts]
+        names = [host.name for host in hosts] if spares else []
         self._first = set(next(batches(names, self.strategy.serial), [])[:self._workers])
         with ThreadPoolExecutor(max_workers=self._workers) as pool:
             list(pool.map(self._connect_one, hosts))

@@ -294,13 +294,14 @@ class Session:
         contacted. Returns how many scripts were parsed."""
         return check_scripts(self.manifest, self.hosts, self.extra_vars)
 
-    def connect(self) -> dict[str, tuple[Host, HostFacts]]:
+    def connect(self, spares: bool = False) -> dict[str, tuple[Host, HostFacts]]:
         """Connect, ship the agent and gather facts (and kernel symbols when a probe
-        needs them); the hosts that failed are outcomes already."""
+        needs them); the hosts that failed are outcomes already. ``spares``: a run
+        follows, so the first hosts' agents are started now (Fleet.connect)."""
         if self.record and self.recorder is None:
             self.recorder = RunRecorder(self.run_id, self.manifest)
         self._phase(f"connecting to {len(self.hosts)} host(s)…")
-        return self._in_background(self._connect) or {}
+        return self._in_background(lambda: self._connect(spares)) or {}
 
     def plan(self, connected: Mapping[str, tuple[Host, HostFacts]]) -> Plan:
         """Render each probe for each connected host and group them into modules; a build
@@ -376,7 +377,7 @@ class Session:
         error (bad input found on the way) is recorded and then raised."""
         error: BaseException | None = None
         try:
-            plan = self.build(self.plan(self.connect()))
+            plan = self.build(self.plan(self.connect(spares=True)))
             self.run(plan)
         except BaseException as exc:  # noqa: BLE001 - recorded, then raised
             error = exc
@@ -445,10 +446,11 @@ class Session:
             self.listener.note(f"cannot compare with run {self.baseline['id']}: {error}")
             return None
 
-    def _connect(self) -> dict[str, tuple[Host, HostFacts]]:
+    def _connect(self, spares: bool) -> dict[str, tuple[Host, HostFacts]]:
         """Through the engine, if any: its workers connect, and read the hosts' files."""
         served = self.engine or self.fleet
-        connected = served.connect(self.hosts)
+        connected = self.engine.connect(self.hosts) if self.engine else \
+            self.fleet.connect(self.hosts, spares)
         if not connected or self.fleet.stop.is_set():
             return {}
         return gather_symbol_maps(self.manifest, connected, served.read_file, self.builder)

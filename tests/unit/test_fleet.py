@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -240,3 +241,31 @@ def test_a_corrupt_module_on_the_host_is_sent_again(tmp_path: Path) -> None:
     assert run.exit_code == 0, run.outcomes
     assert stale.read_bytes() == builder.path.read_bytes()
     assert any("corrupt" in e.text for e in listener.events if e.kind == "warning")
+
+
+def test_spare_agents_start_at_the_connect_only_for_a_run_s_first_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet = FakeFleet(tmp_path, {f"h{i}": Scenario(**HELLO_EXIT) for i in range(3)})
+    started: list[tuple[str, float]] = []  # (host, when) of each agent started
+    start = FakeConnection.start
+
+    def counted(self: FakeConnection, argv: list[str], become: bool = True) -> object:
+        if argv[0] != "sh":  # an agent, not the prepare command
+            started.append((self.host.name, time.time()))
+        return start(self, argv, become)
+
+    monkeypatch.setattr(FakeConnection, "start", counted)
+    assert session(tmp_path, fleet)[0].apply().exit_code == 0  # ships the agent
+    started.clear()
+
+    planning = session(tmp_path, fleet)[0]
+    planning.connect()  # as `stapctl plan` and `stapctl probes` connect: no run follows
+    planning.finish()
+    assert started == []
+
+    canary, listener = session(tmp_path, fleet, Strategy(serial=(1, Percent(100))))
+    assert canary.apply().exit_code == 0
+    assert sorted(host for host, _ in started) == ["h0", "h1", "h2"]  # one agent each
+    connected = {e.host: e.time for e in listener.events if e.kind == "connected"}
+    # the canary's agent started at the connect, as its spare; the others' at their turn
+    assert [host for host, when in started if when < connected[host]] == ["h0"]
