@@ -185,13 +185,16 @@ class Fleet:
                 spares: bool = False) -> dict[str, tuple[Host, HostFacts]]:
         """Connect, ship the agent and gather facts on every host; the unreachable are
         recorded as outcomes and left out of the result. ``spares``: a run follows, so the
-        hosts of its first batch (up to forks) get a spare agent (AgentHost.prepare)."""
+        hosts of its first batch get a spare agent (AgentHost.prepare), when every host
+        is connected at once (no more hosts than forks): otherwise the connects of the
+        others would keep the run waiting, and the spares with it."""
         self.hosts += [host.name for host in hosts]
         budget = connection_budget()
         self._workers = max(1, min(self.strategy.forks, budget))
         # the workers must always find descriptors free to open a parked host's connection
         self._keep_limit = budget - self._workers
-        names = [host.name for host in hosts] if spares else []
+        names = [host.name for host in hosts] if spares and len(hosts) <= self._workers \
+            else []
         self._first = set(next(batches(names, self.strategy.serial), [])[:self._workers])
         with ThreadPoolExecutor(max_workers=self._workers) as pool:
             list(pool.map(self._connect_one, hosts))

@@ -269,3 +269,9 @@ def test_spare_agents_start_at_the_connect_only_for_a_run_s_first_batch(
     connected = {e.host: e.time for e in listener.events if e.kind == "connected"}
     # the canary's agent started at the connect, as its spare; the others' at their turn
     assert [host for host, when in started if when < connected[host]] == ["h0"]
+
+    started.clear()
+    rounds, listener = session(tmp_path, fleet, Strategy(forks=2))  # 3 hosts: two rounds
+    assert rounds.apply().exit_code == 0
+    connected = {e.host: e.time for e in listener.events if e.kind == "connected"}
+    assert len(started) == 3 and all(when > connected[host] for host, when in started)
