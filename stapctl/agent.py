@@ -293,6 +293,7 @@ class AgentHost:
         self.path = ""
         self.modules: set[str] = set()  # the module files in it (<sha256>.ko), as prepared
         self._spare: tuple[float, Process] | None = None  # (started, process), for one call
+        self._spare_lock = threading.Lock()  # a host's jobs call side by side: one takes it
 
     def prepare(self, spare: bool = False, loads: bool = False) -> HostFacts:
         """Make the private work directory, ship the agent unless it is there, and return
@@ -318,8 +319,9 @@ class AgentHost:
         """
         name = f"agent-{AGENT_SHA256[:16]}.py"
         if spare:
-            self._spare = (time.monotonic(), self.connection.start(
-                agent_argv(self.python, f"{WORKDIR}/{name}", loads)))
+            started = self.connection.start(agent_argv(self.python, f"{WORKDIR}/{name}", loads))
+            with self._spare_lock:
+                self._spare = (time.monotonic(), started)
         done = run_command(self.connection, ["sh", "-c", PREPARE_SCRIPT, self.python, name,
                                              *self.connection.sudo()],
                            timeout=FACTS_TIMEOUT, become=False)
@@ -350,21 +352,28 @@ class AgentHost:
 
     def discard_spare(self) -> None:
         """End the spare agent unused (on its stdin's EOF it exits without a request)."""
-        spare, self._spare = self._spare, None
-        if spare is not None:
+        process = self._claim_spare(lambda _: True)
+        if process is not None:
             with contextlib.suppress(Exception):
-                spare[1].close_stdin()
-                spare[1].kill()
+                process.close_stdin()
+                process.kill()
 
     def _take_spare(self) -> Process | None:
         """The spare agent for this call, if there is one young enough; an older one is
         ended."""
-        if self._spare is None or time.monotonic() - self._spare[0] > SPARE_LIFETIME:
+        young = self._claim_spare(lambda started: time.monotonic() - started <= SPARE_LIFETIME)
+        if young is None:
             self.discard_spare()
-            return None
-        process = self._spare[1]
-        self._spare = None
-        return process
+        return young
+
+    def _claim_spare(self, wanted: Callable[[float], bool]) -> Process | None:
+        """The spare, taken by one caller only, if ``wanted(its start time)``."""
+        with self._spare_lock:
+            if self._spare is None or not wanted(self._spare[0]):
+                return None
+            process = self._spare[1]
+            self._spare = None
+            return process
 
     def upload_module(self, local: Path, sha256: str, again: bool = False) -> str:
         """Send a module unless the target held it when prepared (``again``: send it all

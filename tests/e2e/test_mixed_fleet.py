@@ -146,7 +146,8 @@ def test_timer_syscall_tracepoint_and_burst_on_both_kernel_lines(
     for guest in ("lab-1", "lab-2"):
         assert printed[f"{guest}[timer]"] == ["tick 1", "tick 2", "tick 3"]
         assert printed[f"{guest}[syscall]"][0].startswith("read by "), printed
-        assert printed[f"{guest}[tracepoint]"] == ["switched"]
+        # exit() stops the module asynchronously: another CPU may switch tasks first
+        assert set(printed[f"{guest}[tracepoint]"]) == {"switched"}, printed
         burst = printed[f"{guest}[burst]"]
         assert burst == [f"burst {n}" for n in range(2000)], (guest, len(burst))
 

@@ -275,3 +275,4 @@ def test_spare_agents_start_at_the_connect_only_for_a_run_s_first_batch(
     assert rounds.apply().exit_code == 0
     connected = {e.host: e.time for e in listener.events if e.kind == "connected"}
     assert len(started) == 3 and all(when > connected[host] for host, when in started)
+

@@ -9,6 +9,7 @@ home folder, as an SSH login's do), counting the commands it starts.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -110,3 +111,31 @@ def test_the_agent_runs_nothing_from_a_folder_that_is_not_private(
     with pytest.raises(AgentError, match=r"not a private \(0700\) folder"):
         host.call(FACTS)
     assert not (workdir / "__pycache__").exists()  # the agent file was never imported
+
+
+def test_calls_side_by_side_take_the_spare_once(connection: CountingConnection) -> None:
+    """A host's probes call at the same moment: one of them takes the spare, each of the
+    others starts an agent of its own."""
+    AgentHost(connection).prepare()
+    for _ in range(5):
+        connection.started.clear()
+        assert calls_at_once(connection, 4) == [True] * 4
+        assert len(connection.agents()) == 4  # the spare and three fresh starts
+
+
+def calls_at_once(connection: CountingConnection, count: int) -> list[bool]:
+    host = AgentHost(connection)
+    host.prepare(spare=True)
+    barrier = threading.Barrier(count)
+    results: list[bool] = []
+
+    def call() -> None:
+        barrier.wait()
+        results.append(host.call(FACTS).ok)
+
+    threads = [threading.Thread(target=call) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
