@@ -303,22 +303,30 @@ def test_a_fault_of_the_controller_on_one_host_is_that_hosts_outcome(
     assert_the_rest_went_on(run, session, fleet)
 
 
-def test_a_facts_command_that_never_answers_times_out(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(agent_module, "FACTS_TIMEOUT", 0.3)
+def apply_with_evil_prepare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                            prepare: Callable[[], Process]) -> tuple[Run, Session, FakeFleet]:
+    """An apply on hosts `good` and `evil`, whose prepare command is ``prepare()``."""
     original = FakeConnection.start
 
-    def stuck_facts(self: FakeConnection, argv: Sequence[str], become: bool = True) -> Process:
+    def evil_prepare(self: FakeConnection, argv: Sequence[str], become: bool = True) -> Process:
         if self.host.name == "evil" and argv[0] == "sh":
-            return HostileProcess(b"", hang=True)  # a hung home directory, a stuck sudo
+            return prepare()
         return original(self, argv, become)
 
-    monkeypatch.setattr(FakeConnection, "start", stuck_facts)
+    monkeypatch.setattr(FakeConnection, "start", evil_prepare)
     fleet = FakeFleet(tmp_path, {"good": GOOD, "evil": Scenario()})
     session = Session(manifest(tmp_path), fleet.hosts(), listener=Counting(),
                       options=RunOptions(timing=QUICK), builder=FakeBuilder(tmp_path / "c"),
                       connector=fleet.connect)
-    run = session.apply()
+    return session.apply(), session, fleet
+
+
+def test_a_facts_command_that_never_answers_times_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_module, "FACTS_TIMEOUT", 0.3)
+    # a hung home directory, a stuck sudo
+    run, session, fleet = apply_with_evil_prepare(
+        tmp_path, monkeypatch, lambda: HostileProcess(b"", hang=True))
 
     status, kind, message = outcome_of(run, "evil")
     assert status == "failed" and "no answer within 0.3" in message, (kind, message)
@@ -327,24 +335,12 @@ def test_a_facts_command_that_never_answers_times_out(
 
 def test_a_prepare_command_that_floods_is_stopped_at_its_limit(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = FakeConnection.start
-
     def flood(sock: socket.socket) -> None:
         while True:  # until the controller cuts it off
             sock.sendall(b"m" * 65536)
 
-    def flooding_prepare(self: FakeConnection, argv: Sequence[str],
-                         become: bool = True) -> Process:
-        if self.host.name == "evil" and argv[0] == "sh":
-            return HostileProcess(flood)
-        return original(self, argv, become)
-
-    monkeypatch.setattr(FakeConnection, "start", flooding_prepare)
-    fleet = FakeFleet(tmp_path, {"good": GOOD, "evil": Scenario()})
-    session = Session(manifest(tmp_path), fleet.hosts(), listener=Counting(),
-                      options=RunOptions(timing=QUICK), builder=FakeBuilder(tmp_path / "c"),
-                      connector=fleet.connect)
-    run = session.apply()
+    run, session, fleet = apply_with_evil_prepare(
+        tmp_path, monkeypatch, lambda: HostileProcess(flood))
 
     status, kind, message = outcome_of(run, "evil")
     assert status == "failed" and "sent more than 1024 KiB" in message, (kind, message)
