@@ -82,6 +82,7 @@ PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 TRANSPORT_FAILURES = re.compile(r"There were (\d+) transport failures")
 LOCKDOWN = re.compile(r"\[(\w+)\]")  # the mode in use in /sys/kernel/security/lockdown
 MEM_AVAILABLE = re.compile(r"^MemAvailable:\s+(\d+)", re.M)
+SYMBOLS_FILE = "kernel-symbols.json"  # KERNEL_SYMBOLS' addresses for one boot
 KERNEL_SYMBOLS = ("_stext", "kallsyms_lookup_name", "kallsyms_on_each_symbol",
                   "module_kallsyms_on_each_symbol")
 EKEYREJECTED = getattr(errno, "EKEYREJECTED", 129)
@@ -839,7 +840,8 @@ class FrameWriter(object):
 
     queue_limit = 4 << 20
     batch_bytes = 1 << 20  # a piece this big is sent without waiting for more
-    linger = 0.02  # seconds output may wait for more to go with it
+    linger = 0.02  # seconds output may wait for more to go with it, while it streams
+    stream_bytes = 1 << 16  # a batch this big means it streams
 
     def __init__(self, fd, stall_timeout=60.0):
         self.fd = fd
@@ -854,6 +856,8 @@ class FrameWriter(object):
         self._cond = threading.Condition()
         self._thread = None
         self._closing = False
+        self._written = float("-inf")  # when the stdout thread last wrote a batch
+        self._batch_bytes = 0  # and how big it was
         try:  # a write then takes what fits, however big, and never blocks past the stall
             os.set_blocking(fd, False)
         except OSError as e:
@@ -926,15 +930,18 @@ class FrameWriter(object):
                     self._cond.wait()
                 if not self._queue:
                     return
-                # a moment for more: bigger pieces compress better, and cost the
-                # SSH server and the controller fewer packets
-                deadline = time.monotonic() + self.linger
+                # while output streams, a moment for more: bigger pieces compress
+                # better, and cost the SSH server and the controller fewer packets;
+                # otherwise (an event, a line now and then) it goes at once
+                now = time.monotonic()
+                deadline = now + self.linger if self._streaming(now) else now
                 while self._queued < self.batch_bytes and not self._closing:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                batch, self._queue, self._queued = self._queue, [], 0
+                batch, self._batch_bytes = self._queue, self._queued
+                self._queue, self._queued = [], 0
                 self._cond.notify_all()
             try:
                 for ftype, payload in self._coalesce(batch):
@@ -944,9 +951,14 @@ class FrameWriter(object):
                         else:  # plain frames from here on; the controller takes both
                             ftype = FRAME_OUTPUT
                     self._write(ftype, payload)
+                self._written = time.monotonic()
             except Exception:  # e.g. MemoryError: never leave send() waiting for room
                 log("the stdout thread failed: %s" % error_trace())
                 self.broken = True
+
+    def _streaming(self, now):
+        """Whether output is flowing: the last batch was big, and went moments ago."""
+        return self._batch_bytes >= self.stream_bytes and now - self._written < self.linger
 
     @staticmethod
     def _coalesce(batch):
@@ -1645,7 +1657,8 @@ class Run(object):
     def send_relocations(self):
         """The kernel's own addresses (6.x exports no kallsyms_lookup_name) and sections."""
         with self.kernel.addresses_visible():
-            symbols = self.kernel.kernel_symbols()
+            symbols = boot_symbols(self.kernel, os.path.dirname(os.path.abspath(
+                self.request["module"])))
             sections = self.kernel.module_sections()
         relocations = [("kernel", symbol, symbols[symbol])
                        for symbol in KERNEL_SYMBOLS if symbol in symbols]
@@ -1662,6 +1675,7 @@ class Run(object):
         exit_timeout = float(self.request.get("exit_timeout") or 10.0)
         self.out.stall_timeout = float(self.request.get("deadman", 30.0) or 60.0)
         channel = self.channel
+        self.emit_output(time.monotonic())  # what came while the module started
         while True:
             self.step(self.tick, listen=channel.state == RUNNING)
             now = time.monotonic()
@@ -1968,6 +1982,33 @@ def detach_limits(request):
 
 def boot_id(kernel):
     return (kernel.read(kernel.proc_path("sys", "kernel", "random", "boot_id")) or "").strip()
+
+
+def boot_symbols(kernel, folder):
+    """The kernel's own addresses (KERNEL_SYMBOLS), scanned from kallsyms once per boot
+    and kept in ``folder`` (the agent's private one): the scan is a run's largest cost
+    after the load on a slow target (about 30 ms emulated), and the addresses of this
+    boot never change. Hidden (zero) addresses are not kept."""
+    path = os.path.join(folder, SYMBOLS_FILE)
+    boot = boot_id(kernel)
+    try:
+        with open(path, "rb") as f:
+            saved = json.loads(f.read().decode("utf-8"))
+        if boot and saved["boot_id"] == boot:
+            return dict((str(name), int(address)) for name, address in saved["symbols"].items())
+    except (OSError, IOError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    symbols = kernel.kernel_symbols()
+    if boot and symbols and all(symbols.values()):
+        temporary = "%s.%d.part" % (path, os.getpid())
+        try:
+            with open(temporary, "w") as f:
+                f.write(json.dumps({"boot_id": boot, "symbols": symbols}, sort_keys=True))
+            os.rename(temporary, path)
+        except (OSError, IOError) as e:
+            log("cannot keep the kernel's addresses in %s: %s" % (folder, e))
+            remove_file(temporary)
+    return symbols
 
 
 def read_state(folder):

@@ -94,6 +94,39 @@ def test_the_handshake_follows_staprun(tmp_path):
     assert open(kernel.proc_path("sys", "kernel", "kptr_restrict")).read().strip() == "0"
 
 
+def sent_stext(module):
+    """The _stext address a module was sent in its RELOCATION messages."""
+    for name, payload in module.received:
+        if name == "RELOCATION":
+            owner, symbol, address = agent.RELOCATION.unpack(payload)
+            if (owner.rstrip(b"\0"), symbol.rstrip(b"\0")) == (b"kernel", b"_stext"):
+                return address
+    return None
+
+
+def test_the_kernels_addresses_are_scanned_once_a_boot(tmp_path):
+    kernel = kernel_for(tmp_path, **HELLO_EXIT)
+    boot_id = tmp_path / "root/proc/sys/kernel/random/boot_id"
+    boot_id.parent.mkdir(parents=True)
+    kallsyms = tmp_path / "root/proc/kallsyms"
+    moved = "ffffffff9e000000 T _stext\n"
+
+    boot_id.write_text("first\n")
+    drive(kernel, run_request(tmp_path))  # scanned, and kept for this boot
+    kallsyms.write_text(moved)  # what a new scan would find
+    drive(kernel, run_request(tmp_path))
+    boot_id.write_text("second\n")
+    drive(kernel, run_request(tmp_path))
+    kallsyms.write_text("0000000000000000 T _stext\n")  # hidden: not worth keeping
+    boot_id.write_text("third\n")
+    drive(kernel, run_request(tmp_path))
+    kallsyms.write_text(moved)
+    drive(kernel, run_request(tmp_path))
+
+    assert [sent_stext(m) for m in kernel.history] == [
+        ADDRESSES["_stext"], ADDRESSES["_stext"], 0xFFFFFFFF9E000000, 0, 0xFFFFFFFF9E000000]
+
+
 def test_the_module_is_renamed_per_run(tmp_path):
     kernel = kernel_for(tmp_path, **HELLO_EXIT)
     request = run_request(tmp_path, params={"who": "a b", "count": 3}, bufsize_mb=4)

@@ -1,6 +1,7 @@
 """Compressed output (Z frames): the agent's codec and the controller's decoding of it."""
 
 import os
+import select
 import threading
 import tracemalloc
 import zlib
@@ -181,6 +182,35 @@ def test_the_agent_never_puts_more_than_the_bound_into_one_frame():
         assert len(piece) <= agent.MAX_OUTPUT_FRAME
         output += piece
     assert output == big + b"tail\n" * 1000 and len(frames) >= 3
+
+
+def test_only_streaming_output_waits_to_go_in_bigger_pieces():
+    """An event or a line now and then goes at once; a piece that follows a big batch by
+    moments waits (up to `linger`) for more to go with it."""
+    read_fd, write_fd = os.pipe()
+    writer = agent.FrameWriter(write_fd)
+    writer.linger = 60.0
+    writer.compress(1)
+    frames = agent.FrameReader()
+
+    def arrived(seconds):
+        if not select.select([read_fd], [], [], seconds)[0]:
+            return []
+        return [ftype for ftype, _ in frames.feed(os.read(read_fd, 1 << 20))]
+
+    try:
+        writer.event("started")
+        assert arrived(20) == [agent.FRAME_EVENT]
+        writer.output(b"x" * writer.stream_bytes)  # after an event: at once
+        assert arrived(20) == [agent.FRAME_ZOUTPUT]
+        writer.output(b"one line\n")  # right after a big batch: it waits for more
+        assert arrived(0.5) == []
+        writer.close()  # which sends what waits
+        assert arrived(20) == [agent.FRAME_ZOUTPUT]
+    finally:
+        writer.close()
+        os.close(write_fd)
+        os.close(read_fd)
 
 
 def read_all_frames(fd):
