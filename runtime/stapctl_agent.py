@@ -841,7 +841,6 @@ class FrameWriter(object):
     queue_limit = 4 << 20
     batch_bytes = 1 << 20  # a piece this big is sent without waiting for more
     linger = 0.02  # seconds output may wait for more to go with it, while it streams
-    stream_bytes = 1 << 16  # a batch this big means it streams
 
     def __init__(self, fd, stall_timeout=60.0):
         self.fd = fd
@@ -856,8 +855,7 @@ class FrameWriter(object):
         self._cond = threading.Condition()
         self._thread = None
         self._closing = False
-        self._written = float("-inf")  # when the stdout thread last wrote a batch
-        self._batch_bytes = 0  # and how big it was
+        self._output_written = float("-inf")  # when the stdout thread last wrote output
         try:  # a write then takes what fits, however big, and never blocks past the stall
             os.set_blocking(fd, False)
         except OSError as e:
@@ -934,14 +932,14 @@ class FrameWriter(object):
                 # better, and cost the SSH server and the controller fewer packets;
                 # otherwise (an event, a line now and then) it goes at once
                 now = time.monotonic()
-                deadline = now + self.linger if self._streaming(now) else now
+                streaming = now - self._output_written < self.linger
+                deadline = now + self.linger if streaming else now
                 while self._queued < self.batch_bytes and not self._closing:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                batch, self._batch_bytes = self._queue, self._queued
-                self._queue, self._queued = [], 0
+                batch, self._queue, self._queued = self._queue, [], 0
                 self._cond.notify_all()
             try:
                 for ftype, payload in self._coalesce(batch):
@@ -951,14 +949,11 @@ class FrameWriter(object):
                         else:  # plain frames from here on; the controller takes both
                             ftype = FRAME_OUTPUT
                     self._write(ftype, payload)
-                self._written = time.monotonic()
+                    if ftype in (FRAME_OUTPUT, FRAME_ZOUTPUT):
+                        self._output_written = time.monotonic()
             except Exception:  # e.g. MemoryError: never leave send() waiting for room
                 log("the stdout thread failed: %s" % error_trace())
                 self.broken = True
-
-    def _streaming(self, now):
-        """Whether output is flowing: the last batch was big, and went moments ago."""
-        return self._batch_bytes >= self.stream_bytes and now - self._written < self.linger
 
     @staticmethod
     def _coalesce(batch):

@@ -185,7 +185,7 @@ def test_the_agent_never_puts_more_than_the_bound_into_one_frame():
 
 
 def test_only_streaming_output_waits_to_go_in_bigger_pieces():
-    """An event or a line now and then goes at once; a piece that follows a big batch by
+    """An event, or output after a pause, goes at once; output that follows output by
     moments waits (up to `linger`) for more to go with it."""
     read_fd, write_fd = os.pipe()
     writer = agent.FrameWriter(write_fd)
@@ -201,9 +201,9 @@ def test_only_streaming_output_waits_to_go_in_bigger_pieces():
     try:
         writer.event("started")
         assert arrived(20) == [agent.FRAME_EVENT]
-        writer.output(b"x" * writer.stream_bytes)  # after an event: at once
+        writer.output(b"first line\n")  # after an event: at once
         assert arrived(20) == [agent.FRAME_ZOUTPUT]
-        writer.output(b"one line\n")  # right after a big batch: it waits for more
+        writer.output(b"next line\n")  # right after output: it waits for more
         assert arrived(0.5) == []
         writer.close()  # which sends what waits
         assert arrived(20) == [agent.FRAME_ZOUTPUT]
