@@ -81,14 +81,14 @@ def probe(template: str, first_line: int = 10) -> Probe:
 def test_hostile_templates_are_refused_at_their_line_in_bounded_memory(template: str) -> None:
     text = "probe begin {\n  " + template + "\n}\n"  # the attack is on the template's line 2
     tracemalloc.start()
-    started = time.monotonic()
+    started = time.process_time()  # the work done: a busy machine does not stretch it
     try:
         with pytest.raises(ManifestError) as caught:
             render_script(probe(text), {})
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert time.monotonic() - started < 10
+    assert time.process_time() - started < 10
     assert peak < PEAK_LIMIT, f"peak {peak / 2**20:.0f} MiB"
     (issue,) = caught.value.issues
     assert (issue.file, issue.line) == ("trace.yaml", 11)
