@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stapctl.cache import SHA256, file_sha256
+from stapctl.clock import CLOCK, Alarm
 from stapctl.connection import Connection, Process, run_command
 from stapctl.errors import (
     AgentError,
@@ -507,7 +508,7 @@ class _SpareUnstarted(Exception):
 
 
 class _Watch:
-    """A call's clock, in a thread of its own: pings the agent's dead-man, turns a stop,
+    """A call's clock: pings the agent's dead-man, turns a stop,
     a deadline or an output limit into one `stop` request, cuts an agent that does not
     unload within the grace, and cuts one that has been silent too long."""
 
@@ -524,10 +525,16 @@ class _Watch:
         self._finished = threading.Event()
         self._last_heard = time.monotonic()
         self._heard_once = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._tick = min(0.2, timing.ping)
+        self._next_ping = 0.0
+        self._alarm: Alarm | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        """The first look comes one tick later, as an alarm on the shared clock: a call
+        that ends before it (a short request) costs no thread; a longer one is watched
+        on in the thread that alarm fires in."""
+        self._next_ping = time.monotonic() + self.timing.ping
+        self._alarm = CLOCK.after(self._tick, self._run)
 
     def heard_from(self, recv: Callable[[int], bytes]) -> Callable[[int], bytes]:
         """``recv``, noting every byte that arrives as a sign of life (a large frame
@@ -544,6 +551,8 @@ class _Watch:
 
     def finish(self) -> None:
         self._finished.set()
+        if self._alarm is not None:
+            self._alarm.cancel()
 
     @property
     def heard(self) -> bool:
@@ -558,9 +567,9 @@ class _Watch:
                                  "(its dead-man unloads the module)")
 
     def _run(self) -> None:
-        next_ping = time.monotonic() + self.timing.ping
+        next_ping = self._next_ping
         cutoff: float | None = None
-        while not self._finished.wait(min(0.2, self.timing.ping)):
+        while not self._finished.is_set():
             now = time.monotonic()
             if self.deadline is not None and now > self.deadline:
                 self.timed_out.set()
@@ -579,6 +588,7 @@ class _Watch:
             if now >= next_ping:
                 self._send(PING)
                 next_ping = now + self.timing.ping
+            self._finished.wait(self._tick)
 
     def _send(self, message: bytes) -> None:
         # a lost connection is seen and reported by the read loop
