@@ -50,13 +50,17 @@ WORKDIR = ".cache/stapctl-agent"  # under the login user's home (not ~/.cache/st
 # work directory's listing (`ls -aln`: its own mode on the "." line, the agent's size,
 # the modules; none if it is a symlink), and the interpreter's path. Two processes (ls,
 # uname) beside the shell, and no nested shell unless the lookup goes through sudo: it is
-# run once per host, on targets whose CPU a fleet's fan-out shares.
+# run once per host, on targets whose CPU a fleet's fan-out shares. The listing is sent
+# in one write: ls writes in 4 KiB pieces, which would reach the controller as as many
+# SSH packets, each decrypted and checked there.
 PREPARE_SCRIPT = f"""cd || exit
 d={WORKDIR}
 [ -d "$d" ] || mkdir -p -m 700 "$d" || exit
 pwd
 uname -rm || exit
-[ -h "$d" ] || LC_ALL=C ls -aln "$d" || exit
+l=
+[ -h "$d" ] || l=$(LC_ALL=C ls -aln "$d") || exit
+echo "$l"
 if [ $# = 0 ]; then command -v "$0"; else "$@" sh -c 'command -v "$0"' "$0"; fi
 """
 FACTS_TIMEOUT = 30.0  # seconds the prepare command may stay silent (a hung home, a stuck sudo)
