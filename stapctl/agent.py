@@ -329,8 +329,9 @@ class AgentHost:
         release, _, arch = kernel.rpartition(" ")
         directory, agent_size, modules = _work_directory(listing, name)
         if not directory.startswith("d") or directory[4:10] != "------":
-            raise AgentError(f"{home.rstrip('/')}/{WORKDIR} must be a private directory "
-                             "(0700); it is not: remove it or fix its mode")
+            raise AgentError(text_field(f"{home.rstrip('/')}/{WORKDIR} must be a private "
+                                        "directory (0700); it is not: remove it or fix its "
+                                        "mode"))  # the home is the target's word: bounded
         facts = checked_facts(release, arch)
         self.workdir = f"{home.rstrip('/')}/{WORKDIR}"
         self.path = f"{self.workdir}/{name}"
@@ -512,9 +513,9 @@ class _SpareUnstarted(Exception):
 
 
 class _Watch:
-    """A call's clock: pings the agent's dead-man, turns a stop,
-    a deadline or an output limit into one `stop` request, cuts an agent that does not
-    unload within the grace, and cuts one that has been silent too long."""
+    """A call's clock: pings the agent's dead-man, turns a stop, a deadline or an output
+    limit into one `stop` request, cuts an agent that does not unload within the grace,
+    and cuts one that has been silent too long."""
 
     def __init__(self, process: Process, stop: threading.Event, deadline: float | None,
                  timing: Timing) -> None:
