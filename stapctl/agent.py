@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stapctl.cache import SHA256, file_sha256
+from stapctl.clock import CLOCK, Alarm
 from stapctl.connection import Connection, Process, run_command
 from stapctl.errors import (
     AgentError,
@@ -44,27 +45,23 @@ from stapctl.runtime import stapctl_agent as wire
 COMPRESS = 1
 WORKDIR = ".cache/stapctl-agent"  # under the login user's home (not ~/.cache/stapctl: on a
 # controller that is its own target, that is the build cache)
-NOT_PRIVATE = 3  # PREPARE_SCRIPT's exit status when the work directory is not private
-# AgentHost.prepare: $0 the interpreter, $1 the agent's file name, then the sudo prefix of
-# the connection's commands (none without become). Prints the home, the size of the
-# agent's file there (0: none), the modules there on one line, the kernel release, the
-# arch and the interpreter's path.
+# AgentHost.prepare: $0 the interpreter, then the sudo prefix of the connection's commands
+# (none without become). Prints the home, the kernel release and arch on one line, the
+# work directory's listing (`ls -aln`: its own mode on the "." line, the agent's size,
+# the modules; none if it is a symlink), and the interpreter's path. Two processes (ls,
+# uname) beside the shell, and no nested shell unless the lookup goes through sudo: it is
+# run once per host, on targets whose CPU a fleet's fan-out shares. The listing is sent
+# in one write: ls writes in 4 KiB pieces, which would reach the controller as as many
+# SSH packets, each decrypted and checked there.
 PREPARE_SCRIPT = f"""cd || exit
 d={WORKDIR}
 [ -d "$d" ] || mkdir -p -m 700 "$d" || exit
-case $(ls -ld "$d") in
-  d???------*) ;;
-  *) echo "$PWD/$d must be a private directory (0700); it is not: remove it or fix \
-its mode" >&2; exit {NOT_PRIVATE} ;;
-esac
 pwd
-if [ -f "$d/$1" ] && [ ! -h "$d/$1" ]; then wc -c < "$d/$1"; else echo 0; fi
-modules=
-for f in "$d"/*.ko; do [ -f "$f" ] && [ ! -h "$f" ] && modules="$modules ${{f##*/}}"; done
-echo "modules:$modules"
-python=$0
-shift
-"$@" sh -c 'uname -r && uname -m && command -v "$0"' "$python"
+uname -rm || exit
+l=
+[ -h "$d" ] || l=$(LC_ALL=C ls -aln "$d") || exit
+echo "$l"
+if [ $# = 0 ]; then command -v "$0"; else "$@" sh -c 'command -v "$0"' "$0"; fi
 """
 FACTS_TIMEOUT = 30.0  # seconds the prepare command may stay silent (a hung home, a stuck sudo)
 # a spare agent is used only this young: the agent waits 60 s for its request
@@ -322,33 +319,39 @@ class AgentHost:
             started = self.connection.start(agent_argv(self.python, f"{WORKDIR}/{name}", loads))
             with self._spare_lock:
                 self._spare = (time.monotonic(), started)
-        done = run_command(self.connection, ["sh", "-c", PREPARE_SCRIPT, self.python, name,
+        done = run_command(self.connection, ["sh", "-c", PREPARE_SCRIPT, self.python,
                                              *self.connection.sudo()],
                            timeout=FACTS_TIMEOUT, become=False)
-        code = done.status
         lines = done.stdout.decode(errors="replace").splitlines()
-        if code != 0 or len(lines) != 6:
-            tail = done.stderr.strip()
-            if code == NOT_PRIVATE:
-                raise AgentError(text_field(tail.splitlines()[-1]), tail)
-            if code == 0 and len(lines) == 5:  # uname answered, `command -v` did not
-                raise AgentError(f"{self.python} not found on the host: install Python 3.6+ "
-                                 "or set ansible_python_interpreter")
-            if "password is required" in tail or "a terminal is required" in tail:
-                raise AgentError("sudo would ask for a password (become is on, and stapctl "
-                                 "never types one): give this user passwordless sudo, or "
-                                 "log in as root", tail)
-            raise AgentError(f"cannot gather facts (exit {code})" +
-                             (f": {tail.splitlines()[-1]}" if tail else ""), tail)
-        home, agent_size, modules, release, arch, _interpreter = lines
+        if done.status != 0 or len(lines) < 3:
+            raise self._unprepared(done.status, lines, done.stderr.strip())
+        home, kernel, *listing, _interpreter = lines
+        release, _, arch = kernel.rpartition(" ")
+        directory, agent_size, modules = _work_directory(listing, name)
+        if not directory.startswith("d") or directory[4:10] != "------":
+            raise AgentError(text_field(f"{home.rstrip('/')}/{WORKDIR} must be a private "
+                                        "directory (0700); it is not: remove it or fix its "
+                                        "mode"))  # the home is the target's word: bounded
         facts = checked_facts(release, arch)
         self.workdir = f"{home.rstrip('/')}/{WORKDIR}"
         self.path = f"{self.workdir}/{name}"
-        self.modules = set(modules.removeprefix("modules:").split())
-        if agent_size.strip() != str(AGENT_SIZE):
+        self.modules = modules
+        if agent_size != AGENT_SIZE:
             self.discard_spare()  # it started a stale copy, or none
             self.connection.put(AGENT_FILE, self.path)
         return facts
+
+    def _unprepared(self, code: int, lines: list[str], tail: str) -> AgentError:
+        """Why the prepare command failed, as the error a user can act on."""
+        if "password is required" in tail or "a terminal is required" in tail:
+            return AgentError("sudo would ask for a password (become is on, and stapctl "
+                              "never types one): give this user passwordless sudo, or log "
+                              "in as root", tail)
+        if len(lines) >= 2 and not tail:  # past uname; the lookup failed, saying nothing
+            return AgentError(f"{self.python} not found on the host: install Python 3.6+ "
+                              "or set ansible_python_interpreter")
+        return AgentError(f"cannot gather facts (exit {code})" +
+                          (f": {tail.splitlines()[-1]}" if tail else ""), tail)
 
     def discard_spare(self) -> None:
         """End the spare agent unused (on its stdin's EOF it exits without a request)."""
@@ -485,14 +488,34 @@ class AgentHost:
         return parsed
 
 
+def _work_directory(listing: list[str], agent: str) -> tuple[str, int, set[str]]:
+    """From the work directory's `ls -aln`: its own mode ("" if not listed), the size of
+    the agent's file (0: none, or not a regular file) and the modules (regular files
+    named *.ko, as the shell's glob finds them). Only plain files count: a symlink is
+    neither agent nor module."""
+    directory, size, modules = "", 0, set()
+    for line in listing:
+        fields = line.split(maxsplit=8)  # mode, links, uid, gid, size, 3 of date, name
+        if len(fields) < 9:
+            continue  # `total N`
+        mode, name = fields[0], fields[8]
+        if name == ".":
+            directory = mode
+        elif mode.startswith("-") and name == agent:
+            size = int(fields[4]) if fields[4].isdigit() else 0
+        elif mode.startswith("-") and name.endswith(".ko") and not name.startswith("."):
+            modules.add(name)
+    return directory, size, modules
+
+
 class _SpareUnstarted(Exception):
     """A spare agent ended without a byte: the call starts the agent anew."""
 
 
 class _Watch:
-    """A call's clock, in a thread of its own: pings the agent's dead-man, turns a stop,
-    a deadline or an output limit into one `stop` request, cuts an agent that does not
-    unload within the grace, and cuts one that has been silent too long."""
+    """A call's clock: pings the agent's dead-man, turns a stop, a deadline or an output
+    limit into one `stop` request, cuts an agent that does not unload within the grace,
+    and cuts one that has been silent too long."""
 
     def __init__(self, process: Process, stop: threading.Event, deadline: float | None,
                  timing: Timing) -> None:
@@ -507,10 +530,16 @@ class _Watch:
         self._finished = threading.Event()
         self._last_heard = time.monotonic()
         self._heard_once = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._tick = min(0.2, timing.ping)
+        self._next_ping = 0.0
+        self._alarm: Alarm | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        """The first look comes one tick later, as an alarm on the shared clock: a call
+        that ends before it (a short request) costs no thread; a longer one is watched
+        on in the thread that alarm fires in."""
+        self._next_ping = time.monotonic() + self.timing.ping
+        self._alarm = CLOCK.after(self._tick, self._run)
 
     def heard_from(self, recv: Callable[[int], bytes]) -> Callable[[int], bytes]:
         """``recv``, noting every byte that arrives as a sign of life (a large frame
@@ -527,6 +556,8 @@ class _Watch:
 
     def finish(self) -> None:
         self._finished.set()
+        if self._alarm is not None:
+            self._alarm.cancel()
 
     @property
     def heard(self) -> bool:
@@ -541,9 +572,9 @@ class _Watch:
                                  "(its dead-man unloads the module)")
 
     def _run(self) -> None:
-        next_ping = time.monotonic() + self.timing.ping
+        next_ping = self._next_ping
         cutoff: float | None = None
-        while not self._finished.wait(min(0.2, self.timing.ping)):
+        while not self._finished.is_set():
             now = time.monotonic()
             if self.deadline is not None and now > self.deadline:
                 self.timed_out.set()
@@ -562,6 +593,7 @@ class _Watch:
             if now >= next_ping:
                 self._send(PING)
                 next_ping = now + self.timing.ping
+            self._finished.wait(self._tick)
 
     def _send(self, message: bytes) -> None:
         # a lost connection is seen and reported by the read loop

@@ -139,14 +139,15 @@ def agent_double(path: Path, traces: Path, pause: float, heeds_stop: bool = True
 def make_targets(base: Path, count: int, release: str, pause: float, *,
                  heeds_stop: bool = True, failing: tuple[int, ...] = (),
                  address: str = "127.0.0.1", facts_delay: float = 0.0) -> Targets:
-    """``count`` hosts on count/25 sshd processes; `uname -r` on them says ``release``
+    """``count`` hosts on count/25 sshd processes; `uname` on them says ``release``
     (after ``facts_delay`` seconds); the inventory names them at ``address`` (an alias
     only an ssh_config may resolve); the agent double as ``agent_double`` has it."""
     bin_dir, traces = base / "bin", base / "traces"
     bin_dir.mkdir()
     traces.mkdir()
     (bin_dir / "uname").write_text(f"#!/bin/sh\nsleep {facts_delay}\ncase \"$1\" in -m) "
-                                   f"echo x86_64;; *) echo {release};; esac\n")
+                                   f"echo x86_64;; -rm) echo {release} x86_64;; "
+                                   f"*) echo {release};; esac\n")
     (bin_dir / "uname").chmod(0o755)
     agent_double(bin_dir / "agent-double", traces, pause, heeds_stop, failing)
     sshds = start_sshds(base, -(-count // HOSTS_PER_SSHD),

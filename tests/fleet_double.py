@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import shutil
 import socket
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -123,14 +124,22 @@ class CompletedProcess(SocketProcess):
         self.done.set()
 
 
+def ls_aln(folder: Path) -> str:
+    """What `ls -aln` says of ``folder``: the fields the prepare command's reader uses."""
+    entries = [(".", folder.lstat()), *((path.name, path.lstat()) for path in folder.iterdir())]
+    return "".join(f"{stat.filemode(st.st_mode)} 1 0 0 {st.st_size} Jan  1 00:00 {name}\n"
+                   for name, st in entries)
+
+
 class FakeConnection:
     """A Connection to a fake host: files live in a temporary folder, the prepare command
-    makes the work directory there and gives canned facts, and the agent command runs
+    makes the work directory there and gives canned facts (``facts``: what `uname -rm`
+    prints), and the agent command runs
     ``agent(kernel)``."""
 
     def __init__(self, host: Host, kernel: FakeKernel, home: Path,
                  agent: Callable[[FakeKernel], Process] = AgentProcess,
-                 facts: bytes = f"{RELEASE}\nx86_64\n/usr/bin/python3\n".encode()) -> None:
+                 facts: bytes = f"{RELEASE} x86_64\n".encode()) -> None:
         self.host = host
         self.kernel = kernel
         self._home = home
@@ -150,14 +159,11 @@ class FakeConnection:
     def start(self, argv: Sequence[str], become: bool = True) -> Process:
         if self.closed:
             raise ConnectError(f"{self.host.name}: connection closed")
-        if argv[0] == "sh":  # AgentHost.prepare: the work directory, the agent's size there
+        if argv[0] == "sh":  # AgentHost.prepare: the home, facts, the work directory's listing
             workdir = self._home / WORKDIR
             workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            agent = workdir / argv[4]
-            size = agent.stat().st_size if agent.is_file() else 0
-            modules = "".join(f" {ko.name}" for ko in workdir.glob("*.ko"))
-            return CompletedProcess(f"{self._home}\n{size}\nmodules:{modules}\n".encode()
-                                    + self._facts)
+            return CompletedProcess(f"{self._home}\n".encode() + self._facts
+                                    + ls_aln(workdir).encode() + b"/usr/bin/python3\n")
         return self._agent(self.kernel)
 
     def close(self) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from stapctl.clock import CLOCK
 from stapctl.errors import ConnectError
 from stapctl.models import Host
 
@@ -104,33 +106,36 @@ def run_command(connection: Connection, argv: Sequence[str], stdin: bytes = b"",
 
 
 class _Watchdog:
-    """Calls ``kill`` once nothing has been heard for ``timeout`` seconds (never if None)."""
+    """Calls ``kill`` once nothing has been heard for ``timeout`` seconds (never if None):
+    an alarm on the shared clock that, when due after something was heard, is set again
+    for the rest of the time."""
 
     def __init__(self, timeout: float | None, kill: Callable[[], None]) -> None:
         self.timeout = timeout
         self.fired = False
         self._kill = kill
-        self._heard = threading.Event()
-        self._stopped = threading.Event()
-        if timeout is not None:
-            threading.Thread(target=self._watch, daemon=True).start()
+        self._last_heard = time.monotonic()
+        self._stopped = False
+        self._alarm = None if timeout is None else CLOCK.after(timeout, self._check)
 
-    def _watch(self) -> None:
-        while not self._stopped.is_set():
-            if not self._heard.wait(self.timeout):
-                if not self._stopped.is_set():
-                    self.fired = True
-                    with contextlib.suppress(Exception):  # a connection gone is stopped
-                        self._kill()
-                return
-            self._heard.clear()
+    def _check(self) -> None:
+        if self._stopped or self.timeout is None:
+            return
+        left = self._last_heard + self.timeout - time.monotonic()
+        if left > 0:
+            self._alarm = CLOCK.after(left, self._check)
+            return
+        self.fired = True
+        with contextlib.suppress(Exception):  # a connection gone is stopped
+            self._kill()
 
     def heard(self) -> None:
-        self._heard.set()
+        self._last_heard = time.monotonic()
 
     def stop(self) -> None:
-        self._stopped.set()
-        self._heard.set()
+        self._stopped = True
+        if self._alarm is not None:
+            self._alarm.cancel()
 
     def error(self, host: str, argv: Sequence[str]) -> ConnectError:
         return ConnectError(f"{host}: {argv[0]}: no answer within {self.timeout:g}s")

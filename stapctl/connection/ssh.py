@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import paramiko
 
+from stapctl.clock import CLOCK
 from stapctl.connection.base import (
     ConnectOptions,
     Process,
@@ -183,8 +184,7 @@ def _answered_within(seconds: float, channel: paramiko.Channel,
         expired.set()
         channel.close()
 
-    timer = threading.Timer(seconds, expire)
-    timer.start()
+    alarm = CLOCK.after(seconds, expire)
     try:
         request()
     except (OSError, paramiko.SSHException, EOFError) as exc:
@@ -192,7 +192,7 @@ def _answered_within(seconds: float, channel: paramiko.Channel,
             raise TimeoutError from exc
         raise
     finally:
-        timer.cancel()
+        alarm.cancel()
 
 
 class _SSHProcess:

@@ -44,8 +44,8 @@ def hostile_target(tmp_path: Path, release: str,
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     uname = bin_dir / "uname"
-    uname.write_text(f"#!/bin/sh\ncase \"$1\" in -m) echo x86_64;; *) printf '%s\\n' "
-                     f"{json.dumps(release)};; esac\n")
+    uname.write_text(f"#!/bin/sh\ncase \"$1\" in -m) echo x86_64;; -rm) printf '%s x86_64\\n' "
+                     f"{json.dumps(release)};; *) printf '%s\\n' {json.dumps(release)};; esac\n")
     agent = bin_dir / "evil-python"
     agent.write_text(textwrap.dedent(f"""\
         #!{sys.executable}

@@ -32,7 +32,8 @@ def probes(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     uname = bin_dir / "uname"
-    uname.write_text(f"#!/bin/sh\ncase \"$1\" in -m) echo x86_64;; *) echo {release};; esac\n")
+    uname.write_text(f"#!/bin/sh\ncase \"$1\" in -m) echo x86_64;; -rm) echo {release} x86_64;; "
+                     f"*) echo {release};; esac\n")
     uname.chmod(0o755)
     inventory = tmp_path / "hosts.yaml"
     inventory.write_text(yaml.safe_dump({"all": {"hosts": {

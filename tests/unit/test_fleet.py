@@ -233,7 +233,7 @@ def test_a_corrupt_module_on_the_host_is_sent_again(tmp_path: Path) -> None:
     builder = run_session.builder
     assert isinstance(builder, FakeBuilder)
     workdir = tmp_path / "h" / "home" / ".cache" / "stapctl-agent"
-    workdir.mkdir(parents=True)
+    workdir.mkdir(mode=0o700, parents=True)  # private, as the prepare command makes it
     stale = workdir / f"{builder.artifact.sha256}.ko"
     stale.write_bytes(bytes(builder.path.stat().st_size))  # right size, wrong bytes
     run = run_session.apply()

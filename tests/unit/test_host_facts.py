@@ -26,6 +26,7 @@ FAKE_UNAME = """#!/bin/sh
 case "$1" in
   -r) printf '%s\\n' "$FAKE_RELEASE" ;;
   -m) printf '%s\\n' "$FAKE_ARCH" ;;
+  -rm) printf '%s %s\\n' "$FAKE_RELEASE" "$FAKE_ARCH" ;;
 esac
 """
 

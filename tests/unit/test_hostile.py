@@ -199,7 +199,7 @@ def test_a_hello_then_silence_is_unresponsive(tmp_path: Path) -> None:
 def test_a_release_that_would_become_a_path_fails_its_host(tmp_path: Path,
                                                            release: bytes) -> None:
     run, session, fleet = run_against(tmp_path, HELLO + RESULT_OK,
-                                      facts=release + b"\nx86_64\n/usr/bin/python3\n")
+                                      facts=release + b" x86_64\n")
 
     status, kind, message = outcome_of(run, "evil")
     assert (status, kind) == ("failed", FailureKind.BAD_FACTS), message
