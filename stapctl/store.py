@@ -52,7 +52,7 @@ def data_dir() -> Path:
 
 
 HISTORY_FILE = "history.sqlite"  # the default history, in the data folder
-LISTING_DELAY = 1.0  # seconds into a run when its row is added to the history
+LISTING_DELAY = 2.0  # seconds into a run when its row is added to the history
 
 
 def own_data_dir() -> Path:
@@ -122,9 +122,9 @@ class RunRecorder:
             self._attempt("write events.jsonl", self._open_events)
         self._listed = False
         # the history's database library takes a tenth of a second of CPU to import: the
-        # row is added in the background a second into the run (or at its end, if sooner),
-        # off the connects and a short run's first lines, and waited for before it is
-        # finished
+        # row is added in the background two seconds into the run (or at its end, if
+        # sooner), off the connects and a short run's lines (on 3 emulated guests sharing
+        # 2 cores, a second in was still mid-run), and waited for before it is finished
         self._list_now = threading.Event()
         self._listing = threading.Thread(target=self._list, name="stapctl-history",
                                          daemon=True)
