@@ -1986,42 +1986,50 @@ def boot_symbols(kernel, folder):
     boot never change. Hidden (zero) addresses are not kept."""
     path = os.path.join(folder, SYMBOLS_FILE)
     boot = boot_id(kernel)
-    try:
-        with open(path, "rb") as f:
-            saved = json.loads(f.read().decode("utf-8"))
-        if boot and saved["boot_id"] == boot:
+    saved = read_json(path)
+    if boot and saved is not None and saved.get("boot_id") == boot:
+        try:
             return dict((str(name), int(address)) for name, address in saved["symbols"].items())
-    except (OSError, IOError, ValueError, KeyError, TypeError, AttributeError):
-        pass
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass  # scanned again, and written whole
     symbols = kernel.kernel_symbols()
     if boot and symbols and all(symbols.values()):
-        temporary = "%s.%d.part" % (path, os.getpid())
         try:
-            with open(temporary, "w") as f:
-                f.write(json.dumps({"boot_id": boot, "symbols": symbols}, sort_keys=True))
-            os.rename(temporary, path)
+            write_json(path, {"boot_id": boot, "symbols": symbols})
         except (OSError, IOError) as e:
             log("cannot keep the kernel's addresses in %s: %s" % (folder, e))
-            remove_file(temporary)
     return symbols
+
+
+def read_json(path):
+    """A JSON object file as a dict, or None when there is none (or it is not one)."""
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except (OSError, IOError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_json(path, value):
+    """Write-then-rename, so a reader sees the old file or the new one, whole."""
+    temporary = "%s.%d.part" % (path, os.getpid())
+    try:
+        with open(temporary, "w") as f:
+            f.write(json.dumps(value, sort_keys=True))
+        os.rename(temporary, path)
+    except (OSError, IOError):
+        remove_file(temporary)
+        raise
 
 
 def read_state(folder):
     """A detached run's state file as a dict, or None when there is none."""
-    try:
-        with open(os.path.join(folder, "state.json"), "rb") as f:
-            state = json.loads(f.read().decode("utf-8"))
-    except (OSError, IOError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
+    return read_json(os.path.join(folder, "state.json"))
 
 
 def write_state(folder, state):
-    """Write-then-rename, so a reader sees the old state or the new one, whole."""
-    temporary = os.path.join(folder, ".state.json.tmp")
-    with open(temporary, "w") as f:
-        f.write(json.dumps(state, sort_keys=True))
-    os.rename(temporary, os.path.join(folder, "state.json"))
+    write_json(os.path.join(folder, "state.json"), state)
 
 
 def output_files(folder):

@@ -448,12 +448,13 @@ class Session:
 
     def _connect(self, spares: bool) -> dict[str, tuple[Host, HostFacts]]:
         """Through the engine, if any: its workers connect, and read the hosts' files."""
-        served = self.engine or self.fleet
-        connected = self.engine.connect(self.hosts) if self.engine else \
-            self.fleet.connect(self.hosts, spares)
+        if self.engine:
+            connected, read_file = self.engine.connect(self.hosts), self.engine.read_file
+        else:
+            connected, read_file = self.fleet.connect(self.hosts, spares), self.fleet.read_file
         if not connected or self.fleet.stop.is_set():
             return {}
-        return gather_symbol_maps(self.manifest, connected, served.read_file, self.builder)
+        return gather_symbol_maps(self.manifest, connected, read_file, self.builder)
 
     def _close(self) -> None:
         self.fleet.close()
