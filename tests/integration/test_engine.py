@@ -144,9 +144,12 @@ def test_a_worker_killed_mid_run_leaves_its_hosts_failed_or_served_by_another(
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_controller_stops_every_slice_cleanly(
-        targets: Targets, broker: Broker, env: dict[str, str], workers: Workers,
-        signum: int) -> None:
-    running = Controller(targets, broker, env)
+        tmp_path: Path, targets: Targets, broker: Broker, env: dict[str, str],
+        workers: Workers, signum: int) -> None:
+    """In batches of 100, so the stop comes while the first batch runs, its hosts held by
+    the agent's pause: without batches, a loaded machine could start all 300 before the
+    stop reached the workers, and none would be left to skip."""
+    running = Controller(targets, broker, env, in_batches(tmp_path, 100))
     assert wait_started(Path(env["XDG_DATA_HOME"]), 30), running.errors()
     running.process.send_signal(signum)
 
@@ -381,12 +384,12 @@ def serving_worker(broker: Broker, host: str) -> str:
     return str(worker.decode())
 
 
-def batches_of_two(folder: Path) -> Path:
-    """A manifest run in batches of two hosts: later batches wait for earlier ones."""
+def in_batches(folder: Path, size: int) -> Path:
+    """A manifest run in batches of ``size`` hosts: later batches wait for earlier ones."""
     manifest = folder / "serial.yaml"
     manifest.write_text(yaml.safe_dump({
         "apiVersion": "stapctl/v1", "kind": "Trace", "name": "serial",
-        "strategy": {"serial": [2]}, "probes": [{"name": "hello", "script": SCRIPT}]}))
+        "strategy": {"serial": [size]}, "probes": [{"name": "hello", "script": SCRIPT}]}))
     return manifest
 
 
@@ -394,7 +397,7 @@ def test_a_worker_lost_after_the_plan_has_its_unstarted_hosts_served_by_another(
         tmp_path: Path, slow_run: Targets, broker: Broker, env: dict[str, str]) -> None:
     """Batches of two over two slices of ten: the first worker dies running the first
     batch, while the rest of its slice waits for batches not yet released."""
-    manifest = batches_of_two(tmp_path)
+    manifest = in_batches(tmp_path, 2)
     # one slice each: a worker of concurrency 1 reserves one task at a time
     started = start_workers(tmp_path / "workers", broker.engine, env, 2, concurrency=1)
     workers = next(started)
@@ -424,7 +427,7 @@ def test_hosts_handed_on_that_no_worker_takes_wait_for_one_and_an_interrupt_ends
         tmp_path: Path, slow_run: Targets, broker: Broker, env: dict[str, str]) -> None:
     """The only worker dies running the first batch: the rest of its hosts wait for
     another worker, the controller says so, and Ctrl-C ends the run."""
-    manifest = batches_of_two(tmp_path)
+    manifest = in_batches(tmp_path, 2)
     started = start_workers(tmp_path / "workers", broker.engine, env, 1, concurrency=1)
     workers = next(started)
     try:
