@@ -16,6 +16,9 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal, overload
 
 from stapctl.runtime import stapctl_agent as agent
 
@@ -24,8 +27,11 @@ ADDRESSES = {"_stext": 0xFFFFFFFF81000000, "kallsyms_lookup_name": 0xFFFFFFFF811
              "kallsyms_on_each_symbol": 0xFFFFFFFF81123000,
              "module_kallsyms_on_each_symbol": 0xFFFFFFFF81124000}
 
+Action = tuple[Any, ...]  # one step of a Scenario: ("print", cpu, bytes), ("sleep", 0.1), ...
 
-def make_ko(name, vermagic=RELEASE + " SMP preempt mod_unload modversions ", signed=False):
+
+def make_ko(name: str, vermagic: str = RELEASE + " SMP preempt mod_unload modversions ",
+            signed: bool = False) -> bytes:
     """A minimal ELF64 relocatable with the sections the agent reads."""
     modinfo = f"license=GPL\0name={name}\0vermagic={vermagic}\0".encode()
     this_module = bytes(24) + name.encode().ljust(56, b"\0") + bytes(944)
@@ -51,7 +57,7 @@ def make_ko(name, vermagic=RELEASE + " SMP preempt mod_unload modversions ", sig
     return bytes(body)
 
 
-def embedded_name(image):
+def embedded_name(image: bytes) -> str:
     offset, _size = agent.elf_sections(image)[".gnu.linkonce.this_module"]
     return image[offset + 24:offset + 80].split(b"\0")[0].decode()
 
@@ -69,8 +75,10 @@ class Scenario:
     ("sleep", seconds)
     """
 
-    def __init__(self, generation=5, cpus=2, begin=(), running=(), end=(), start_res=0,
-                 answer_exit=True, ebusy_opens=0, busy_unloads=0, load_errno=None):
+    def __init__(self, generation: int = 5, cpus: int = 2, begin: Iterable[Action] = (),
+                 running: Iterable[Action] = (), end: Iterable[Action] = (), start_res: int = 0,
+                 answer_exit: bool = True, ebusy_opens: int = 0, busy_unloads: int = 0,
+                 load_errno: int | None = None) -> None:
         self.generation = generation
         self.cpus = cpus
         self.begin = list(begin)  # before START's reply, as begin probes
@@ -86,11 +94,12 @@ class Scenario:
 class FakeModule:
     """One loaded module: its control channel, its relay files and the thread behind them."""
 
-    def __init__(self, name, scenario):
+    def __init__(self, name: str, scenario: Scenario) -> None:
         self.name = name
         self.scenario = scenario
         self.generation = scenario.generation
-        self.received = []  # (name, payload) of every message the agent wrote
+        # (name, payload) of every message the agent wrote
+        self.received: list[tuple[str, bytes]] = []
         self.seq = 0
         self.cmd_handed = False  # the agent holds .cmd (a module reference)
         self.relays_handed = False
@@ -103,10 +112,10 @@ class FakeModule:
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
 
-    def send(self, name, payload=b""):
+    def send(self, name: str, payload: bytes = b"") -> None:
         self.module_end.send(agent.encode_message(self.generation, name, payload))
 
-    def record(self, cpu, data, seq=None):
+    def record(self, cpu: int, data: bytes, seq: int | None = None) -> None:
         with self.lock:
             if seq is None:
                 self.seq += 1
@@ -114,7 +123,7 @@ class FakeModule:
         magic = agent.TRACE_MAGIC if self.generation >= 5 else b""
         os.write(self.relays[cpu][1], magic + struct.pack("=II", seq, len(data)) + data)
 
-    def perform(self, actions):
+    def perform(self, actions: Iterable[Action]) -> None:
         for action in actions:
             what = action[0]
             if what == "print":
@@ -137,7 +146,7 @@ class FakeModule:
             else:
                 raise ValueError(action)
 
-    def serve(self):
+    def serve(self) -> None:
         """The kernel side of .cmd: handle each message the agent writes."""
         self.module_end.settimeout(0.05)
         while not self.stopped.is_set():
@@ -164,7 +173,7 @@ class FakeModule:
                 self.perform(self.scenario.end)
                 self.send("EXIT")
 
-    def agent_attached(self):
+    def agent_attached(self) -> bool:
         """Whether the agent still holds .cmd or a relay file open (a module reference)."""
         fds = [self.module_end.fileno()] if self.cmd_handed else []
         if self.relays_handed:
@@ -176,7 +185,7 @@ class FakeModule:
                    if events & (select.POLLHUP | select.POLLERR)]
         return len(hung_up) < len(fds)
 
-    def close(self):
+    def close(self) -> None:
         self.stopped.set()
         self.thread.join(2)
         self.module_end.close()
@@ -191,18 +200,19 @@ class FakeModule:
 class FakeKernel(agent.Kernel):
     """The agent's Kernel with a temporary /proc and /sys and fake modules."""
 
-    def __init__(self, root, scenario=None, euid=0, lockdown="none", modules_disabled=0,
-                 sig_enforce="N", kptr_restrict=0):
+    def __init__(self, root: str | os.PathLike[str], scenario: Scenario | None = None,
+                 euid: int = 0, lockdown: str = "none", modules_disabled: int = 0,
+                 sig_enforce: str = "N", kptr_restrict: int = 0) -> None:
         self.root = str(root)
         agent.Kernel.__init__(self, os.path.join(self.root, "proc"),
                               os.path.join(self.root, "sys"))
         self.scenario = scenario or Scenario()
         self._euid = euid
-        self.modules = {}  # loaded: name -> FakeModule
-        self.history = []  # every FakeModule ever loaded
-        self.loads = []  # (name, params) of every init_module call
+        self.modules: dict[str, FakeModule] = {}  # loaded: name -> FakeModule
+        self.history: list[FakeModule] = []  # every FakeModule ever loaded
+        self.loads: list[tuple[str, str]] = []  # (name, params) of every init_module call
         self.unload_calls = 0
-        self.placements = []  # every CPU set the agent moved itself to
+        self.placements: list[set[int]] = []  # every CPU set the agent moved itself to
         files = {
             "proc/sys/kernel/modules_disabled": f"{modules_disabled}\n",
             "proc/sys/kernel/kptr_restrict": f"{kptr_restrict}\n",
@@ -226,13 +236,13 @@ class FakeKernel(agent.Kernel):
             with open(path, "w") as f:
                 f.write(text)
 
-    def uname(self):
+    def uname(self) -> tuple[str, str]:
         return RELEASE, "x86_64"
 
-    def euid(self):
+    def euid(self) -> int:
         return self._euid
 
-    def load(self, image, params):
+    def load(self, image: bytes | bytearray, params: str) -> None:
         name = embedded_name(bytes(image))
         self.loads.append((name, params))
         if self.scenario.load_errno:
@@ -243,7 +253,7 @@ class FakeKernel(agent.Kernel):
         self.modules[name] = module
         self.history.append(module)
 
-    def unload(self, name):
+    def unload(self, name: str) -> None:
         self.unload_calls += 1
         module = self.modules.get(name)
         if module is None:
@@ -256,7 +266,7 @@ class FakeKernel(agent.Kernel):
         module.close()
         del self.modules[name]
 
-    def open_control(self, name):
+    def open_control(self, name: str) -> int:
         module = self.modules[name]
         if self.scenario.ebusy_opens > 0:
             self.scenario.ebusy_opens -= 1
@@ -268,7 +278,7 @@ class FakeKernel(agent.Kernel):
         os.set_blocking(fd, False)
         return fd
 
-    def open_relays(self, name):
+    def open_relays(self, name: str) -> list[tuple[int, int]]:
         module = self.modules[name]
         module.relays_handed = True
         fds = [read for read, _write in module.relays]
@@ -276,16 +286,16 @@ class FakeKernel(agent.Kernel):
             os.set_blocking(fd, False)
         return list(enumerate(fds))
 
-    def cpus(self):
+    def cpus(self) -> set[int]:
         return set(range(self.scenario.cpus))
 
-    def run_on(self, cpus):
+    def run_on(self, cpus: Iterable[int]) -> bool:
         """Records where the agent asked to run (the test machine's CPUs are not used)."""
         self.placements.append(set(cpus))
         return True
 
 
-def add_process(proc, pid, comm, cmdline, start_ticks):
+def add_process(proc: str, pid: int, comm: str, cmdline: str, start_ticks: int) -> None:
     """A process in a fake /proc (the folder ``proc``), as its stat and cmdline show it."""
     folder = os.path.join(proc, str(pid))
     os.makedirs(folder)
@@ -299,22 +309,24 @@ def add_process(proc, pid, comm, cmdline, start_ticks):
 class Outcome:
     """What the controller saw: frames in order, events, output bytes, the result."""
 
-    def __init__(self, code, stream, arrivals=()):
+    def __init__(self, code: int, stream: bytes,
+                 arrivals: Iterable[tuple[float, bytes]] = ()) -> None:
         self.code = code
         self.arrivals = list(arrivals)  # (time.monotonic(), bytes) as the reads returned them
         reader = agent.FrameReader()
-        self.frames = [(ftype, payload) for ftype, payload in reader.feed(stream)]
+        self.frames: list[tuple[str, bytes]] = [(ftype, payload)
+                                                for ftype, payload in reader.feed(stream)]
         assert reader.pending == 0, "stream cut in the middle of a frame"
         self.types = [ftype for ftype, _ in self.frames]
         decoded = [(t, json.loads(p.decode())) for t, p in self.frames if t not in "OZ"]
-        self.hello = decoded[0][1]
-        self.result = decoded[-1][1]
-        self.events = [obj for t, obj in decoded if t == agent.FRAME_EVENT]
+        self.hello: dict[str, Any] = decoded[0][1]
+        self.result: dict[str, Any] = decoded[-1][1]
+        self.events: list[dict[str, Any]] = [obj for t, obj in decoded if t == agent.FRAME_EVENT]
         inflater = agent.OutputInflater()
         self.output = b"".join(b"".join(inflater.feed(p)) if t == agent.FRAME_ZOUTPUT else p
                                for t, p in self.frames if t in "OZ")
 
-    def output_time(self, text):
+    def output_time(self, text: bytes) -> float | None:
         """When ``text`` had arrived in the output (a time.monotonic() value), or None."""
         reader, inflater, output = agent.FrameReader(), agent.OutputInflater(), b""
         for when, chunk in self.arrivals:
@@ -327,21 +339,22 @@ class Outcome:
                 return when
         return None
 
-    def event_names(self):
+    def event_names(self) -> list[str]:
         return [e["event"] for e in self.events]
 
-    def events_named(self, name):
+    def events_named(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == name]
 
 
-def module_file(tmp_path, name="stapctl_0123456789abcdef", **kwargs):
+def module_file(tmp_path: Path, name: str = "stapctl_0123456789abcdef",
+                **kwargs: Any) -> tuple[str, str, str]:
     image = make_ko(name, **kwargs)
     path = tmp_path / (name + ".ko")
     path.write_bytes(image)
     return str(path), hashlib.sha256(image).hexdigest(), name
 
 
-def run_request(tmp_path, **overrides):
+def run_request(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     """A run request for a fresh module file in tmp_path."""
     path, digest, name = module_file(tmp_path)
     request = {"protocol": 1, "action": "run", "module": path, "sha256": digest,
@@ -351,8 +364,21 @@ def run_request(tmp_path, **overrides):
     return request
 
 
-def drive(kernel, request, lines=(), close_stdin_after=None, read_stdout=True,
-          gap_wait=0.2):
+@overload
+def drive(kernel: FakeKernel, request: dict[str, Any] | bytes,
+          lines: Iterable[tuple[float, str]] = (), close_stdin_after: float | None = None,
+          read_stdout: Literal[True] = True, gap_wait: float = 0.2) -> Outcome: ...
+
+
+@overload
+def drive(kernel: FakeKernel, request: dict[str, Any] | bytes,
+          lines: Iterable[tuple[float, str]] = (), close_stdin_after: float | None = None,
+          *, read_stdout: Literal[False], gap_wait: float = 0.2) -> int: ...
+
+
+def drive(kernel: FakeKernel, request: dict[str, Any] | bytes,
+          lines: Iterable[tuple[float, str]] = (), close_stdin_after: float | None = None,
+          read_stdout: bool = True, gap_wait: float = 0.2) -> Outcome | int:
     """Runs the agent in this thread; another thread plays the controller.
 
     ``lines`` are (delay, JSON text) sent after the request; stdin is closed after
@@ -360,10 +386,10 @@ def drive(kernel, request, lines=(), close_stdin_after=None, read_stdout=True,
     """
     stdin_r, stdin_w = os.pipe()
     stdout_r, stdout_w = os.pipe()
-    chunks = []
+    chunks: list[tuple[float, bytes]] = []
     done = threading.Event()
 
-    def controller():
+    def controller() -> None:
         os.write(stdin_w, (json.dumps(request) + "\n").encode()
                  if isinstance(request, dict) else request)
         for delay, line in lines:
@@ -375,7 +401,7 @@ def drive(kernel, request, lines=(), close_stdin_after=None, read_stdout=True,
             time.sleep(close_stdin_after)
             os.close(stdin_w)
 
-    def reader():
+    def reader() -> None:
         if not read_stdout:
             os.read(stdout_r, 65536)  # the HELLO, then the controller vanishes
             os.close(stdout_r)

@@ -6,6 +6,8 @@ import signal
 import struct
 import threading
 import time
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from stapctl.runtime import stapctl_agent as agent
@@ -13,6 +15,8 @@ from stapctl.runtime import stapctl_agent as agent
 from tests.agent.fakekernel import (
     ADDRESSES,
     FakeKernel,
+    FakeModule,
+    Outcome,
     Scenario,
     drive,
     module_file,
@@ -23,18 +27,18 @@ pytestmark = pytest.mark.agent
 
 
 @pytest.fixture(autouse=True)
-def quick_agent(monkeypatch):
+def quick_agent(monkeypatch: pytest.MonkeyPatch) -> None:
     """Failure paths wait for timeouts; shorten them."""
     monkeypatch.setattr(agent.Run, "startup_timeout", 2.0)
     monkeypatch.setattr(agent.ControlChannel, "open_retry", 0.5)
     monkeypatch.setattr(agent.Run, "unload_retry", 1.0)
 
 
-def kernel_for(tmp_path, **scenario):
+def kernel_for(tmp_path: Path, **scenario: Any) -> FakeKernel:
     return FakeKernel(tmp_path / "root", Scenario(**scenario))
 
 
-def assert_cleaned_up(kernel, request):
+def assert_cleaned_up(kernel: FakeKernel, request: dict[str, Any]) -> None:
     """Every path must end with nothing loaded and the files removed."""
     assert kernel.modules == {}
     for path in request.get("remove_files", []):
@@ -45,7 +49,7 @@ HELLO_EXIT = dict(begin=[("print", 0, b"hello, world!\n")], running=[("request_e
 
 
 @pytest.mark.parametrize("generation", [4, 5])
-def test_a_script_that_exits_is_ok(tmp_path, generation):
+def test_a_script_that_exits_is_ok(tmp_path: Path, generation: int) -> None:
     kernel = kernel_for(tmp_path, generation=generation, **HELLO_EXIT)
     request = run_request(tmp_path)
     outcome = drive(kernel, request)
@@ -63,7 +67,7 @@ def test_a_script_that_exits_is_ok(tmp_path, generation):
     assert_cleaned_up(kernel, request)
 
 
-def test_an_exit_requested_before_starts_reply_is_handled_after_it(tmp_path):
+def test_an_exit_requested_before_starts_reply_is_handled_after_it(tmp_path: Path) -> None:
     # Seen on 6.1: a oneshot probe's REQUEST_EXIT can be queued before START's reply.
     kernel = kernel_for(tmp_path, begin=[("print", 0, b"once\n"), ("request_exit",)])
     outcome = drive(kernel, run_request(tmp_path))
@@ -71,7 +75,7 @@ def test_an_exit_requested_before_starts_reply_is_handled_after_it(tmp_path):
     assert outcome.output == b"once\n" and outcome.result["status"] == "ok"
 
 
-def test_the_handshake_follows_staprun(tmp_path):
+def test_the_handshake_follows_staprun(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, **HELLO_EXIT)
     drive(kernel, run_request(tmp_path))
     module = kernel.history[0]
@@ -94,17 +98,17 @@ def test_the_handshake_follows_staprun(tmp_path):
     assert open(kernel.proc_path("sys", "kernel", "kptr_restrict")).read().strip() == "0"
 
 
-def sent_stext(module):
+def sent_stext(module: FakeModule) -> int | None:
     """The _stext address a module was sent in its RELOCATION messages."""
     for name, payload in module.received:
         if name == "RELOCATION":
             owner, symbol, address = agent.RELOCATION.unpack(payload)
             if (owner.rstrip(b"\0"), symbol.rstrip(b"\0")) == (b"kernel", b"_stext"):
-                return address
+                return cast(int, address)
     return None
 
 
-def test_the_kernels_addresses_are_scanned_once_a_boot(tmp_path):
+def test_the_kernels_addresses_are_scanned_once_a_boot(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, **HELLO_EXIT)
     boot_id = tmp_path / "root/proc/sys/kernel/random/boot_id"
     boot_id.parent.mkdir(parents=True)
@@ -127,7 +131,7 @@ def test_the_kernels_addresses_are_scanned_once_a_boot(tmp_path):
         ADDRESSES["_stext"], ADDRESSES["_stext"], 0xFFFFFFFF9E000000, 0, 0xFFFFFFFF9E000000]
 
 
-def test_the_module_is_renamed_per_run(tmp_path):
+def test_the_module_is_renamed_per_run(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, **HELLO_EXIT)
     request = run_request(tmp_path, params={"who": "a b", "count": 3}, bufsize_mb=4)
     outcome = drive(kernel, request)
@@ -141,7 +145,7 @@ def test_the_module_is_renamed_per_run(tmp_path):
     assert params == '_stp_bufsize=4 count=3 who="a b"'
 
 
-def test_output_is_merged_across_cpus_in_sequence(tmp_path):
+def test_output_is_merged_across_cpus_in_sequence(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, running=[
         ("print", 0, b"one\n"), ("print", 1, b"two\n"), ("print", 1, b"three\n"),
         ("print", 0, b"four\n"), ("request_exit",)])
@@ -150,7 +154,7 @@ def test_output_is_merged_across_cpus_in_sequence(tmp_path):
     assert outcome.result["stats"]["lost_records"] == 0
 
 
-def test_a_missing_sequence_number_is_waited_for_then_counted(tmp_path):
+def test_a_missing_sequence_number_is_waited_for_then_counted(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, running=[
         ("print", 0, b"a\n"), ("skip_seq",), ("print", 1, b"c\n"), ("sleep", 0.5),
         ("print", 0, b"d\n"), ("request_exit",)])
@@ -161,7 +165,7 @@ def test_a_missing_sequence_number_is_waited_for_then_counted(tmp_path):
 
 
 @pytest.mark.parametrize("generation", [4, 5])
-def test_desynced_relay_data_is_skipped(tmp_path, generation):
+def test_desynced_relay_data_is_skipped(tmp_path: Path, generation: int) -> None:
     junk = b"stale bytes of a lost record" + struct.pack("=II", 7, 0)
     kernel = kernel_for(tmp_path, generation=generation, running=[
         ("print", 0, b"before\n"), ("raw", 0, junk), ("print", 0, b"after\n"),
@@ -173,7 +177,7 @@ def test_desynced_relay_data_is_skipped(tmp_path, generation):
     assert outcome.result["status"] == "ok"
 
 
-def test_each_cpus_relay_file_is_read_on_that_cpu(tmp_path):
+def test_each_cpus_relay_file_is_read_on_that_cpu(tmp_path: Path) -> None:
     # Read from elsewhere, a relay read races with the CPU's own writer (stapio pins too).
     kernel = kernel_for(tmp_path, cpus=3, running=[
         ("print", 2, b"two\n"), ("sleep", 0.3), ("print", 0, b"zero\n"), ("request_exit",)])
@@ -184,7 +188,7 @@ def test_each_cpus_relay_file_is_read_on_that_cpu(tmp_path):
     assert moves[-1] == {0, 1, 2}  # and back home after reading
 
 
-def test_a_record_dropped_by_4x_leaves_stale_bytes_that_are_skipped(tmp_path):
+def test_a_record_dropped_by_4x_leaves_stale_bytes_that_are_skipped(tmp_path: Path) -> None:
     # 4.x drops a record whose header does not fit at a sub-buffer's end and leaves those
     # (up to 8) bytes stale; here they look like the start of an old header.
     stale = struct.pack("=II", 1, 1000)[:5]
@@ -196,7 +200,7 @@ def test_a_record_dropped_by_4x_leaves_stale_bytes_that_are_skipped(tmp_path):
     assert outcome.result["stats"]["lost_records"] == 1
 
 
-def test_garbage_and_short_control_messages_are_ignored(tmp_path):
+def test_garbage_and_short_control_messages_are_ignored(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, running=[
         ("ctl", b"\x01\x02"), ("ctl", struct.pack("=I", 999) + b"junk"),
         ("ctl", struct.pack("=I", agent.message_type("START", 5)) + b"\x01"),
@@ -206,7 +210,7 @@ def test_garbage_and_short_control_messages_are_ignored(tmp_path):
     assert outcome.output == b"still here\n"
 
 
-def test_start_failure_reports_the_modules_error(tmp_path):
+def test_start_failure_reports_the_modules_error(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, start_res=-1, begin=[
         ("oob", "ERROR: Can't resolve uprobe_get_swbp_addr!\n")])
     request = run_request(tmp_path)
@@ -220,7 +224,7 @@ def test_start_failure_reports_the_modules_error(tmp_path):
     assert_cleaned_up(kernel, request)
 
 
-def test_an_exit_that_never_comes_detaches_and_unloads(tmp_path):
+def test_an_exit_that_never_comes_detaches_and_unloads(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, answer_exit=False, running=[("request_exit",)])
     request = run_request(tmp_path, exit_timeout=0.3)
     outcome = drive(kernel, request)
@@ -229,13 +233,13 @@ def test_an_exit_that_never_comes_detaches_and_unloads(tmp_path):
     assert_cleaned_up(kernel, request)
 
 
-def test_ebusy_on_open_is_retried(tmp_path):
+def test_ebusy_on_open_is_retried(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, ebusy_opens=3, **HELLO_EXIT)
     outcome = drive(kernel, run_request(tmp_path))
     assert outcome.result["status"] == "ok"
 
 
-def test_a_control_channel_that_stays_busy_fails_the_start(tmp_path):
+def test_a_control_channel_that_stays_busy_fails_the_start(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, ebusy_opens=1000)
     request = run_request(tmp_path)
     outcome = drive(kernel, request)
@@ -244,7 +248,7 @@ def test_a_control_channel_that_stays_busy_fails_the_start(tmp_path):
     assert_cleaned_up(kernel, request)
 
 
-def test_unload_is_retried_while_busy(tmp_path):
+def test_unload_is_retried_while_busy(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, busy_unloads=3, **HELLO_EXIT)
     request = run_request(tmp_path)
     outcome = drive(kernel, request)
@@ -253,7 +257,7 @@ def test_unload_is_retried_while_busy(tmp_path):
     assert_cleaned_up(kernel, request)
 
 
-def test_a_stop_op_runs_end_probes_and_reports_stopped(tmp_path):
+def test_a_stop_op_runs_end_probes_and_reports_stopped(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, running=[("print", 0, b"tick\n")],
                        end=[("print", 1, b"bye\n")])
     request = run_request(tmp_path)
@@ -265,7 +269,7 @@ def test_a_stop_op_runs_end_probes_and_reports_stopped(tmp_path):
     assert_cleaned_up(kernel, request)
 
 
-def test_stdin_eof_means_the_controller_is_gone(tmp_path):
+def test_stdin_eof_means_the_controller_is_gone(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path)
     request = run_request(tmp_path)
     outcome = drive(kernel, request, close_stdin_after=0.3)
@@ -274,7 +278,7 @@ def test_stdin_eof_means_the_controller_is_gone(tmp_path):
     assert_cleaned_up(kernel, request)
 
 
-def test_the_dead_man_stops_a_silent_controller(tmp_path):
+def test_the_dead_man_stops_a_silent_controller(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path)
     request = run_request(tmp_path, deadman=0.4)
     outcome = drive(kernel, request)
@@ -283,7 +287,7 @@ def test_the_dead_man_stops_a_silent_controller(tmp_path):
     assert_cleaned_up(kernel, request)
 
 
-def test_pings_keep_the_dead_man_quiet(tmp_path):
+def test_pings_keep_the_dead_man_quiet(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path)
     pings = [(0.2, '{"op": "ping"}')] * 8 + [(0.1, '{"op": "stop"}')]
     outcome = drive(kernel, run_request(tmp_path, deadman=1.0), lines=pings)
@@ -291,11 +295,11 @@ def test_pings_keep_the_dead_man_quiet(tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_a_signal_stops_the_run(tmp_path, signum):
+def test_a_signal_stops_the_run(tmp_path: Path, signum: signal.Signals) -> None:
     kernel = kernel_for(tmp_path)
     request = run_request(tmp_path)
 
-    def signal_once_started():  # the agent's handler is in place by then
+    def signal_once_started() -> None:  # the agent's handler is in place by then
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if kernel.history and "START" in [n for n, _ in kernel.history[0].received]:
@@ -311,7 +315,7 @@ def test_a_signal_stops_the_run(tmp_path, signum):
     assert signal.getsignal(signum) is not None  # the agent put the old handler back
 
 
-def test_reaching_the_duration_is_ok(tmp_path):
+def test_reaching_the_duration_is_ok(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, end=[("print", 0, b"end\n")])
     outcome = drive(kernel, run_request(tmp_path, duration=0.3))
     assert outcome.result["status"] == "ok"
@@ -319,7 +323,7 @@ def test_reaching_the_duration_is_ok(tmp_path):
     assert outcome.output == b"end\n"
 
 
-def test_a_runtime_error_fails_the_run(tmp_path):
+def test_a_runtime_error_fails_the_run(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, running=[
         ("oob", "ERROR: division by zero near identifier 'x'\n"), ("request_exit",)])
     request = run_request(tmp_path)
@@ -331,7 +335,7 @@ def test_a_runtime_error_fails_the_run(tmp_path):
     assert_cleaned_up(kernel, request)
 
 
-def test_warnings_are_counted_and_shown_once(tmp_path):
+def test_warnings_are_counted_and_shown_once(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, running=[
         ("oob", "WARNING: skipped probe\n"), ("oob", "WARNING: skipped probe\n"),
         ("oob", "WARNING: other\n"), ("request_exit",)],
@@ -346,7 +350,7 @@ def test_warnings_are_counted_and_shown_once(tmp_path):
     assert outcome.result["status"] == "ok"
 
 
-def test_system_runs_the_command_and_forwards_its_output(tmp_path):
+def test_system_runs_the_command_and_forwards_its_output(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     kernel = kernel_for(tmp_path, running=[
         ("system", f"echo from-system; touch {marker}"), ("sleep", 0.5),
@@ -357,7 +361,7 @@ def test_system_runs_the_command_and_forwards_its_output(tmp_path):
     assert outcome.result["stats"]["bytes"] == 0  # probe output only
 
 
-def test_a_system_command_outliving_the_module_still_reaches_the_controller(tmp_path):
+def test_a_system_command_outliving_the_module_still_reaches_the_controller(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, running=[("system", "sleep 0.5; echo late"),
                                            ("request_exit",)])
     request = run_request(tmp_path)
@@ -367,7 +371,8 @@ def test_a_system_command_outliving_the_module_still_reaches_the_controller(tmp_
     assert_cleaned_up(kernel, request)
 
 
-def test_a_system_command_that_never_ends_is_left_behind(tmp_path, monkeypatch):
+def test_a_system_command_that_never_ends_is_left_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent.Run, "children_wait", 0.5)
     kernel = kernel_for(tmp_path, running=[("system", "echo early; exec sleep 30"),
                                            ("sleep", 0.3), ("request_exit",)])
@@ -381,7 +386,7 @@ def test_a_system_command_that_never_ends_is_left_behind(tmp_path, monkeypatch):
     (errno.EEXIST, "already loaded"), (errno.ENOEXEC, "built for another kernel"),
     (errno.ENOENT, "unknown symbol"), (agent.EKEYREJECTED, "signature"),
     (errno.EPERM, "signed modules")])
-def test_insmod_errors_are_explained(tmp_path, err, words):
+def test_insmod_errors_are_explained(tmp_path: Path, err: int, words: str) -> None:
     kernel = kernel_for(tmp_path, load_errno=err)
     request = run_request(tmp_path)
     outcome = drive(kernel, request)
@@ -392,27 +397,28 @@ def test_insmod_errors_are_explained(tmp_path, err, words):
     assert_cleaned_up(kernel, request)
 
 
-def refused(tmp_path, kernel, **overrides):
+def refused(tmp_path: Path, kernel: FakeKernel, **overrides: Any) -> str:
     request = run_request(tmp_path, **overrides)
     outcome = drive(kernel, request)
     assert outcome.result["kind"] == "preflight-refused", outcome.result
     assert kernel.loads == []
     assert_cleaned_up(kernel, request)
-    return outcome.result["message"]
+    message: str = outcome.result["message"]
+    return message
 
 
-def test_preflight_refuses_a_non_root_agent(tmp_path):
+def test_preflight_refuses_a_non_root_agent(tmp_path: Path) -> None:
     kernel = FakeKernel(tmp_path / "root", euid=1000)
     assert "not root" in refused(tmp_path, kernel)
 
 
-def test_preflight_refuses_when_modules_are_disabled(tmp_path):
+def test_preflight_refuses_when_modules_are_disabled(tmp_path: Path) -> None:
     kernel = FakeKernel(tmp_path / "root", modules_disabled=1)
     assert "modules_disabled" in refused(tmp_path, kernel)
 
 
 @pytest.mark.parametrize("action", ["run", "preflight"])
-def test_a_corrupt_upload_is_deleted_and_refused(tmp_path, action):
+def test_a_corrupt_upload_is_deleted_and_refused(tmp_path: Path, action: str) -> None:
     # deleted, so the controller's next upload (sent only when the file is missing) fixes it
     kernel = FakeKernel(tmp_path / "root")
     request = run_request(tmp_path, action=action, sha256="0" * 64, remove_files=[])
@@ -423,7 +429,7 @@ def test_a_corrupt_upload_is_deleted_and_refused(tmp_path, action):
     assert kernel.loads == []
 
 
-def test_a_good_upload_is_kept_and_touched(tmp_path):
+def test_a_good_upload_is_kept_and_touched(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, **HELLO_EXIT)
     request = run_request(tmp_path, remove_files=[])
     os.utime(request["module"], (1000, 1000))
@@ -432,12 +438,12 @@ def test_a_good_upload_is_kept_and_touched(tmp_path):
     assert time.time() - os.stat(request["module"]).st_mtime < 60
 
 
-def test_preflight_refuses_a_missing_module(tmp_path):
+def test_preflight_refuses_a_missing_module(tmp_path: Path) -> None:
     kernel = FakeKernel(tmp_path / "root")
     assert "is not on this host" in refused(tmp_path, kernel, module=str(tmp_path / "nope.ko"))
 
 
-def test_preflight_refuses_a_module_for_another_release(tmp_path):
+def test_preflight_refuses_a_module_for_another_release(tmp_path: Path) -> None:
     kernel = FakeKernel(tmp_path / "root")
     path, digest, name = module_file(tmp_path, name="stapctl_fedcba9876543210",
                                      vermagic="6.1.0-99-amd64 SMP modversions ")
@@ -446,12 +452,12 @@ def test_preflight_refuses_a_module_for_another_release(tmp_path):
     assert "built for kernel 6.1.0-99-amd64" in message
 
 
-def test_preflight_refuses_a_wrong_module_name(tmp_path):
+def test_preflight_refuses_a_wrong_module_name(tmp_path: Path) -> None:
     kernel = FakeKernel(tmp_path / "root")
     assert "not the name embedded" in refused(tmp_path, kernel, module_name="stap_other")
 
 
-def test_preflight_refuses_an_unsigned_module_under_lockdown(tmp_path):
+def test_preflight_refuses_an_unsigned_module_under_lockdown(tmp_path: Path) -> None:
     kernel = FakeKernel(tmp_path / "root", lockdown="integrity")
     assert "only loads signed modules" in refused(tmp_path, kernel)
 
@@ -464,19 +470,19 @@ def test_preflight_refuses_an_unsigned_module_under_lockdown(tmp_path):
     ({"x": "\u00e0_stp_bufsize=64"}, "0xa0"), ({"x": "no\u00a0break"}, "0xa0"),
     ({"x": "a\tb"}, "control byte 0x09"), ({"x": "a\rb"}, "control byte 0x0d"),
     ({"x": "a\x7fb"}, "control byte 0x7f"), ({"x": "\ud800"}, "not valid UTF-8")])
-def test_preflight_refuses_bad_parameters(tmp_path, params, words):
+def test_preflight_refuses_bad_parameters(tmp_path: Path, params: Any, words: str) -> None:
     kernel = FakeKernel(tmp_path / "root")
     assert words in refused(tmp_path, kernel, params=params)
 
 
-def test_other_non_ascii_parameter_values_pass(tmp_path):
+def test_other_non_ascii_parameter_values_pass(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, **HELLO_EXIT)
     outcome = drive(kernel, run_request(tmp_path, params={"who": "caf\u00e9 \u20ac"}))
     assert outcome.result["status"] == "ok", outcome.result
     assert kernel.loads[0][1] == '_stp_bufsize=0 who="caf\u00e9 \u20ac"'
 
 
-def test_facts_and_preflight_actions(tmp_path):
+def test_facts_and_preflight_actions(tmp_path: Path) -> None:
     kernel = FakeKernel(tmp_path / "root", lockdown="integrity", sig_enforce="Y")
     outcome = drive(kernel, {"protocol": 1, "action": "facts"})
     facts = outcome.result["facts"]
@@ -494,13 +500,13 @@ def test_facts_and_preflight_actions(tmp_path):
     assert outcome.result["facts"]["release"] == "6.1.0-test-amd64"
 
 
-def test_an_unexpected_exception_is_reported_and_cleaned_up(tmp_path):
+def test_an_unexpected_exception_is_reported_and_cleaned_up(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path)
 
-    def broken(name):
+    def broken(name: str) -> list[tuple[int, int]]:
         raise RuntimeError("relay dir vanished")
 
-    kernel.open_relays = broken
+    kernel.open_relays = broken  # type: ignore[method-assign]  # a failure injected
     request = run_request(tmp_path)
     outcome = drive(kernel, request)
     assert outcome.result["kind"] == "agent-error"
@@ -509,7 +515,7 @@ def test_an_unexpected_exception_is_reported_and_cleaned_up(tmp_path):
     assert_cleaned_up(kernel, request)
 
 
-def test_a_broken_stdout_does_not_stop_the_cleanup(tmp_path):
+def test_a_broken_stdout_does_not_stop_the_cleanup(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, running=[("print", 0, b"x\n"), ("sleep", 0.3),
                                            ("request_exit",)])
     request = run_request(tmp_path)
@@ -521,14 +527,15 @@ def test_a_broken_stdout_does_not_stop_the_cleanup(tmp_path):
 @pytest.mark.parametrize("request_line, words", [
     (b"not json\n", "not JSON"), (b'{"protocol": 2, "action": "run"}\n', "protocol 2"),
     (b'{"protocol": 1, "action": "dance"}\n', "unknown action")])
-def test_bad_requests_are_agent_errors(tmp_path, request_line, words):
+def test_bad_requests_are_agent_errors(tmp_path: Path, request_line: bytes,
+                                      words: str) -> None:
     outcome = drive(kernel_for(tmp_path), request_line)
     assert outcome.result["kind"] == "agent-error" and words in outcome.result["message"]
 
 
 # ---------------------------------------------------------------- compressed output
 
-def test_compressed_output_arrives_identical(tmp_path):
+def test_compressed_output_arrives_identical(tmp_path: Path) -> None:
     lines = [b"%08d %s\n" % (i, b"x" * 70) for i in range(3000)]
     prints = [("print", i % 2, line) for i, line in enumerate(lines)]
     plain = drive(kernel_for(tmp_path / "plain", running=prints + [("request_exit",)]),
@@ -552,25 +559,27 @@ def test_compressed_output_arrives_identical(tmp_path):
     assert_cleaned_up(kernel, request)
 
 
-def test_compressed_output_is_not_held_back(tmp_path):
+def test_compressed_output_is_not_held_back(tmp_path: Path) -> None:
     # a line printed into an otherwise idle stream reaches the controller within ~100 ms
     kernel = kernel_for(tmp_path, running=[("print", 0, b"early\n"), ("sleep", 1.0),
                                            ("print", 1, b"late\n"), ("request_exit",)])
     outcome = drive(kernel, run_request(tmp_path, compress=1))
     assert outcome.output == b"early\nlate\n" and "Z" in outcome.types
     started = outcome.arrivals[0][0]  # the HELLO
-    assert outcome.output_time(b"early\n") - started < 0.5
-    assert outcome.output_time(b"late\n") - outcome.output_time(b"early\n") > 0.8
+    early, late = outcome.output_time(b"early\n"), outcome.output_time(b"late\n")
+    assert early is not None and late is not None
+    assert early - started < 0.5
+    assert late - early > 0.8
 
 
 @pytest.mark.parametrize("value", [0, None, "1", True, 10, -1])
-def test_a_compress_field_it_cannot_use_means_plain_output(tmp_path, value):
+def test_a_compress_field_it_cannot_use_means_plain_output(tmp_path: Path, value: Any) -> None:
     outcome = drive(kernel_for(tmp_path, **HELLO_EXIT), run_request(tmp_path, compress=value))
     assert outcome.output == b"hello, world!\n" and "Z" not in outcome.types
     assert outcome.result["status"] == "ok"
 
 
-def test_a_broken_stdout_does_not_stop_the_cleanup_with_compression(tmp_path):
+def test_a_broken_stdout_does_not_stop_the_cleanup_with_compression(tmp_path: Path) -> None:
     kernel = kernel_for(tmp_path, running=[("print", 0, b"x" * 1000)] * 50 + [
         ("sleep", 0.3), ("request_exit",)])
     request = run_request(tmp_path, compress=6)
@@ -581,7 +590,8 @@ def test_a_broken_stdout_does_not_stop_the_cleanup_with_compression(tmp_path):
 
 # ---------------------------------------------------------------- heartbeat
 
-def test_a_quiet_run_sends_heartbeats_and_a_busy_one_does_not(tmp_path, monkeypatch):
+def test_a_quiet_run_sends_heartbeats_and_a_busy_one_does_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent, "HEARTBEAT_INTERVAL", 0.5)
     busy = [action for i in range(30) for action in (("print", 0, b"%d\n" % i), ("sleep", 0.05))]
     kernel = kernel_for(tmp_path, running=busy + [("sleep", 1.8), ("request_exit",)])
@@ -600,7 +610,7 @@ def test_a_quiet_run_sends_heartbeats_and_a_busy_one_does_not(tmp_path, monkeypa
         names[names.index("stopping"):]
 
 
-def test_heartbeats_come_at_the_interval(tmp_path, monkeypatch):
+def test_heartbeats_come_at_the_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent, "HEARTBEAT_INTERVAL", 0.3)
     kernel = kernel_for(tmp_path)
     outcome = drive(kernel, run_request(tmp_path, duration=2.0))
@@ -610,7 +620,7 @@ def test_heartbeats_come_at_the_interval(tmp_path, monkeypatch):
     assert all(0.25 < gap < 0.6 for gap in gaps), gaps
 
 
-def heartbeat_times(outcome):
+def heartbeat_times(outcome: Outcome) -> list[float]:
     """When each heartbeat event reached the controller."""
     reader, times = agent.FrameReader(), []
     for when, chunk in outcome.arrivals:
@@ -625,7 +635,7 @@ def heartbeat_times(outcome):
 DAY = 86400
 
 
-def test_stale_uploads_are_removed_and_fresh_ones_kept(tmp_path):
+def test_stale_uploads_are_removed_and_fresh_ones_kept(tmp_path: Path) -> None:
     now = time.time()
     ages = {"a" * 64 + ".ko": 8 * DAY, "b" * 64 + ".ko": 6 * DAY,
             "agent-0123456789abcdef.py": 8 * DAY, "agent-fedcba9876543210.py": 1 * DAY,
@@ -641,7 +651,7 @@ def test_stale_uploads_are_removed_and_fresh_ones_kept(tmp_path):
         "notes.txt", "stapctl_x.ko", "e" * 63 + ".ko", "agent-mine.py", "agent-aaaa.py"])
 
 
-def test_bytecode_of_agents_that_are_gone_is_removed(tmp_path):
+def test_bytecode_of_agents_that_are_gone_is_removed(tmp_path: Path) -> None:
     cache = tmp_path / "__pycache__"
     cache.mkdir()
     (tmp_path / "agent-aaaa.py").write_text("x")
@@ -654,7 +664,7 @@ def test_bytecode_of_agents_that_are_gone_is_removed(tmp_path):
         "agent-aaaa.cpython-311.pyc", "other.cpython-311.pyc"]
 
 
-def test_a_run_cleans_its_work_directory(tmp_path):
+def test_a_run_cleans_its_work_directory(tmp_path: Path) -> None:
     workdir = tmp_path / "work"
     workdir.mkdir()
     path, digest, name = module_file(tmp_path)
@@ -675,11 +685,11 @@ def test_a_run_cleans_its_work_directory(tmp_path):
 
 @pytest.mark.parametrize("loads", [False, True])
 def test_an_agent_told_it_will_load_readies_its_loader_before_its_request(
-        tmp_path, loads):
-    readied = []
+        tmp_path: Path, loads: bool) -> None:
+    readied: list[str] = []
 
     class Loader(FakeKernel):
-        def libc(self):
+        def libc(self) -> None:
             readied.append("libc")
 
     stdin_r, stdin_w = os.pipe()

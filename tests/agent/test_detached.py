@@ -5,11 +5,14 @@ the real double fork is tested on lab guests (tests/e2e/test_detach.py)."""
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from stapctl.runtime import stapctl_agent as agent
 
-from tests.agent.fakekernel import FakeKernel, Scenario, drive, module_file
+from tests.agent.fakekernel import FakeKernel, Outcome, Scenario, drive, module_file
 
 pytestmark = pytest.mark.agent
 
@@ -17,11 +20,11 @@ LIMITS = {"max_duration": 30.0, "max_disk": 1 << 20, "file_size": 1 << 16, "file
 
 
 @pytest.fixture(autouse=True)
-def detached_in_a_thread(monkeypatch):
+def detached_in_a_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[threading.Thread]]:
     """Fault-injection double for the double fork: the detached run in a thread."""
-    threads = []
+    threads: list[threading.Thread] = []
 
-    def spawn(target, _log_path):
+    def spawn(target: Callable[[], object], _log_path: str) -> None:
         thread = threading.Thread(target=target, daemon=True)
         threads.append(thread)
         thread.start()
@@ -34,14 +37,15 @@ def detached_in_a_thread(monkeypatch):
         assert not thread.is_alive(), "a detached run did not end"
 
 
-def setup(tmp_path, **scenario):
+def setup(tmp_path: Path, **scenario: Any) -> tuple[FakeKernel, str]:
     kernel = FakeKernel(tmp_path / "root", Scenario(**scenario))
     workdir = tmp_path / "work"
     workdir.mkdir()
     return kernel, str(workdir)
 
 
-def detach(kernel, workdir, tmp_path, name="run-1", **overrides):
+def detach(kernel: FakeKernel, workdir: str, tmp_path: Path, name: str = "run-1",
+           **overrides: Any) -> Outcome:
     path, digest, module = module_file(tmp_path)
     request = {"protocol": 1, "action": "detach", "module": path, "sha256": digest,
                "module_name": module, "params": {}, "bufsize_mb": 0, "exit_timeout": 2.0,
@@ -50,16 +54,19 @@ def detach(kernel, workdir, tmp_path, name="run-1", **overrides):
     return drive(kernel, request)
 
 
-def call(kernel, workdir, action, name="run-1", lines=(), **fields):
+def call(kernel: FakeKernel, workdir: str, action: str, name: str = "run-1",
+         lines: Iterable[tuple[float, str]] = (), **fields: Any) -> Outcome:
     return drive(kernel, {"protocol": 1, "action": action, "workdir": workdir, "name": name,
                           **fields}, lines=lines)
 
 
-def state_of(kernel, workdir, name="run-1"):
-    return call(kernel, workdir, "status", names=[name]).result["detached"][name]
+def state_of(kernel: FakeKernel, workdir: str, name: str = "run-1") -> dict[str, Any]:
+    state: dict[str, Any] = call(kernel, workdir, "status", names=[name]).result["detached"][name]
+    return state
 
 
-def wait_for_state(kernel, workdir, wanted, timeout=10.0, name="run-1"):
+def wait_for_state(kernel: FakeKernel, workdir: str, wanted: str, timeout: float = 10.0,
+                   name: str = "run-1") -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = state_of(kernel, workdir, name)
@@ -69,7 +76,7 @@ def wait_for_state(kernel, workdir, wanted, timeout=10.0, name="run-1"):
     raise AssertionError(f"still {state['state']}: {state}")
 
 
-def mark_agent_process(kernel, pid=None):
+def mark_agent_process(kernel: FakeKernel, pid: int | None = None) -> None:
     """The fake /proc's cmdline of the (thread-run) detached agent names the agent file."""
     folder = os.path.join(kernel.proc, str(pid or os.getpid()))
     os.makedirs(folder, exist_ok=True)
@@ -77,7 +84,7 @@ def mark_agent_process(kernel, pid=None):
         f.write("python3\0-I\0" + os.path.abspath(agent.__file__) + "\0")
 
 
-def test_detach_returns_at_once_and_the_run_goes_on_until_stopped(tmp_path):
+def test_detach_returns_at_once_and_the_run_goes_on_until_stopped(tmp_path: Path) -> None:
     lines = [("sleep", 0.3)] + [("print", 0, b"line %d\n" % i) for i in range(5)]
     kernel, workdir = setup(tmp_path, running=lines)
     mark_agent_process(kernel)
@@ -102,7 +109,8 @@ def test_detach_returns_at_once_and_the_run_goes_on_until_stopped(tmp_path):
     assert kernel.modules == {}
 
 
-def test_the_script_s_exit_ends_it_and_collect_with_remove_clears_the_folder(tmp_path):
+def test_the_script_s_exit_ends_it_and_collect_with_remove_clears_the_folder(
+        tmp_path: Path) -> None:
     kernel, workdir = setup(tmp_path, running=[("print", 1, b"bye\n"), ("sleep", 0.2),
                                                ("request_exit",)])
     outcome = detach(kernel, workdir, tmp_path)
@@ -115,7 +123,7 @@ def test_the_script_s_exit_ends_it_and_collect_with_remove_clears_the_folder(tmp
     assert not os.path.exists(os.path.join(workdir, "detached", "run-1"))
 
 
-def test_max_duration_ends_it(tmp_path):
+def test_max_duration_ends_it(tmp_path: Path) -> None:
     kernel, workdir = setup(tmp_path)
     detach(kernel, workdir, tmp_path, max_duration=0.5)
     state = wait_for_state(kernel, workdir, "finished")
@@ -123,7 +131,7 @@ def test_max_duration_ends_it(tmp_path):
     assert kernel.modules == {}
 
 
-def test_output_rotates_and_the_disk_bound_ends_it(tmp_path):
+def test_output_rotates_and_the_disk_bound_ends_it(tmp_path: Path) -> None:
     record = b"x" * 999 + b"\n"
     kernel, workdir = setup(tmp_path, running=[("print", 0, record)] * 40)
     detach(kernel, workdir, tmp_path, file_size=4096, file_count=3, max_disk=20000)
@@ -140,7 +148,7 @@ def test_output_rotates_and_the_disk_bound_ends_it(tmp_path):
     assert kernel.modules == {}
 
 
-def test_tail_streams_new_output_until_the_run_ends(tmp_path):
+def test_tail_streams_new_output_until_the_run_ends(tmp_path: Path) -> None:
     running = [("print", 0, b"early\n"), ("sleep", 1.0), ("print", 0, b"late\n"),
                ("sleep", 0.3), ("request_exit",)]
     kernel, workdir = setup(tmp_path, running=running)
@@ -154,7 +162,7 @@ def test_tail_streams_new_output_until_the_run_ends(tmp_path):
     assert from_start.output == b"early\nlate\n"
 
 
-def test_a_run_whose_host_rebooted_is_lost(tmp_path):
+def test_a_run_whose_host_rebooted_is_lost(tmp_path: Path) -> None:
     kernel, workdir = setup(tmp_path)
     boot = os.path.join(kernel.proc, "sys", "kernel", "random", "boot_id")
     os.makedirs(os.path.dirname(boot), exist_ok=True)
@@ -174,7 +182,7 @@ def test_a_run_whose_host_rebooted_is_lost(tmp_path):
     open(os.path.join(workdir, "detached", "run-1", "stop"), "w").close()  # end the thread
 
 
-def test_a_run_whose_agent_process_is_gone_is_lost(tmp_path):
+def test_a_run_whose_agent_process_is_gone_is_lost(tmp_path: Path) -> None:
     kernel, workdir = setup(tmp_path)
     detach(kernel, workdir, tmp_path)  # no cmdline in the fake /proc: the process is gone
     state = state_of(kernel, workdir)
@@ -183,7 +191,7 @@ def test_a_run_whose_agent_process_is_gone_is_lost(tmp_path):
     open(os.path.join(workdir, "detached", "run-1", "stop"), "w").close()
 
 
-def test_refusals_come_back_at_once(tmp_path):
+def test_refusals_come_back_at_once(tmp_path: Path) -> None:
     kernel, workdir = setup(tmp_path)
     bad = detach(kernel, workdir, tmp_path, sha256="0" * 64)
     assert bad.result["kind"] == "preflight-refused" and "sha256" in bad.result["message"]
@@ -193,14 +201,14 @@ def test_refusals_come_back_at_once(tmp_path):
     assert kernel.modules == {} and kernel.loads == []
 
 
-def test_a_start_failure_is_the_detach_result(tmp_path):
+def test_a_start_failure_is_the_detach_result(tmp_path: Path) -> None:
     kernel, workdir = setup(tmp_path, start_res=-1, begin=[("oob", "ERROR: no good")])
     outcome = detach(kernel, workdir, tmp_path)
     assert outcome.result["kind"] == "start-failed" and "no good" in outcome.result["message"]
     assert kernel.modules == {}
 
 
-def test_the_module_s_own_error_ends_it_failed_and_unloaded(tmp_path):
+def test_the_module_s_own_error_ends_it_failed_and_unloaded(tmp_path: Path) -> None:
     kernel, workdir = setup(tmp_path, running=[("sleep", 0.2), ("oob", "ERROR: division by 0"),
                                                ("request_exit",)])
     assert detach(kernel, workdir, tmp_path).result["status"] == "ok"
@@ -212,7 +220,8 @@ def test_the_module_s_own_error_ends_it_failed_and_unloaded(tmp_path):
     assert '"event": "error"' in events and '"event": "unloaded"' in events
 
 
-def test_a_run_that_ends_while_its_state_is_read_is_finished_not_lost(tmp_path, monkeypatch):
+def test_a_run_that_ends_while_its_state_is_read_is_finished_not_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The run writes its end, then exits: a reader that saw it running and then finds its
     process gone reads the state again instead of calling it lost (fault injection: the
     end lands between the two)."""
@@ -222,7 +231,7 @@ def test_a_run_that_ends_while_its_state_is_read_is_finished_not_lost(tmp_path, 
     agent.write_state(folder, {"state": "running", "pid": 4242, "boot_id": "",
                                "agent": "/x/agent.py", "module": "stapctl_gone_1"})
 
-    def ends_meanwhile(_kernel, _pid, _agent_file):
+    def ends_meanwhile(_kernel: FakeKernel, _pid: int, _agent_file: str) -> bool:
         agent.write_state(folder, {"state": "finished", "reason": "stop", "pid": 4242})
         return False
 
@@ -240,7 +249,8 @@ def test_a_run_that_ends_while_its_state_is_read_is_finished_not_lost(tmp_path, 
     ("sshd: root@notty\0", False),  # the pid was reused
     (None, False),  # the process is gone
 ])
-def test_a_run_s_process_is_known_by_its_agent_file(tmp_path, cmdline, runs):
+def test_a_run_s_process_is_known_by_its_agent_file(tmp_path: Path, cmdline: str | None,
+                                                    runs: bool) -> None:
     kernel = FakeKernel(tmp_path)
     if cmdline is not None:
         os.makedirs(os.path.join(kernel.proc, "4242"))

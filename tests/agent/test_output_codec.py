@@ -5,6 +5,8 @@ import select
 import threading
 import tracemalloc
 import zlib
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from stapctl.runtime import stapctl_agent as agent
@@ -15,7 +17,7 @@ from stapctl.errors import AgentError
 pytestmark = pytest.mark.unit
 
 
-def compressed_stream():
+def compressed_stream() -> tuple[bytes, bytes]:
     """HELLO, output as Z and O frames mixed (an empty piece too), RESULT; and its output."""
     deflater = agent.OutputDeflater(1)
     pieces = [b"%08d %s\n" % (i, b"x" * 70) for i in range(500)]
@@ -31,9 +33,9 @@ def compressed_stream():
     return stream, b"".join(pieces)
 
 
-def decode_output(stream, step):
+def decode_output(stream: bytes, step: int) -> tuple[list[str], bytes]:
     reader, inflater, output = agent.FrameReader(), agent.OutputInflater(piece=1000), b""
-    types = []
+    types: list[str] = []
     for i in range(0, len(stream), step):
         for ftype, payload in reader.feed(stream[i:i + step]):
             types.append(ftype)
@@ -48,21 +50,21 @@ def decode_output(stream, step):
 
 
 @pytest.mark.parametrize("step", [1, 7, 4096, 1 << 20])
-def test_compressed_output_decodes_whatever_the_chunking(step):
+def test_compressed_output_decodes_whatever_the_chunking(step: int) -> None:
     stream, expected = compressed_stream()
     types, output = decode_output(stream, step)
     assert output == expected
     assert types[0] == "H" and types[-1] == "R" and "O" in types and "Z" in types
 
 
-def test_each_compressed_frame_decodes_on_its_own_arrival():
+def test_each_compressed_frame_decodes_on_its_own_arrival() -> None:
     # Z_SYNC_FLUSH: nothing given to the deflater waits for a later frame
     deflater, inflater = agent.OutputDeflater(9), agent.OutputInflater()
     for text in (b"one\n", b"two\n", b"", b"three\n" * 1000):
         assert b"".join(inflater.feed(deflater.encode(text))) == text
 
 
-def test_a_corrupt_compressed_frame_is_an_error():
+def test_a_corrupt_compressed_frame_is_an_error() -> None:
     with pytest.raises(ValueError, match="corrupt compressed output"):
         list(agent.OutputInflater().feed(b"\x00not zlib"))
     finished = zlib.compress(b"done")  # a stream that ends: no agent sends that
@@ -70,7 +72,7 @@ def test_a_corrupt_compressed_frame_is_an_error():
         list(agent.OutputInflater().feed(finished))
 
 
-def test_the_controller_presents_compressed_output_as_output_frames():
+def test_the_controller_presents_compressed_output_as_output_frames() -> None:
     stream, expected = compressed_stream()
     chunks = [stream[i:i + 333] for i in range(0, len(stream), 333)]
     frames = list(read_frames(lambda size: chunks.pop(0) if chunks else b""))
@@ -78,7 +80,7 @@ def test_the_controller_presents_compressed_output_as_output_frames():
     assert b"".join(f.data for f in frames if f.kind == "output") == expected
 
 
-def test_the_controller_rejects_corrupt_compressed_output():
+def test_the_controller_rejects_corrupt_compressed_output() -> None:
     chunks = [agent.encode_frame(agent.FRAME_ZOUTPUT, b"garbage")]
     with pytest.raises(AgentError, match="corrupt"):
         list(read_frames(lambda size: chunks.pop(0) if chunks else b""))
@@ -87,11 +89,11 @@ def test_the_controller_rejects_corrupt_compressed_output():
 @pytest.mark.parametrize("request_, level", [
     ({"compress": 1}, 1), ({"compress": 9}, 9), ({}, 0), ({"compress": 0}, 0),
     ({"compress": True}, 0), ({"compress": "1"}, 0), ({"compress": 10}, 0), (None, 0)])
-def test_the_compress_level_asked_for(request_, level):
+def test_the_compress_level_asked_for(request_: dict[str, Any] | None, level: int) -> None:
     assert agent.compress_level(request_) == level
 
 
-def test_compression_stops_when_it_does_not_pay():
+def test_compression_stops_when_it_does_not_pay() -> None:
     """After a trial megabyte, output that shrinks less than 2:1 goes plain."""
     text = agent.OutputDeflater(1)
     noise = agent.OutputDeflater(1)
@@ -103,7 +105,7 @@ def test_compression_stops_when_it_does_not_pay():
     assert agent.OutputDeflater(1).worthwhile  # undecided until the trial is done
 
 
-def zlib_bomb(megabytes):
+def zlib_bomb(megabytes: int) -> bytes:
     """One Z frame payload: ``megabytes`` MiB of zeros, compressed ~1000:1. Built from one
     full-flushed block repeated, so making it costs nothing like inflating it."""
     deflater = zlib.compressobj(9)
@@ -113,7 +115,7 @@ def zlib_bomb(megabytes):
     return first + block * (megabytes - 1)
 
 
-def peak_memory(action):
+def peak_memory(action: Callable[[], None]) -> int:
     """The peak of Python allocations while ``action()`` runs, in bytes."""
     tracemalloc.start()
     try:
@@ -123,11 +125,11 @@ def peak_memory(action):
         tracemalloc.stop()
 
 
-def test_a_zlib_bomb_is_refused_without_inflating_it():
+def test_a_zlib_bomb_is_refused_without_inflating_it() -> None:
     bomb = zlib_bomb(2000)  # 2 MB on the wire, 2000 MiB inflated
     assert len(bomb) < 3 << 20
 
-    def inflate():
+    def inflate() -> None:
         with pytest.raises(ValueError, match="inflates past 16777216 bytes"):
             for piece in agent.OutputInflater().feed(bomb):
                 assert len(piece) <= 1 << 20
@@ -135,11 +137,11 @@ def test_a_zlib_bomb_is_refused_without_inflating_it():
     assert peak_memory(inflate) < 64 << 20
 
 
-def test_the_controller_refuses_a_zlib_bomb_with_little_memory():
+def test_the_controller_refuses_a_zlib_bomb_with_little_memory() -> None:
     frame = agent.encode_frame(agent.FRAME_ZOUTPUT, zlib_bomb(2000))
     chunks = [frame[i:i + 65536] for i in range(0, len(frame), 65536)]
 
-    def read():
+    def read() -> None:
         with pytest.raises(AgentError, match="inflates past"):
             for _frame in read_frames(lambda size: chunks.pop(0) if chunks else b""):
                 pass
@@ -147,7 +149,7 @@ def test_the_controller_refuses_a_zlib_bomb_with_little_memory():
     assert peak_memory(read) < 64 << 20
 
 
-def test_a_frame_may_inflate_up_to_the_bound_and_no_further():
+def test_a_frame_may_inflate_up_to_the_bound_and_no_further() -> None:
     deflater = agent.OutputDeflater(1)
     data = os.urandom(1000) * 100  # 100 kB
     exact = agent.OutputInflater(piece=4096, max_frame_output=len(data))
@@ -158,12 +160,12 @@ def test_a_frame_may_inflate_up_to_the_bound_and_no_further():
         list(over.feed(agent.OutputDeflater(1).encode(data)))
 
 
-def test_the_agent_never_puts_more_than_the_bound_into_one_frame():
+def test_the_agent_never_puts_more_than_the_bound_into_one_frame() -> None:
     """However much output is ready at once, no frame carries more than MAX_OUTPUT_FRAME
     bytes, so no agent frame trips the controller's inflate bound."""
     assert agent.MAX_OUTPUT_FRAME * 4 <= agent.MAX_FRAME_OUTPUT
     read_fd, write_fd = os.pipe()
-    frames = []
+    frames: list[tuple[str, bytes]] = []
     reader = threading.Thread(target=lambda: frames.extend(read_all_frames(read_fd)))
     reader.start()
     writer = agent.FrameWriter(write_fd)
@@ -184,7 +186,7 @@ def test_the_agent_never_puts_more_than_the_bound_into_one_frame():
     assert output == big + b"tail\n" * 1000 and len(frames) >= 3
 
 
-def test_only_streaming_output_waits_to_go_in_bigger_pieces():
+def test_only_streaming_output_waits_to_go_in_bigger_pieces() -> None:
     """An event, or output after a pause, goes at once; output that follows output by
     moments waits (up to `linger`) for more to go with it."""
     read_fd, write_fd = os.pipe()
@@ -193,7 +195,7 @@ def test_only_streaming_output_waits_to_go_in_bigger_pieces():
     writer.compress(1)
     frames = agent.FrameReader()
 
-    def arrived(seconds):
+    def arrived(seconds: float) -> list[str]:
         if not select.select([read_fd], [], [], seconds)[0]:
             return []
         return [ftype for ftype, _ in frames.feed(os.read(read_fd, 1 << 20))]
@@ -213,8 +215,9 @@ def test_only_streaming_output_waits_to_go_in_bigger_pieces():
         os.close(read_fd)
 
 
-def read_all_frames(fd):
-    reader, frames = agent.FrameReader(), []
+def read_all_frames(fd: int) -> list[tuple[str, bytes]]:
+    reader = agent.FrameReader()
+    frames: list[tuple[str, bytes]] = []
     while True:
         data = os.read(fd, 1 << 20)
         if not data:

@@ -1,6 +1,8 @@
 """The run's target process: resolved by pid, comm or command line, or started held."""
 
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 from stapctl.runtime import stapctl_agent as agent
@@ -9,17 +11,18 @@ from tests.agent.fakekernel import FakeKernel, Scenario, add_process, drive, run
 
 pytestmark = pytest.mark.agent
 
-EXIT_AT_ONCE = dict(running=[("request_exit",)])
+EXIT_AT_ONCE: dict[str, Any] = dict(running=[("request_exit",)])
 
 
-def start_target(kernel):
+def start_target(kernel: FakeKernel) -> int:
     """The target PID the agent wrote in START."""
     payloads = [p for name, p in kernel.history[0].received if name == "START"]
-    return agent.START.unpack(payloads[0])[0]
+    pid: int = agent.START.unpack(payloads[0])[0]
+    return pid
 
 
 @pytest.fixture
-def kernel(tmp_path):
+def kernel(tmp_path: Path) -> FakeKernel:
     kernel = FakeKernel(tmp_path / "root", Scenario(**EXIT_AT_ONCE))
     add_process(kernel.proc_path(), 4321, "nginx", "nginx: worker process", 900)
     add_process(kernel.proc_path(), 4000, "nginx", "nginx: master process /usr/sbin/nginx", 500)
@@ -27,26 +30,27 @@ def kernel(tmp_path):
     return kernel
 
 
-def test_a_pid_is_passed_in_start(kernel, tmp_path):
+def test_a_pid_is_passed_in_start(kernel: FakeKernel, tmp_path: Path) -> None:
     outcome = drive(kernel, run_request(tmp_path, target={"pid": 4321}))
     assert outcome.result["status"] == "ok", outcome.result
     assert start_target(kernel) == 4321
     assert outcome.events_named("target") == [{"event": "target", "pid": 4321}]
 
 
-def test_no_target_means_pid_zero(kernel, tmp_path):
+def test_no_target_means_pid_zero(kernel: FakeKernel, tmp_path: Path) -> None:
     drive(kernel, run_request(tmp_path))
     assert start_target(kernel) == 0
 
 
-def test_a_missing_pid_fails_before_any_load(kernel, tmp_path):
+def test_a_missing_pid_fails_before_any_load(kernel: FakeKernel, tmp_path: Path) -> None:
     outcome = drive(kernel, run_request(tmp_path, target={"pid": 999999}))
     assert outcome.result["kind"] == "no-target"
     assert "999999" in outcome.result["message"]
     assert kernel.loads == []
 
 
-def test_a_process_name_takes_the_oldest_and_warns_with_the_count(kernel, tmp_path):
+def test_a_process_name_takes_the_oldest_and_warns_with_the_count(
+        kernel: FakeKernel, tmp_path: Path) -> None:
     outcome = drive(kernel, run_request(tmp_path, target={"process": "nginx"}))
     assert outcome.result["status"] == "ok", outcome.result
     assert start_target(kernel) == 4000
@@ -54,32 +58,32 @@ def test_a_process_name_takes_the_oldest_and_warns_with_the_count(kernel, tmp_pa
     assert any(w.startswith("2 processes named 'nginx'") and "4000" in w for w in warnings)
 
 
-def test_a_comm_with_parentheses_is_read_whole(kernel, tmp_path):
+def test_a_comm_with_parentheses_is_read_whole(kernel: FakeKernel, tmp_path: Path) -> None:
     drive(kernel, run_request(tmp_path, target={"process": "my (odd) name"}))
     assert start_target(kernel) == 77
 
 
-def test_a_command_line_pattern_matches_the_arguments(kernel, tmp_path):
+def test_a_command_line_pattern_matches_the_arguments(kernel: FakeKernel, tmp_path: Path) -> None:
     outcome = drive(kernel, run_request(tmp_path, target={"cmdline": r"app\.py --port 80"}))
     assert start_target(kernel) == 77
     assert outcome.events_named("warning") == []
 
 
-def test_no_matching_process_fails_with_no_target(kernel, tmp_path):
+def test_no_matching_process_fails_with_no_target(kernel: FakeKernel, tmp_path: Path) -> None:
     outcome = drive(kernel, run_request(tmp_path, target={"process": "postgres"}))
     assert outcome.result["kind"] == "no-target"
     assert outcome.result["message"] == "no process named 'postgres'"
     assert kernel.loads == [] and outcome.code == 1
 
 
-def test_a_bad_target_is_refused(kernel, tmp_path):
+def test_a_bad_target_is_refused(kernel: FakeKernel, tmp_path: Path) -> None:
     for target in ({"pid": "12"}, {"cmdline": "("}, {"who": 1}, "nginx"):
         outcome = drive(kernel, run_request(tmp_path, target=target))
         assert outcome.result["kind"] == "agent-error", target
     assert kernel.loads == []
 
 
-def test_a_command_is_held_until_start_and_ends_the_run(tmp_path):
+def test_a_command_is_held_until_start_and_ends_the_run(tmp_path: Path) -> None:
     kernel = FakeKernel(tmp_path / "root", Scenario())  # runs until the command exits
     marker = tmp_path / "ran"
     command = f"echo $$ > {marker}; echo out; echo err >&2; exit 3"
@@ -96,7 +100,7 @@ def test_a_command_is_held_until_start_and_ends_the_run(tmp_path):
     assert outcome.output == b""  # the command's output is not the probe's
 
 
-def test_a_command_does_not_run_before_the_module_starts(tmp_path):
+def test_a_command_does_not_run_before_the_module_starts(tmp_path: Path) -> None:
     kernel = FakeKernel(tmp_path / "root", Scenario(start_res=-1))
     marker = tmp_path / "ran"
     outcome = drive(kernel, run_request(tmp_path, target={"command": f"touch {marker}"}))
@@ -104,7 +108,7 @@ def test_a_command_does_not_run_before_the_module_starts(tmp_path):
     assert not marker.exists()
 
 
-def test_a_command_still_running_when_the_run_stops_is_killed(tmp_path):
+def test_a_command_still_running_when_the_run_stops_is_killed(tmp_path: Path) -> None:
     kernel = FakeKernel(tmp_path / "root", Scenario())
     outcome = drive(kernel, run_request(tmp_path, duration=0.5,
                                         target={"command": "echo up; sleep 30"}))
@@ -115,11 +119,11 @@ def test_a_command_still_running_when_the_run_stops_is_killed(tmp_path):
         os.kill(pid, 0)
 
 
-def targets_request(target):
+def targets_request(target: Any) -> dict[str, Any]:
     return {"protocol": agent.PROTOCOL_VERSION, "action": "targets", "target": target}
 
 
-def test_targets_lists_every_match_oldest_first_and_loads_nothing(kernel):
+def test_targets_lists_every_match_oldest_first_and_loads_nothing(kernel: FakeKernel) -> None:
     outcome = drive(kernel, targets_request({"process": "nginx"}))
     assert outcome.result["status"] == "ok", outcome.result
     assert outcome.result["pids"] == [4000, 4321]
@@ -128,7 +132,7 @@ def test_targets_lists_every_match_oldest_first_and_loads_nothing(kernel):
     assert kernel.loads == []
 
 
-def test_targets_without_a_match_or_with_a_bad_target_fail(kernel):
+def test_targets_without_a_match_or_with_a_bad_target_fail(kernel: FakeKernel) -> None:
     outcome = drive(kernel, targets_request({"process": "postgres"}))
     assert outcome.result["kind"] == "no-target" and "pids" not in outcome.result
     for target in ({"cmdline": "("}, {"command": "ls"}, None):
