@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypedDict, overload
 
 from stapctl.runtime import stapctl_agent as agent
 
@@ -28,6 +28,14 @@ ADDRESSES = {"_stext": 0xFFFFFFFF81000000, "kallsyms_lookup_name": 0xFFFFFFFF811
              "module_kallsyms_on_each_symbol": 0xFFFFFFFF81124000}
 
 Action = tuple[Any, ...]  # one step of a Scenario: ("print", cpu, bytes), ("sleep", 0.1), ...
+
+
+class Actions(TypedDict, total=False):
+    """A Scenario's lists of actions, kept to be given as ``Scenario(**actions)``."""
+
+    begin: list[Action]
+    running: list[Action]
+    end: list[Action]
 
 
 def make_ko(name: str, vermagic: str = RELEASE + " SMP preempt mod_unload modversions ",

@@ -14,6 +14,7 @@ from stapctl.runtime import stapctl_agent as agent
 
 from tests.agent.fakekernel import (
     ADDRESSES,
+    Actions,
     FakeKernel,
     FakeModule,
     Outcome,
@@ -45,7 +46,7 @@ def assert_cleaned_up(kernel: FakeKernel, request: dict[str, Any]) -> None:
         assert not os.path.exists(path)
 
 
-HELLO_EXIT = dict(begin=[("print", 0, b"hello, world!\n")], running=[("request_exit",)])
+HELLO_EXIT = Actions(begin=[("print", 0, b"hello, world!\n")], running=[("request_exit",)])
 
 
 @pytest.mark.parametrize("generation", [4, 5])

@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 from stapctl.runtime import stapctl_agent as agent
 
-from tests.agent.fakekernel import FakeKernel, Scenario, add_process, drive, run_request
+from tests.agent.fakekernel import Actions, FakeKernel, Scenario, add_process, drive, run_request
 
 pytestmark = pytest.mark.agent
 
-EXIT_AT_ONCE: dict[str, Any] = dict(running=[("request_exit",)])
+EXIT_AT_ONCE = Actions(running=[("request_exit",)])
 
 
 def start_target(kernel: FakeKernel) -> int:

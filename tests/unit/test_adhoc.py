@@ -24,12 +24,12 @@ from stapctl.manifest import load_manifest
 from stapctl.models import Host, HostFacts, ModuleSpec
 from stapctl.plan import make_plan
 from stapctl.session import Session
-from tests.agent.fakekernel import Scenario
+from tests.agent.fakekernel import Actions, Scenario
 from tests.fleet_double import FakeBuilder, FakeFleet
 
 pytestmark = pytest.mark.unit
 
-HELLO_EXIT = dict(begin=[("print", 0, b"hello\n")], running=[("request_exit",)])
+HELLO_EXIT = Actions(begin=[("print", 0, b"hello\n")], running=[("request_exit",)])
 ONE_LINER = 'probe oneshot { printf("%d %s\\n", remote_id(), @1) }'
 
 

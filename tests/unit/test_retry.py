@@ -17,12 +17,12 @@ from stapctl.manifest import load_manifest
 from stapctl.models import Manifest, Run
 from stapctl.session import NothingToRetry, Session, select_hosts
 from stapctl.store import prune_runs
-from tests.agent.fakekernel import Scenario
+from tests.agent.fakekernel import Actions, Scenario
 from tests.fleet_double import FakeBuilder, FakeFleet
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("configured_history")]
 
-HELLO_EXIT = dict(begin=[("print", 0, b"hello\n")], running=[("request_exit",)])
+HELLO_EXIT = Actions(begin=[("print", 0, b"hello\n")], running=[("request_exit",)])
 HOSTS = ("good", "gone", "also-gone")
 
 

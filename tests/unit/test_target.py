@@ -8,6 +8,7 @@ import json
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from stapctl.runtime import stapctl_agent as agent
@@ -29,7 +30,7 @@ from tests.unit.test_fleet import QUICK, Recorder, by_host, manifest
 
 pytestmark = pytest.mark.unit
 
-EXIT_AT_ONCE = dict(running=[("request_exit",)])
+EXIT_AT_ONCE: dict[str, Any] = dict(running=[("request_exit",)])
 
 
 def aimed(tmp_path: Path, fleet: FakeFleet, target: Target) -> tuple[Session, Recorder]:
