@@ -147,6 +147,9 @@ class FakeConnection:
         self._facts = facts
         self.closed = False
 
+    def open(self) -> None:
+        pass  # FakeFleet.connect, the connector, hands it over ready to use
+
     def put(self, local: Path, remote: str) -> None:
         shutil.copyfile(local, remote)
 

@@ -11,6 +11,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,12 +37,12 @@ SPEC = DetachSpec(max_duration=30.0, max_disk=1 << 20, file_size=4096, file_coun
 
 
 @pytest.fixture(autouse=True)
-def detached_in_threads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def detached_in_threads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """Fault-injection double for the double fork (the fake kernel lives in this
     process); run records in the test's folder."""
     threads: list[threading.Thread] = []
 
-    def spawn(target, _log_path):  # type: ignore[no-untyped-def]
+    def spawn(target: Callable[[], object], _log_path: str) -> None:
         thread = threading.Thread(target=target, daemon=True)
         threads.append(thread)
         thread.start()

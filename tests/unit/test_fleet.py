@@ -14,8 +14,9 @@ import pytest
 from stapctl.agent import Timing
 from stapctl.execute import Fleet, RunOptions
 from stapctl.models import Event, FailureKind, HostOutcome, Manifest, Percent, Probe, Strategy
+from stapctl.plan import ModuleJob
 from stapctl.session import Session
-from tests.agent.fakekernel import Scenario
+from tests.agent.fakekernel import Actions, Scenario
 from tests.fleet_double import (
     FakeBuilder,
     FakeConnection,
@@ -25,8 +26,8 @@ from tests.fleet_double import (
 
 pytestmark = pytest.mark.unit
 
-HELLO_EXIT = dict(begin=[("print", 0, b"hello, world!\n")], running=[("request_exit",)])
-FOREVER = dict(begin=[("print", 0, b"up\n")], running=[("sleep", 30)])
+HELLO_EXIT = Actions(begin=[("print", 0, b"hello, world!\n")], running=[("request_exit",)])
+FOREVER = Actions(begin=[("print", 0, b"up\n")], running=[("sleep", 30)])
 ALL_AT_ONCE = Strategy()
 QUICK = Timing(exit_timeout=1.0)
 
@@ -50,6 +51,9 @@ class Recorder:
 
     def interrupted(self, count: int, signum: int) -> None:
         self.interrupts.append((count, signum))
+
+    def build(self, job: ModuleJob, state: str) -> None:
+        pass  # FakeBuilder's modules are all cached: nothing is built
 
     def tick(self) -> None:
         pass

@@ -24,7 +24,8 @@ from stapctl.connection import Process
 from stapctl.display import Display
 from stapctl.execute import RunOptions
 from stapctl.models import Event, FailureKind, Manifest, Probe, Run
-from stapctl.session import Session
+from stapctl.plan import ModuleJob
+from stapctl.session import Listener, Session
 from tests.agent.fakekernel import Scenario
 from tests.fleet_double import FakeBuilder, FakeConnection, FakeFleet, HostileProcess
 
@@ -65,6 +66,9 @@ class Counting:
     def interrupted(self, count: int, signum: int) -> None:
         pass
 
+    def build(self, job: ModuleJob, state: str) -> None:
+        pass  # FakeBuilder's modules are all cached: nothing is built
+
     def tick(self) -> None:
         pass
 
@@ -85,13 +89,14 @@ def manifest(tmp_path: Path) -> Manifest:
     return Manifest(path=path, name="trace", probes=(probe,))
 
 
-def run_against(tmp_path: Path, stream: bytes | Callable[..., None], *, hang: bool = False,
-                listener: object = None, facts: bytes | None = None,
+def run_against(tmp_path: Path, stream: bytes | Callable[[socket.socket], None], *,
+                hang: bool = False, listener: Listener | None = None,
+                facts: bytes | None = None,
                 timing: Timing = QUICK) -> tuple[Run, Session, FakeFleet]:
     fleet = FakeFleet(tmp_path, {"good": GOOD, "evil": Scenario()},
                       agents={"evil": lambda kernel: HostileProcess(stream, hang)},
                       facts={"evil": facts} if facts is not None else None)
-    session = Session(manifest(tmp_path), fleet.hosts(), listener=listener or Counting(),  # type: ignore[arg-type]
+    session = Session(manifest(tmp_path), fleet.hosts(), listener=listener or Counting(),
                       options=RunOptions(timing=timing),
                       builder=FakeBuilder(tmp_path / "cache"), connector=fleet.connect)
     return session.apply(), session, fleet
@@ -137,11 +142,11 @@ def test_a_zlib_bomb_fails_its_host_in_bounded_memory(tmp_path: Path) -> None:
 def test_a_line_without_newline_is_split_in_bounded_memory(tmp_path: Path) -> None:
     piece = wire.encode_frame(wire.FRAME_OUTPUT, b"A" * MiB)
 
-    def send(stdout: object) -> None:
-        stdout.sendall(HELLO)  # type: ignore[attr-defined]
+    def send(stdout: socket.socket) -> None:
+        stdout.sendall(HELLO)
         for _ in range(64):  # 64 MiB, no newline
-            stdout.sendall(piece)  # type: ignore[attr-defined]
-        stdout.sendall(RESULT_OK)  # type: ignore[attr-defined]
+            stdout.sendall(piece)
+        stdout.sendall(RESULT_OK)
 
     listener = Counting()
     tracemalloc.start()
@@ -209,11 +214,11 @@ def test_a_release_that_would_become_a_path_fails_its_host(tmp_path: Path,
 def test_a_flood_while_output_is_not_read_waits_instead_of_growing(tmp_path: Path) -> None:
     lines = wire.encode_frame(wire.FRAME_OUTPUT, (b"y" * 4095 + b"\n") * 16)
 
-    def flood(stdout: object) -> None:  # 48 MiB of output, three times the event budget
-        stdout.sendall(HELLO)  # type: ignore[attr-defined]
+    def flood(stdout: socket.socket) -> None:  # 48 MiB of output, three times the event budget
+        stdout.sendall(HELLO)
         for _ in range(768):
-            stdout.sendall(lines)  # type: ignore[attr-defined]
-        stdout.sendall(RESULT_OK)  # type: ignore[attr-defined]
+            stdout.sendall(lines)
+        stdout.sendall(RESULT_OK)
 
     gate = threading.Event()
     listener = Counting(gate)
@@ -259,10 +264,10 @@ def test_an_agent_that_ignores_its_duration_is_stopped_at_the_default_deadline(
     monkeypatch.setattr(execute, "DEADLINE_GRACE", 0.2)
     beat = wire.encode_json_frame(wire.FRAME_EVENT, {"event": "heartbeat"})
 
-    def never_ends(stdout: object) -> None:  # alive, and deaf to its duration and to stop
-        stdout.sendall(HELLO)  # type: ignore[attr-defined]
+    def never_ends(stdout: socket.socket) -> None:  # alive, and deaf to its duration and to stop
+        stdout.sendall(HELLO)
         for _ in range(200):
-            stdout.sendall(beat)  # type: ignore[attr-defined]
+            stdout.sendall(beat)
             time.sleep(0.05)
 
     fleet = FakeFleet(tmp_path, {"good": GOOD, "evil": Scenario()},
