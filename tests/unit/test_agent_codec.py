@@ -23,7 +23,7 @@ AGENT_FILE = agent.__file__
 
 # ---------------------------------------------------------------- frames
 
-def test_frames_round_trip_whatever_the_chunking():
+def test_frames_round_trip_whatever_the_chunking() -> None:
     stream = (agent.encode_json_frame(agent.FRAME_HELLO, {"protocol": 1})
               + agent.encode_frame(agent.FRAME_OUTPUT, b"\x00raw\xff")
               + agent.encode_frame(agent.FRAME_OUTPUT, b"")
@@ -37,11 +37,11 @@ def test_frames_round_trip_whatever_the_chunking():
     assert reader.pending == 0
 
 
-def test_a_frame_header_is_type_byte_and_big_endian_length():
+def test_a_frame_header_is_type_byte_and_big_endian_length() -> None:
     assert agent.encode_frame("E", b"abc") == b"E\x00\x00\x00\x03abc"
 
 
-def test_a_cut_or_corrupt_stream_is_detected():
+def test_a_cut_or_corrupt_stream_is_detected() -> None:
     reader = agent.FrameReader()
     assert reader.feed(agent.encode_frame("O", b"hello")[:-2]) == []
     assert reader.pending == 8
@@ -58,17 +58,17 @@ def test_a_cut_or_corrupt_stream_is_detected():
     ("TRANSPORT", 4, 84), ("BULK", 7, 87), ("READY", 8, 88), ("RELOCATION", 9, 89),
     ("REQUEST_EXIT", 13, 93), ("TZINFO", 14, 94), ("PRIVILEGE_CREDENTIALS", 15, 95),
     ("REMOTE_ID", 16, 96), ("NAMESPACES_PID", 18, 98)])
-def test_message_numbers_of_both_generations(name, old, new):
+def test_message_numbers_of_both_generations(name: str, old: int, new: int) -> None:
     assert agent.message_type(name, 4) == old
     assert agent.message_type(name, 5) == new
     assert agent.generation_of(old) == 4 and agent.generation_of(new) == 5
 
 
-def test_unknown_numbers_have_no_generation():
+def test_unknown_numbers_have_no_generation() -> None:
     assert agent.generation_of(999) is None and agent.generation_of(50) is None
 
 
-def test_messages_are_a_native_u32_type_then_the_payload():
+def test_messages_are_a_native_u32_type_then_the_payload() -> None:
     assert agent.encode_message(5, "EXIT") == struct.pack("=I", 81)
     assert agent.encode_message(4, "START", agent.pack_start()) == struct.pack("=Iii", 0, 0, 0)
     assert agent.decode_message(struct.pack("=I", 93), 5) == ("REQUEST_EXIT", b"")
@@ -76,7 +76,7 @@ def test_messages_are_a_native_u32_type_then_the_payload():
     assert agent.decode_message(b"\x01", 5) == (None, b"\x01")
 
 
-def test_relocation_is_264_bytes():
+def test_relocation_is_264_bytes() -> None:
     payload = agent.pack_relocation("kernel", "kallsyms_lookup_name", 0xFFFFFFFF81123450)
     assert len(payload) == 264
     module, reloc, address = struct.unpack("<128s128sQ", payload)
@@ -86,14 +86,14 @@ def test_relocation_is_264_bytes():
         agent.pack_relocation("m" * 128, "x", 0)
 
 
-def test_tzinfo_sends_seconds_west_of_utc():
+def test_tzinfo_sends_seconds_west_of_utc() -> None:
     payload = agent.pack_tzinfo(3600, "CET")  # CET is one hour east
     assert len(payload) == 72
     gmtoff, name = struct.unpack("<q64s", payload)
     assert gmtoff == -3600 and name.rstrip(b"\0") == b"CET"
 
 
-def test_start_privilege_and_remote_id_layouts():
+def test_start_privilege_and_remote_id_layouts() -> None:
     assert agent.pack_start(1234, 0) == struct.pack("<ii", 1234, 0)
     assert agent.unpack_start(struct.pack("<ii", 0, -1)) == (0, -1)
     with pytest.raises(ValueError):
@@ -104,22 +104,22 @@ def test_start_privilege_and_remote_id_layouts():
     assert struct.unpack("<i128s", remote)[0] == 3
 
 
-def test_message_text_stops_at_nul():
+def test_message_text_stops_at_nul() -> None:
     assert agent.message_text(b"WARNING: careful\n\0junk") == "WARNING: careful"
 
 
 # ---------------------------------------------------------------- relay records
 
-def record(generation, seq, data):
+def record(generation: int, seq: int, data: bytes) -> bytes:
     magic = agent.TRACE_MAGIC if generation >= 5 else b""
     return magic + struct.pack("=II", seq, len(data)) + data
 
 
 @pytest.mark.parametrize("generation", [4, 5])
-def test_records_split_across_reads(generation):
+def test_records_split_across_reads(generation: int) -> None:
     stream = record(generation, 1, b"first\n") + record(generation, 2, b"second\n")
     parser = agent.RecordParser(generation)
-    records = []
+    records: list[tuple[int, bytes]] = []
     for i in range(0, len(stream), 3):
         records += parser.feed(stream[i:i + 3])
     assert records == [(1, b"first\n"), (2, b"second\n")]
@@ -128,7 +128,7 @@ def test_records_split_across_reads(generation):
 
 @pytest.mark.parametrize("generation", [4, 5])
 @pytest.mark.parametrize("bad_length", [0, agent.MAX_RECORD + 1])
-def test_a_bad_length_resyncs_to_the_next_record(generation, bad_length):
+def test_a_bad_length_resyncs_to_the_next_record(generation: int, bad_length: int) -> None:
     magic = agent.TRACE_MAGIC if generation >= 5 else b""
     stream = (record(generation, 1, b"ok\n") + magic + struct.pack("=II", 2, bad_length)
               + b"leftover text" + record(generation, 3, b"next\n"))
@@ -138,19 +138,19 @@ def test_a_bad_length_resyncs_to_the_next_record(generation, bad_length):
     assert parser.desyncs == 1 and parser.lost_bytes > 0
 
 
-def test_5x_skips_to_the_magic():
+def test_5x_skips_to_the_magic() -> None:
     parser = agent.RecordParser(5)
     assert parser.feed(b"garbage" + record(5, 1, b"x")) == [(1, b"x")]
     assert parser.lost_bytes == 7
 
 
-def test_zero_padding_is_not_counted_as_lost():
+def test_zero_padding_is_not_counted_as_lost() -> None:
     parser = agent.RecordParser(5)
     assert parser.feed(bytes(20) + record(5, 1, b"x")) == [(1, b"x")]
     assert parser.lost_bytes == 0
 
 
-def test_4x_resync_rejects_headers_found_inside_text():
+def test_4x_resync_rejects_headers_found_inside_text() -> None:
     # After corruption, a 4.x header must carry a sequence near the last one.
     parser = agent.RecordParser(4)
     stream = (record(4, 5, b"a") + struct.pack("=II", 6, 0) + b"\xff\xff\xff\x00\x10\x00\x00"
@@ -158,14 +158,14 @@ def test_4x_resync_rejects_headers_found_inside_text():
     assert parser.feed(stream) + parser.finish() == [(5, b"a"), (6, b"b")]
 
 
-def test_a_record_cut_at_the_end_gives_what_arrived():
+def test_a_record_cut_at_the_end_gives_what_arrived() -> None:
     parser = agent.RecordParser(4)
     assert parser.feed(record(4, 1, b"complete")[:-3]) == []
     assert parser.finish() == [(1, b"compl")]
     assert parser.lost_bytes == 3
 
 
-def test_merger_orders_by_sequence_and_waits_for_gaps():
+def test_merger_orders_by_sequence_and_waits_for_gaps() -> None:
     merger = agent.Merger(gap_wait=1.0)
     merger.add(2, b"b", now=0.0)
     assert merger.pop(now=0.5) == []  # waiting for 1
@@ -176,7 +176,7 @@ def test_merger_orders_by_sequence_and_waits_for_gaps():
     assert merger.lost == 1
 
 
-def test_merger_final_flush_takes_everything():
+def test_merger_final_flush_takes_everything() -> None:
     merger = agent.Merger(gap_wait=10)
     merger.add(3, b"c", now=0)
     merger.add(5, b"e", now=0)
@@ -186,7 +186,7 @@ def test_merger_final_flush_takes_everything():
 
 # ---------------------------------------------------------------- module images
 
-def test_modinfo_and_sections_of_a_module():
+def test_modinfo_and_sections_of_a_module() -> None:
     image = make_ko("stap_abc_123456", vermagic="6.1.0-56-amd64 SMP mod_unload ")
     info = agent.modinfo(image)
     assert info["vermagic"] == "6.1.0-56-amd64 SMP mod_unload "
@@ -196,7 +196,7 @@ def test_modinfo_and_sections_of_a_module():
         agent.elf_sections(b"not an elf file at all, not at all, no no no no no no")
 
 
-def test_rename_keeps_the_length_and_touches_only_this_module():
+def test_rename_keeps_the_length_and_touches_only_this_module() -> None:
     image = make_ko("stapctl_0123456789abcdef")
     new = agent.runtime_name("stapctl_0123456789abcdef", "4242")
     assert new == "stapctl_0123456789a_4242" and len(new) == 24
@@ -211,12 +211,12 @@ def test_rename_keeps_the_length_and_touches_only_this_module():
     assert agent.runtime_name("ab", "4242") is None
 
 
-def test_a_signed_module_is_recognised():
+def test_a_signed_module_is_recognised() -> None:
     assert agent.is_signed(make_ko("stap_x", signed=True))
     assert not agent.is_signed(make_ko("stap_x"))
 
 
-def test_module_params_quote_blanks_and_refuse_what_the_kernel_cannot_carry():
+def test_module_params_quote_blanks_and_refuse_what_the_kernel_cannot_carry() -> None:
     assert agent.module_params({}) == "_stp_bufsize=0"
     assert agent.module_params({"b": "two words", "a": -3, "c": ""}, 8) == \
         '_stp_bufsize=8 a=-3 b="two words" c=""'
@@ -228,7 +228,7 @@ def test_module_params_quote_blanks_and_refuse_what_the_kernel_cannot_carry():
         agent.module_params({}, -1)
 
 
-def test_insmod_errors_name_their_cause():
+def test_insmod_errors_name_their_cause() -> None:
     message = agent.insmod_message(OSError(errno.ENOEXEC, "x"), "stap_m")
     assert "ENOEXEC" in message and "another kernel" in message
     assert "stap_m" in agent.insmod_message(OSError(errno.EEXIST, "x"), "stap_m")
@@ -236,7 +236,7 @@ def test_insmod_errors_name_their_cause():
 
 # ---------------------------------------------------------------- portability
 
-def test_the_agent_is_python_3_6_compatible():
+def test_the_agent_is_python_3_6_compatible() -> None:
     if importlib.util.find_spec("vermin") is None:
         pytest.skip("vermin is not installed (pip install vermin)")
     command = [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())",
@@ -245,7 +245,7 @@ def test_the_agent_is_python_3_6_compatible():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_the_agent_compiles_under_a_real_python_3_6_when_there_is_one():
+def test_the_agent_compiles_under_a_real_python_3_6_when_there_is_one() -> None:
     candidates = glob.glob(os.path.expanduser("~/.pyenv/versions/3.6*/bin/python3.6")) + [
         shutil.which("python3.6")]
     python = next((c for c in candidates if c and subprocess.run(
@@ -259,20 +259,21 @@ def test_the_agent_compiles_under_a_real_python_3_6_when_there_is_one():
     assert done.returncode == 0, done.stderr
 
 
-def test_the_agent_imports_only_the_standard_library():
+def test_the_agent_imports_only_the_standard_library() -> None:
     tree = ast.parse(open(AGENT_FILE).read())
-    modules = set()
+    modules: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             modules.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "relative import"
+            assert node.module is not None  # always named at level 0
             modules.add(node.module.split(".")[0])
     assert modules and modules <= sys.stdlib_module_names, modules - sys.stdlib_module_names
     assert "__future__" not in modules
 
 
-def test_importing_the_agent_has_no_side_effects():
+def test_importing_the_agent_has_no_side_effects() -> None:
     code = ("import sys, signal; before = signal.getsignal(signal.SIGTERM); "
             "sys.path.insert(0, %r); import stapctl_agent; "
             "assert signal.getsignal(signal.SIGTERM) == before")

@@ -9,14 +9,14 @@ import pytest
 pytestmark = pytest.mark.unit
 
 
-def test_the_cli_starts_without_what_paramiko_needs_only_for_match_exec():
+def test_the_cli_starts_without_what_paramiko_needs_only_for_match_exec() -> None:
     code = "import sys, stapctl.cli; print(sorted({'asyncio', 'unittest.mock'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
 
 
-def test_an_ssh_config_match_exec_still_runs_its_command(tmp_path: Path):
+def test_an_ssh_config_match_exec_still_runs_its_command(tmp_path: Path) -> None:
     """(In a process of its own: invoke runs the command with the process's stdin.)"""
     ran = tmp_path / "ran"
     config = tmp_path / "config"
