@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from stapctl import history, store
 from stapctl.errors import HistoryError, StapctlError
-from stapctl.models import HostOutcome, Manifest, Run
+from stapctl.models import FailureKind, HostOutcome, Manifest, Run
 
 pytestmark = pytest.mark.unit
 
@@ -79,11 +79,13 @@ def test_a_first_release_history_is_migrated_in_place(tmp_path: Path) -> None:
     manifest.write_text("name: audit\n")
     recorder = store.RunRecorder("20250103-000000-audit-cccc",
                                  Manifest(path=manifest, name="audit", probes=()), old)
-    recorder.finish(Run(recorder.run_id, (HostOutcome("beta", "p", "failed", "unreachable"),
-                                          HostOutcome("gamma", "p", "ok"))))
+    recorder.finish(Run(recorder.run_id,
+                        (HostOutcome("beta", "p", "failed", FailureKind.UNREACHABLE),
+                         HostOutcome("gamma", "p", "ok"))))
     assert recorder.warnings == []
     assert history.failed_hosts("last", "audit", old) == (recorder.run_id, ["beta"])
-    assert history.previous_run("audit", before="now", history=old)["id"] == recorder.run_id
+    previous = history.previous_run("audit", before="now", history=old)
+    assert previous is not None and previous["id"] == recorder.run_id
 
 
 def test_controllers_starting_together_create_the_schema_once(

@@ -78,8 +78,9 @@ def test_one_listing_per_release_merged_per_probe_point(tmp_path: Path) -> None:
     assert [(p.name, p.kernels) for p in listing.points] == [
         ("syscall.open", (OLD,)), ("syscall.openat", (OLD, NEW)), ("syscall.openat2", (NEW,))]
     assert listing.kernels == {OLD: ("a",), NEW: ("b", "c")}
-    assert listing.as_json()["probes"][1] == {"probe": "syscall.openat",
-                                              "kernels": [OLD, NEW]}
+    probes = listing.as_json()["probes"]
+    assert isinstance(probes, list)
+    assert probes[1] == {"probe": "syscall.openat", "kernels": [OLD, NEW]}
 
 
 def test_a_second_listing_comes_from_the_cache(tmp_path: Path) -> None:

@@ -20,7 +20,17 @@ from hypothesis import strategies as st
 
 from stapctl import history, report, store
 from stapctl.errors import StapctlError
-from stapctl.models import Event, HostOutcome, Manifest, ModuleSpec, OutputSpec, Probe, Run
+from stapctl.models import (
+    Event,
+    EventKind,
+    FailureKind,
+    HostOutcome,
+    Manifest,
+    ModuleSpec,
+    OutputSpec,
+    Probe,
+    Run,
+)
 from stapctl.plan import ModuleJob, Plan
 from stapctl.store import RunRecorder, file_name, host_log_path, merged_output
 
@@ -73,7 +83,8 @@ def run_python(code: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
-RUN = Run("r1", (HostOutcome("a", "p", "ok"), HostOutcome("b", "p", "failed", "runtime-error")))
+RUN = Run("r1", (HostOutcome("a", "p", "ok"),
+                 HostOutcome("b", "p", "failed", FailureKind.RUNTIME_ERROR)))
 
 
 # -- the record --------------------------------------------------------------------------
@@ -177,7 +188,7 @@ def test_plan_and_summary_are_replaced_whole_or_not_at_all(
     def failing_fsync(fd: int) -> None:  # test double: the disk fills up before the rename
         raise OSError(28, os.strerror(28))
 
-    monkeypatch.setattr(store.os, "fsync", failing_fsync)
+    monkeypatch.setattr("stapctl.store.os.fsync", failing_fsync)
     recorder.plan(make_plan("second"))
     recorder.finish(RUN)
     assert json.loads((recorder.dir / "plan.json").read_text())[0]["probe"] == "first"
@@ -217,9 +228,10 @@ def test_a_full_disk_truncates_the_record_but_the_run_is_still_finished(
 
 
 def test_events_delivered_together_are_recorded_as_one_by_one(tmp_path: Path) -> None:
+    sources: tuple[tuple[str, EventKind, str], ...] = (
+        ("a", "output", "p"), ("b", "output", "q"), ("a", "warning", "p"))
     events = [Event(host, kind, probe, f"{kind} {i} é", time=float(i))
-              for i in range(50) for host, kind, probe in
-              (("a", "output", "p"), ("b", "output", "q"), ("a", "warning", "p"))]
+              for i in range(50) for host, kind, probe in sources]
     folders = []
     for name, deliver in (("single", lambda r: [r.event(e) for e in events]),
                           ("batch", lambda r: r.events(events))):

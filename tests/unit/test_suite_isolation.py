@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from stapctl.build import cache_dir
+from stapctl.cache import cache_dir
 from stapctl.lab import Lab
 from stapctl.store import data_dir
 from tests.conftest import STATE
