@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,7 +195,7 @@ class Workers:
 
 
 def start_workers(folder: Path, engine: str, env: dict[str, str], count: int,
-                  concurrency: int) -> Iterator[Workers]:
+                  concurrency: int) -> Generator[Workers, None, None]:
     """``count`` `stapctl worker` processes (thread pools), each with its own cache."""
     workers = Workers()
     stapctl = Path(sys.executable).with_name("stapctl")

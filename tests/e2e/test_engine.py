@@ -42,6 +42,7 @@ HELLO = Path(__file__).resolve().parents[2] / "playbooks" / "hello.yaml"
 def test_three_guests_through_two_workers(fleet_lab: LabStatus, tmp_path: Path,
                                           env: dict[str, str], broker: Broker,
                                           workers: Workers, probe: str) -> None:
+    args: tuple[str, ...]
     if probe == "hello":
         manifest, args, expected = HELLO, (), dict.fromkeys(HOSTS, "hello, world!")
     else:  # the script prints the guest's hostname, which is its name in the lab

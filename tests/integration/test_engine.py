@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -289,8 +289,8 @@ def test_the_workers_connect_and_the_controller_never_does(
     records = [json.loads(line) for line in local.stdout.splitlines()]
     (result,) = [r for r in records if r["type"] == "summary"]
     assert {o["status"] for o in result["outcomes"]} == {"unreachable"}, local.stderr
-    for folder in (Path(env["XDG_DATA_HOME"]) / "stapctl" / "runs").iterdir():
-        shutil.rmtree(folder)
+    for old in (Path(env["XDG_DATA_HOME"]) / "stapctl" / "runs").iterdir():
+        shutil.rmtree(old)
     for _ in start_workers(tmp_path / "workers", broker.engine, zone_env(tmp_path, env), 2,
                            concurrency=2):
         done = Controller(zone, broker, env, slices=4)
@@ -378,10 +378,11 @@ def serving_worker(broker: Broker, host: str) -> str:
     """The worker whose execution holds ``host``'s claim, from the broker's keys."""
     client = engine.broker(broker_url(broker.engine))
     (claim,) = client.scan_iter(f"{engine.PREFIX}run:*:claim:{host}")
-    run_key = claim.decode().rsplit(":claim:", 1)[0]
-    worker = client.get(f"{run_key}:lease:{client.get(claim).decode()}")
+    # the client does not decode responses: keys and values are bytes
+    run_key = cast(bytes, claim).decode().rsplit(":claim:", 1)[0]
+    worker = client.get(f"{run_key}:lease:{cast(bytes, client.get(claim)).decode()}")
     assert worker is not None
-    return str(worker.decode())
+    return str(cast(bytes, worker).decode())
 
 
 def in_batches(folder: Path, size: int) -> Path:

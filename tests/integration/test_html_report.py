@@ -19,7 +19,8 @@ import pytest
 from stapctl import history
 from stapctl.aggregate import aggregates_json
 from stapctl.models import Aggregates, CountTotal, HistogramBucket, HistogramTotal
-from tests.unit.test_audits import AFTER, BEFORE, apply, quick_agent, write_manifest
+from tests.fleet_double import quick_agent
+from tests.unit.test_audits import AFTER, BEFORE, apply, write_manifest
 
 pytestmark = pytest.mark.integration
 __all__ = ["quick_agent"]  # the agent's waits shortened, run records in the test's folder
