@@ -18,8 +18,9 @@ from pathlib import Path
 from measure import Timing, run
 
 from stapctl import lab
+from stapctl.agent import AgentHost, AgentRequest
 from stapctl.connection import Connection, ConnectOptions, connect
-from stapctl.models import Host
+from stapctl.models import Host, ModuleArtifact
 
 STAPCTL = str(Path(sys.executable).parent / "stapctl")
 REPO = Path(__file__).resolve().parents[1]
@@ -186,3 +187,14 @@ def shell(connection: Connection, command: str) -> str:
         out += chunk
     process.wait()
     return out.decode(errors="replace")
+
+
+def ship_module(agent: AgentHost, artifact: ModuleArtifact) -> str:
+    """The module on the prepared host, shipped as a run ships it (with a request, here
+    a preflight, whose refusal on a host that cannot load it does not matter); its path
+    there."""
+    remote, data = agent.module(artifact.path, artifact.sha256)
+    if data:
+        agent.call(AgentRequest(action="preflight", module=remote, sha256=artifact.sha256,
+                                module_name=artifact.module_name, module_data=data))
+    return remote

@@ -172,7 +172,7 @@ def exec_to_loaded(report: Report, lab: guests.Guests, mode: Mode) -> None:
                                               origin="hello"))
         agent = AgentHost(connection)
         agent.prepare()
-        remote = agent.upload_module(artifact.path, artifact.sha256)
+        remote = guests.ship_module(agent, artifact)
         ko = f"/tmp/{artifact.module_name}.ko"
         guests.shell(connection, f"cp {remote} {ko}")
         request = AgentRequest(action="run", module=remote, sha256=artifact.sha256,

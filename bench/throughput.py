@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from guests import shell
+from guests import shell, ship_module
 
 from stapctl.agent import COMPRESS, AgentHost, AgentRequest, Frame
 from stapctl.build import Builder
@@ -134,7 +134,7 @@ def measure(connection: Connection, text: str, lines: int, rounds: int,
     artifact = builder.build(spec)
     agent = AgentHost(connection)
     agent.prepare()
-    remote = agent.upload_module(artifact.path, artifact.sha256)
+    remote = ship_module(agent, artifact)
     ko = f"/tmp/{artifact.module_name}.ko"  # staprun names the module after the file
     shell(connection, f"cp {remote} {ko}")
     request = AgentRequest(action="run", module=remote, sha256=artifact.sha256,

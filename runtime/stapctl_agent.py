@@ -1010,6 +1010,31 @@ class LineReader(object):
         self.last_line = time.monotonic()
         return line
 
+    def exactly(self, size, timeout):
+        """The ``size`` bytes after the request line (a module sent with it), waiting at
+        most ``timeout`` seconds for them; read in pieces joined once, not appended."""
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        pieces, have = [self.buf[:size]], min(len(self.buf), size)
+        self.buf = self.buf[size:]
+        while have < size:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise Failure("agent-error", "the module's %d bytes did not arrive within "
+                              "%.0f s" % (size, timeout))
+            try:
+                data = os.read(self.fd, min(size - have, 1 << 20))
+            except OSError as e:
+                log("stdin: %s" % e)
+                data = b""
+            if not data:
+                raise Failure("agent-error", "stdin closed after %d of the module's %d bytes"
+                              % (have, size))
+            pieces.append(data)
+            have += len(data)
+        return b"".join(pieces)
+
     def first_line(self, timeout):
         """The request line, waiting at most ``timeout`` seconds for it."""
         deadline = time.monotonic() + timeout
@@ -1474,7 +1499,7 @@ class Run(object):
         self.out.compress(compress_level(request))
         facts = collect_facts(self.kernel)
         self.out.event("facts", facts=facts)
-        image, name, params = preflight(request, facts)
+        image, name, params = preflight(request, facts, self.agent.module_image)
         touch(request["module"])
         try:
             self.aim(request.get("target"))
@@ -1800,11 +1825,13 @@ class Run(object):
 
 # ---------------------------------------------------------------- preflight and files
 
-def preflight(request, facts):
+def preflight(request, facts, image=None):
     """Every check that must pass before insmod: (image, module name, params string).
+    ``image``: the module's bytes as they came with the request (receive_module stored
+    them); None: read from its file.
 
     A module file whose sha256 is not the request's is deleted before the refusal, so
-    the controller's next upload sends it again.
+    the controller sends it again with its next request.
     """
     def refuse(message):
         return Failure("preflight-refused", message)
@@ -1823,8 +1850,9 @@ def preflight(request, facts):
     if not path or not isinstance(path, str):
         raise refuse("the request names no module file")
     try:
-        with open(path, "rb") as f:
-            image = f.read()
+        if image is None:
+            with open(path, "rb") as f:
+                image = f.read()
     except (OSError, IOError) as e:
         if e.errno == errno.ENOENT:  # the controller sends it and asks again
             raise refuse("module %s is not on this host" % path) from None
@@ -1859,6 +1887,29 @@ def preflight(request, facts):
     except ValueError as e:
         raise refuse(str(e)) from None
     return image, name, params
+
+
+MAX_MODULE = 256 << 20  # bytes of a module sent with a request
+
+
+def receive_module(request, image):
+    """Keep a module sent with the request where it names it, an absolute
+    ``.../<sha256>.ko`` (write-then-rename), after checking it is that module; returns it.
+    One that does not match is refused as a corrupt upload, which the controller sends
+    again."""
+    path, digest = request.get("module"), sha256_hex(image)
+    if not isinstance(path, str) or not os.path.isabs(path) or \
+            os.path.basename(path) != "%s.ko" % request.get("sha256"):
+        raise Failure("agent-error", "a module sent with a request is kept only as an "
+                      "absolute path ending in <sha256>.ko, not as %r" % (path,))
+    if digest != request.get("sha256"):
+        raise Failure("preflight-refused", "module %s: sha256 mismatch (%s, expected %s): "
+                      "the upload is corrupt" % (path, digest, request.get("sha256")))
+    try:
+        write_file(path, image)
+    except (OSError, IOError) as e:
+        log("cannot keep the module in %s: %s" % (path, e))  # it still runs, from memory
+    return image
 
 
 def sha256_hex(data):
@@ -2012,11 +2063,17 @@ def read_json(path):
 
 
 def write_json(path, value):
-    """Write-then-rename, so a reader sees the old file or the new one, whole."""
+    write_file(path, json.dumps(value, sort_keys=True).encode("utf-8"))
+
+
+def write_file(path, data):
+    """Write-then-rename, so a reader sees the old file or the new one, whole; private
+    (0600)."""
     temporary = "%s.%d.part" % (path, os.getpid())
     try:
-        with open(temporary, "w") as f:
-            f.write(json.dumps(value, sort_keys=True))
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.rename(temporary, path)
     except (OSError, IOError):
         remove_file(temporary)
@@ -2200,7 +2257,7 @@ def start_detached(agent, request):
     folder = run_folder(request)
     limits = detach_limits(request)
     facts = collect_facts(agent.kernel)
-    preflight(request, facts)  # refusals come back at once, nothing forked
+    preflight(request, facts, agent.module_image)  # refusals come back at once, unforked
     try:
         os.makedirs(os.path.dirname(folder), 0o700, exist_ok=True)
         os.mkdir(folder, 0o700)
@@ -2479,6 +2536,7 @@ class Agent(object):
         self.kernel = kernel or Kernel()
         self.out = FrameWriter(stdout_fd)
         self.stdin = LineReader(stdin_fd)
+        self.module_image = None  # the module's bytes, when they came with the request
         self.gap_wait = gap_wait
         self.signalled = None
         self.run = None
@@ -2529,6 +2587,13 @@ class Agent(object):
             raise Failure("agent-error", "the request is not JSON: %s" % e) from None
         if not isinstance(request, dict):
             raise Failure("agent-error", "the request is not a JSON object")
+        if "module_size" in request:
+            size = request["module_size"]
+            if not isinstance(size, int) or isinstance(size, bool) or \
+                    not 0 < size <= MAX_MODULE:
+                raise Failure("agent-error", "module_size must be 1 to %d bytes" % MAX_MODULE)
+            self.module_image = receive_module(request, self.stdin.exactly(
+                size, self.request_timeout))
         return request
 
     def result(self, kind, message, **extra):
@@ -2547,7 +2612,7 @@ class Agent(object):
         if action == "preflight":
             facts = collect_facts(self.kernel)
             try:
-                _image, name, _params = preflight(request, facts)
+                _image, name, _params = preflight(request, facts, self.module_image)
             except Failure as e:
                 return self.result(e.kind, e.message, facts=facts)
             return self.result(None, "module %s can be loaded" % name, facts=facts)

@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from stapctl.cache import SHA256, file_sha256
+from stapctl.cache import SHA256
 from stapctl.clock import CLOCK, Alarm
 from stapctl.connection import Connection, Process, run_command
 from stapctl.errors import (
@@ -70,6 +70,7 @@ SPARE_LIFETIME = 30.0
 MAX_FRAME = 8 << 20  # the agent batches output in pieces of a few MiB at most
 MAX_TEXT = 4096  # characters kept of any text field the agent sends (messages, events)
 READ_SIZE = 1 << 20  # bytes asked of the agent's stream at once: what has arrived, up to this
+SEND_PIECE = 256 << 10  # a request is sent in pieces this big, each one a sign of life
 PING = b'{"op": "ping"}\n'
 # Runs the agent file (argv[1]) by import: unlike `python3 FILE`, an import caches the
 # compiled file (__pycache__/agent-<sha256>.cpython-*.pyc, checked against the file's
@@ -157,11 +158,17 @@ class AgentRequest:
     remote_id: int | None = None
     remote_uri: str = ""
     target: Mapping[str, str | int] | None = None  # run, targets: the process target() names
+    # the module's bytes, sent after the request line when the target does not hold it
+    # (its size in the request's `module_size`): no SFTP session for it
+    module_data: bytes = field(default=b"", repr=False)
 
     def encode(self) -> bytes:
         fields = {**asdict(self), "params": dict(self.params),
                   "remove_files": list(self.remove_files), "names": list(self.names)}
-        return json.dumps(fields).encode() + b"\n"
+        del fields["module_data"]
+        if self.module_data:
+            fields["module_size"] = len(self.module_data)
+        return json.dumps(fields).encode() + b"\n" + self.module_data
 
 
 @dataclass(frozen=True)
@@ -291,6 +298,7 @@ class AgentHost:
         self.modules: set[str] = set()  # the module files in it (<sha256>.ko), as prepared
         self._spare: tuple[float, Process] | None = None  # (started, process), for one call
         self._spare_lock = threading.Lock()  # a host's jobs call side by side: one takes it
+        self._modules_lock = threading.Lock()
 
     def prepare(self, spare: bool = False, loads: bool = False) -> HostFacts:
         """Make the private work directory, ship the agent unless it is there, and return
@@ -378,30 +386,35 @@ class AgentHost:
             self._spare = None
             return process
 
-    def upload_module(self, local: Path, sha256: str, again: bool = False) -> str:
-        """Send a module unless the target held it when prepared (``again``: send it all
-        the same); returns its remote path. A copy there is checked by the agent before
-        it loads it: a corrupt or vanished one it reports (`module_to_send`), and it is
-        sent again.
+    def module(self, local: Path, sha256: str, again: bool = False) -> tuple[str, bytes]:
+        """A module's remote path, and its bytes to send with the request
+        (AgentRequest.module_data) unless the target held it when prepared or it was
+        sent already (``again``: send it all the same). The agent checks the bytes, and
+        keeps them as that file; a copy already there it checks before loading it: a
+        corrupt or vanished one it reports (`module_to_send`), and it is sent again.
 
-        The local file is hashed again before it is sent: one that no longer matches
-        ``sha256`` (its cache entry changed after it was checked) is never shipped.
+        The local file is hashed as it is read: one that no longer matches ``sha256``
+        (its cache entry changed after it was checked) is never shipped.
         """
         if SHA256.fullmatch(sha256) is None:
             raise AgentError(f"{local}: {shown(sha256)} is not a sha256: rebuild the module")
         name = f"{sha256}.ko"
         remote = f"{self.workdir}/{name}"
-        if name in self.modules and not again:
-            return remote
-        if not local.is_file():
-            raise AgentError(f"cannot read the module {local}: run again to rebuild it")
-        if file_sha256(local) != sha256:
+        with self._modules_lock:
+            if name in self.modules and not again:
+                return remote, b""
+        try:
+            data = local.read_bytes()
+        except OSError:
+            raise AgentError(f"cannot read the module {local}: run again to rebuild it") \
+                from None
+        if hashlib.sha256(data).hexdigest() != sha256:
             raise AgentError(f"{local} changed after it was built (its sha256 is no "
                              f"longer {sha256[:12]}…), so it was not uploaded: run again "
                              "to rebuild it")
-        self.connection.put(local, remote)
-        self.modules.add(name)
-        return remote
+        with self._modules_lock:  # a job beside this one then finds it sent (or missing)
+            self.modules.add(name)
+        return remote, data
 
     def call(self, request: AgentRequest, on_frame: Callable[[Frame], None] = lambda _: None,
              stop: threading.Event | None = None, deadline: float | None = None,
@@ -433,14 +446,12 @@ class AgentHost:
         """``spare``: the process is a spare agent, which raises _SpareUnstarted if it
         ended before its first byte (it never read the request)."""
         watch = _Watch(process, stop or threading.Event(), deadline, timing)
+        watch.start()  # before the request: a module in it may take a while to go out
+        unsent: ConnectError | None = None
         try:
-            process.send(request.encode())
-        except ConnectError:
-            if not spare:
-                raise
-            process.kill()
-            raise _SpareUnstarted from None
-        watch.start()
+            watch.send_request(request.encode())
+        except ConnectError as exc:  # the agent ended, or never started: its frames say
+            unsent = exc
         result: dict[str, Any] | None = None
         output = 0
         try:
@@ -474,6 +485,8 @@ class AgentHost:
                 return RunResult(False, FailureKind.TIMED_OUT, "stopped, but it did not end "
                                  f"within {timing.stop_grace:g} s: cut off (its dead-man "
                                  "unloads the module)", {})
+            if unsent is not None:
+                raise unsent
             raise AgentError("the agent ended without a result" +
                              (f": {text_field(tail.splitlines()[-1])}" if tail else ""),
                              text_field(tail))
@@ -533,6 +546,7 @@ class _Watch:
         self._tick = min(0.2, timing.ping)
         self._next_ping = 0.0
         self._alarm: Alarm | None = None
+        self._sending = threading.Lock()  # the request goes out whole, no ping inside it
 
     def start(self) -> None:
         """The first look comes one tick later, as an alarm on the shared clock: a call
@@ -540,6 +554,15 @@ class _Watch:
         on in the thread that alarm fires in."""
         self._next_ping = time.monotonic() + self.timing.ping
         self._alarm = CLOCK.after(self._tick, self._run)
+
+    def send_request(self, data: bytes) -> None:
+        """Send the request (and a module with it) in pieces, each piece gone a sign of
+        life: an agent reading a large module over a slow link is not silent, one that
+        stops reading is cut off as silent, which ends the send."""
+        with self._sending:
+            for start in range(0, len(data), SEND_PIECE):
+                self.process.send(data[start:start + SEND_PIECE])
+                self._last_heard = time.monotonic()
 
     def heard_from(self, recv: Callable[[int], bytes]) -> Callable[[int], bytes]:
         """``recv``, noting every byte that arrives as a sign of life (a large frame
@@ -579,8 +602,7 @@ class _Watch:
             if self.deadline is not None and now > self.deadline:
                 self.timed_out.set()
             if cutoff is None and (self.stop.is_set() or self.timed_out.is_set()
-                                   or self.over_limit.is_set()):
-                self._send(STOP)
+                                   or self.over_limit.is_set()) and self._send(STOP):
                 cutoff = now + self.timing.stop_grace
             allowed = self.timing.silence if self._heard_once else self.timing.startup
             if now - self._last_heard > allowed:
@@ -590,15 +612,22 @@ class _Watch:
             if self.silent.is_set() or self.cut.is_set():
                 self.process.kill()
                 return
-            if now >= next_ping:
-                self._send(PING)
+            if now >= next_ping and self._send(PING):
                 next_ping = now + self.timing.ping
             self._finished.wait(self._tick)
 
-    def _send(self, message: bytes) -> None:
-        # a lost connection is seen and reported by the read loop
-        with contextlib.suppress(ConnectError):
-            self.process.send(message)
+    def _send(self, message: bytes) -> bool:
+        """Send a control line, unless the request is still going out (whether it was
+        sent: the next tick tries again). A lost connection is seen and reported by the
+        read loop."""
+        if not self._sending.acquire(blocking=False):
+            return False
+        try:
+            with contextlib.suppress(ConnectError):
+                self.process.send(message)
+        finally:
+            self._sending.release()
+        return True
 
 
 FRAME_KINDS: Mapping[str, Literal["hello", "output", "event", "result"]] = {

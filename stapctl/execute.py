@@ -113,15 +113,12 @@ class _Session:
     # closed after its facts, to spare a descriptor on a fleet larger than the descriptor
     # limit allows; opened again when the host's turn to run comes
     parked: bool = False
-    # one file transfer at a time: concurrent ones on one connection stall
-    upload_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def upload(self, job: ModuleJob, again: bool = False) -> str:
-        """The job's module on the host (sent unless it was there, or ``again``); its
-        remote path."""
+    def module(self, job: ModuleJob, again: bool = False) -> tuple[str, bytes]:
+        """The job's module's path on the host, and its bytes to send with the request
+        (none when the host holds it, unless ``again``): AgentHost.module."""
         assert job.artifact is not None
-        with self.upload_lock:
-            return self.agent.upload_module(job.artifact.path, job.artifact.sha256, again)
+        return self.agent.module(job.artifact.path, job.artifact.sha256, again)
 
 
 @dataclass
@@ -365,9 +362,10 @@ class Fleet:
         aimed at its PID and with its own outcome (`probe[pid N]`)."""
         host, probe = session.host.name, job.probe.name
         assert job.artifact is not None
-        request = AgentRequest(action="targets", target=target.wire())
-        try:
-            session.upload(job)
+        try:  # the module goes with this request, for the runs that follow to find it
+            remote, data = session.module(job)
+            request = AgentRequest(action="targets", target=target.wire(), module=remote,
+                                   sha256=job.artifact.sha256, module_data=data)
             result = session.agent.call(request, lambda _: None, self.stop, deadline,
                                         self.options.timing, self.options.max_output)
         except Exception as exc:  # noqa: BLE001 - every failure is this host's outcome
@@ -399,13 +397,13 @@ class Fleet:
         host, probe = session.host.name, job.probe.name
         artifact = job.artifact
         assert artifact is not None
-        remote = session.upload(job)
-        self._event(host, "uploaded", remote, probe)
+        remote, data = session.module(job)
+        self._event(host, "uploaded", remote, probe)  # there, or sent with the request
         timing = self.options.timing
         duration = self.options.duration if self.options.duration is not None \
             else job.probe.duration
         if self.manifest.detach is not None and not self.options.check:
-            return self._detach(session, job, remote, duration)
+            return self._detach(session, job, remote, data, duration)
         if deadline is None and duration is not None:
             deadline = time.monotonic() + duration + timing.exit_timeout + DEADLINE_GRACE
         request = AgentRequest(
@@ -414,7 +412,7 @@ class Fleet:
             params=job.probe.params, duration=duration, exit_timeout=timing.exit_timeout,
             bufsize_mb=self.options.bufsize_mb, deadman=timing.deadman,
             remote_id=self.hosts.index(host), remote_uri=remote_uri(session.host),
-            target=job.probe.target.wire() if job.probe.target else None)
+            target=job.probe.target.wire() if job.probe.target else None, module_data=data)
 
         def on_frame(frame: Frame) -> None:
             if frame.kind == "output":
@@ -429,13 +427,13 @@ class Fleet:
 
         result = session.agent.call(request, on_frame, self.stop, deadline, timing,
                                     self.options.max_output)
-        if self._send_again(session, job, result):
-            result = session.agent.call(request, on_frame, self.stop, deadline, timing,
-                                        self.options.max_output)
+        if again := self._send_again(session, job, result):
+            result = session.agent.call(replace(request, module_data=again), on_frame,
+                                        self.stop, deadline, timing, self.options.max_output)
         return HostOutcome(host=host, probe=probe, status="ok" if result.ok else "failed",
                            kind=result.kind, message=result.message, stats=result.stats)
 
-    def _detach(self, session: _Session, job: ModuleJob, remote: str,
+    def _detach(self, session: _Session, job: ModuleJob, remote: str, data: bytes,
                 duration: float | None) -> HostOutcome:
         """Start the probe detached on the host; the call returns once it runs. A probe's
         duration, when shorter than the bound's, is its maximum duration."""
@@ -450,10 +448,12 @@ class Fleet:
             workdir=session.agent.workdir, name=name,
             max_duration=min(spec.max_duration, duration or spec.max_duration),
             max_disk=spec.max_disk, file_size=spec.file_size, file_count=spec.file_count,
-            remote_id=self.hosts.index(host), remote_uri=remote_uri(session.host))
+            remote_id=self.hosts.index(host), remote_uri=remote_uri(session.host),
+            module_data=data)
         result = session.agent.call(request, timing=self.options.timing)
-        if self._send_again(session, job, result):
-            result = session.agent.call(request, timing=self.options.timing)
+        if again := self._send_again(session, job, result):
+            result = session.agent.call(replace(request, module_data=again),
+                                        timing=self.options.timing)
         if not result.ok:
             return HostOutcome(host=host, probe=probe, status="failed", kind=result.kind,
                                message=result.message, stats=result.stats)
@@ -466,17 +466,16 @@ class Fleet:
         return HostOutcome(host=host, probe=probe, status="ok", message=(
             f"detached: {state['state']}, module {state['module']}, pid {state['pid']}"))
 
-    def _send_again(self, session: _Session, job: ModuleJob, result: RunResult) -> bool:
-        """Send the module when the agent found none, or a corrupt copy (which it
-        removed); True when the request is to be repeated."""
+    def _send_again(self, session: _Session, job: ModuleJob, result: RunResult) -> bytes:
+        """The module's bytes, to repeat the request with, when the agent found no module
+        or a corrupt copy (which it removed); none (b"") otherwise."""
         reason = module_to_send(result)
         if reason is None:
-            return False
+            return b""
         if reason == "corrupt":
             self._event(session.host.name, "warning",
                         "the module on the host was corrupt: sent again", job.probe.name)
-        session.upload(job, again=True)
-        return True
+        return session.module(job, again=True)[1]
 
     def _agent_event(self, host: str, probe: str, event: Mapping[str, Any]) -> None:
         name = event.get("event")

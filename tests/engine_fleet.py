@@ -111,7 +111,8 @@ def agent_double(path: Path, traces: Path, pause: float, heeds_stop: bool = True
                 sys.stdout.flush()
             except BrokenPipeError:
                 orphaned()
-        request = json.loads(sys.stdin.readline())
+        request = json.loads(sys.stdin.buffer.readline())
+        sys.stdin.buffer.read(request.get("module_size", 0))  # a module sent with it
         frame("H", {{"protocol": 1, "agent": "double", "pid": os.getpid()}})
         frame("E", {{"event": "loaded", "module": request.get("module_name", "")}})
         frame("E", {{"event": "started"}})
@@ -121,7 +122,7 @@ def agent_double(path: Path, traces: Path, pause: float, heeds_stop: bool = True
         while time.monotonic() < end:
             ready, _, _ = select.select([sys.stdin], [], [], 0.1)
             if ready:
-                line = sys.stdin.readline()
+                line = sys.stdin.buffer.readline()
                 if not line:
                     orphaned()
                 if json.loads(line).get("op") == "stop" and HEEDS_STOP:

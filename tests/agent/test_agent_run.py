@@ -1,6 +1,7 @@
 """The agent against FakeKernel: every way a run starts, goes and ends."""
 
 import errno
+import json
 import os
 import signal
 import struct
@@ -428,6 +429,80 @@ def test_a_corrupt_upload_is_deleted_and_refused(tmp_path: Path, action: str) ->
     assert "sha256 mismatch" in outcome.result["message"]
     assert not os.path.exists(request["module"])
     assert kernel.loads == []
+
+
+def with_module(request: dict[str, Any], image: bytes) -> bytes:
+    """The request as the controller sends it to a host without its module: the module's
+    bytes after the line."""
+    return (json.dumps(dict(request, module_size=len(image))) + "\n").encode() + image
+
+
+def sent_module(tmp_path: Path, **overrides: Any) -> tuple[dict[str, Any], bytes]:
+    """A request naming <sha256>.ko in a work folder where it is not yet, and its bytes."""
+    path, digest, name = module_file(tmp_path)
+    with open(path, "rb") as f:
+        image = f.read()
+    workdir = tmp_path / "work"
+    workdir.mkdir(mode=0o700)
+    request = run_request(tmp_path, module=str(workdir / (digest + ".ko")), sha256=digest,
+                          module_name=name, remove_files=[], **overrides)
+    return request, image
+
+
+@pytest.mark.parametrize("action", ["run", "preflight", "targets"])
+def test_a_module_sent_with_the_request_is_kept_private_and_used(tmp_path: Path,
+                                                                action: str) -> None:
+    kernel = kernel_for(tmp_path, **HELLO_EXIT)
+    request, image = sent_module(tmp_path, action=action)
+    outcome = drive(kernel, with_module(request, image))
+    # `targets` (the matching PIDs, before one run each) here names none: its error
+    assert outcome.result["status"] == "ok" or action == "targets", outcome.result
+    with open(request["module"], "rb") as f:
+        assert f.read() == image
+    assert os.stat(request["module"]).st_mode & 0o777 == 0o600
+    assert os.listdir(os.path.dirname(request["module"])) == [os.path.basename(
+        request["module"])]  # no partial file left
+    if action == "run":
+        assert outcome.output == b"hello, world!\n" and len(kernel.loads) == 1
+    assert_cleaned_up(kernel, request)
+
+
+def test_a_module_sent_that_is_not_the_one_named_is_refused_and_not_kept(
+        tmp_path: Path) -> None:
+    kernel = kernel_for(tmp_path, **HELLO_EXIT)
+    request, image = sent_module(tmp_path)
+    outcome = drive(kernel, with_module(request, image[:-1] + b"?"))
+    assert outcome.result["kind"] == "preflight-refused"  # the controller sends it again
+    assert "sha256 mismatch" in outcome.result["message"]
+    assert not os.path.exists(request["module"]) and kernel.loads == []
+
+
+@pytest.mark.parametrize("where", ["relative.ko", "/elsewhere/other.ko"])
+def test_a_module_sent_is_kept_only_as_its_sha256(tmp_path: Path, where: str) -> None:
+    kernel = kernel_for(tmp_path, **HELLO_EXIT)
+    request, image = sent_module(tmp_path)
+    outcome = drive(kernel, with_module(dict(request, module=where), image))
+    assert outcome.result["kind"] == "agent-error"
+    assert "<sha256>.ko" in outcome.result["message"] and kernel.loads == []
+
+
+@pytest.mark.parametrize("size", [0, -1, "10", True, agent.MAX_MODULE + 1])
+def test_a_module_size_that_is_no_size_is_refused(tmp_path: Path, size: object) -> None:
+    kernel = kernel_for(tmp_path, **HELLO_EXIT)
+    request, image = sent_module(tmp_path)
+    outcome = drive(kernel, (json.dumps(dict(request, module_size=size)) + "\n").encode())
+    assert outcome.result["kind"] == "agent-error"
+    assert "module_size" in outcome.result["message"] and kernel.loads == []
+
+
+def test_a_module_cut_short_is_refused(tmp_path: Path) -> None:
+    kernel = kernel_for(tmp_path, **HELLO_EXIT)
+    request, image = sent_module(tmp_path)
+    outcome = drive(kernel, with_module(request, image)[:-10], close_stdin_after=0.2)
+    assert outcome.result["kind"] == "agent-error"
+    assert f"stdin closed after {len(image) - 10} of the module's {len(image)} bytes" \
+        in outcome.result["message"]
+    assert not os.path.exists(request["module"]) and kernel.loads == []
 
 
 def test_a_good_upload_is_kept_and_touched(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stapctl.agent import Timing
+from stapctl.agent import AgentHost, Timing
 from stapctl.execute import Fleet, RunOptions
 from stapctl.models import Event, FailureKind, HostOutcome, Manifest, Percent, Probe, Strategy
 from stapctl.plan import ModuleJob
@@ -207,14 +207,22 @@ def test_a_host_is_sent_only_what_its_prepare_command_did_not_find(
     fleet = FakeFleet(tmp_path, {"h": Scenario(**HELLO_EXIT)})
     first, _ = session(tmp_path, fleet)
     assert first.apply().exit_code == 0  # a new host: the agent and the module are sent
-    sent: list[str] = []
-    put = FakeConnection.put
+    sent: list[str] = []  # the agent goes by SFTP, a module with the request that runs it
+    put, shipped = FakeConnection.put, AgentHost.module
 
     def counted_put(self: FakeConnection, local: Path, remote: str) -> None:
         sent.append(Path(remote).name)
         put(self, local, remote)
 
+    def counted_module(self: AgentHost, local: Path, sha256: str,
+                       again: bool = False) -> tuple[str, bytes]:
+        remote, data = shipped(self, local, sha256, again)
+        if data:
+            sent.append(Path(remote).name)
+        return remote, data
+
     monkeypatch.setattr(FakeConnection, "put", counted_put)
+    monkeypatch.setattr(AgentHost, "module", counted_module)
     second, _ = session(tmp_path, fleet)
     assert second.apply().exit_code == 0
     assert sent == []  # both there, as the prepare command said: nothing sent

@@ -133,7 +133,7 @@ def test_the_rule() -> None:
     assert len(shown("x" * 1000)) == 80
 
 
-def test_a_module_that_changed_since_it_was_built_is_not_uploaded(
+def test_a_module_that_changed_since_it_was_built_is_not_sent(
         target: AgentHost, tmp_path: Path) -> None:
     target.prepare()
     module = tmp_path / "module.ko"
@@ -141,11 +141,23 @@ def test_a_module_that_changed_since_it_was_built_is_not_uploaded(
     sha256 = hashlib.sha256(b"built module").hexdigest()
     module.write_bytes(b"planted module")
     with pytest.raises(AgentError, match="changed after it was built"):
-        target.upload_module(module, sha256)
-    assert not Path(f"{target.workdir}/{sha256}.ko").exists()
+        target.module(module, sha256)
     module.write_bytes(b"built module")
-    remote = target.upload_module(module, sha256)
-    assert Path(remote).read_bytes() == b"built module"
+    remote, data = target.module(module, sha256)
+    assert (remote, data) == (f"{target.workdir}/{sha256}.ko", b"built module")
+    # sent once: the next job on the host finds it there, unless it is to be sent again
+    assert target.module(module, sha256) == (remote, b"")
+    assert target.module(module, sha256, again=True) == (remote, b"built module")
+
+
+def test_a_module_the_host_holds_is_not_sent(target: AgentHost, tmp_path: Path) -> None:
+    module = tmp_path / "module.ko"
+    module.write_bytes(b"built module")
+    sha256 = hashlib.sha256(b"built module").hexdigest()
+    target.prepare()
+    Path(f"{target.workdir}/{sha256}.ko").write_bytes(b"built module")
+    target.prepare()  # its listing names the module now
+    assert target.module(module, sha256) == (f"{target.workdir}/{sha256}.ko", b"")
 
 
 def test_a_sha256_that_is_no_file_name_is_refused(target: AgentHost, tmp_path: Path) -> None:
@@ -153,6 +165,6 @@ def test_a_sha256_that_is_no_file_name_is_refused(target: AgentHost, tmp_path: P
     module = tmp_path / "module.ko"
     module.write_bytes(b"m")
     with pytest.raises(AgentError, match="is not a sha256"):
-        target.upload_module(module, "../../etc/x")
+        target.module(module, "../../etc/x")
     with pytest.raises(AgentError, match="cannot read the module"):
-        target.upload_module(tmp_path / "gone.ko", "0" * 64)
+        target.module(tmp_path / "gone.ko", "0" * 64)

@@ -289,14 +289,15 @@ def test_an_agent_that_ignores_its_duration_is_stopped_at_the_default_deadline(
 def test_a_fault_of_the_controller_on_one_host_is_that_hosts_outcome(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fleet = FakeFleet(tmp_path, {"good": GOOD, "evil": Scenario()})
-    original = FakeConnection.put
+    original = agent_module.AgentHost.module
 
-    def broken_put(self: FakeConnection, local: Path, remote: str) -> None:
-        if self.host.name == "evil" and remote.endswith(".ko"):
+    def broken_module(self: agent_module.AgentHost, local: Path, sha256: str,
+                      again: bool = False) -> tuple[str, bytes]:
+        if self.connection.host.name == "evil":
             raise RuntimeError("a bug")
-        original(self, local, remote)
+        return original(self, local, sha256, again)
 
-    monkeypatch.setattr(FakeConnection, "put", broken_put)
+    monkeypatch.setattr(agent_module.AgentHost, "module", broken_module)
     session = Session(manifest(tmp_path), fleet.hosts(), listener=Counting(),
                       options=RunOptions(timing=QUICK), builder=FakeBuilder(tmp_path / "c"),
                       connector=fleet.connect)
