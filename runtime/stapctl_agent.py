@@ -1833,60 +1833,69 @@ def preflight(request, facts, image=None):
     A module file whose sha256 is not the request's is deleted before the refusal, so
     the controller sends it again with its next request.
     """
-    def refuse(message):
-        return Failure("preflight-refused", message)
-
     if facts["euid"] != 0:
-        raise refuse("the agent runs as uid %d, not root: loading a kernel module needs "
-                     "root (use become)" % facts["euid"])
+        raise refused("the agent runs as uid %d, not root: loading a kernel module needs "
+                      "root (use become)" % facts["euid"])
     if not facts["module_support"]:
-        raise refuse("this kernel has no loadable module support (no /proc/modules)")
+        raise refused("this kernel has no loadable module support (no /proc/modules)")
     if facts["modules_disabled"]:
-        raise refuse("/proc/sys/kernel/modules_disabled is 1: this kernel accepts no "
-                     "modules until it reboots")
+        raise refused("/proc/sys/kernel/modules_disabled is 1: this kernel accepts no "
+                      "modules until it reboots")
     if not facts["procfs"]:
-        raise refuse("/proc is not mounted: the module's control channel lives there")
+        raise refused("/proc is not mounted: the module's control channel lives there")
     path = request.get("module")
     if not path or not isinstance(path, str):
-        raise refuse("the request names no module file")
-    try:
-        if image is None:
-            with open(path, "rb") as f:
-                image = f.read()
-    except (OSError, IOError) as e:
-        if e.errno == errno.ENOENT:  # the controller sends it and asks again
-            raise refuse("module %s is not on this host" % path) from None
-        raise refuse("cannot read module %s: %s" % (path, e.strerror)) from None
-    digest = sha256_hex(image)
-    if digest != request.get("sha256"):
-        remove_file(path)
-        raise refuse("module %s: sha256 mismatch (%s, expected %s): the upload is corrupt or "
-                     "stale, so it was deleted" % (path, digest, request.get("sha256")))
+        raise refused("the request names no module file")
+    if image is None:  # one that came with the request, receive_module has checked
+        image = module_from_file(path, request.get("sha256"))
     try:
         info = modinfo(image)
     except ValueError as e:
-        raise refuse("%s is not a kernel module: %s" % (path, e)) from None
+        raise refused("%s is not a kernel module: %s" % (path, e)) from None
     built_for = (info.get("vermagic") or "").split()
     if not built_for:
-        raise refuse("%s has no vermagic: not a kernel module" % path)
+        raise refused("%s has no vermagic: not a kernel module" % path)
     if built_for[0] != facts["release"]:
-        raise refuse("module %s was built for kernel %s, but this host runs %s"
-                     % (path, built_for[0], facts["release"]))
+        raise refused("module %s was built for kernel %s, but this host runs %s"
+                      % (path, built_for[0], facts["release"]))
     name = request.get("module_name") or info.get("name")
     if not name or _name_offset(image, name) is None:
-        raise refuse("module name %r is not the name embedded in %s" % (name, path))
+        raise refused("module name %r is not the name embedded in %s" % (name, path))
     strict = facts["sig_enforce"] or facts["lockdown"] in ("integrity", "confidentiality")
     if strict and not is_signed(image):
-        raise refuse("this kernel only loads signed modules (sig_enforce=%s, lockdown=%s) "
-                     "and %s is unsigned" % (facts["sig_enforce"], facts["lockdown"], path))
+        raise refused("this kernel only loads signed modules (sig_enforce=%s, lockdown=%s) "
+                      "and %s is unsigned" % (facts["sig_enforce"], facts["lockdown"], path))
     params = request.get("params") or {}
     if not isinstance(params, dict):
-        raise refuse("params must be a JSON object of name: value")
+        raise refused("params must be a JSON object of name: value")
     try:
         params = module_params(params, request.get("bufsize_mb") or 0)
     except ValueError as e:
-        raise refuse(str(e)) from None
+        raise refused(str(e)) from None
     return image, name, params
+
+
+def refused(message):
+    """A preflight refusal: nothing was loaded."""
+    return Failure("preflight-refused", message)
+
+
+def module_from_file(path, sha256):
+    """The module file's bytes, if they are the module ``sha256`` names; a file that is
+    not is deleted, so that the controller sends it again (preflight-refused)."""
+    try:
+        with open(path, "rb") as f:
+            image = f.read()
+    except (OSError, IOError) as e:
+        if e.errno == errno.ENOENT:  # the controller sends it and asks again
+            raise refused("module %s is not on this host" % path) from None
+        raise refused("cannot read module %s: %s" % (path, e.strerror)) from None
+    digest = sha256_hex(image)
+    if digest != sha256:
+        remove_file(path)
+        raise refused("module %s: sha256 mismatch (%s, expected %s): the upload is corrupt or "
+                      "stale, so it was deleted" % (path, digest, sha256))
+    return image
 
 
 MAX_MODULE = 256 << 20  # bytes of a module sent with a request
@@ -1903,8 +1912,8 @@ def receive_module(request, image):
         raise Failure("agent-error", "a module sent with a request is kept only as an "
                       "absolute path ending in <sha256>.ko, not as %r" % (path,))
     if digest != request.get("sha256"):
-        raise Failure("preflight-refused", "module %s: sha256 mismatch (%s, expected %s): "
-                      "the upload is corrupt" % (path, digest, request.get("sha256")))
+        raise refused("module %s: sha256 mismatch (%s, expected %s): the upload is corrupt"
+                      % (path, digest, request.get("sha256")))
     try:
         write_file(path, image)
     except (OSError, IOError) as e:
@@ -2020,8 +2029,8 @@ def detach_limits(request):
                       ("file_count", int)):
         value = request.get(key)
         if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-            raise Failure("preflight-refused", "a detached run needs %s, a positive number "
-                                               "(got %r)" % (key, value))
+            raise refused("a detached run needs %s, a positive number (got %r)"
+                          % (key, value))
         limits[key] = value
     return limits
 
@@ -2262,8 +2271,7 @@ def start_detached(agent, request):
         os.makedirs(os.path.dirname(folder), 0o700, exist_ok=True)
         os.mkdir(folder, 0o700)
     except OSError as e:
-        raise Failure("preflight-refused", "cannot create %s: %s" % (folder, e.strerror)) \
-            from None
+        raise refused("cannot create %s: %s" % (folder, e.strerror)) from None
     state = {"state": "starting", "name": request["name"], "boot_id": boot_id(agent.kernel),
              "agent": os.path.abspath(__file__), "started": time.time(),
              "file_size": limits["file_size"], "written": 0, "limits": limits}

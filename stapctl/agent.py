@@ -448,13 +448,13 @@ class AgentHost:
         watch = _Watch(process, stop or threading.Event(), deadline, timing)
         watch.start()  # before the request: a module in it may take a while to go out
         unsent: ConnectError | None = None
-        try:
-            watch.send_request(request.encode())
-        except ConnectError as exc:  # the agent ended, or never started: its frames say
-            unsent = exc
         result: dict[str, Any] | None = None
         output = 0
         try:
+            try:
+                watch.send_request(request.encode())
+            except ConnectError as exc:  # the agent ended, or never started: its frames say
+                unsent = exc
             for frame in read_frames(watch.heard_from(process.recv)):
                 if frame.kind == "result":
                     result = frame.json()
