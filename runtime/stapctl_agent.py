@@ -8,30 +8,34 @@ with the module. The controller imports it too, for the frame codec and constant
 importing it has no side effects.
 
 What only some runs need (ctypes for a load, subprocess for a script's command, traceback
-for an error) is imported where it is used (ctypes before the request when the command
-line says `load`): every import is paid in the target's CPU at
-each start, and a facts or preflight request needs none of them.
+for an error, threading for a run whose output is large, re for a pattern or a warning)
+is imported where it is used (ctypes before the request when the command line says
+`load`): every import is paid in the target's CPU at each start, and a facts or
+preflight request needs none of them. For the same reason the agent imports none of the
+modules that bring in enum, functools and collections (more CPU than the interpreter's
+own start on an emulated target: bench/RESULTS.md): `_json` and `_signal`, the C halves
+of json and signal, stand in for them, and names are checked without re.
 """
 
+import _signal
 import codecs
-import contextlib
 import errno
 import fcntl
 import heapq
-import json
 import os
-import re
 import select
-import signal
 import struct
 import sys
-import threading
 import time
 
 try:  # a Python built without zlib still runs: it sends plain OUTPUT frames
     import zlib
 except ImportError:  # pragma: no cover
     zlib = None
+try:
+    import _json
+except ImportError:  # pragma: no cover - a Python built without it: json's Python half
+    _json = None
 
 PROTOCOL_VERSION = 1
 AGENT_VERSION = "0.1.0"
@@ -76,16 +80,27 @@ RELAY_READ_SIZE = 1 << 18  # bytes a relay file read asks for
 RELAY_READS = 16  # reads of one relay file in a row, at most (4 MiB)
 RESYNC_WINDOW = 1 << 20  # how far a 4.x header's sequence may be from the last one
 WAIT = -1  # RecordParser: decide when more data has arrived
-TRACE_NAME = re.compile(r"trace\d+\Z")
 SIGNATURE_MARK = b"~Module signature appended~\n"
-PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-TRANSPORT_FAILURES = re.compile(r"There were (\d+) transport failures")
-LOCKDOWN = re.compile(r"\[(\w+)\]")  # the mode in use in /sys/kernel/security/lockdown
-MEM_AVAILABLE = re.compile(r"^MemAvailable:\s+(\d+)", re.M)
+TRANSPORT_FAILURES = r"There were (\d+) transport failures"  # a warning's pattern (re)
 SYMBOLS_FILE = "kernel-symbols.json"  # KERNEL_SYMBOLS' addresses for one boot
 KERNEL_SYMBOLS = ("_stext", "kallsyms_lookup_name", "kallsyms_on_each_symbol",
                   "module_kallsyms_on_each_symbol")
 EKEYREJECTED = getattr(errno, "EKEYREJECTED", 129)
+
+
+DIGITS = "0123456789"
+HEX_DIGITS = "0123456789abcdef"
+WORD = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_"
+
+
+def made_of(text, characters, at_most=None):
+    """Whether ``text`` is one or more (up to ``at_most``) of ``characters``."""
+    return 0 < len(text) <= (at_most or len(text)) and all(c in characters for c in text)
+
+
+def is_param_name(name):
+    """A C identifier, as module parameter names are: [A-Za-z_][A-Za-z0-9_]*."""
+    return made_of(name, WORD) and name[0] not in DIGITS
 
 
 def log(message):
@@ -105,7 +120,81 @@ def encode_frame(ftype, payload):
 
 
 def encode_json_frame(ftype, obj):
-    return encode_frame(ftype, json.dumps(obj, sort_keys=True).encode("utf-8"))
+    return encode_frame(ftype, json_dumps(obj).encode("utf-8"))
+
+
+class JsonOptions(object):
+    """What json's scanner asks of its decoder: json.loads's defaults, with NaN and the
+    infinities refused (they are not JSON)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name):
+        raise ValueError("%s is not JSON" % name)
+
+
+if _json is not None:
+    json_string = _json.encode_basestring_ascii
+    scan_json = _json.make_scanner(JsonOptions())
+else:  # pragma: no cover - json's pure-Python half, at the cost of importing it
+    import json.decoder
+    import json.encoder
+
+    json_string = json.encoder.py_encode_basestring_ascii
+    scan_json = json.decoder.JSONDecoder(parse_constant=JsonOptions.parse_constant).scan_once
+
+
+def json_loads(text):
+    """json.loads for the protocol's lines and files: one value, JSON whitespace around
+    it, NaN and infinities refused; ValueError otherwise."""
+    text = text.strip(" \t\n\r")
+    try:
+        value, end = scan_json(text, 0)
+    except StopIteration:
+        raise ValueError("no JSON value") from None
+    if end != len(text):
+        raise ValueError("extra data after the JSON value, at character %d" % end)
+    return value
+
+
+def json_dumps(value):
+    """json.dumps(value, sort_keys=True), and like it ASCII only; NaN and infinities
+    are refused, as json_loads refuses them."""
+    if isinstance(value, str):
+        return json_string(value)
+    if isinstance(value, dict):
+        return "{%s}" % ", ".join("%s: %s" % (json_string(json_key(key)), json_dumps(value[key]))
+                                  for key in sorted(value))
+    if isinstance(value, (list, tuple)):
+        return "[%s]" % ", ".join(json_dumps(item) for item in value)
+    return json_scalar(value)
+
+
+def json_key(key):
+    """An object key as json.dumps writes it: strings as they are, other scalars as
+    their JSON text."""
+    return key if isinstance(key, str) else json_scalar(key)
+
+
+def json_scalar(value):
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("%r is not JSON" % value)
+        return float.__repr__(value)
+    raise TypeError("%r is not JSON serializable" % (value,))
 
 
 class FrameReader(object):
@@ -556,7 +645,7 @@ def module_params(params, bufsize_mb=0):
     parts = ["_stp_bufsize=%d" % bufsize_mb]
     for name in sorted(params):
         value = params[name]
-        if not PARAM_NAME.match(name):
+        if not is_param_name(name):
             raise ValueError("parameter name %r is not an identifier" % (name,))
         if name.startswith("_stp_"):
             raise ValueError("parameter %s is reserved for the SystemTap runtime" % name)
@@ -616,6 +705,54 @@ def insmod_message(err, name):
 
 
 # ---------------------------------------------------------------- the kernel
+
+class AddressesVisible(object):
+    """Sets kptr_restrict to 1 for a ``with`` block, then restores it.
+
+    staprun sets kptr_restrict to 1 (it shows root real addresses on every kernel,
+    where 0 hashes sysfs section addresses on 4.15+ and 2 hides them). An flock
+    keeps concurrent agents from restoring it under each other's feet.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.path = kernel.proc_path("sys", "kernel", "kptr_restrict")
+        self.lock = None
+        self.old = None
+
+    def __enter__(self):
+        try:
+            self.lock = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return self
+        try:
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX)
+            except OSError:
+                pass
+            value = (self.kernel.read(self.path) or "").strip()
+            if value and value != "1":
+                try:
+                    self.kernel.write_text(self.path, "1")
+                    self.old = value
+                except OSError as e:
+                    log("cannot set kptr_restrict: %s" % e)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *_exception):
+        if self.old is not None:
+            try:
+                self.kernel.write_text(self.path, self.old)
+            except OSError as e:
+                log("cannot restore kptr_restrict to %s: %s" % (self.old, e))
+            self.old = None
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
 
 class Kernel(object):
     """Every contact with the kernel, so that tests can put a double in its place."""
@@ -680,7 +817,8 @@ class Kernel(object):
     def open_relays(self, name):
         """The module's relay files: (N, fd of traceN) for each CPU N, in CPU order."""
         directory = self.control_dir(name)
-        cpus = sorted(int(n[5:]) for n in os.listdir(directory) if TRACE_NAME.match(n))
+        cpus = sorted(int(n[5:]) for n in os.listdir(directory)
+                      if n.startswith("trace") and made_of(n[5:], DIGITS))
         return [(cpu, os.open(os.path.join(directory, "trace%d" % cpu),
                               os.O_RDONLY | os.O_NONBLOCK)) for cpu in cpus]
 
@@ -696,43 +834,12 @@ class Kernel(object):
         except OSError:
             return False
 
-    @contextlib.contextmanager
     def addresses_visible(self):
-        """Let root read real addresses in kallsyms and sysfs, then restore the setting.
+        """Let root read real addresses in kallsyms and sysfs while the ``with`` lasts
+        (AddressesVisible)."""
+        return AddressesVisible(self)
 
-        staprun sets kptr_restrict to 1 (it shows root real addresses on every kernel,
-        where 0 hashes sysfs section addresses on 4.15+ and 2 hides them). An flock
-        keeps concurrent agents from restoring it under each other's feet.
-        """
-        path = self.proc_path("sys", "kernel", "kptr_restrict")
-        try:
-            lock = os.open(path, os.O_RDONLY)
-        except OSError:
-            yield
-            return
-        old = None
-        try:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            except OSError:
-                pass
-            value = (self.read(path) or "").strip()
-            if value and value != "1":
-                try:
-                    self._write(path, "1")
-                    old = value
-                except OSError as e:
-                    log("cannot set kptr_restrict: %s" % e)
-            yield
-        finally:
-            if old is not None:
-                try:
-                    self._write(path, old)
-                except OSError as e:
-                    log("cannot restore kptr_restrict to %s: %s" % (old, e))
-            os.close(lock)
-
-    def _write(self, path, text):
+    def write_text(self, path, text):
         with open(path, "w") as f:
             f.write(text)
 
@@ -784,6 +891,25 @@ class Kernel(object):
         return os.access(self.sys_path("kernel", "notes"), os.R_OK)
 
 
+def bracketed_word(text):
+    """The first ``[word]`` in ``text``: the mode in use, in /sys/kernel/security/lockdown."""
+    for piece in text.split("[")[1:]:
+        word, closed, _rest = piece.partition("]")
+        if closed and made_of(word, WORD):
+            return word
+    return None
+
+
+def mem_available_kb(meminfo):
+    """/proc/meminfo's MemAvailable, in kB; None where the kernel has none."""
+    for line in meminfo.splitlines():
+        name, _, rest = line.partition(":")
+        if name == "MemAvailable":
+            figures = rest.split()
+            return int(figures[0]) if figures and made_of(figures[0], DIGITS) else None
+    return None
+
+
 def collect_facts(kernel):
     """What the controller needs to know about a host before anything is loaded."""
     def number(path):
@@ -795,9 +921,7 @@ def collect_facts(kernel):
 
     release, machine = kernel.uname()
     lockdown_text = kernel.read(kernel.sys_path("kernel", "security", "lockdown"))
-    lockdown = LOCKDOWN.search(lockdown_text or "")
     sig_enforce = kernel.read(kernel.sys_path("module", "module", "parameters", "sig_enforce"))
-    meminfo = MEM_AVAILABLE.search(kernel.read(kernel.proc_path("meminfo")) or "")
     modules_text = kernel.read(kernel.proc_path("modules"))
     loaded = [line.split()[0] for line in (modules_text or "").splitlines()
               if line.startswith(("stap_", "stapctl_"))]
@@ -808,12 +932,12 @@ def collect_facts(kernel):
         "euid": kernel.euid(),
         "module_support": modules_text is not None,
         "modules_disabled": number(kernel.proc_path("sys", "kernel", "modules_disabled")) == 1,
-        "lockdown": lockdown.group(1) if lockdown else None,
+        "lockdown": bracketed_word(lockdown_text or ""),
         "sig_enforce": (sig_enforce or "").strip() in ("Y", "1"),
         "fips": number(kernel.proc_path("sys", "crypto", "fips_enabled")) == 1,
         "procfs": os.path.isdir(kernel.proc_path("sys")),
         "kptr_restrict": number(kernel.proc_path("sys", "kernel", "kptr_restrict")),
-        "mem_available_kb": int(meminfo.group(1)) if meminfo else None,
+        "mem_available_kb": mem_available_kb(kernel.read(kernel.proc_path("meminfo")) or ""),
         "loaded_stap_modules": loaded,
     }
 
@@ -832,12 +956,15 @@ class Failure(Exception):
 class FrameWriter(object):
     """Writes frames to stdout; once the controller is gone it drops them, so cleanup goes on.
 
-    With compression on, a thread compresses and writes, in order, what send() and
-    output() queue, so the agent reads the relay files while zlib works (zlib lets go of
-    the GIL): output queued meanwhile goes in one piece. At most ``queue_limit`` bytes
-    wait; past that the caller waits, as it would on a full stdout. Call close() last.
+    With compression on, once a run's output passes ``inline_output`` bytes a thread
+    compresses and writes, in order, what send() and output() queue, so the agent reads
+    the relay files while zlib works (zlib lets go of the GIL): output queued meanwhile
+    goes in one piece. At most ``queue_limit`` bytes wait; past that the caller waits, as
+    it would on a full stdout. Less output is compressed and written as it comes, sparing
+    a short run threading's import. Call close() last.
     """
 
+    inline_output = 1 << 20
     queue_limit = 4 << 20
     batch_bytes = 1 << 20  # a piece this big is sent without waiting for more
     linger = 0.02  # seconds output may wait for more to go with it, while it streams
@@ -852,7 +979,8 @@ class FrameWriter(object):
         self.poller.register(fd, select.POLLOUT)
         self._queue = []  # (type, payload); FRAME_ZOUTPUT payloads still uncompressed
         self._queued = 0
-        self._cond = threading.Condition()
+        self._output = 0  # bytes output() was given
+        self._cond = None  # with the thread: guards the queue
         self._thread = None
         self._closing = False
         self._output_written = float("-inf")  # when the stdout thread last wrote output
@@ -866,7 +994,16 @@ class FrameWriter(object):
         if self._thread is not None:
             self._put(ftype, payload)
         else:
-            self._write(ftype, payload)
+            self._write(*self._encoded(ftype, payload))
+
+    def _encoded(self, ftype, payload):
+        """A frame as it goes out: Z payloads compressed, or sent as plain OUTPUT once
+        compressing no longer pays; the controller takes both."""
+        if ftype != FRAME_ZOUTPUT or self.broken:
+            return ftype, payload
+        if self.deflater.worthwhile:
+            return ftype, self.deflater.encode(payload)
+        return FRAME_OUTPUT, payload
 
     def _write(self, ftype, payload):
         if self.broken:
@@ -889,7 +1026,7 @@ class FrameWriter(object):
             self.broken = True
 
     def json(self, ftype, obj):
-        self.send(ftype, json.dumps(obj, sort_keys=True).encode("utf-8"))
+        self.send(ftype, json_dumps(obj).encode("utf-8"))
 
     def event(self, name, **fields):
         fields["event"] = name
@@ -897,19 +1034,27 @@ class FrameWriter(object):
 
     def compress(self, level):
         """From now on, output goes as FRAME_ZOUTPUT pieces of one zlib stream."""
-        if not level or self._thread is not None:
-            return
-        self.deflater = OutputDeflater(level)
-        self._thread = threading.Thread(target=self._drain, name="stdout")
-        self._thread.daemon = True
-        self._thread.start()
+        if level and self.deflater is None:
+            self.deflater = OutputDeflater(level)
 
     def output(self, data):
         """Probe output: OUTPUT frames, or Z frames once compress() was asked for, of at
         most MAX_OUTPUT_FRAME bytes each."""
         ftype = FRAME_OUTPUT if self.deflater is None else FRAME_ZOUTPUT
+        self._output += len(data)
+        if ftype == FRAME_ZOUTPUT and self._thread is None and \
+                self._output > self.inline_output:
+            self._start_thread()
         for start in range(0, len(data), MAX_OUTPUT_FRAME):
             self.send(ftype, data[start:start + MAX_OUTPUT_FRAME])
+
+    def _start_thread(self):
+        import threading
+
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._drain, name="stdout")
+        self._thread.daemon = True
+        self._thread.start()
 
     def _put(self, ftype, payload):
         with self._cond:
@@ -943,11 +1088,7 @@ class FrameWriter(object):
                 self._cond.notify_all()
             try:
                 for ftype, payload in self._coalesce(batch):
-                    if ftype == FRAME_ZOUTPUT and not self.broken:
-                        if self.deflater.worthwhile:
-                            payload = self.deflater.encode(payload)
-                        else:  # plain frames from here on; the controller takes both
-                            ftype = FRAME_OUTPUT
+                    ftype, payload = self._encoded(ftype, payload)
                     self._write(ftype, payload)
                     if ftype in (FRAME_OUTPUT, FRAME_ZOUTPUT):
                         self._output_written = time.monotonic()
@@ -1360,6 +1501,8 @@ def matching_pids(kernel, target):
         matches = [row for row in process_table(kernel) if row[2] == name]
         what = "named %r" % name
     elif "cmdline" in target:
+        import re
+
         try:
             pattern = re.compile(str(target["cmdline"]))
         except re.error as e:
@@ -1589,7 +1732,7 @@ class Run(object):
             if line is None:
                 break
             try:
-                op = json.loads(line.decode("utf-8")).get("op")
+                op = json_loads(line.decode("utf-8")).get("op")
             except (ValueError, AttributeError):
                 log("ignoring a line on stdin that is not a JSON object")
                 continue
@@ -1615,9 +1758,12 @@ class Run(object):
         if text.startswith("WARNING: "):
             text = text[9:]
         self.stats["warnings"] += 1
-        failures = TRANSPORT_FAILURES.search(text)
-        if failures:
-            self.stats["transport_failures"] += int(failures.group(1))
+        if "transport failures" in text:
+            import re
+
+            failures = re.search(TRANSPORT_FAILURES, text)
+            if failures:
+                self.stats["transport_failures"] += int(failures.group(1))
         if text not in self.seen_warnings and len(self.seen_warnings) < 1024:
             self.seen_warnings.add(text)
             self.out.event("warning", text=text)
@@ -1956,8 +2102,23 @@ def touch(path):
 
 STALE_AGE = 7 * 86400  # seconds since a module or agent file was last used
 STALE_PART_AGE = 3600  # seconds since an unfinished upload was last written
-UPLOADED = re.compile(r"(?:[0-9a-f]{64}\.ko|agent-[0-9a-f]+\.py)\Z")
-AGENT_BYTECODE = re.compile(r"(agent-[0-9a-f]+)\.[A-Za-z0-9_.-]+\.pyc\Z")  # in __pycache__
+
+
+def is_uploaded(name):
+    """A module (``<sha256>.ko``) or an agent (``agent-<hex>.py``) the controller sent."""
+    if name.endswith(".ko"):
+        return len(name) == 67 and made_of(name[:64], HEX_DIGITS)
+    return name.startswith("agent-") and name.endswith(".py") and made_of(name[6:-3], HEX_DIGITS)
+
+
+def bytecode_agent(name):
+    """The agent (``agent-<hex>``) whose cached bytecode ``name`` is
+    (``agent-<hex>.<tag>.pyc`` in __pycache__), or None."""
+    agent, dot, tag = name[:-4].partition(".") if name.endswith(".pyc") else ("", "", "")
+    if dot and agent.startswith("agent-") and made_of(agent[6:], HEX_DIGITS) and \
+            made_of(tag, WORD + ".-"):
+        return agent
+    return None
 
 
 def remove_stale_files(directory, keep, now=None):
@@ -1972,7 +2133,7 @@ def remove_stale_files(directory, keep, now=None):
         return
     keep = os.path.realpath(keep)
     for name in names:
-        if UPLOADED.match(name):
+        if is_uploaded(name):
             age = STALE_AGE
         elif name.endswith(".part"):
             age = STALE_PART_AGE
@@ -1997,19 +2158,22 @@ def remove_orphan_bytecode(directory):
     except OSError:
         return  # no agent has run by import here yet
     for name in names:
-        match = AGENT_BYTECODE.match(name)
-        if match and not os.path.exists(os.path.join(directory, match.group(1) + ".py")):
+        agent = bytecode_agent(name)
+        if agent and not os.path.exists(os.path.join(directory, agent + ".py")):
             remove_file(os.path.join(cache, name))
 
 
 # ---------------------------------------------------------------- detached runs
 
 DETACHED_DIR = "detached"  # under the work directory: one folder per detached run
-RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.~-]{0,199}\Z")
-OUTPUT_FILE = re.compile(r"out\.(\d+)\Z")
 MAX_EVENTS_FILE = 1 << 20  # bytes of events.jsonl a detached run writes at most
 STATE_INTERVAL = HEARTBEAT_INTERVAL  # seconds between rewrites of a running run's state
 RUNNING_STATES = ("starting", "running")
+
+
+def is_run_name(name):
+    """A detached run's name: up to 200 of [A-Za-z0-9_.~-], not starting with . ~ or -."""
+    return made_of(name, WORD + ".~-", 200) and name[0] in WORD
 
 
 def run_folder(request):
@@ -2017,7 +2181,7 @@ def run_folder(request):
     workdir, name = request.get("workdir"), request.get("name")
     if not isinstance(workdir, str) or not os.path.isabs(workdir):
         raise Failure("agent-error", "the request names no absolute work directory")
-    if not isinstance(name, str) or not RUN_NAME.match(name):
+    if not isinstance(name, str) or not is_run_name(name):
         raise Failure("agent-error", "%r is not a detached run's name" % (name,))
     return os.path.join(workdir, DETACHED_DIR, name)
 
@@ -2065,14 +2229,14 @@ def read_json(path):
     """A JSON object file as a dict, or None when there is none (or it is not one)."""
     try:
         with open(path, "rb") as f:
-            value = json.loads(f.read().decode("utf-8"))
+            value = json_loads(f.read().decode("utf-8"))
     except (OSError, IOError, ValueError):
         return None
     return value if isinstance(value, dict) else None
 
 
 def write_json(path, value):
-    write_file(path, json.dumps(value, sort_keys=True).encode("utf-8"))
+    write_file(path, json_dumps(value).encode("utf-8"))
 
 
 def write_file(path, data):
@@ -2106,9 +2270,8 @@ def output_files(folder):
     except OSError:
         return files
     for name in names:
-        match = OUTPUT_FILE.match(name)
-        if match:
-            files[int(match.group(1))] = os.path.join(folder, name)
+        if name.startswith("out.") and made_of(name[4:], DIGITS):
+            files[int(name[4:])] = os.path.join(folder, name)
     return files
 
 
@@ -2200,7 +2363,7 @@ class RotatingOutput(object):
             self.state["module"] = fields.get("module")
         if name != "heartbeat":
             fields.update(event=name, time=time.time())
-            line = (json.dumps(fields, sort_keys=True) + "\n").encode("utf-8")
+            line = (json_dumps(fields) + "\n").encode("utf-8")
             if self._events_written + len(line) <= MAX_EVENTS_FILE:
                 self._events_written += len(line)
                 os.write(self._events, line)
@@ -2462,7 +2625,7 @@ def detached_stop(agent, request):
     if isinstance(pid, int) and pid != os.getpid() and \
             process_runs(agent.kernel, pid, state.get("agent", "")):
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, _signal.SIGTERM)
         except OSError as e:
             log("cannot signal %d: %s" % (pid, e))
     timeout = request.get("timeout")
@@ -2526,8 +2689,8 @@ def daemonize(target, log_path):
         os.dup2(null, 0)
         os.dup2(null, 1)
         os.dup2(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), 2)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _signal.signal(_signal.SIGHUP, _signal.SIG_IGN)
+        _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
         target()
     except BaseException:
         log(error_trace())
@@ -2590,7 +2753,7 @@ class Agent(object):
     def read_request(self):
         line = self.stdin.first_line(self.request_timeout)
         try:
-            request = json.loads(line.decode("utf-8"))
+            request = json_loads(line.decode("utf-8"))
         except ValueError as e:
             raise Failure("agent-error", "the request is not JSON: %s" % e) from None
         if not isinstance(request, dict):
@@ -2641,14 +2804,16 @@ def serve(kernel=None, stdin_fd=0, stdout_fd=1, loads=False, **options):
     """Runs the agent on the given descriptors; signals are caught only in the main thread."""
     agent = Agent(kernel, stdin_fd, stdout_fd, **options)
     previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            previous[signum] = signal.signal(signum, agent.on_signal)
+    for signum in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+        try:
+            previous[signum] = _signal.signal(signum, agent.on_signal)
+        except ValueError:  # not the main thread: signals are left as they are
+            break
     try:
         return agent.serve(loads)
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            _signal.signal(signum, handler)
 
 
 def main():

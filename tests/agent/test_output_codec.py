@@ -192,6 +192,7 @@ def test_only_streaming_output_waits_to_go_in_bigger_pieces() -> None:
     read_fd, write_fd = os.pipe()
     writer = agent.FrameWriter(write_fd)
     writer.linger = 60.0
+    writer.inline_output = 0  # the thread from the first output on: it is what lingers
     writer.compress(1)
     frames = agent.FrameReader()
 
