@@ -101,7 +101,7 @@ class Guests:
         if self.runtime:
             argv += ["-R", str(self.runtime)]
         env = dict(os.environ, PATH=self.path, SYSTEMTAP_DIR=str(self.stap_dir))
-        return run([*argv, str(script)], env=env, timeout=timeout)
+        return run([*argv, str(script)], env=env, timeout=timeout, watch=self.qemu(hosts))
 
     def stapctl_run(self, script: Path, hosts: list[Host], *extra: str,
                     timeout: float = 300) -> Timing:
@@ -112,7 +112,11 @@ class Guests:
     def stapctl_hello(self, hosts: list[Host]) -> Timing:
         """The seed's hello world, as the README runs it."""
         return run([STAPCTL, "apply", "--limit", ",".join(h.name for h in hosts),
-                    str(HELLO_PLAYBOOK)])
+                    str(HELLO_PLAYBOOK)], watch=self.qemu(hosts))
+
+    def qemu(self, hosts: list[Host]) -> list[int]:
+        """The qemu processes of ``hosts``: their CPU is the guests' work."""
+        return [self.pids[h.name] for h in hosts if h.name in self.pids]
 
     def connect(self, host: Host) -> Connection:
         return connect(host, ConnectOptions())
@@ -168,6 +172,27 @@ LOADED_AFTER = ("python3 -c 'import os, subprocess, sys, time; "
                 "while not new() and p.poll() is None: time.sleep(0.001)\n"
                 "loaded = time.monotonic() - t if p.poll() is None or new() else -1; p.wait(); "
                 "print(loaded, p.returncode)'")
+
+
+# Times, inside the guest, a command from its exec to its exit, its output to /dev/null
+# (no SSH round trip counted); the first argument is a line for its stdin, which stays
+# open until the command ends. Prints the seconds and the exit code, then its stderr.
+EXEC_TO_EXIT = ("python3 -c 'import subprocess, sys, time; t = time.monotonic(); "
+                "p = subprocess.Popen(sys.argv[2:], stdin=subprocess.PIPE, "
+                "stdout=subprocess.DEVNULL, stderr=subprocess.PIPE); "
+                "p.stdin.write(sys.argv[1].encode() + b\"\\n\"); p.stdin.flush(); "
+                "err = p.stderr.read(); p.wait(); print(time.monotonic() - t, p.returncode); "
+                "sys.stdout.write(err.decode())'")
+
+
+def exec_to_exit(connection: Connection, argv: list[str], stdin_line: str = "",
+                 folder: str = "/tmp") -> tuple[float, int, str]:
+    """Seconds from exec to exit of ``argv`` in the guest, its exit code and stderr."""
+    out = shell(connection, f"cd {shlex.quote(folder)} && {EXEC_TO_EXIT} "
+                            f"{shlex.quote(stdin_line)} {shlex.join(argv)}")
+    head, _, stderr = out.partition("\n")
+    seconds, code = head.split()
+    return float(seconds), int(code), stderr
 
 
 def loaded_after(connection: Connection, module_name: str, stdin_line: str,

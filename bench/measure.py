@@ -32,6 +32,7 @@ class Timing:
     peak_rss_mb: float = 0.0  # the whole process tree's resident memory, at its peak
     peak_fds: int = 0  # the whole process tree's open descriptors, at their peak
     timed_out: bool = False
+    watched_cpu: float = 0.0  # CPU seconds the ``watch`` processes (guests) used meanwhile
 
     @property
     def first_line(self) -> float | None:
@@ -50,8 +51,11 @@ class Timing:
 
 
 def run(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 600,
-        sample_tree: bool = False, cwd: Path | None = None) -> Timing:
-    """Run ``argv`` to its end, stdin closed, timing each output line as it comes."""
+        sample_tree: bool = False, cwd: Path | None = None,
+        watch: Sequence[int] = ()) -> Timing:
+    """Run ``argv`` to its end, stdin closed, timing each output line as it comes; the
+    CPU the ``watch`` processes (a guest's qemu) used meanwhile is summed too."""
+    watched_before = sum(map(process_cpu, watch))
     started = time.monotonic()
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, cwd=cwd, start_new_session=True)
@@ -89,7 +93,14 @@ def run(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: floa
     if sample_tree:
         sampler.join()
     return Timing(list(argv), proc.returncode, wall, usage.ru_utime + usage.ru_stime, out, err,
-                  peak.rss_kb / 1024, peak.fds, expired.is_set())
+                  peak.rss_kb / 1024, peak.fds, expired.is_set(),
+                  sum(map(process_cpu, watch)) - watched_before)
+
+
+def process_cpu(pid: int) -> float:
+    """User + system seconds a running process (all its threads) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _kill_group(pid: int) -> None:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from guests import shell, ship_module
+from guests import exec_to_exit, shell, ship_module
 
 from stapctl.agent import COMPRESS, AgentHost, AgentRequest, Frame
 from stapctl.build import Builder
@@ -59,15 +59,6 @@ probe timer.us(100) {{
 """
 
 
-# Times a command inside the guest (no SSH round trip counted), its output to /dev/null;
-# the first argument is a line for its stdin, which stays open until the command ends.
-TIMED = ("python3 -c 'import subprocess, sys, time; t = time.monotonic(); "
-         "p = subprocess.Popen(sys.argv[2:], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, "
-         "stderr=subprocess.PIPE); p.stdin.write(sys.argv[1].encode() + b\"\\n\"); "
-         "p.stdin.flush(); err = p.stderr.read(); p.wait(); "
-         "print(time.monotonic() - t, p.returncode); sys.stdout.write(err.decode())'")
-
-
 @dataclass
 class Run:
     tool: str
@@ -90,15 +81,27 @@ class Bench:
         return {"lines": lines, "per_hit": self.per_hit}
 
     def staprun(self, lines: int) -> Run:
-        args = " ".join(f"{k}={v}" for k, v in self.params(lines).items())
-        out = shell(self.connection, f"cd /tmp && {TIMED} '' staprun -b {self.bufsize} "
-                                     f"-o /dev/null {self.ko} {args}")
-        seconds, code = out.split("\n", 1)[0].split()
-        if code != "0":
-            sys.exit(f"staprun failed: {out}")
-        failures = re.search(r"There were (\d+) transport failures", out)
+        args = [f"{k}={v}" for k, v in self.params(lines).items()]
+        seconds, code, stderr = exec_to_exit(self.connection, [
+            "staprun", "-b", str(self.bufsize), "-o", "/dev/null", self.ko, *args])
+        if code != 0:
+            sys.exit(f"staprun failed: {stderr}")
+        failures = re.search(r"There were (\d+) transport failures", stderr)
         lost = int(failures.group(1)) if failures else 0
-        return Run("staprun", lines, float(seconds), lost, f"transport failures {lost}")
+        return Run("staprun", lines, seconds, lost, f"transport failures {lost}")
+
+    def link(self, lines: int) -> Run:
+        """The SSH link alone: the same number of bytes (zeros: SSH compresses nothing),
+        read over an exec channel of the same connection, no probe and no agent."""
+        started = time.monotonic()
+        process = self.connection.start(["head", "-c", str(lines * LINE), "/dev/zero"])
+        received = 0
+        while chunk := process.recv(1 << 20):
+            received += len(chunk)
+        code = process.wait()
+        if code != 0 or received != lines * LINE:
+            sys.exit(f"head -c over SSH: exit {code}, {received} of {lines * LINE} bytes")
+        return Run("link", lines, time.monotonic() - started, None, "")
 
     def stapctl(self, lines: int) -> Run:
         received = bytearray()
@@ -125,7 +128,8 @@ class Bench:
 def measure(connection: Connection, text: str, lines: int, rounds: int,
             bufsize: int = 64) -> dict[str, Any]:
     """Lines per second of staprun and of stapctl for ``text`` (fixed or random), and
-    the records each lost, over ``rounds`` alternating rounds."""
+    the records each lost, over ``rounds`` alternating rounds; and, as the ceiling of
+    anything sent over SSH uncompressed, the link's own rate for as many bytes."""
     builder = Builder()
     release = shell(connection, "uname -r").strip()
     # the producer is meant to saturate its CPU: no overload check
@@ -141,15 +145,16 @@ def measure(connection: Connection, text: str, lines: int, rounds: int,
                            module_name=artifact.module_name, bufsize_mb=bufsize,
                            compress=COMPRESS)
     bench = Bench(connection, agent, ko, request, PER_HIT["burst"], bufsize)
-    tools = [bench.staprun, bench.stapctl]
+    tools = [bench.staprun, bench.stapctl, bench.link]
     runs: list[Run] = []
     for round_ in range(rounds):
         for count in (BASELINE, lines):
-            for tool in tools[round_ % 2:] + tools[:round_ % 2]:  # alternate the order
+            shift = round_ % len(tools)  # rotate the order
+            for tool in tools[shift:] + tools[:shift]:
                 runs.append(tool(count))
     shell(connection, f"rm -f {ko}")
     rates: dict[str, Any] = {}
-    for name in ("staprun", "stapctl"):
+    for name in ("staprun", "stapctl", "link"):
         base = min(r.seconds for r in runs if r.tool == name and r.lines == BASELINE)
         full = [r for r in runs if r.tool == name and r.lines == lines]
         rates[name] = {"lines_per_s": [(lines - BASELINE) / max(r.seconds - base, 1e-3)
