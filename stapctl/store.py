@@ -14,6 +14,7 @@ whatever the probes printed, so they are private to their owner (folders 0700, f
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -53,6 +54,7 @@ def data_dir() -> Path:
 
 HISTORY_FILE = "history.sqlite"  # the default history, in the data folder
 LISTING_DELAY = 2.0  # seconds into a run when its row is added to the history
+PROBE_ENDED = frozenset({"stopping", "finished"})  # the events of a host whose probe ended
 
 
 def own_data_dir() -> Path:
@@ -121,11 +123,14 @@ class RunRecorder:
             self._attempt("copy the manifest", self._copy_manifest)
             self._attempt("write events.jsonl", self._open_events)
         self._listed = False
-        # the history's database library takes a tenth of a second of CPU to import: the
+        # the history's database library takes a fifth of a second of CPU to import: the
         # row is added in the background two seconds into the run (or at its end, if
         # sooner), off the connects and a short run's lines (on 3 emulated guests sharing
-        # 2 cores, a second in was still mid-run), and waited for before it is finished
+        # 2 cores, a second in was still mid-run), and waited for before it is finished;
+        # the library is imported as soon as a host's probe has ended, while the rest of
+        # a short run waits on its targets (the module's exit and unload)
         self._list_now = threading.Event()
+        self._probe_ended = threading.Event()
         self._listing = threading.Thread(target=self._list, name="stapctl-history",
                                          daemon=True)
         self._listing.start()
@@ -146,7 +151,9 @@ class RunRecorder:
                 self._close_events()
         outputs: dict[str, list[str]] = {}
         for event in events:
-            if event.kind == "output":
+            if event.kind in PROBE_ENDED:
+                self._probe_ended.set()
+            elif event.kind == "output":
                 prefix = f"[{event.probe}] " if self._many_probes else ""
                 outputs.setdefault(event.host, []).append(prefix + event.text + "\n")
         for host, lines in outputs.items():
@@ -280,11 +287,15 @@ class RunRecorder:
     def listed(self) -> bool:
         """Whether the run's row is in the history (waiting for it to be added)."""
         self._list_now.set()
+        self._probe_ended.set()
         self._listing.join()
         return self._listed
 
     def _list(self) -> None:
-        self._list_now.wait(LISTING_DELAY)
+        listing_time = time.monotonic() + LISTING_DELAY
+        self._probe_ended.wait(LISTING_DELAY)
+        importlib.import_module("stapctl.history")
+        self._list_now.wait(max(0.0, listing_time - time.monotonic()))
         self._listed = self._attempt("add the run to the history", self._add_to_history)
 
     def _add_to_history(self) -> None:

@@ -99,6 +99,32 @@ def test_a_run_still_going_is_in_the_history_a_moment_in(
     assert row["id"] == "r1" and row["finished"] is None
 
 
+def test_the_history_library_is_imported_once_a_probe_has_ended(tmp_path: Path) -> None:
+    """Its import (a fifth of a second of CPU) overlaps the end of a short run, which waits
+    on its targets; the row itself is still added when LISTING_DELAY is up."""
+    run_python(f"""
+        import sys, time
+        from pathlib import Path
+        from stapctl import store
+        from stapctl.models import Event, Manifest, OutputSpec
+        store.LISTING_DELAY = 60.0
+        manifest = Manifest(path=Path("t.yaml"), name="t", probes=(),
+                            output=OutputSpec(dir=Path({str(tmp_path)!r})))
+        where = Path({str(tmp_path / "h.sqlite")!r})
+        recorder = store.RunRecorder("r1", manifest, where)
+        time.sleep(0.5)
+        assert "stapctl.history" not in sys.modules  # not while the run goes
+        recorder.event(Event("a", "stopping", "p", "exit()"))
+        deadline = time.monotonic() + 30
+        while "stapctl.history" not in sys.modules and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "stapctl.history" in sys.modules, "not imported after the probe ended"
+        from stapctl import history
+        time.sleep(0.5)
+        assert history.list_runs(history=where) == []  # the row: not before its time
+    """)
+
+
 def test_a_run_is_recorded_in_its_folder_and_the_history(tmp_path: Path,
                                                          history_where: str | Path) -> None:
     recorder = RunRecorder("r1", make_manifest(tmp_path), history_where)
