@@ -24,6 +24,7 @@ import fcntl
 import heapq
 import os
 import select
+import stat
 import struct
 import sys
 import time
@@ -2698,13 +2699,38 @@ def daemonize(target, log_path):
         os._exit(0)
 
 
+def where_it_runs(kernel, path):
+    """What the controller needs to know of the host before its first request, said in
+    HELLO (from a spare agent's, it needs no prepare command): the agent's folder and the
+    size of its file (``path``), the kernel's release and machine, the module files
+    (``*.ko``) there."""
+    folder = os.path.dirname(os.path.abspath(path))
+    release, machine = kernel.uname()
+    try:
+        size = os.lstat(path).st_size
+        names = os.listdir(folder)
+    except OSError:
+        size, names = 0, []
+    modules = []
+    for name in names:
+        if name.endswith(".ko") and not name.startswith("."):
+            try:
+                if stat.S_ISREG(os.lstat(os.path.join(folder, name)).st_mode):
+                    modules.append(name)
+            except OSError:
+                pass
+    return {"workdir": folder, "agent_size": size, "release": release, "arch": machine,
+            "modules": sorted(modules)}
+
+
 class Agent(object):
     """One request, one result: facts, preflight, or a whole run of one module."""
 
     request_timeout = 60.0
 
-    def __init__(self, kernel=None, stdin_fd=0, stdout_fd=1, gap_wait=1.0):
+    def __init__(self, kernel=None, stdin_fd=0, stdout_fd=1, gap_wait=1.0, path=None):
         self.kernel = kernel or Kernel()
+        self.path = path or __file__  # the agent's file; its folder is the work directory
         self.out = FrameWriter(stdout_fd)
         self.stdin = LineReader(stdin_fd)
         self.module_image = None  # the module's bytes, when they came with the request
@@ -2722,7 +2748,8 @@ class Agent(object):
         ready before it is read, while a spare agent waits for it."""
         self.out.json(FRAME_HELLO, {"protocol": PROTOCOL_VERSION, "agent": AGENT_VERSION,
                                     "python": "%d.%d.%d" % tuple(sys.version_info[:3]),
-                                    "pid": os.getpid()})
+                                    "pid": os.getpid(),
+                                    "host": where_it_runs(self.kernel, self.path)})
         request = {}
         try:
             if loads:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from stapctl.cache import SHA256
 from stapctl.clock import CLOCK, Alarm
 from stapctl.connection import Connection, Process, run_command
+from stapctl.connection.base import Watchdog
 from stapctl.errors import (
     AgentError,
     BadFactsError,
@@ -300,10 +301,11 @@ class AgentHost:
         self._spare_lock = threading.Lock()  # a host's jobs call side by side: one takes it
         self._modules_lock = threading.Lock()
 
-    def prepare(self, spare: bool = False, loads: bool = False) -> HostFacts:
+    def prepare(self, spare: bool = False, loads: bool = False,
+                startup: float = Timing.startup) -> HostFacts:
         """Make the private work directory, ship the agent unless it is there, and return
         the kernel release and arch (what planning needs): one shell command, and SFTP
-        only when the agent must be sent.
+        only when the agent must be sent; or, with ``spare``, the agent alone.
 
         The directory is made and checked as the login user (it receives SFTP uploads):
         a directory, not a symlink, no access for group or others. Only the interpreter's
@@ -314,19 +316,25 @@ class AgentHost:
         arch become paths and arguments, so one that is not a plain name raises
         BadFactsError.
 
-        With ``spare``, the agent is started beside that command, from the home folder
-        (the login's working directory), for the host's first call to take: its Python
-        start, the largest part of a short run's time on a slow target, then overlaps the
-        prepare and the planning (``loads``: the call will load a module, and the spare
-        readies its loader as it waits). BOOTSTRAP checks the folder before it runs
-        anything; a spare that cannot start (the agent is not there yet) is replaced at
-        the call.
+        With ``spare``, the agent is started first, from the home folder (the login's
+        working directory), for the host's first call to take: its Python start is the
+        largest part of a short run's time on a slow target, and its HELLO says what the
+        prepare command would have (``_spare_facts``), so a host that holds this agent
+        costs one command, not two (``loads``: the call will load a module, and the spare
+        readies its loader as it waits; ``startup``: the seconds it is given to say HELLO,
+        as a call gives it, Timing.startup). BOOTSTRAP checks the folder before it runs
+        anything; when the agent cannot start (it is not there yet) or is another copy
+        under this name, the prepare command runs after all, and the call starts it anew.
         """
         name = f"agent-{AGENT_SHA256[:16]}.py"
         if spare:
+            self.discard_spare()
             started = self.connection.start(agent_argv(self.python, f"{WORKDIR}/{name}", loads))
-            with self._spare_lock:
-                self._spare = (time.monotonic(), started)
+            facts = self._spare_facts(started, name, startup)
+            if facts is not None:
+                with self._spare_lock:
+                    self._spare = (time.monotonic(), started)
+                return facts
         done = run_command(self.connection, ["sh", "-c", PREPARE_SCRIPT, self.python,
                                              *self.connection.sudo()],
                            timeout=FACTS_TIMEOUT, become=False)
@@ -345,8 +353,33 @@ class AgentHost:
         self.path = f"{self.workdir}/{name}"
         self.modules = modules
         if agent_size != AGENT_SIZE:
-            self.discard_spare()  # it started a stale copy, or none
             self.connection.put(AGENT_FILE, self.path)
+        return facts
+
+    def _spare_facts(self, process: Process, name: str, startup: float) -> HostFacts | None:
+        """The host as a spare agent's HELLO tells it (the agent's where_it_runs), or None
+        when the agent could not start or is another copy under this name (it is then
+        ended). A HELLO whose folder, release or arch is unfit is the target's fault."""
+        hello = read_hello(process, startup)
+        host = hello.get("host") if hello is not None else None
+        if not isinstance(host, dict) or host.get("agent_size") != AGENT_SIZE:
+            with contextlib.suppress(Exception):
+                process.close_stdin()
+                process.kill()
+            return None
+        workdir, release, arch = (host.get(key) for key in ("workdir", "release", "arch"))
+        if not (isinstance(workdir, str) and workdir.startswith("/") and workdir.isprintable()
+                and workdir.endswith(f"/{WORKDIR}") and len(workdir) <= 4096):
+            raise ProtocolError(f"the agent reports its folder as {shown(str(workdir))}: "
+                                f"not the absolute path of a {WORKDIR} folder")
+        if not (isinstance(release, str) and isinstance(arch, str)):
+            raise ProtocolError("the agent reports no kernel release or arch")
+        facts = checked_facts(release, arch)
+        modules = host.get("modules")
+        self.workdir = workdir
+        self.path = f"{workdir}/{name}"
+        self.modules = {m for m in modules if isinstance(m, str) and m.endswith(".ko")
+                        and SHA256.fullmatch(m[:-3])} if isinstance(modules, list) else set()
         return facts
 
     def _unprepared(self, code: int, lines: list[str], tail: str) -> AgentError:
@@ -499,6 +532,45 @@ class AgentHost:
             return RunResult(False, FailureKind.TIMED_OUT,
                              "stopped: the host's timeout was reached", parsed.stats)
         return parsed
+
+
+MAX_HELLO = 1 << 20  # bytes of a HELLO frame: the module files listed are the most of it
+
+
+def read_hello(process: Process, timeout: float) -> dict[str, Any] | None:
+    """An agent's first frame, which must be HELLO; None when it ended without a byte
+    (it could not start). Silent for ``timeout`` seconds, it is killed and
+    UnresponsiveError raised; a stream that is not a HELLO frame raises ProtocolError."""
+    watchdog = Watchdog(timeout, process.kill)
+    try:
+        header = _receive(process, wire.FRAME_HEADER.size, watchdog)
+        if watchdog.fired:
+            raise UnresponsiveError(f"the agent did not start within {timeout:g} s")
+        if not header:
+            return None
+        ftype, size = wire.FRAME_HEADER.unpack(header) if len(header) == \
+            wire.FRAME_HEADER.size else (0, 0)
+        if chr(ftype) != wire.FRAME_HELLO or size > MAX_HELLO:
+            raise ProtocolError("the agent's first frame is not a HELLO of at most "
+                                f"{MAX_HELLO >> 10} KiB")
+        payload = _receive(process, size, watchdog)
+        if watchdog.fired:
+            raise UnresponsiveError(f"the agent did not start within {timeout:g} s")
+        if len(payload) < size:
+            raise ProtocolError("the agent's stream ended inside its HELLO frame")
+    finally:
+        watchdog.stop()
+    return Frame("hello", payload).json()
+
+
+def _receive(process: Process, size: int, watchdog: Watchdog) -> bytes:
+    """``size`` bytes of the process's stdout, or fewer at its end: never more, so the
+    next reader finds the stream where this one left it."""
+    data = b""
+    while len(data) < size and (chunk := process.recv(size - len(data))):
+        watchdog.heard()
+        data += chunk
+    return data
 
 
 def _work_directory(listing: list[str], agent: str) -> tuple[str, int, set[str]]:

@@ -215,7 +215,8 @@ class Fleet:
             # a spare agent for the hosts whose run starts as soon as the plan is made
             facts = agent.prepare(spare=host.name in self._first
                                   and self._kept < self._keep_limit,
-                                  loads=not self.options.check)
+                                  loads=not self.options.check,
+                                  startup=self.options.timing.startup)
         except Exception as exc:  # noqa: BLE001 - every failure is this host's outcome
             with contextlib.suppress(Exception):
                 connection.close()

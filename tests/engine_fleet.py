@@ -111,9 +111,9 @@ def agent_double(path: Path, traces: Path, pause: float, heeds_stop: bool = True
                 sys.stdout.flush()
             except BrokenPipeError:
                 orphaned()
+        frame("H", {{"protocol": 1, "agent": "double", "pid": os.getpid()}})  # always first
         request = json.loads(sys.stdin.buffer.readline())
         sys.stdin.buffer.read(request.get("module_size", 0))  # a module sent with it
-        frame("H", {{"protocol": 1, "agent": "double", "pid": os.getpid()}})
         frame("E", {{"event": "loaded", "module": request.get("module_name", "")}})
         frame("E", {{"event": "started"}})
         trace("started")

@@ -71,17 +71,18 @@ class SocketProcess:
 
 
 class AgentProcess(SocketProcess):
-    """The real agent, serving FakeKernel in a thread."""
+    """The real agent, serving FakeKernel in a thread, as the file at ``path`` (its HELLO
+    says where it runs)."""
 
-    def __init__(self, kernel: FakeKernel) -> None:
+    def __init__(self, kernel: FakeKernel, path: str) -> None:
         super().__init__()
-        self.thread = threading.Thread(target=self._serve, args=(kernel,), daemon=True)
+        self.thread = threading.Thread(target=self._serve, args=(kernel, path), daemon=True)
         self.thread.start()
 
-    def _serve(self, kernel: FakeKernel) -> None:
+    def _serve(self, kernel: FakeKernel, path: str) -> None:
         try:
             self.code = wire.serve(kernel, self.stdin_theirs.fileno(),
-                                   self.stdout_theirs.fileno(), gap_wait=0.05)
+                                   self.stdout_theirs.fileno(), gap_wait=0.05, path=path)
         finally:
             self.stdout_theirs.close()
             self.stdin_theirs.close()
@@ -134,11 +135,10 @@ def ls_aln(folder: Path) -> str:
 class FakeConnection:
     """A Connection to a fake host: files live in a temporary folder, the prepare command
     makes the work directory there and gives canned facts (``facts``: what `uname -rm`
-    prints), and the agent command runs
-    ``agent(kernel)``."""
+    prints), and the agent command runs ``agent(kernel, the agent file's path)``."""
 
     def __init__(self, host: Host, kernel: FakeKernel, home: Path,
-                 agent: Callable[[FakeKernel], Process] = AgentProcess,
+                 agent: Callable[[FakeKernel, str], Process] = AgentProcess,
                  facts: bytes = f"{RELEASE} x86_64\n".encode()) -> None:
         self.host = host
         self.kernel = kernel
@@ -167,7 +167,8 @@ class FakeConnection:
             workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
             return CompletedProcess(f"{self._home}\n".encode() + self._facts
                                     + ls_aln(workdir).encode() + b"/usr/bin/python3\n")
-        return self._agent(self.kernel)
+        path = argv[argv.index("-c") + 2]  # agent_argv: the agent file, after BOOTSTRAP
+        return self._agent(self.kernel, str(self._home / path))  # relative: from the home
 
     def close(self) -> None:
         self.closed = True
@@ -179,7 +180,7 @@ class FakeFleet:
 
     def __init__(self, root: Path, scenarios: dict[str, Scenario],
                  unreachable: Sequence[str] = (),
-                 agents: dict[str, Callable[[FakeKernel], Process]] | None = None,
+                 agents: dict[str, Callable[[FakeKernel, str], Process]] | None = None,
                  facts: dict[str, bytes] | None = None) -> None:
         self.root = root
         self.scenarios = scenarios

@@ -78,7 +78,7 @@ def run_command(connection: Connection, argv: Sequence[str], stdin: bytes = b"",
     (``Process.kill``) and reported as a ConnectError.
     """
     process = connection.start(argv, become)
-    watchdog = _Watchdog(timeout, process.kill)
+    watchdog = Watchdog(timeout, process.kill)
     try:
         if stdin:
             process.send(stdin)
@@ -105,7 +105,7 @@ def run_command(connection: Connection, argv: Sequence[str], stdin: bytes = b"",
     return Completed(status, b"".join(chunks), process.stderr_tail())
 
 
-class _Watchdog:
+class Watchdog:
     """Calls ``kill`` once nothing has been heard for ``timeout`` seconds (never if None):
     an alarm on the shared clock that, when due after something was heard, is set again
     for the rest of the time."""

@@ -53,8 +53,9 @@ def hostile_target(tmp_path: Path, release: str,
         EVIL = {EVIL!r}
         def frame(kind, payload):
             sys.stdout.buffer.write(struct.pack(">BI", ord(kind), len(payload)) + payload)
-        sys.stdin.readline()
         frame("H", json.dumps({{"protocol": 1, "agent": "evil", "pid": 1}}).encode())
+        sys.stdout.flush()
+        sys.stdin.readline()
         frame("E", json.dumps({{"event": "warning", "text": EVIL}}).encode())
         frame("O", (EVIL + "\\n").encode())
         frame("R", json.dumps({{"status": "failed", "kind": "runtime-error",

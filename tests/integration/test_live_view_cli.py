@@ -41,9 +41,9 @@ def scripted_fleet(tmp_path: Path, outputs: dict[str, tuple[list[str], list[str]
             def frame(kind, payload):
                 sys.stdout.buffer.write(struct.pack(">BI", ord(kind), len(payload)) + payload)
                 sys.stdout.flush()
+            frame("H", json.dumps({{"protocol": 1, "agent": "scripted", "pid": 1}}).encode())
             request = json.loads(sys.stdin.buffer.readline())
             sys.stdin.buffer.read(request.get("module_size", 0))  # its module, as agents do
-            frame("H", json.dumps({{"protocol": 1, "agent": "scripted", "pid": 1}}).encode())
             for line in {before!r}:
                 frame("O", (line + "\\n").encode())
             time.sleep({PAUSE})

@@ -94,7 +94,7 @@ def run_against(tmp_path: Path, stream: bytes | Callable[[socket.socket], None],
                 facts: bytes | None = None,
                 timing: Timing = QUICK) -> tuple[Run, Session, FakeFleet]:
     fleet = FakeFleet(tmp_path, {"good": GOOD, "evil": Scenario()},
-                      agents={"evil": lambda kernel: HostileProcess(stream, hang)},
+                      agents={"evil": lambda _kernel, _path: HostileProcess(stream, hang)},
                       facts={"evil": facts} if facts is not None else None)
     session = Session(manifest(tmp_path), fleet.hosts(), listener=listener or Counting(),
                       options=RunOptions(timing=timing),
@@ -164,7 +164,7 @@ def test_a_line_without_newline_is_split_in_bounded_memory(tmp_path: Path) -> No
 def test_probe_output_past_the_run_limit_stops_the_host(tmp_path: Path) -> None:
     lines = wire.encode_frame(wire.FRAME_OUTPUT, b"x" * 1023 + b"\n")
     fleet = FakeFleet(tmp_path, {"good": GOOD, "evil": Scenario()},
-                      agents={"evil": lambda kernel: HostileProcess(
+                      agents={"evil": lambda _kernel, _path: HostileProcess(
                           HELLO + lines * 2048 + RESULT_OK)})
     session = Session(manifest(tmp_path), fleet.hosts(), listener=Counting(),
                       options=RunOptions(max_output=MiB), builder=FakeBuilder(tmp_path / "c"),
@@ -271,7 +271,7 @@ def test_an_agent_that_ignores_its_duration_is_stopped_at_the_default_deadline(
             time.sleep(0.05)
 
     fleet = FakeFleet(tmp_path, {"good": GOOD, "evil": Scenario()},
-                      agents={"evil": lambda kernel: HostileProcess(never_ends)})
+                      agents={"evil": lambda _kernel, _path: HostileProcess(never_ends)})
     session = Session(manifest(tmp_path), fleet.hosts(), listener=Counting(),
                       options=RunOptions(duration=0.2, timing=Timing(exit_timeout=0.1,
                                                                      stop_grace=0.3)),
