@@ -330,7 +330,11 @@ class AgentHost:
         if spare:
             self.discard_spare()
             started = self.connection.start(agent_argv(self.python, f"{WORKDIR}/{name}", loads))
-            facts = self._spare_facts(started, name, startup)
+            try:
+                facts = self._spare_facts(started, name, startup)
+            except BaseException:
+                _end(started)
+                raise
             if facts is not None:
                 with self._spare_lock:
                     self._spare = (time.monotonic(), started)
@@ -363,9 +367,7 @@ class AgentHost:
         hello = read_hello(process, startup)
         host = hello.get("host") if hello is not None else None
         if not isinstance(host, dict) or host.get("agent_size") != AGENT_SIZE:
-            with contextlib.suppress(Exception):
-                process.close_stdin()
-                process.kill()
+            _end(process)
             return None
         workdir, release, arch = (host.get(key) for key in ("workdir", "release", "arch"))
         if not (isinstance(workdir, str) and workdir.startswith("/") and workdir.isprintable()
@@ -398,9 +400,7 @@ class AgentHost:
         """End the spare agent unused (on its stdin's EOF it exits without a request)."""
         process = self._claim_spare(lambda _: True)
         if process is not None:
-            with contextlib.suppress(Exception):
-                process.close_stdin()
-                process.kill()
+            _end(process)
 
     def _take_spare(self) -> Process | None:
         """The spare agent for this call, if there is one young enough; an older one is
@@ -532,6 +532,13 @@ class AgentHost:
             return RunResult(False, FailureKind.TIMED_OUT,
                              "stopped: the host's timeout was reached", parsed.stats)
         return parsed
+
+
+def _end(process: Process) -> None:
+    """End an agent that has not been sent a request: on its stdin's EOF it exits."""
+    with contextlib.suppress(Exception):
+        process.close_stdin()
+        process.kill()
 
 
 MAX_HELLO = 1 << 20  # bytes of a HELLO frame: the module files listed are the most of it
