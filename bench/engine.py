@@ -36,6 +36,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
+from measure import process_cpu  # noqa: E402
+
 from stapctl.config import load_config  # noqa: E402
 from stapctl.engine import (  # noqa: E402
     BATCH,
@@ -78,12 +80,6 @@ class Timeline(Silent):
             self.ends.append(now)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def one_apply(targets: Targets, forks: int, engine: CeleryEngine | None,
               workers: Workers | None = None) -> dict[str, object]:
     manifest = replace(load_manifest(targets.manifest),
@@ -93,8 +89,8 @@ def one_apply(targets: Targets, forks: int, engine: CeleryEngine | None,
                       record=False, engine=engine)
     times: dict[str, float] = {}
     worker_pids = [p.pid for p in workers.processes.values()] if workers else []
-    worker_cpu = sum(cpu_seconds(pid) for pid in worker_pids)
-    controller_cpu = cpu_seconds(os.getpid())
+    worker_cpu = sum(process_cpu(pid) for pid in worker_pids)
+    controller_cpu = process_cpu(os.getpid())
     started = time.perf_counter()
     connected = session.connect()
     times["connect"] = time.perf_counter() - started
@@ -112,8 +108,8 @@ def one_apply(targets: Targets, forks: int, engine: CeleryEngine | None,
         raise SystemExit(f"only {ok} of {len(targets.names)} hosts ended ok: "
                          f"{[o for o in run.outcomes if not o.ok][:3]}")
     return {"total_s": time.perf_counter() - started, "stages_s": times,
-            "controller_cpu_s": cpu_seconds(os.getpid()) - controller_cpu,
-            "workers_cpu_s": sum(cpu_seconds(pid) for pid in worker_pids) - worker_cpu,
+            "controller_cpu_s": process_cpu(os.getpid()) - controller_cpu,
+            "workers_cpu_s": sum(process_cpu(pid) for pid in worker_pids) - worker_cpu,
             "first_upload_s": min(timeline.uploads), "last_end_s": max(timeline.ends),
             "served_by": sorted({o.worker.split("@")[0] for o in run.outcomes if o.worker})}
 
