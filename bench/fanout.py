@@ -10,9 +10,11 @@ of hosts worked on at once (``forks``).
   agent's preflight (the agent run as stapctl runs it, by import with its bytecode cached;
   the request on stdin). The floor for any controller that runs a Python agent on its
   targets.
-- stapctl: ``Session.connect`` (agent already shipped, facts) and ``Session.run`` with
-  ``RunOptions(check=True)`` on a Plan of prebuilt 300 KB artifacts: upload, then the
-  agent's preflight, which refuses here because this machine cannot load modules.
+- stapctl: what ``Session.apply`` does, with ``RunOptions(check=True)`` and a Plan of
+  prebuilt 300 KB artifacts: ``Session.connect`` (agent already shipped, facts) then
+  ``Session.run``, or, with more targets than forks, ``Session.stream`` (each target
+  connected and run in one go); the run is the upload, then the agent's preflight, which
+  refuses here because this machine cannot load modules.
 - apply: the same without ``check``: a full run, whose every host fails at the preflight
   (no module support here), every outcome recorded as a run of stapctl's own.
 - ansible: ``ansible-playbook`` with ``copy`` + ``command``, pipelining on, one
@@ -156,9 +158,13 @@ def stapctl_fleet(lab: Sshds, targets: list[Target], forks: int, check: bool) ->
                               artifact=ModuleArtifact(spec.key, target.payload, sha256,
                                                       "stapctl_bench")))
     session = Session(manifest, hosts, options=RunOptions(check=check), record=not check)
-    try:
-        session.connect(spares=True)  # as apply does
-        session.run(Plan(jobs=tuple(jobs)))
+    plan = Plan(jobs=tuple(jobs))
+    try:  # as apply does
+        if session.streams:
+            session.stream(lambda host, _facts: Plan(jobs=plan.jobs_for(host.name)))
+        else:
+            session.connect(spares=True)
+            session.run(plan)
     finally:
         run = session.finish()
     if check:

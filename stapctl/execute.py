@@ -1,4 +1,6 @@
-"""Fan-out: connect to every host, then run each host's modules under the rollout policy.
+"""Fan-out: connect to every host, then run each host's modules under the rollout policy;
+or, for a fleet larger than the hosts worked on at once, each host connected and run in one
+go (Fleet.stream).
 
 Every host's fate is a HostOutcome; nothing a host does escapes as an exception, and no
 worker thread ever ends in a traceback. Work is done by a bounded thread pool
@@ -178,6 +180,11 @@ class Fleet:
             self._fail(host, probe.name, status, kind, message)
 
     # -- connect -------------------------------------------------------------------------
+    @property
+    def at_once(self) -> int:
+        """Hosts worked on at once: forks, within the connection budget."""
+        return max(1, min(self.strategy.forks, connection_budget()))
+
     def connect(self, hosts: Sequence[Host],
                 spares: bool = False) -> dict[str, tuple[Host, HostFacts]]:
         """Connect, ship the agent and gather facts on every host; the unreachable are
@@ -186,10 +193,9 @@ class Fleet:
         is connected at once (no more hosts than forks): otherwise the connects of the
         others would keep the run waiting, and the spares with it."""
         self.hosts += [host.name for host in hosts]
-        budget = connection_budget()
-        self._workers = max(1, min(self.strategy.forks, budget))
+        self._workers = self.at_once
         # the workers must always find descriptors free to open a parked host's connection
-        self._keep_limit = budget - self._workers
+        self._keep_limit = connection_budget() - self._workers
         names = [host.name for host in hosts] if spares and len(hosts) <= self._workers \
             else []
         self._first = set(next(batches(names, self.strategy.serial), [])[:self._workers])
@@ -198,40 +204,52 @@ class Fleet:
         return {name: (s.host, s.facts) for name, s in self.sessions.items()}
 
     def _connect_one(self, host: Host) -> None:
-        if self.stop.is_set():
-            self.fail_all(host.name, "skipped", FailureKind.SKIPPED,
-                           "interrupted before connecting")
-            return
-        try:
-            connection = self.connector(host, self._connect_options(host))
-        except StapctlError as exc:
-            self.fail_all(host.name, "unreachable", FailureKind.UNREACHABLE, str(exc))
-            return
-        except Exception as exc:  # noqa: BLE001 - a controller fault stays this host's
-            self.fail_all(host.name, "failed", FailureKind.CONTROLLER_ERROR, _fault(exc))
-            return
-        try:
-            agent = AgentHost(connection, host.python)
-            # a spare agent for the hosts whose run starts as soon as the plan is made
-            facts = agent.prepare(spare=host.name in self._first
-                                  and self._kept < self._keep_limit,
-                                  loads=not self.options.check,
-                                  startup=self.options.timing.startup)
-        except Exception as exc:  # noqa: BLE001 - every failure is this host's outcome
-            with contextlib.suppress(Exception):
-                connection.close()
-            status, kind, message = _classify(exc)
-            self.fail_all(host.name, status, kind, message)
+        session = self._open(host, spare=host.name in self._first
+                             and self._kept < self._keep_limit)
+        if session is None:
             return
         with self._lock:
             keep = self._kept < self._keep_limit
             self._kept += keep
         if not keep:
             with contextlib.suppress(Exception):
+                session.connection.close()
+            session.parked = True
+        self._add(session)
+
+    def _open(self, host: Host, spare: bool) -> _Session | None:
+        """Connect to the host, ship its agent and read its facts (AgentHost.prepare;
+        ``spare``: with the agent its run will use, started now); None, with the host's
+        outcome recorded, when it cannot be."""
+        if self.stop.is_set():
+            self.fail_all(host.name, "skipped", FailureKind.SKIPPED,
+                           "interrupted before connecting")
+            return None
+        try:
+            connection = self.connector(host, self._connect_options(host))
+        except StapctlError as exc:
+            self.fail_all(host.name, "unreachable", FailureKind.UNREACHABLE, str(exc))
+            return None
+        except Exception as exc:  # noqa: BLE001 - a controller fault stays this host's
+            self.fail_all(host.name, "failed", FailureKind.CONTROLLER_ERROR, _fault(exc))
+            return None
+        try:
+            agent = AgentHost(connection, host.python)
+            facts = agent.prepare(spare=spare, loads=not self.options.check,
+                                  startup=self.options.timing.startup)
+        except Exception as exc:  # noqa: BLE001 - every failure is this host's outcome
+            with contextlib.suppress(Exception):
                 connection.close()
+            status, kind, message = _classify(exc)
+            self.fail_all(host.name, status, kind, message)
+            return None
+        return _Session(host, connection, agent, facts)
+
+    def _add(self, session: _Session) -> None:
         with self._lock:
-            self.sessions[host.name] = _Session(host, connection, agent, facts, parked=not keep)
-        self._event(host.name, "connected", f"{facts.release} {facts.arch}")
+            self.sessions[session.host.name] = session
+        self._event(session.host.name, "connected",
+                    f"{session.facts.release} {session.facts.arch}")
 
     def _connect_options(self, host: Host) -> ConnectOptions:
         become = self.manifest.become if host.become is None else host.become
@@ -265,6 +283,50 @@ class Fleet:
             return connection.read_file(path, limit)
         finally:
             connection.close()
+
+    # -- connect and run in one go -------------------------------------------------------
+    def stream(self, hosts: Sequence[Host],
+               plan_for: Callable[[Host, HostFacts], Plan]) -> list[HostOutcome]:
+        """Connect and run each host in one go, ``at_once`` hosts at a time, batch by
+        batch under the rollout policy: for a fleet larger than that, where connecting
+        every host first would hold (or park and open again) a connection per host
+        until its turn. Each host's agent is started at its connect and runs the host's
+        plan, ``plan_for(host, facts)``; then its connection is closed, so at most
+        ``at_once`` are open. An exception from ``plan_for`` (bad input, as a template
+        that fails on the host's facts) lets no other host start, and is raised once the
+        hosts running have ended."""
+        self.hosts += [host.name for host in hosts]
+        self._workers = self.at_once
+        by_name = {host.name: host for host in hosts}
+        halted: list[BaseException] = []
+
+        def one(name: str) -> None:
+            if halted:
+                return  # left to settle(): not run
+            session = self._open(by_name[name], spare=True)
+            if session is None:
+                return
+            self._add(session)
+            try:
+                plan = plan_for(session.host, session.facts)
+            except Exception as exc:  # noqa: BLE001 - raised in the caller's thread
+                halted.append(exc)
+            else:
+                self._run_host(name, plan)
+            finally:
+                with contextlib.suppress(Exception):
+                    session.connection.close()
+                with self._lock:
+                    del self.sessions[name]
+
+        def run_batch(batch: list[str]) -> None:
+            with ThreadPoolExecutor(max_workers=self._workers) as pool:
+                list(pool.map(one, batch))
+
+        self.roll_out(list(by_name), run_batch)
+        if halted:
+            raise halted[0]
+        return self.outcomes
 
     # -- run -----------------------------------------------------------------------------
     def run(self, plan: Plan) -> list[HostOutcome]:

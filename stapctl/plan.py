@@ -7,7 +7,7 @@ ModuleSpec, hence one compile; a fleet of 1000 hosts on 3 kernels costs 3 compil
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -141,26 +141,39 @@ def check_scripts(manifest: Manifest, hosts: Sequence[Host],
     return len(seen)
 
 
+Progress = Callable[[ModuleJob, str], None]
+
+
+def build_job(job: ModuleJob, builder: Builder, on_progress: Progress) -> ModuleJob:
+    """The job with its module compiled, unless cached; a failed compile is attached to
+    the job (and so to its hosts) with stap's message."""
+    if job.cached or job.error:
+        return job
+    on_progress(job, "building")
+    try:
+        artifact = builder.build(job.spec)
+    except StapctlError as exc:
+        on_progress(job, "failed")
+        return replace(job, error=str(exc))
+    on_progress(job, "built")
+    return replace(job, artifact=artifact)
+
+
 def build_plan(plan: Plan, builder: Builder,
-               on_progress: Callable[[ModuleJob, str], None] = lambda job, state: None) -> Plan:
-    """Compile every module not yet cached, in parallel up to the machine's cores.
-
-    A failed compile is attached to its job (and so to its hosts) with stap's message;
-    the other jobs go on.
-    """
-
-    def build(job: ModuleJob) -> ModuleJob:
-        if job.cached or job.error:
-            return job
-        on_progress(job, "building")
-        try:
-            artifact = builder.build(job.spec)
-        except StapctlError as exc:
-            on_progress(job, "failed")
-            return replace(job, error=str(exc))
-        on_progress(job, "built")
-        return replace(job, artifact=artifact)
-
+               on_progress: Progress = lambda job, state: None) -> Plan:
+    """Compile every module not yet cached, in parallel up to the machine's cores; the
+    other jobs go on past a failed one."""
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        jobs = tuple(pool.map(build, plan.jobs))
+        jobs = tuple(pool.map(lambda job: build_job(job, builder, on_progress), plan.jobs))
     return replace(plan, jobs=jobs)
+
+
+def merge_plans(plans: Iterable[Plan]) -> Plan:
+    """One plan of several (each host's, when hosts are planned one by one): the hosts
+    of one module, probe and reason together, as make_plan groups them."""
+    jobs: dict[tuple[str, str, str], tuple[ModuleJob, list[str]]] = {}
+    for plan in plans:
+        for job in plan.jobs:
+            jobs.setdefault((job.probe.name, job.spec.key, job.error), (job, []))[1].extend(
+                job.hosts)
+    return Plan(jobs=tuple(replace(job, hosts=tuple(hosts)) for job, hosts in jobs.values()))

@@ -2,7 +2,10 @@
 
 The stages run in this order, and only here: connect (agent shipped, facts gathered) →
 plan (render per host, group into modules) → build (compile what is not cached) → run
-(under the rollout policy) → finish (aggregates, sinks, record). Each stage's work runs
+(under the rollout policy) → finish (aggregates, sinks, record). A fleet larger than the
+hosts worked on at once is streamed instead: each host connected, planned (its modules
+built once for all the hosts that share them) and run in one go (``stream``), so no host
+waits connected for the last one's connect. Each stage's work runs
 in a thread of its own while the calling thread hands each event to the run record, the
 aggregator and a Listener, so a display never races the workers, and an interrupt (a
 signal handler calling ``interrupt``) is acted on within a fraction of a second, whatever
@@ -30,6 +33,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -53,7 +57,16 @@ from stapctl.models import (
     Manifest,
     Run,
 )
-from stapctl.plan import ModuleJob, Plan, build_plan, check_scripts, gather_symbol_maps, make_plan
+from stapctl.plan import (
+    ModuleJob,
+    Plan,
+    build_job,
+    build_plan,
+    check_scripts,
+    gather_symbol_maps,
+    make_plan,
+    merge_plans,
+)
 from stapctl.probes import ProbeListing, list_probes
 from stapctl.sinks import deliver
 from stapctl.store import RunRecorder, read_detached, run_folder
@@ -287,6 +300,10 @@ class Session:
         self._signal = int(signal.SIGINT)
         # phases and build progress from the workers, delivered in the caller's thread
         self._notes: deque[Callable[[], None]] = deque()
+        # a streamed run's: each host's plan, and each module's build shared by its hosts
+        self._plans: list[Plan] = []
+        self._builds: dict[str, Future[ModuleJob]] = {}
+        self._builds_lock = threading.Lock()
 
     # -- the stages, in order ------------------------------------------------------------
     def validate(self) -> int:
@@ -335,6 +352,59 @@ class Session:
         else:
             self._in_background(lambda: engine.run(plan))
 
+    @property
+    def streams(self) -> bool:
+        """Whether apply streams the hosts (``stream``): more of them than are worked on
+        at once, and no engine."""
+        return self.engine is None and len(self.hosts) > self.fleet.at_once
+
+    def stream(self, plan_for: Callable[[Host, HostFacts], Plan] | None = None) -> None:
+        """Connect, plan and run each host in one go (Fleet.stream), by default with its
+        plan made and built here (``plan_for`` stands in for that, given a host and its
+        facts); the plan is recorded once every host has ended."""
+        if self.record and self.recorder is None:
+            self.recorder = RunRecorder(self.run_id, self.manifest)
+        if self.interrupted:  # before any host was reached: each is skipped
+            self.fleet.stop.set()
+        self._phase(f"connecting to and running on {len(self.hosts)} host(s), "
+                    f"{self.fleet.at_once} at once…")
+        try:
+            self._in_background(lambda: self.fleet.stream(self.hosts,
+                                                          plan_for or self._plan_host))
+        finally:
+            if self.recorder is not None and self._plans:
+                self.recorder.plan(merge_plans(self._plans))
+
+    def _plan_host(self, host: Host, facts: HostFacts) -> Plan:
+        """One host's plan (its symbols read first if a probe needs them), every module
+        in it built: once, however many hosts wait for it."""
+        connected = gather_symbol_maps(self.manifest, {host.name: (host, facts)},
+                                       self.fleet.read_file, self.builder)
+        planned = make_plan(self.manifest, connected, self.builder, self.extra_vars)
+        plan = Plan(jobs=tuple(self._built(job) for job in planned.jobs))
+        with self._builds_lock:
+            self._plans.append(plan)
+        return plan
+
+    def _built(self, job: ModuleJob) -> ModuleJob:
+        if job.cached or job.error:
+            return job
+        with self._builds_lock:
+            build = self._builds.get(job.spec.key)
+            first = build is None
+            if build is None:
+                build = self._builds[job.spec.key] = Future()
+        if first:
+            def progress(built: ModuleJob, state: str) -> None:
+                self._notes.append(lambda: self.listener.build(built, state))
+
+            try:
+                build.set_result(build_job(job, self.builder, progress))
+            except BaseException as exc:  # a controller fault: every host waiting gets it
+                build.set_exception(exc)
+        built = build.result()
+        return replace(job, artifact=built.artifact, error=built.error)
+
     def finish(self, error: BaseException | None = None) -> Run:
         """Close every connection, give each host not yet ended its outcome, send the
         run to the manifest's sinks and finish the record: always the last stage,
@@ -377,8 +447,10 @@ class Session:
         error (bad input found on the way) is recorded and then raised."""
         error: BaseException | None = None
         try:
-            plan = self.build(self.plan(self.connect(spares=True)))
-            self.run(plan)
+            if self.streams:
+                self.stream()
+            else:
+                self.run(self.build(self.plan(self.connect(spares=True))))
         except BaseException as exc:  # noqa: BLE001 - recorded, then raised
             error = exc
         run = self.finish(error)

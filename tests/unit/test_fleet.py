@@ -255,7 +255,7 @@ def test_a_corrupt_module_on_the_host_is_sent_again(tmp_path: Path) -> None:
     assert any("corrupt" in e.text for e in listener.events if e.kind == "warning")
 
 
-def test_spare_agents_start_at_the_connect_only_for_a_run_s_first_batch(
+def test_spare_agents_start_at_the_connect_for_a_run_s_first_batch_or_a_stream(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fleet = FakeFleet(tmp_path, {f"h{i}": Scenario(**HELLO_EXIT) for i in range(3)})
     started: list[tuple[str, float]] = []  # (host, when) of each agent started
@@ -283,8 +283,9 @@ def test_spare_agents_start_at_the_connect_only_for_a_run_s_first_batch(
     assert [host for host, when in started if when < connected[host]] == ["h0"]
 
     started.clear()
-    rounds, listener = session(tmp_path, fleet, Strategy(forks=2))  # 3 hosts: two rounds
-    assert rounds.apply().exit_code == 0
+    rounds, listener = session(tmp_path, fleet, Strategy(forks=2))  # 3 hosts: streamed
+    assert rounds.streams and rounds.apply().exit_code == 0
     connected = {e.host: e.time for e in listener.events if e.kind == "connected"}
-    assert len(started) == 3 and all(when > connected[host] for host, when in started)
+    # each host connected and run in one go: every agent is its host's spare
+    assert len(started) == 3 and all(when <= connected[host] for host, when in started)
 
