@@ -15,6 +15,10 @@ import time
 from collections.abc import Callable
 
 
+def _nothing() -> None:
+    pass
+
+
 class Alarm:
     """A callback due at ``when`` (a time.monotonic() value), until cancelled."""
 
@@ -24,8 +28,11 @@ class Alarm:
         self.cancelled = False
 
     def cancel(self) -> None:
-        """Keep it from firing (it stays in the heap until its time, then is dropped)."""
+        """Keep it from firing. It stays in the heap until its time, then is dropped, but
+        lets go of its callback now: what that holds (a channel, and through it a host's
+        connection) is freed as the host is done, not at the deadline, a minute on."""
         self.cancelled = True
+        self.fire = _nothing
 
 
 class Clock:

@@ -4,7 +4,9 @@ callback that blocks holds back no other alarm. Real threads; no timing asserts 
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 
 import pytest
 
@@ -52,6 +54,23 @@ def test_a_cancelled_alarm_does_not_fire() -> None:
     assert after.wait(WAIT)
     assert not cancelled.is_set()
     assert clock.pending() == 0
+
+
+def test_a_cancelled_alarm_lets_go_of_its_callback_at_once() -> None:
+    """What the callback holds (a host's channel and connection) is freed when the host
+    is done, not when the alarm would have been due."""
+
+    class Held:
+        def fire(self) -> None:
+            pass
+
+    held = Held()
+    freed = weakref.ref(held)
+    alarm = Clock().after(3600, held.fire)
+    alarm.cancel()
+    del held
+    gc.collect()
+    assert freed() is None
 
 
 def test_a_blocked_callback_holds_back_no_other_alarm() -> None:
