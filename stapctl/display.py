@@ -177,9 +177,11 @@ class Display:
         message(text)
 
     def build(self, job: ModuleJob, state: str) -> None:
+        """A build's progress; a streamed run's names no hosts (its kernel's, as they
+        come)."""
         hosts = len(job.hosts)
-        message(f"build {job.probe.name} for {job.spec.release} "
-                f"({hosts} host{'s' * (hosts != 1)}): {state}")
+        count = f" ({hosts} host{'s' * (hosts != 1)})" if hosts else ""
+        message(f"build {job.probe.name} for {job.spec.release}{count}: {state}")
 
     def interrupted(self, count: int, signum: int) -> None:
         name = SIGNAL_NAMES.get(signal.Signals(signum), f"signal {signum}")

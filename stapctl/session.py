@@ -26,6 +26,7 @@ included, after the events of the settled hosts have reached it.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import signal
@@ -300,10 +301,14 @@ class Session:
         self._signal = int(signal.SIGINT)
         # phases and build progress from the workers, delivered in the caller's thread
         self._notes: deque[Callable[[], None]] = deque()
-        # a streamed run's: each host's plan, and each module's build shared by its hosts
+        # a streamed run's: each host's plan, and each module's build shared by its hosts;
+        # hosts are planned one at a time (the Builder's choices per kernel are made once)
+        # and compiled one per CPU at most, as build_plan does
         self._plans: list[Plan] = []
         self._builds: dict[str, Future[ModuleJob]] = {}
         self._builds_lock = threading.Lock()
+        self._planning = threading.Lock()
+        self._compiles = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
     # -- the stages, in order ------------------------------------------------------------
     def validate(self) -> int:
@@ -368,9 +373,16 @@ class Session:
             self.fleet.stop.set()
         self._phase(f"connecting to and running on {len(self.hosts)} host(s), "
                     f"{self.fleet.at_once} at once…")
+        make = plan_for or self._plan_host
+
+        def planned(host: Host, facts: HostFacts) -> Plan:
+            plan = make(host, facts)
+            with self._builds_lock:
+                self._plans.append(plan)
+            return plan
+
         try:
-            self._in_background(lambda: self.fleet.stream(self.hosts,
-                                                          plan_for or self._plan_host))
+            self._in_background(lambda: self.fleet.stream(self.hosts, planned))
         finally:
             if self.recorder is not None and self._plans:
                 self.recorder.plan(merge_plans(self._plans))
@@ -380,11 +392,9 @@ class Session:
         in it built: once, however many hosts wait for it."""
         connected = gather_symbol_maps(self.manifest, {host.name: (host, facts)},
                                        self.fleet.read_file, self.builder)
-        planned = make_plan(self.manifest, connected, self.builder, self.extra_vars)
-        plan = Plan(jobs=tuple(self._built(job) for job in planned.jobs))
-        with self._builds_lock:
-            self._plans.append(plan)
-        return plan
+        with self._planning:
+            planned = make_plan(self.manifest, connected, self.builder, self.extra_vars)
+        return Plan(jobs=tuple(self._built(job) for job in planned.jobs))
 
     def _built(self, job: ModuleJob) -> ModuleJob:
         if job.cached or job.error:
@@ -396,10 +406,13 @@ class Session:
                 build = self._builds[job.spec.key] = Future()
         if first:
             def progress(built: ModuleJob, state: str) -> None:
-                self._notes.append(lambda: self.listener.build(built, state))
+                # the hosts it serves are those of its kernel still to come: none named
+                shown = replace(built, hosts=())
+                self._notes.append(lambda: self.listener.build(shown, state))
 
             try:
-                build.set_result(build_job(job, self.builder, progress))
+                with self._compiles:
+                    build.set_result(build_job(job, self.builder, progress))
             except BaseException as exc:  # a controller fault: every host waiting gets it
                 build.set_exception(exc)
         built = build.result()

@@ -5,6 +5,7 @@ FakeKernel (test doubles; no SSH, stap or qemu)."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -168,6 +169,41 @@ def test_a_module_is_built_once_for_every_host_waiting_for_it(tmp_path: Path) ->
 
     assert run.exit_code == 0, run.outcomes
     assert builder.builds == 1
+
+
+class CountingBuilder(SlowBuilder):
+    """A SlowBuilder that also counts the builds under way at once."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.building = 0
+        self.most_at_once = 0
+        self._count_lock = threading.Lock()
+
+    def build(self, spec: ModuleSpec) -> ModuleArtifact:
+        with self._count_lock:
+            self.building += 1
+            self.most_at_once = max(self.most_at_once, self.building)
+        try:
+            return super().build(spec)
+        finally:
+            with self._count_lock:
+                self.building -= 1
+
+
+def test_a_mixed_fleet_compiles_one_module_per_cpu_at_most(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    kernels = {f"h{i}": f"6.1.0-{i}-amd64 x86_64\n".encode() for i in range(5)}
+    fleet = CountingFleet(tmp_path, {name: Scenario(**HELLO_EXIT) for name in kernels},
+                          facts=kernels)
+    builder = CountingBuilder(tmp_path / "cache")
+    run_session, listener = session(tmp_path, fleet, Strategy(forks=4))  # 4 kernels at once
+    run_session.builder = builder
+    run_session.apply()
+
+    assert builder.builds == 5  # a module per kernel
+    assert builder.most_at_once == 2
 
 
 def test_a_template_that_fails_on_a_host_s_facts_starts_no_other_host(
