@@ -239,10 +239,11 @@ def output_throughput(report: Report, lab: guests.Guests, mode: Mode) -> None:
                 f"throughput_{text}_staprun_over_stapctl",
                 medians["staprun"].median / medians["stapctl"].median, 1 / 0.9,
                 f"lost {lost}" if lost else "",
+                # fixed text crosses compressed 29:1: the link is no bound of it
                 bound=(medians["staprun"].median / medians["link"].median,
                        "staprun's rate over the SSH link's own (as many bytes of zeros, "
                        "no probe, no agent): output that does not compress at least 2:1 "
-                       "goes over SSH as it is")))
+                       "goes over SSH as it is") if text == "random" else None))
     finally:
         connection.close()
     report.table("3. Output throughput of a print-heavy probe", [
