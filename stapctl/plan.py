@@ -87,8 +87,9 @@ def gather_symbol_maps(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostF
 
 
 def make_plan(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
-              builder: Builder, extra_vars: Mapping[str, Any]) -> Plan:
-    """Group (probe, host) pairs by ModuleSpec; note which are already in the cache.
+              builder: Builder, extra_vars: Mapping[str, Any], look_up: bool = True) -> Plan:
+    """Group (probe, host) pairs by ModuleSpec; note which are already in the cache
+    (unless not ``look_up``: a caller planning host by host looks each module up once).
 
     Hosts that cannot be served are grouped by their reason too, so each is told its own.
     Template errors are user errors: render_script raises ManifestError for the run.
@@ -117,7 +118,8 @@ def make_plan(manifest: Manifest, hosts: Mapping[str, tuple[Host, HostFacts]],
             groups.setdefault(key, []).append(name)
     jobs = tuple(
         ModuleJob(probe=probe, spec=spec, hosts=tuple(groups[key]),
-                  artifact=None if key[2] else builder.cached(spec), error=key[2])
+                  artifact=builder.cached(spec) if look_up and not key[2] else None,
+                  error=key[2])
         for key, (probe, spec) in specs.items()
     )
     return Plan(jobs=jobs)

@@ -389,15 +389,17 @@ class Session:
 
     def _plan_host(self, host: Host, facts: HostFacts) -> Plan:
         """One host's plan (its symbols read first if a probe needs them), every module
-        in it built: once, however many hosts wait for it."""
+        in it looked up in the cache and built if not there: once, however many hosts
+        wait for it."""
         connected = gather_symbol_maps(self.manifest, {host.name: (host, facts)},
                                        self.fleet.read_file, self.builder)
         with self._planning:
-            planned = make_plan(self.manifest, connected, self.builder, self.extra_vars)
+            planned = make_plan(self.manifest, connected, self.builder, self.extra_vars,
+                                look_up=False)
         return Plan(jobs=tuple(self._built(job) for job in planned.jobs))
 
     def _built(self, job: ModuleJob) -> ModuleJob:
-        if job.cached or job.error:
+        if job.error:
             return job
         with self._builds_lock:
             build = self._builds.get(job.spec.key)
@@ -411,8 +413,11 @@ class Session:
                 self._notes.append(lambda: self.listener.build(shown, state))
 
             try:
-                with self._compiles:
-                    build.set_result(build_job(job, self.builder, progress))
+                if (artifact := self.builder.cached(job.spec)) is not None:
+                    build.set_result(replace(job, artifact=artifact))
+                else:
+                    with self._compiles:
+                        build.set_result(build_job(job, self.builder, progress))
             except BaseException as exc:  # a controller fault: every host waiting gets it
                 build.set_exception(exc)
         built = build.result()
