@@ -15,6 +15,7 @@ import shutil
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -235,6 +236,21 @@ class FakeBuilder(Builder):
                               sha256=self.artifact.sha256,
                               module_name=self.artifact.module_name)
 
+
+
+def agents_started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float]]:
+    """(host, when) of each agent a FakeConnection starts from now on, the prepare
+    command left out."""
+    started: list[tuple[str, float]] = []
+    start = FakeConnection.start
+
+    def counted(self: FakeConnection, argv: Sequence[str], become: bool = True) -> Process:
+        if argv[0] != "sh":
+            started.append((self.host.name, time.time()))
+        return start(self, argv, become)
+
+    monkeypatch.setattr(FakeConnection, "start", counted)
+    return started
 
 
 @pytest.fixture(autouse=True)

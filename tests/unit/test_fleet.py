@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tests.fleet_double import (
     FakeBuilder,
     FakeConnection,
     FakeFleet,
+    agents_started,
     quick_agent,  # noqa: F401 - autouse: shortened agent waits
 )
 
@@ -258,15 +258,7 @@ def test_a_corrupt_module_on_the_host_is_sent_again(tmp_path: Path) -> None:
 def test_spare_agents_start_at_the_connect_for_a_run_s_first_batch_or_a_stream(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fleet = FakeFleet(tmp_path, {f"h{i}": Scenario(**HELLO_EXIT) for i in range(3)})
-    started: list[tuple[str, float]] = []  # (host, when) of each agent started
-    start = FakeConnection.start
-
-    def counted(self: FakeConnection, argv: list[str], become: bool = True) -> object:
-        if argv[0] != "sh":  # an agent, not the prepare command
-            started.append((self.host.name, time.time()))
-        return start(self, argv, become)
-
-    monkeypatch.setattr(FakeConnection, "start", counted)
+    started = agents_started(monkeypatch)  # (host, when) of each agent started
     assert session(tmp_path, fleet)[0].apply().exit_code == 0  # ships the agent
     started.clear()
 

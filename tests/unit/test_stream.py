@@ -31,6 +31,7 @@ from tests.fleet_double import (
     FakeBuilder,
     FakeConnection,
     FakeFleet,
+    agents_started,
     quick_agent,  # noqa: F401 - autouse: shortened agent waits
 )
 from tests.unit.test_fleet import HELLO_EXIT, by_host, session
@@ -85,20 +86,6 @@ class SlowBuilder(FakeBuilder):
 def hello_fleet(tmp_path: Path, count: int, **kwargs: object) -> CountingFleet:
     return CountingFleet(tmp_path, {f"h{i}": Scenario(**HELLO_EXIT) for i in range(count)},
                          **kwargs)
-
-
-def agents_started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float]]:
-    """(host, when) of each agent started, the prepare command left out."""
-    started: list[tuple[str, float]] = []
-    start = FakeConnection.start
-
-    def counted(self: FakeConnection, argv: list[str], become: bool = True) -> object:
-        if argv[0] != "sh":
-            started.append((self.host.name, time.time()))
-        return start(self, argv, become)
-
-    monkeypatch.setattr(FakeConnection, "start", counted)
-    return started
 
 
 def test_each_host_is_connected_once_with_forks_connections_open_at_most(
