@@ -1,11 +1,13 @@
 """Compressed output (Z frames): the agent's codec and the controller's decoding of it."""
 
+import fcntl
 import os
 import select
 import threading
 import tracemalloc
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -224,3 +226,22 @@ def read_all_frames(fd: int) -> list[tuple[str, bytes]]:
         if not data:
             return frames
         frames += reader.feed(data)
+
+
+def test_the_agent_enlarges_its_stdout_pipe(tmp_path: Path) -> None:
+    """The SSH server's pipe on stdout holds a whole output batch, not 64 KiB; anything
+    else on stdout (a file here) is left alone without an error."""
+    read_fd, write_fd = os.pipe()
+    try:
+        assert fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ) < agent.FrameWriter.pipe_size
+        writer = agent.FrameWriter(write_fd)
+        writer.close()
+        assert fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ) == agent.FrameWriter.pipe_size
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    with open(tmp_path / "out", "wb") as f:
+        writer = agent.FrameWriter(f.fileno())
+        writer.event("heartbeat")
+        writer.close()
+    assert agent.FrameReader().feed((tmp_path / "out").read_bytes())
