@@ -986,7 +986,7 @@ class FrameWriter(object):
     queue_limit = 4 << 20
     batch_bytes = 1 << 20  # a piece this big is sent without waiting for more
     linger = 0.02  # seconds output may wait for more to go with it, while it streams
-    pipe_size = 1 << 20  # stdout's pipe, enlarged to (the default cap, /proc/sys/fs/pipe-max-size)
+    pipe_size = 1 << 20  # stdout's, when a pipe: /proc/sys/fs/pipe-max-size's default
 
     def __init__(self, fd, stall_timeout=60.0):
         self.fd = fd

@@ -8,6 +8,7 @@ compile each module once. The toolchain (stapctl.toolchains) and the runtime fix
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from stapctl.cache import ModuleCache, cache_dir
@@ -16,6 +17,12 @@ from stapctl.errors import StapctlError
 from stapctl.models import ModuleArtifact, ModuleSpec
 from stapctl.runtime_fixes import RuntimeFix, fixes_needed
 from stapctl.toolchains import Progress, Toolchain, Toolchains
+
+
+def compiles_at_once() -> int:
+    """How many stap runs the controller has going at once: one per core, as each keeps
+    a core busy (builds, and the listings of `stapctl probes`)."""
+    return max(1, os.cpu_count() or 1)
 
 
 class Builder:

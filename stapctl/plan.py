@@ -6,13 +6,12 @@ ModuleSpec, hence one compile; a fleet of 1000 hosts on 3 kernels costs 3 compil
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from stapctl.build import Builder
+from stapctl.build import Builder, compiles_at_once
 from stapctl.compiler import check_syntax, needs_symbol_map
 from stapctl.errors import StapctlError
 from stapctl.inventory import host_vars
@@ -165,7 +164,7 @@ def build_plan(plan: Plan, builder: Builder,
                on_progress: Progress = lambda job, state: None) -> Plan:
     """Compile every module not yet cached, in parallel up to the machine's cores; the
     other jobs go on past a failed one."""
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=compiles_at_once()) as pool:
         jobs = tuple(pool.map(lambda job: build_job(job, builder, on_progress), plan.jobs))
     return replace(plan, jobs=jobs)
 

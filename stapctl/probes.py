@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from stapctl.build import Builder
+from stapctl.build import Builder, compiles_at_once
 from stapctl.compiler import check_syntax, needs_symbol_map
 from stapctl.errors import CompileError, UsageError
 from stapctl.models import Host, HostFacts
@@ -90,7 +90,7 @@ def list_probes(pattern: str, hosts: Mapping[str, tuple[Host, HostFacts]],
 
     found: dict[str, set[str]] = {}
     kernels: dict[str, list[str]] = {}
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=compiles_at_once()) as pool:
         answers = dict(zip(groups, pool.map(listing, groups), strict=True))
     for group, names in sorted(groups.items()):
         answer = answers[group]

@@ -26,7 +26,6 @@ included, after the events of the settled hosts have reached it.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import signal
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from stapctl.aggregate import Aggregator
-from stapctl.build import Builder
+from stapctl.build import Builder, compiles_at_once
 from stapctl.connection import connect
 from stapctl.detach import DetachedRun
 from stapctl.difference import compare, recorded_hosts, recorded_many_probes
@@ -308,7 +307,7 @@ class Session:
         self._builds: dict[str, Future[ModuleJob]] = {}
         self._builds_lock = threading.Lock()
         self._planning = threading.Lock()
-        self._compiles = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+        self._compiles = threading.BoundedSemaphore(compiles_at_once())
 
     # -- the stages, in order ------------------------------------------------------------
     def validate(self) -> int:
