@@ -19,6 +19,7 @@ from measure import Timing, run
 
 from stapctl import lab
 from stapctl.agent import AgentHost, AgentRequest
+from stapctl.cache import cache_dir
 from stapctl.connection import Connection, ConnectOptions, connect
 from stapctl.models import Host, ModuleArtifact
 
@@ -69,7 +70,6 @@ class Guests:
     pids: dict[str, int]  # each guest's qemu
     path: str  # PATH with the ssh wrapper first
     stap_dir: Path  # stap --remote's own SYSTEMTAP_DIR
-    runtime: Path | None  # the runtime copy stapctl compiles with (-R), if it needs one
 
     @classmethod
     def find(cls, work: Path, stap_dir: Path) -> Guests:
@@ -88,18 +88,22 @@ class Guests:
         wrapper.parent.mkdir(exist_ok=True)
         wrapper.write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {shlex.quote(str(config))} "$@"\n')
         wrapper.chmod(0o755)
-        runtimes = sorted((Path(os.environ.get("STAPCTL_CACHE_DIR", "")) / "runtime").glob("*")) \
-            if os.environ.get("STAPCTL_CACHE_DIR") else []
         stap_dir.mkdir(parents=True, exist_ok=True)
         return cls(hosts, {g.name: g.pid for g in running[:3] if g.pid},
-                   f"{wrapper.parent}:{os.environ['PATH']}", stap_dir,
-                   runtimes[-1] if runtimes else None)
+                   f"{wrapper.parent}:{os.environ['PATH']}", stap_dir)
+
+    @staticmethod
+    def runtime() -> Path | None:
+        """The runtime copy stapctl compiles with (for -R), if it needs one: looked up at
+        each run, since stapctl makes it at its first compile, which may follow find()."""
+        runtimes = sorted((cache_dir() / "runtime").glob("*"))
+        return runtimes[-1] if runtimes else None
 
     def stap_remote(self, script: Path, hosts: list[Host], timeout: float = 300) -> Timing:
         """`stap --remote=ssh://…` once per host, the way a user runs it on several."""
         argv = ["stap", *(f"--remote=ssh://stapctl-bench-{h.name}" for h in hosts)]
-        if self.runtime:
-            argv += ["-R", str(self.runtime)]
+        if runtime := self.runtime():
+            argv += ["-R", str(runtime)]
         env = dict(os.environ, PATH=self.path, SYSTEMTAP_DIR=str(self.stap_dir))
         return run([*argv, str(script)], env=env, timeout=timeout, watch=self.qemu(hosts))
 

@@ -35,6 +35,7 @@ from measure import Figure, Timing, figure, run  # noqa: E402
 from stapctl import lab as stapctl_lab  # noqa: E402
 from stapctl.agent import AgentHost, AgentRequest, agent_argv  # noqa: E402
 from stapctl.build import Builder  # noqa: E402
+from stapctl.cache import cache_dir  # noqa: E402
 from stapctl.models import Host  # noqa: E402
 from tests.loopback_sshd import free_port  # noqa: E402
 
@@ -528,13 +529,12 @@ def main() -> None:
             (work / sub).mkdir()
         report.places = {str(work): "$WORK", str(REPO) + "/": "", str(Path(sys.executable)
                          .parent) + "/": ".venv/bin/",
-                         os.environ["STAPCTL_LAB_DIR"]: "$LAB"}
+                         os.environ["STAPCTL_LAB_DIR"]: "$LAB",
+                         str(cache_dir()): "$STAPCTL_CACHE_DIR"}
 
         @cache
         def lab() -> guests.Guests:  # the fan-out and planning sections need no lab
-            found = guests.Guests.find(work, stap_dir)
-            report.places[str(found.runtime or "-")] = "$RUNTIME_COPY"
-            return found
+            return guests.Guests.find(work, stap_dir)
 
         header = "" if only else machine(lab())
         sections: dict[str, Callable[[], None]] = {
