@@ -34,7 +34,7 @@ import platformdirs
 from stapctl import report
 from stapctl.aggregate import aggregates_json
 from stapctl.errors import HistoryError, StapctlError
-from stapctl.models import DetachedProbe, Difference, Event, Host, Manifest, Run
+from stapctl.models import ENDING_EVENT, DetachedProbe, Difference, Event, Host, Manifest, Run
 from stapctl.plan import Plan
 
 DIR_MODE = 0o700
@@ -54,7 +54,8 @@ def data_dir() -> Path:
 
 HISTORY_FILE = "history.sqlite"  # the default history, in the data folder
 LISTING_DELAY = 2.0  # seconds into a run when its row is added to the history
-PROBE_ENDED = frozenset({"stopping", "finished"})  # the events of a host whose probe ended
+# the events of a (host, probe) whose probe ended: it stops, or it ended some other way
+PROBE_ENDED = frozenset({"stopping", *ENDING_EVENT.values()})
 
 
 def own_data_dir() -> Path:
@@ -123,14 +124,16 @@ class RunRecorder:
             self._attempt("copy the manifest", self._copy_manifest)
             self._attempt("write events.jsonl", self._open_events)
         self._listed = False
-        # the history's database library takes a fifth of a second of CPU to import: the
-        # row is added in the background two seconds into the run (or at its end, if
+        # the history's database library takes a quarter of a second of CPU to import:
+        # the row is added in the background two seconds into the run (or at its end, if
         # sooner), off the connects and a short run's lines (on 3 emulated guests sharing
         # 2 cores, a second in was still mid-run), and waited for before it is finished;
-        # the library is imported as soon as a host's probe has ended, while the rest of
-        # a short run waits on its targets (the module's exit and unload)
+        # the library is imported as soon as every probe of the plan has ended, while a
+        # short run waits on its targets (the modules' exit and unload), not while another
+        # host's probe is still loading or printing
         self._list_now = threading.Event()
-        self._probe_ended = threading.Event()
+        self._probes_ended = threading.Event()
+        self._unended: set[tuple[str, str]] | None = None  # (host, probe): None, no plan yet
         self._listing = threading.Thread(target=self._list, name="stapctl-history",
                                          daemon=True)
         self._listing.start()
@@ -152,7 +155,7 @@ class RunRecorder:
         outputs: dict[str, list[str]] = {}
         for event in events:
             if event.kind in PROBE_ENDED:
-                self._probe_ended.set()
+                self._probe_ended(event.host, event.probe)
             elif event.kind == "output":
                 prefix = f"[{event.probe}] " if self._many_probes else ""
                 outputs.setdefault(event.host, []).append(prefix + event.text + "\n")
@@ -160,7 +163,16 @@ class RunRecorder:
             self._write_output(host, "".join(lines).encode("utf-8", "replace"))
 
     def plan(self, plan: Plan) -> None:
+        """Record the plan (a streamed run's, once every host has ended): its probes are
+        those whose ends the history's import waits for."""
         self._attempt("write the scripts and plan.json", lambda: self._write_plan(plan))
+        self._unended = {(host, job.probe.name) for job in plan.jobs for host in job.hosts}
+
+    def _probe_ended(self, host: str, probe: str) -> None:
+        if self._unended is not None:
+            self._unended.discard((host, probe))
+            if not self._unended:
+                self._probes_ended.set()
 
     def detached(self, probes: Iterable[DetachedProbe]) -> None:
         """detached.json: where each probe started detached runs, for the commands that
@@ -287,13 +299,13 @@ class RunRecorder:
     def listed(self) -> bool:
         """Whether the run's row is in the history (waiting for it to be added)."""
         self._list_now.set()
-        self._probe_ended.set()
+        self._probes_ended.set()
         self._listing.join()
         return self._listed
 
     def _list(self) -> None:
         listing_time = time.monotonic() + LISTING_DELAY
-        self._probe_ended.wait(LISTING_DELAY)
+        self._probes_ended.wait(LISTING_DELAY)
         importlib.import_module("stapctl.history")
         self._list_now.wait(max(0.0, listing_time - time.monotonic()))
         self._listed = self._attempt("add the run to the history", self._add_to_history)

@@ -99,26 +99,34 @@ def test_a_run_still_going_is_in_the_history_a_moment_in(
     assert row["id"] == "r1" and row["finished"] is None
 
 
-def test_the_history_library_is_imported_once_a_probe_has_ended(tmp_path: Path) -> None:
-    """Its import (a fifth of a second of CPU) overlaps the end of a short run, which waits
-    on its targets; the row itself is still added when LISTING_DELAY is up."""
+def test_the_history_library_is_imported_once_every_probe_of_the_plan_has_ended(
+        tmp_path: Path) -> None:
+    """Its import (a quarter of a second of CPU) overlaps the end of a short run, which
+    waits on its targets, and not another host's probe still loading or printing; the row
+    itself is still added when LISTING_DELAY is up."""
     run_python(f"""
         import sys, time
         from pathlib import Path
         from stapctl import store
-        from stapctl.models import Event, Manifest, OutputSpec
+        from stapctl.models import Event, Manifest, ModuleSpec, OutputSpec, Probe
+        from stapctl.plan import ModuleJob, Plan
         store.LISTING_DELAY = 60.0
         manifest = Manifest(path=Path("t.yaml"), name="t", probes=(),
                             output=OutputSpec(dir=Path({str(tmp_path)!r})))
         where = Path({str(tmp_path / "h.sqlite")!r})
         recorder = store.RunRecorder("r1", manifest, where)
-        time.sleep(0.5)
-        assert "stapctl.history" not in sys.modules  # not while the run goes
+        spec = ModuleSpec(script="probe begin {{ exit() }}", release="6.1.0", arch="x86_64")
+        recorder.plan(Plan((ModuleJob(Probe("p", "", "m.yaml", 1), spec, ("a", "b")),)))
         recorder.event(Event("a", "stopping", "p", "exit()"))
+        recorder.event(Event("b", "output", "p", "hello"))
+        recorder.event(Event("b", "stopping", "other", "exit()"))  # not a probe of the plan
+        time.sleep(0.5)
+        assert "stapctl.history" not in sys.modules, "imported while b's probe runs"
+        recorder.event(Event("b", "failed", "p", "runtime-error: gone"))
         deadline = time.monotonic() + 30
         while "stapctl.history" not in sys.modules and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert "stapctl.history" in sys.modules, "not imported after the probe ended"
+        assert "stapctl.history" in sys.modules, "not imported after every probe ended"
         from stapctl import history
         time.sleep(0.5)
         assert history.list_runs(history=where) == []  # the row: not before its time
