@@ -9,7 +9,6 @@ it back as a manifest to keep: the script inline, the options as manifest keys.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from stapctl.cache import replace_file
 from stapctl.errors import UsageError
 from stapctl.manifest import check_script_args, load_manifest
 from stapctl.models import Manifest, Target
@@ -121,9 +121,7 @@ def _write(text: str) -> Path:
     manifest (and `--baseline last` compares like with like)."""
     path = adhoc_manifest_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
     if not path.exists():
-        partial = path.with_suffix(f".{os.getpid()}.part")
-        partial.write_text(text)
-        os.replace(partial, path)
+        replace_file(path, text.encode())
     return path
 
 

@@ -20,6 +20,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +39,19 @@ def cache_dir() -> Path:
     """The cache: ``$STAPCTL_CACHE_DIR``, else the user's cache directory."""
     configured = os.environ.get("STAPCTL_CACHE_DIR")
     return Path(configured) if configured else Path(platformdirs.user_cache_dir("stapctl"))
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``path`` whole by a rename: a reader sees the old file or the new one, and
+    the partial file is this thread's own, so threads and processes writing the same path
+    at once (workers reading one kernel's symbols) never rename each other's."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def file_sha256(path: Path) -> str:

@@ -12,7 +12,6 @@ and stap keeps its own cache (``SYSTEMTAP_DIR``) there too, so kernel feature pr
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 import re
 import shutil
@@ -21,7 +20,7 @@ import tempfile
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from stapctl.cache import ModuleCache
+from stapctl.cache import ModuleCache, replace_file
 from stapctl.errors import CompileError, UsageError
 from stapctl.models import ModuleSpec
 from stapctl.runtime_fixes import fixes_named
@@ -100,9 +99,7 @@ class Compiler:
         digest = hashlib.sha256(data).hexdigest()
         target = cache.directory("symbols") / f"{digest}.map"
         if not target.exists():
-            partial = target.with_suffix(f".{os.getpid()}.part")
-            partial.write_bytes(data)
-            os.replace(partial, target)
+            replace_file(target, data)
         return digest
 
     def list_probes(self, pattern: str, release: str, symbol_map: str,
@@ -157,9 +154,8 @@ class Compiler:
         target = boot / f"System.map-{release}"
         if not target.exists():
             boot.mkdir(exist_ok=True)
-            partial = target.with_name(f".{os.getpid()}.part")
-            shutil.copyfile(self.cache.directory("symbols") / f"{symbol_map}.map", partial)
-            os.replace(partial, target)
+            replace_file(target, (self.cache.directory("symbols") / f"{symbol_map}.map")
+                         .read_bytes())
         return boot
 
     def _runtime(self, spec: ModuleSpec) -> Path | None:

@@ -52,7 +52,6 @@ import hmac
 import json
 import logging
 import math
-import os
 import pickle
 import secrets
 import socket
@@ -69,6 +68,7 @@ from urllib.parse import urlsplit
 import platformdirs
 
 from stapctl.agent import checked_facts
+from stapctl.cache import replace_file
 from stapctl.config import load_config
 from stapctl.errors import BadFactsError, StapctlError, UsageError
 from stapctl.execute import Fleet, RunOptions
@@ -921,9 +921,7 @@ def fetch_module(client: redis.Redis, sha256: str) -> Path:
         raise StapctlError(f"module {sha256} on the broker does not match its sha256: "
                            "refused")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    partial.write_bytes(data)
-    partial.replace(path)
+    replace_file(path, data)
     return path
 
 

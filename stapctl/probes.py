@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from stapctl.build import Builder, compiles_at_once
+from stapctl.cache import replace_file
 from stapctl.compiler import check_syntax, needs_symbol_map
 from stapctl.errors import CompileError, UsageError
 from stapctl.models import Host, HostFacts
@@ -124,7 +124,5 @@ def _listing(builder: Builder, pattern: str, release: str, symbol_map: str,
     except (OSError, ValueError):
         pass
     lines = builder.compiler(toolchain).list_probes(pattern, release, symbol_map, with_vars)
-    partial = path.with_suffix(f".{os.getpid()}.part")
-    partial.write_text(json.dumps(lines))
-    os.replace(partial, path)
+    replace_file(path, json.dumps(lines).encode())
     return lines

@@ -68,7 +68,6 @@ from stapctl.plan import (
     merge_plans,
 )
 from stapctl.probes import ProbeListing, list_probes
-from stapctl.sinks import deliver
 from stapctl.store import RunRecorder, read_detached, run_folder
 from stapctl.yamldoc import Document
 
@@ -437,6 +436,8 @@ class Session:
                   difference=self._difference(complete=error is None and not self.interrupted))
         if self.recorder is not None:
             if self.manifest.output.sinks:
+                from stapctl.sinks import deliver  # with http.client and ssl: only when used
+
                 self.listener.phase(f"sending to {len(self.manifest.output.sinks)} sink(s)…")
                 warnings = deliver(run, self.manifest)
                 for warning in warnings:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from stapctl.cache import ModuleCache
+from stapctl.cache import ModuleCache, replace_file
 from stapctl.cli import cli
 from stapctl.errors import CacheError
 from stapctl.models import ModuleSpec
@@ -153,3 +154,29 @@ def test_cache_commands_refuse_a_cache_others_can_write(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert f"chmod -R go-w {root}" in done.stderr
+
+
+def test_threads_writing_one_file_at_once_each_replace_it_whole(tmp_path: Path) -> None:
+    """Workers of one process reading the same kernel's symbols store the same file at
+    once: no writer renames another's partial file, and the file is always one whole."""
+    target = tmp_path / "symbols.map"
+    payloads = [bytes([65 + n]) * 200_000 for n in range(8)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(payloads))
+
+    def write(data: bytes) -> None:
+        start.wait()
+        try:
+            for _ in range(30):
+                replace_file(target, data)
+        except BaseException as error:  # noqa: BLE001 - the test's finding
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(data,)) for data in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert target.read_bytes() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["symbols.map"]  # no partial file left
