@@ -14,6 +14,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from measure import Timing, run
 
@@ -151,13 +152,25 @@ def stap_lost(timing: Timing) -> int:
     return sum(int(n) for n in re.findall(r"There were (\d+) transport failures", text))
 
 
-def outcome_statuses(timing: Timing) -> dict[str, str]:
-    """Each host's status in a stapctl --format json run: ok, failed, unreachable…"""
+def outcomes(timing: Timing) -> list[dict[str, Any]]:
+    """The outcomes of a stapctl --format json run, from its summary line."""
     for _, raw in timing.stdout:
         if raw.startswith('{"v": 1, "type": "summary"'):
-            return {o["host"]: o["status"] + (f" ({o['kind']})" if o.get("kind") else "")
-                    for o in json.loads(raw)["outcomes"]}
-    return {}
+            found: list[dict[str, Any]] = json.loads(raw)["outcomes"]
+            return found
+    return []
+
+
+def outcome_statuses(timing: Timing) -> dict[str, str]:
+    """Each host's status in a stapctl --format json run: ok, failed, unreachable…"""
+    return {o["host"]: o["status"] + (f" ({o['kind']})" if o.get("kind") else "")
+            for o in outcomes(timing)}
+
+
+def failures(timing: Timing) -> list[str]:
+    """Why each host of a stapctl --format json run that did not end ok ended so."""
+    return [f"{o['host']}: {o['status']} ({o.get('kind') or '-'}): {o['message'][:300]}"
+            for o in outcomes(timing) if o["status"] != "ok"]
 
 
 # Times, inside the guest, from a tool's exec to its module appearing in /sys/module:

@@ -269,6 +269,8 @@ def syscalls(report: Report, lab: guests.Guests, mode: Mode, work: Path) -> None
         report.command(f"5 s system-call probe, {name}", contender().argv)
     results = alternate(mode.runs, contenders)
     rows = []
+    failed = [f"run {n}: " + "; ".join(guests.failures(t))
+              for n, t in enumerate(results["stapctl"], 1) if t.returncode != 0]
     for name, timings in results.items():
         if name == "stapctl":
             parsed = [guests.stapctl_output(t) for t in timings]
@@ -286,7 +288,8 @@ def syscalls(report: Report, lab: guests.Guests, mode: Mode, work: Path) -> None
                  ["tool", "lines gathered", "records lost per run", "start → first line",
                   "to exit", "exit codes"], rows,
                  "`probe kernel.trace(\"raw_syscalls:sys_enter\")` printing one line per call "
-                 "on every guest (the readers' own calls included), `timer.s(5)` exits.")
+                 "on every guest (the readers' own calls included), `timer.s(5)` exits."
+                 + "".join(f"\n\nstapctl, {line}" for line in failed))
 
 
 def fan_out(report: Report, mode: Mode, work: Path) -> None:
