@@ -23,6 +23,7 @@ from stapctl.agent import AgentHost, AgentRequest
 from stapctl.cache import cache_dir
 from stapctl.connection import Connection, ConnectOptions, connect
 from stapctl.models import Host, ModuleArtifact
+from stapctl.report import printable
 
 STAPCTL = str(Path(sys.executable).parent / "stapctl")
 REPO = Path(__file__).resolve().parents[1]
@@ -168,8 +169,10 @@ def outcome_statuses(timing: Timing) -> dict[str, str]:
 
 
 def failures(timing: Timing) -> list[str]:
-    """Why each host of a stapctl --format json run that did not end ok ended so."""
-    return [f"{o['host']}: {o['status']} ({o.get('kind') or '-'}): {o['message'][:300]}"
+    """Why each host of a stapctl --format json run that did not end ok ended so, on one
+    line, made printable (a message can carry what a target sent)."""
+    return [printable(f"{o['host']}: {o['status']} ({o.get('kind') or '-'}): "
+                      f"{o['message'][:300]}").replace("\n", " ")
             for o in outcomes(timing) if o["status"] != "ok"]
 
 

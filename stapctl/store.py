@@ -124,7 +124,7 @@ class RunRecorder:
             self._attempt("copy the manifest", self._copy_manifest)
             self._attempt("write events.jsonl", self._open_events)
         self._listed = False
-        # the history's database library takes a quarter of a second of CPU to import:
+        # the history's database library takes a third of a second of CPU to import:
         # the row is added in the background two seconds into the run (or at its end, if
         # sooner), off the connects and a short run's lines (on 3 emulated guests sharing
         # 2 cores, a second in was still mid-run), and waited for before it is finished;

@@ -101,7 +101,7 @@ def test_a_run_still_going_is_in_the_history_a_moment_in(
 
 def test_the_history_library_is_imported_once_every_probe_of_the_plan_has_ended(
         tmp_path: Path) -> None:
-    """Its import (a quarter of a second of CPU) overlaps the end of a short run, which
+    """Its import (a third of a second of CPU) overlaps the end of a short run, which
     waits on its targets, and not another host's probe still loading or printing; the row
     itself is still added when LISTING_DELAY is up."""
     run_python(f"""
