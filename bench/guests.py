@@ -20,12 +20,14 @@ from measure import Timing, run
 
 from stapctl import lab
 from stapctl.agent import AgentHost, AgentRequest
+from stapctl.build import Builder
 from stapctl.cache import cache_dir
 from stapctl.connection import Connection, ConnectOptions, connect
 from stapctl.models import Host, ModuleArtifact
 from stapctl.report import printable
 
 STAPCTL = str(Path(sys.executable).parent / "stapctl")
+FLOOR = Path(__file__).with_name("floor.py")
 REPO = Path(__file__).resolve().parents[1]
 HELLO_PLAYBOOK = REPO / "playbooks" / "hello.yaml"
 HELLO = 'probe oneshot { printf("hello, world!\\n") }\n'
@@ -119,6 +121,13 @@ class Guests:
         """The seed's hello world, as the README runs it."""
         return run([STAPCTL, "apply", "--limit", ",".join(h.name for h in hosts),
                     str(HELLO_PLAYBOOK)], watch=self.qemu(hosts))
+
+    def floor(self, ko: str, hosts: list[Host]) -> Timing:
+        """bench/floor.py: paramiko alone and the guests' own staprun, on every host at
+        once (the lab's guests share one key and one known_hosts)."""
+        return run([sys.executable, str(FLOOR), ko, str(hosts[0].key_file),
+                    str(hosts[0].known_hosts), *(f"{h.user}@{h.address}:{h.port}" for h in hosts)],
+                   watch=self.qemu(hosts))
 
     def qemu(self, hosts: list[Host]) -> list[int]:
         """The qemu processes of ``hosts``: their CPU is the guests' work."""
@@ -232,6 +241,18 @@ def shell(connection: Connection, command: str) -> str:
         out += chunk
     process.wait()
     return out.decode(errors="replace")
+
+
+def module_on(connection: Connection, script: str,
+              origin: str) -> tuple[ModuleArtifact, AgentHost, str]:
+    """The script's module, built by stapctl for the guest's kernel and shipped as a run
+    ships it: the artifact, the prepared agent, and the module's path in the guest."""
+    release = shell(connection, "uname -r").strip()
+    builder = Builder()
+    artifact = builder.build(builder.spec(script, release, "x86_64", (), origin=origin))
+    agent = AgentHost(connection)
+    agent.prepare()
+    return artifact, agent, ship_module(agent, artifact)
 
 
 def ship_module(agent: AgentHost, artifact: ModuleArtifact) -> str:
