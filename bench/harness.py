@@ -53,7 +53,9 @@ class Mode:
     ansible: tuple[int, ...]  # the N Ansible runs at (once each: it is slow)
     forks: int  # hosts worked on at once, the same for every fan-out contender
     runs_at_1000: int  # fan-out runs at N = 1000 (each takes about a minute)
-    full: bool  # the sections without a target: syscalls, behaviour, 1,000-host apply, plan
+    # the sections without a target (syscalls, behaviour, 1,000-host apply, plan) and the
+    # measures that only bound a target (the hello floor, the libraries' import, the link)
+    full: bool
 
 
 QUICK = Mode(runs=3, lines=300_000, fanout=(100, 1000), ansible=(100,), forks=100,
@@ -131,23 +133,30 @@ def hello(report: Report, lab: guests.Guests, mode: Mode, work: Path) -> None:
     script = work / "hello.stp"
     script.write_text(guests.HELLO)
     one, three = lab.hosts[:1], lab.hosts
-    ko = place_module(lab, guests.HELLO, "hello")
-    contenders: dict[str, Callable[[], Timing]] = {
-        "stapctl 1": lambda: checked(lab.stapctl_hello(one), "stapctl apply", 1),
-        "stap 1": lambda: checked(lab.stap_remote(script, one), "stap --remote", 1),
-        "floor 1": lambda: checked(lab.floor(ko, one), "bench/floor.py", 1),
-        "stapctl 3": lambda: checked(lab.stapctl_hello(three), "stapctl apply", 3),
-        "stap 3": lambda: checked(lab.stap_remote(script, three), "stap --remote", 3),
-        "floor 3": lambda: checked(lab.floor(ko, three), "bench/floor.py", 3),
+    ko = place_module(lab, guests.HELLO, "hello") if mode.full else ""
+    tools: dict[str, tuple[str, Callable[[list[Host]], Timing]]] = {
+        "stapctl": ("stapctl apply", lab.stapctl_hello),
+        "stap": ("stap --remote", partial(lab.stap_remote, script)),
+        **({"floor": ("bench/floor.py", partial(lab.floor, ko))} if ko else {}),
     }
-    say("hello: a first run of each compiles what it needs")
-    for name, contender in contenders.items():
-        report.command(f"hello, {name} guest(s)", contender().argv)
+
+    def contender(label: str, tool: Callable[[list[Host]], Timing],
+                  hosts: list[Host]) -> Callable[[], Timing]:
+        return lambda: checked(tool(hosts), label, len(hosts))
+
+    contenders = {f"{name} {len(hosts)}": contender(label, tool, hosts)
+                  for hosts in (one, three) for name, (label, tool) in tools.items()}
+    say("hello: a first run of each tool compiles what it needs")
+    contenders["stapctl 1"]()
+    contenders["stap 1"]()
     say(f"hello: {mode.runs} runs each, alternating")
     try:
         results = alternate(mode.runs, contenders)
     finally:
-        remove_module(lab, ko)
+        if ko:
+            remove_module(lab, ko)
+    for name, timings in results.items():
+        report.command(f"hello, {name} guest(s)", timings[0].argv)
     rows = []
     last: dict[str, Figure] = {}
     guest_cpu: dict[str, Figure] = {}
@@ -160,8 +169,8 @@ def hello(report: Report, lab: guests.Guests, mode: Mode, work: Path) -> None:
                  ["tool, guests", "to the last line", "to exit", "controller CPU",
                   "guests' CPU"], rows,
                  "`stapctl apply playbooks/hello.yaml` against `stap --remote=ssh://…` "
-                 "(one --remote per guest). `floor`: bench/floor.py, the least a Python "
-                 "tool on paramiko can do (paramiko alone, every guest at once, the "
+                 "(one --remote per guest). `floor` (full run): bench/floor.py, the least a "
+                 "Python tool on paramiko can do (paramiko alone, every guest at once, the "
                  "guest's own `staprun` of the same module, no agent). Seconds from the "
                  "process's start; the guests' CPU is their qemu processes' (SSH, the "
                  "tool's target side, the module), start to exit.")
@@ -172,20 +181,23 @@ def hello(report: Report, lab: guests.Guests, mode: Mode, work: Path) -> None:
             bound=(last[f"floor {n}"].median / last[f"stap {n}"].median,
                    "bench/floor.py over stap --remote, to the last line: paramiko alone "
                    "connecting to every guest at once and running their own staprun, with "
-                   f"the guests sharing this machine's {os.cpu_count()} cores")))
+                   f"the guests sharing this machine's {os.cpu_count()} cores")
+            if ko else None))
     started = figure([t.first_stderr("connecting") for t in results["stapctl 1"]])
-    libraries = figure([checked(run([sys.executable, "-c", LIBRARIES]), LIBRARIES).wall
-                        for _ in range(mode.runs)])
-    report.table("Warm start-up", ["measure", "seconds"],
-                 [["process start → \"connecting to 1 host(s)\" (warm cache, 1 guest)",
-                   started.show()],
-                  [f"`python3 -c '{LIBRARIES}'`, start to exit", libraries.show()]])
-    report.verdicts.append(Verdict(
-        "warm_start_first_host_over_0.3s", started.median / 0.3, 1.0,
-        bound=(libraries.median / 0.3, "Python importing the four libraries of the design "
-                                       "card that a run needs before its first host (the "
-                                       "command line, the manifest, the screen, SSH), over "
-                                       "0.3 s")))
+    rows = [["process start → \"connecting to 1 host(s)\" (warm cache, 1 guest)",
+             started.show()]]
+    bound = None
+    if mode.full:
+        libraries = figure([checked(run([sys.executable, "-c", LIBRARIES]), LIBRARIES).wall
+                            for _ in range(mode.runs)])
+        rows.append([f"`python3 -c '{LIBRARIES}'`, start to exit", libraries.show()])
+        bound = (libraries.median / 0.3, "Python importing the four libraries of the design "
+                                         "card that a run needs before its first host (the "
+                                         "command line, the manifest, the screen, SSH), over "
+                                         "0.3 s")
+    report.table("Warm start-up", ["measure", "seconds"], rows)
+    report.verdicts.append(Verdict("warm_start_first_host_over_0.3s", started.median / 0.3,
+                                   1.0, bound=bound))
 
 
 # what a run needs before its first host: click reads the command line, yaml the manifest,
@@ -267,7 +279,8 @@ def output_throughput(report: Report, lab: guests.Guests, mode: Mode) -> None:
     try:
         for text in ("fixed", "random"):
             say(f"throughput: {text} text, {mode.lines} lines, {mode.runs} rounds")
-            rates = throughput.measure(connection, text, mode.lines, mode.runs)
+            rates = throughput.measure(connection, text, mode.lines, mode.runs,
+                                       link=mode.full)
             medians = {}
             for tool, got in rates.items():
                 medians[tool] = figure(got["lines_per_s"])
@@ -283,7 +296,7 @@ def output_throughput(report: Report, lab: guests.Guests, mode: Mode) -> None:
                 bound=(medians["staprun"].median / medians["link"].median,
                        "staprun's rate over the SSH link's own (as many bytes of zeros, "
                        "no probe, no agent): output that does not compress at least 2:1 "
-                       "goes over SSH as it is") if text == "random" else None))
+                       "goes over SSH as it is") if text == "random" and mode.full else None))
     finally:
         connection.close()
     report.table("3. Output throughput of a print-heavy probe", [

@@ -125,11 +125,12 @@ class Bench:
                    f"{lines - len(numbers)}")
 
 
-def measure(connection: Connection, text: str, lines: int, rounds: int,
+def measure(connection: Connection, text: str, lines: int, rounds: int, link: bool,
             bufsize: int = 64) -> dict[str, Any]:
     """Lines per second of staprun and of stapctl for ``text`` (fixed or random), and
-    the records each lost, over ``rounds`` alternating rounds; and, as the ceiling of
-    anything sent over SSH uncompressed, the link's own rate for as many bytes."""
+    the records each lost, over ``rounds`` alternating rounds; and with ``link``, as the
+    ceiling of anything sent over SSH uncompressed, the link's own rate for as many
+    bytes."""
     builder = Builder()
     release = shell(connection, "uname -r").strip()
     # the producer is meant to saturate its CPU: no overload check
@@ -145,7 +146,7 @@ def measure(connection: Connection, text: str, lines: int, rounds: int,
                            module_name=artifact.module_name, bufsize_mb=bufsize,
                            compress=COMPRESS)
     bench = Bench(connection, agent, ko, request, PER_HIT["burst"], bufsize)
-    tools = [bench.staprun, bench.stapctl, bench.link]
+    tools = [bench.staprun, bench.stapctl, *([bench.link] if link else [])]
     runs: list[Run] = []
     for round_ in range(rounds):
         for count in (BASELINE, lines):
@@ -154,7 +155,7 @@ def measure(connection: Connection, text: str, lines: int, rounds: int,
                 runs.append(tool(count))
     shell(connection, f"rm -f {ko}")
     rates: dict[str, Any] = {}
-    for name in ("staprun", "stapctl", "link"):
+    for name in ("staprun", "stapctl", *(["link"] if link else [])):
         base = min(r.seconds for r in runs if r.tool == name and r.lines == BASELINE)
         full = [r for r in runs if r.tool == name and r.lines == lines]
         rates[name] = {"lines_per_s": [(lines - BASELINE) / max(r.seconds - base, 1e-3)
