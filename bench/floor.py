@@ -8,6 +8,9 @@ cache, an agent, a history), so its time cannot go below this one's on the same 
 bench/run measures both, and the floor's ratio against stap --remote bounds stapctl's.
 
     floor.py KO KEY KNOWN_HOSTS USER@ADDRESS:PORT...
+
+What a guest sends is bounded (a line, its error text) and its errors are escaped
+(ascii()) before they reach the bench's terminal.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import sys
 import threading
 
 import paramiko
+
+MAX_LINE = 64 << 10  # bytes read of one output line at most
+MAX_ERROR = 4096  # bytes kept of staprun's stderr
+USAGE = "usage: floor.py KO KEY KNOWN_HOSTS USER@ADDRESS:PORT..."
 
 
 def run_on(target: str, ko: str, key: str, known_hosts: str, out: threading.Lock,
@@ -29,19 +36,22 @@ def run_on(target: str, ko: str, key: str, known_hosts: str, out: threading.Lock
         client.connect(address, int(port), user, key_filename=key, look_for_keys=False,
                        allow_agent=False, timeout=30)
         _, stdout, stderr = client.exec_command(f"staprun {ko}")
-        for line in stdout:
+        while line := stdout.readline(MAX_LINE):
             with out:
                 sys.stdout.write(f"{place}: {line}")
                 sys.stdout.flush()
         if stdout.channel.recv_exit_status() != 0:
-            failed.append(f"{target}: {stderr.read().decode(errors='replace').strip()}")
+            failed.append(f"{target}: {ascii(stderr.read(MAX_ERROR).decode(errors='replace'))}")
     except (OSError, paramiko.SSHException) as e:
-        failed.append(f"{target}: {e}")
+        failed.append(f"{target}: {ascii(str(e))}")
     finally:
         client.close()
 
 
 def main() -> int:
+    if len(sys.argv) < 5:
+        print(USAGE, file=sys.stderr)
+        return 2
     ko, key, known_hosts, *targets = sys.argv[1:]
     out = threading.Lock()
     failed: list[str] = []

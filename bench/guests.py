@@ -243,24 +243,30 @@ def shell(connection: Connection, command: str) -> str:
     return out.decode(errors="replace")
 
 
-def module_on(connection: Connection, script: str,
-              origin: str) -> tuple[ModuleArtifact, AgentHost, str]:
+@dataclass
+class GuestModule:
+    """A script's module in a guest: where a run keeps it, and a copy for staprun."""
+
+    artifact: ModuleArtifact
+    agent: AgentHost  # prepared on the guest
+    path: str  # in the agent's folder, as a run ships it
+    ko: str  # /tmp/NAME.ko: staprun names the module after the file; the caller removes it
+
+
+def module_on(connection: Connection, script: str, origin: str,
+              options: tuple[str, ...] = ()) -> GuestModule:
     """The script's module, built by stapctl for the guest's kernel and shipped as a run
-    ships it: the artifact, the prepared agent, and the module's path in the guest."""
+    ships it (with a request, here a preflight, whose refusal on a host that cannot load
+    it does not matter), then copied for staprun."""
     release = shell(connection, "uname -r").strip()
     builder = Builder()
-    artifact = builder.build(builder.spec(script, release, "x86_64", (), origin=origin))
+    artifact = builder.build(builder.spec(script, release, "x86_64", options, origin=origin))
     agent = AgentHost(connection)
     agent.prepare()
-    return artifact, agent, ship_module(agent, artifact)
-
-
-def ship_module(agent: AgentHost, artifact: ModuleArtifact) -> str:
-    """The module on the prepared host, shipped as a run ships it (with a request, here
-    a preflight, whose refusal on a host that cannot load it does not matter); its path
-    there."""
-    remote, data = agent.module(artifact.path, artifact.sha256)
+    path, data = agent.module(artifact.path, artifact.sha256)
     if data:
-        agent.call(AgentRequest(action="preflight", module=remote, sha256=artifact.sha256,
+        agent.call(AgentRequest(action="preflight", module=path, sha256=artifact.sha256,
                                 module_name=artifact.module_name, module_data=data))
-    return remote
+    ko = f"/tmp/{artifact.module_name}.ko"
+    shell(connection, f"cp {path} {ko}")
+    return GuestModule(artifact, agent, path, ko)

@@ -58,6 +58,11 @@ class Mode:
     full: bool
 
 
+# what a run needs before its first host: click reads the command line, yaml the manifest,
+# rich shows the phase, paramiko connects
+LIBRARIES = "import click, yaml, rich.console, paramiko"
+
+
 QUICK = Mode(runs=3, lines=300_000, fanout=(100, 1000), ansible=(100,), forks=100,
              runs_at_1000=1, full=False)
 FULL = Mode(runs=3, lines=500_000, fanout=(10, 100, 1000), ansible=(10, 100, 1000),
@@ -200,11 +205,6 @@ def hello(report: Report, lab: guests.Guests, mode: Mode, work: Path) -> None:
                                    1.0, bound=bound))
 
 
-# what a run needs before its first host: click reads the command line, yaml the manifest,
-# rich shows the phase, paramiko connects
-LIBRARIES = "import click, yaml, rich.console, paramiko"
-
-
 def place_module(lab: guests.Guests, script: str, origin: str) -> str:
     """The script's module at one path on every guest, named as staprun wants it (after
     the module); that path. The guests run one kernel, so one module serves them all."""
@@ -212,9 +212,7 @@ def place_module(lab: guests.Guests, script: str, origin: str) -> str:
     for host in lab.hosts:
         connection = lab.connect(host)
         try:
-            artifact, _agent, remote = guests.module_on(connection, script, origin)
-            paths.add(f"/tmp/{artifact.module_name}.ko")
-            guests.shell(connection, f"cp {remote} /tmp/{artifact.module_name}.ko")
+            paths.add(guests.module_on(connection, script, origin).ko)
         finally:
             connection.close()
     if len(paths) != 1:
@@ -236,17 +234,16 @@ def exec_to_loaded(report: Report, lab: guests.Guests, mode: Mode) -> None:
     host = lab.hosts[0]
     connection = lab.connect(host)
     try:
-        artifact, agent, remote = guests.module_on(connection, guests.HELLO, "hello")
-        ko = f"/tmp/{artifact.module_name}.ko"
-        guests.shell(connection, f"cp {remote} {ko}")
-        request = AgentRequest(action="run", module=remote, sha256=artifact.sha256,
-                               module_name=artifact.module_name).encode().decode().strip()
+        module = guests.module_on(connection, guests.HELLO, "hello")
+        name = module.artifact.module_name
+        request = AgentRequest(action="run", module=module.path, sha256=module.artifact.sha256,
+                               module_name=name).encode().decode().strip()
         contenders: dict[str, Callable[[], float]] = {
-            "staprun": lambda: guests.loaded_after(connection, artifact.module_name, "",
-                                                   ["staprun", ko]),
+            "staprun": lambda: guests.loaded_after(connection, name, "",
+                                                   ["staprun", module.ko]),
             "stapctl agent": lambda: guests.loaded_after(
-                connection, artifact.module_name, request,
-                agent_argv("python3", agent.path, loads=True)),  # as AgentHost.call does
+                connection, name, request,
+                agent_argv("python3", module.agent.path, loads=True)),  # as AgentHost.call does
             # the agent is a Python program: the interpreter's start alone, exec to exit
             "python3 -I -S -c pass": lambda: guests.exec_to_exit(
                 connection, ["python3", "-I", "-S", "-c", "pass"])[0],
@@ -254,7 +251,7 @@ def exec_to_loaded(report: Report, lab: guests.Guests, mode: Mode) -> None:
         for contender in contenders.values():
             contender()  # the agent's bytecode, the guest's page cache
         results = alternate(mode.runs, contenders)
-        guests.shell(connection, f"rm -f {ko}")
+        guests.shell(connection, f"rm -f {module.ko}")
     finally:
         connection.close()
     figures = {name: figure(values) for name, values in results.items()}

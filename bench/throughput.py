@@ -22,10 +22,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from guests import exec_to_exit, shell, ship_module
+from guests import exec_to_exit, module_on, shell
 
 from stapctl.agent import COMPRESS, AgentHost, AgentRequest, Frame
-from stapctl.build import Builder
 from stapctl.connection import Connection
 
 LINE = 80  # bytes per line: "%08d " + 70 characters + "\n"
@@ -131,21 +130,12 @@ def measure(connection: Connection, text: str, lines: int, rounds: int, link: bo
     the records each lost, over ``rounds`` alternating rounds; and with ``link``, as the
     ceiling of anything sent over SSH uncompressed, the link's own rate for as many
     bytes."""
-    builder = Builder()
-    release = shell(connection, "uname -r").strip()
     # the producer is meant to saturate its CPU: no overload check
-    spec = builder.spec(script(text), release, "x86_64", ("-DSTP_NO_OVERLOAD",),
-                        origin="throughput")
-    artifact = builder.build(spec)
-    agent = AgentHost(connection)
-    agent.prepare()
-    remote = ship_module(agent, artifact)
-    ko = f"/tmp/{artifact.module_name}.ko"  # staprun names the module after the file
-    shell(connection, f"cp {remote} {ko}")
-    request = AgentRequest(action="run", module=remote, sha256=artifact.sha256,
-                           module_name=artifact.module_name, bufsize_mb=bufsize,
+    module = module_on(connection, script(text), "throughput", ("-DSTP_NO_OVERLOAD",))
+    request = AgentRequest(action="run", module=module.path, sha256=module.artifact.sha256,
+                           module_name=module.artifact.module_name, bufsize_mb=bufsize,
                            compress=COMPRESS)
-    bench = Bench(connection, agent, ko, request, PER_HIT["burst"], bufsize)
+    bench = Bench(connection, module.agent, module.ko, request, PER_HIT["burst"], bufsize)
     tools = [bench.staprun, bench.stapctl, *([bench.link] if link else [])]
     runs: list[Run] = []
     for round_ in range(rounds):
@@ -153,9 +143,9 @@ def measure(connection: Connection, text: str, lines: int, rounds: int, link: bo
             shift = round_ % len(tools)  # rotate the order
             for tool in tools[shift:] + tools[:shift]:
                 runs.append(tool(count))
-    shell(connection, f"rm -f {ko}")
+    shell(connection, f"rm -f {module.ko}")
     rates: dict[str, Any] = {}
-    for name in ("staprun", "stapctl", *(["link"] if link else [])):
+    for name in dict.fromkeys(r.tool for r in runs):  # each tool, in the order above
         base = min(r.seconds for r in runs if r.tool == name and r.lines == BASELINE)
         full = [r for r in runs if r.tool == name and r.lines == lines]
         rates[name] = {"lines_per_s": [(lines - BASELINE) / max(r.seconds - base, 1e-3)
