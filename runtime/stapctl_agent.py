@@ -256,9 +256,14 @@ class OutputDeflater(object):
         throughput of plain frames for random hex)."""
         return self.consumed < self.TRIAL or self.produced * self.MIN_RATIO <= self.consumed
 
-    def encode(self, data):
-        out = self._z.compress(data) + self._z.flush(zlib.Z_SYNC_FLUSH)
-        self.consumed += len(data)
+    def encode(self, pieces):
+        """``pieces`` (bytes-like) as one frame's payload: each goes to zlib as it is, so
+        they are never joined (in an emulated guest a copy costs 10 ns a byte)."""
+        z = self._z
+        out = [z.compress(piece) for piece in pieces]
+        out.append(z.flush(zlib.Z_SYNC_FLUSH))
+        out = b"".join(out)
+        self.consumed += sum(len(piece) for piece in pieces)
         self.produced += len(out)
         return out
 
@@ -383,50 +388,80 @@ class RecordParser(object):
 
     Records may span reads. A header with length 0 or over 128 KiB means the stream lost
     its framing (4.8 leaves stale bytes where it drops a record): skip forward until a
-    plausible header, counting what was skipped. Parsing moves an offset through the
-    buffer, which is trimmed once per feed: a big read costs one copy, not one per record.
+    plausible header, counting what was skipped. Parsing moves an offset through what was
+    read, and each record is a memoryview of it: no record is copied (in an emulated
+    guest a copy costs 10 ns a byte), and a read is copied only to join a record that
+    spans it.
     """
 
     def __init__(self, generation):
         self.magic = TRACE_MAGIC if generation >= 5 else b""
         self.header_size = len(self.magic) + TRACE_HEADER.size
-        self.buf = bytearray()
-        self.pos = 0  # where the unparsed bytes of buf start
+        self.buf = b""  # what was read and not yet parsed, from pos on
+        self.pos = 0
         self.last_seq = 0
         self.resyncing = False
         self.desyncs = 0
         self.lost_bytes = 0
 
     def feed(self, data):
-        self.buf += data
-        return self._records(final=False)
+        """The records ``data`` (bytes) completes, as (sequence, bytes-like)."""
+        records, start = [], 0
+        if self.pos < len(self.buf):  # a record the last read cut
+            cut = self._cut_record(data)
+            if cut is None:  # anything unusual: the general parse, over both joined
+                data = self.buf[self.pos:] + data
+            else:
+                seq, record, start = cut
+                records.append((seq, record))
+                self.last_seq, self.resyncing = seq, False
+        self.buf, self.pos = data, start
+        return records + self._records(final=False)
+
+    def _cut_record(self, data):
+        """The record a read cut, if it is the usual kind, taken as the general parse
+        would take it (a sane header where the unparsed bytes start, its record whole
+        with ``data``, and on 4.x a near sequence and another header right after):
+        (sequence, its bytes, where ``data`` goes on); else None. Only that record is
+        joined: in an emulated guest, copying a whole read costs more than parsing it."""
+        size, magic = self.header_size, self.magic
+        rest = self.buf[self.pos:]
+        head = rest[:size] if len(rest) >= size else rest + data[:size - len(rest)]
+        if len(head) < size or not head.startswith(magic):
+            return None
+        seq, length = TRACE_HEADER.unpack_from(head, len(magic))
+        end = size + length - len(rest)  # where the record ends in data
+        if not 0 < length <= MAX_RECORD or end <= 0 or len(data) < end + TRACE_HEADER.size:
+            return None
+        if not magic:
+            next_seq, next_length = TRACE_HEADER.unpack_from(data, end)
+            if not (self.last_seq < seq <= self.last_seq + RESYNC_WINDOW and
+                    seq < next_seq <= seq + RESYNC_WINDOW and 0 < next_length <= MAX_RECORD):
+                return None
+        return seq, (rest + data[:end])[size:], end
 
     def finish(self):
         """At the end of the stream: the remaining records, then what a cut one carried."""
         records = self._records(final=True)
-        buf = self.buf
-        if len(buf) >= self.header_size:
-            seq, length = TRACE_HEADER.unpack_from(buf, len(self.magic))
-            data = bytes(buf[self.header_size:])
+        buf, pos = self.buf, self.pos
+        if len(buf) - pos >= self.header_size:
+            seq, length = TRACE_HEADER.unpack_from(buf, pos + len(self.magic))
+            data = buf[pos + self.header_size:]
             self._desync(length - len(data))
             records.append((seq, data))
-            self.buf = bytearray()
-        self._skip(len(self.buf))
-        del self.buf[:self.pos]
-        self.pos = 0
+        else:
+            self._skip(len(buf) - pos)
+        self.buf, self.pos = b"", 0
         return records
 
     def _records(self, final):
         records = []
-        with memoryview(self.buf) as view:
-            while True:
-                record = self._next(view, final)
-                if record is None:
-                    break
-                records.append(record)
-        del self.buf[:self.pos]
-        self.pos = 0
-        return records
+        view = memoryview(self.buf)
+        while True:
+            record = self._next(view, final)
+            if record is None:
+                return records
+            records.append(record)
 
     def _next(self, view, final):
         buf = self.buf
@@ -447,7 +482,8 @@ class RecordParser(object):
                 continue
             if at == WAIT:
                 return None
-            self._skip(at)  # stale bytes where 4.x dropped a record
+            if at:
+                self._skip(at)  # stale bytes where 4.x dropped a record
             pos = self.pos
             seq, length = TRACE_HEADER.unpack_from(buf, pos + len(magic))
             end = pos + self.header_size + length
@@ -456,7 +492,7 @@ class RecordParser(object):
                     self._skip(1)
                     continue
                 return None
-            data = bytes(view[pos + self.header_size:end])
+            data = view[pos + self.header_size:end]
             self.pos = end
             self.resyncing = False
             self.last_seq = seq
@@ -476,6 +512,15 @@ class RecordParser(object):
         offset 0 if its number is near (a record followed by corruption), the smallest
         number wins. After corruption, only near and unrefuted candidates count.
         """
+        # the usual case first, as the loop below would decide it: a near header at
+        # offset 0 followed at once by another (a call less per record in a flood)
+        seq, length = TRACE_HEADER.unpack_from(buf, pos)
+        after = pos + TRACE_HEADER.size + length
+        if 0 < length <= MAX_RECORD and self.last_seq < seq <= self.last_seq + RESYNC_WINDOW \
+                and len(buf) >= after + TRACE_HEADER.size:
+            next_seq, next_length = TRACE_HEADER.unpack_from(buf, after)
+            if seq < next_seq <= seq + RESYNC_WINDOW and 0 < next_length <= MAX_RECORD:
+                return 0
         best = None
         for offset in range(TRACE_HEADER.size + 1):
             if len(buf) < pos + offset + TRACE_HEADER.size:
@@ -1014,16 +1059,17 @@ class FrameWriter(object):
         if self._thread is not None:
             self._put(ftype, payload)
         else:
-            self._write(*self._encoded(ftype, payload))
+            self._write(*self._encoded(ftype, [payload]))
 
-    def _encoded(self, ftype, payload):
-        """A frame as it goes out: Z payloads compressed, or sent as plain OUTPUT once
-        compressing no longer pays; the controller takes both."""
-        if ftype != FRAME_ZOUTPUT or self.broken:
-            return ftype, payload
-        if self.deflater.worthwhile:
-            return ftype, self.deflater.encode(payload)
-        return FRAME_OUTPUT, payload
+    def _encoded(self, ftype, pieces):
+        """One frame as it goes out, from the pieces of its payload: Z payloads
+        compressed, or sent as plain OUTPUT once compressing no longer pays; the
+        controller takes both."""
+        if ftype == FRAME_ZOUTPUT and not self.broken:
+            if self.deflater.worthwhile:
+                return ftype, self.deflater.encode(pieces)
+            ftype = FRAME_OUTPUT
+        return ftype, pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _write(self, ftype, payload):
         if self.broken:
@@ -1107,8 +1153,8 @@ class FrameWriter(object):
                 batch, self._queue, self._queued = self._queue, [], 0
                 self._cond.notify_all()
             try:
-                for ftype, payload in self._coalesce(batch):
-                    ftype, payload = self._encoded(ftype, payload)
+                for ftype, pieces in self._coalesce(batch):
+                    ftype, payload = self._encoded(ftype, pieces)
                     self._write(ftype, payload)
                     if ftype in (FRAME_OUTPUT, FRAME_ZOUTPUT):
                         self._output_written = time.monotonic()
@@ -1118,9 +1164,9 @@ class FrameWriter(object):
 
     @staticmethod
     def _coalesce(batch):
-        """Consecutive output pieces as one (one compress and one flush, not many), up to
-        MAX_OUTPUT_FRAME bytes."""
-        merged = []  # [type, parts, size]
+        """Consecutive output pieces as one frame's (one flush, not many), up to
+        MAX_OUTPUT_FRAME bytes: (type, pieces) for each frame."""
+        merged = []  # [type, pieces, size]
         for ftype, payload in batch:
             if ftype == FRAME_ZOUTPUT and merged and merged[-1][0] == FRAME_ZOUTPUT and \
                     merged[-1][2] + len(payload) <= MAX_OUTPUT_FRAME:
@@ -1128,7 +1174,7 @@ class FrameWriter(object):
                 merged[-1][2] += len(payload)
             else:
                 merged.append([ftype, [payload], len(payload)])
-        return [(ftype, b"".join(parts)) for ftype, parts, _size in merged]
+        return [(ftype, pieces) for ftype, pieces, _size in merged]
 
     def close(self):
         """Writes what is queued (unless stdout is gone) and stops the thread."""

@@ -29,8 +29,8 @@ def compressed_stream() -> tuple[bytes, bytes]:
         if i % 150 == 100:  # an older agent's frame, or system() output
             stream += agent.encode_frame(agent.FRAME_OUTPUT, data)
         else:
-            stream += agent.encode_frame(agent.FRAME_ZOUTPUT, deflater.encode(data))
-    stream += agent.encode_frame(agent.FRAME_ZOUTPUT, deflater.encode(b""))
+            stream += agent.encode_frame(agent.FRAME_ZOUTPUT, deflater.encode([data]))
+    stream += agent.encode_frame(agent.FRAME_ZOUTPUT, deflater.encode([b""]))
     stream += agent.encode_json_frame(agent.FRAME_RESULT, {"status": "ok"})
     return stream, b"".join(pieces)
 
@@ -63,7 +63,17 @@ def test_each_compressed_frame_decodes_on_its_own_arrival() -> None:
     # Z_SYNC_FLUSH: nothing given to the deflater waits for a later frame
     deflater, inflater = agent.OutputDeflater(9), agent.OutputInflater()
     for text in (b"one\n", b"two\n", b"", b"three\n" * 1000):
-        assert b"".join(inflater.feed(deflater.encode(text))) == text
+        assert b"".join(inflater.feed(deflater.encode([text]))) == text
+
+
+def test_a_frame_of_several_pieces_decodes_to_them_joined() -> None:
+    # the stdout thread hands the deflater a batch's pieces (memoryviews of the relay
+    # reads among them) as they are, never joined
+    deflater, inflater = agent.OutputDeflater(1), agent.OutputInflater()
+    read = b"%08d record\n" * 3 % (1, 2, 3)
+    pieces = [memoryview(read)[:16], memoryview(read)[16:], b"", b"tail\n"]
+    assert b"".join(inflater.feed(deflater.encode(pieces))) == read + b"tail\n"
+    assert deflater.consumed == len(read) + 5
 
 
 def test_a_corrupt_compressed_frame_is_an_error() -> None:
@@ -100,8 +110,8 @@ def test_compression_stops_when_it_does_not_pay() -> None:
     text = agent.OutputDeflater(1)
     noise = agent.OutputDeflater(1)
     for _ in range(20):
-        text.encode(b"%08d %s\n" % (1, b"x" * 70) * 1000)
-        noise.encode(os.urandom(40000).hex().encode())
+        text.encode([b"%08d %s\n" % (1, b"x" * 70) * 1000])
+        noise.encode([os.urandom(40000).hex().encode()])
     assert text.consumed >= text.TRIAL and text.worthwhile
     assert noise.consumed >= noise.TRIAL and not noise.worthwhile
     assert agent.OutputDeflater(1).worthwhile  # undecided until the trial is done
@@ -155,11 +165,11 @@ def test_a_frame_may_inflate_up_to_the_bound_and_no_further() -> None:
     deflater = agent.OutputDeflater(1)
     data = os.urandom(1000) * 100  # 100 kB
     exact = agent.OutputInflater(piece=4096, max_frame_output=len(data))
-    assert b"".join(exact.feed(deflater.encode(data))) == data
-    assert b"".join(exact.feed(deflater.encode(data))) == data  # the bound is per frame
+    assert b"".join(exact.feed(deflater.encode([data]))) == data
+    assert b"".join(exact.feed(deflater.encode([data]))) == data  # the bound is per frame
     over = agent.OutputInflater(piece=4096, max_frame_output=len(data) - 1)
     with pytest.raises(ValueError, match="inflates past"):
-        list(over.feed(agent.OutputDeflater(1).encode(data)))
+        list(over.feed(agent.OutputDeflater(1).encode([data])))
 
 
 def test_the_agent_never_puts_more_than_the_bound_into_one_frame() -> None:

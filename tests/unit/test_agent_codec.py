@@ -6,6 +6,7 @@ import errno
 import glob
 import importlib.util
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -163,6 +164,43 @@ def test_a_record_cut_at_the_end_gives_what_arrived() -> None:
     assert parser.feed(record(4, 1, b"complete")[:-3]) == []
     assert parser.finish() == [(1, b"compl")]
     assert parser.lost_bytes == 3
+
+
+@pytest.mark.parametrize("generation", [4, 5])
+def test_records_are_the_same_however_the_reads_cut_them(generation: int) -> None:
+    # a record a read cuts is joined alone (RecordParser._cut_record); the rest are views
+    # of the reads
+    rng = random.Random(generation)
+    expected = [(seq, bytes(rng.randrange(256) for _ in range(rng.choice([1, 80, 8000]))))
+                for seq in range(1, 400)]
+    stream = b"".join(record(generation, seq, data) for seq, data in expected)
+    for largest in (3, 100, 10_000, 300_000):
+        parser = agent.RecordParser(generation)
+        got: list[tuple[int, bytes]] = []
+        start = 0
+        while start < len(stream):
+            end = start + rng.randint(1, largest)
+            got += [(seq, bytes(data)) for seq, data in parser.feed(stream[start:end])]
+            start = end
+        got += [(seq, bytes(data)) for seq, data in parser.finish()]
+        assert got == expected and parser.desyncs == 0 and parser.lost_bytes == 0
+
+
+def test_stale_bytes_are_skipped_wherever_a_read_ends() -> None:
+    # 4.x left a dropped record's first bytes: every split of the stream gives what the
+    # whole stream gives
+    stale = struct.pack("=II", 2, 1000)[:5]
+    stream = record(4, 1, b"before\n") + stale + record(4, 3, b"after\n" * 50) + \
+        record(4, 4, b"last\n")
+    whole = agent.RecordParser(4)
+    want = [(seq, bytes(data)) for seq, data in whole.feed(stream) + whole.finish()]
+    assert [seq for seq, _ in want] == [1, 3, 4]
+    assert whole.lost_bytes == 2  # 5 stale bytes, 3 of them zeros (not counted as data)
+    for cut in range(1, len(stream)):
+        parser = agent.RecordParser(4)
+        got = parser.feed(stream[:cut]) + parser.feed(stream[cut:]) + parser.finish()
+        assert [(seq, bytes(data)) for seq, data in got] == want, cut
+        assert (parser.desyncs, parser.lost_bytes) == (whole.desyncs, whole.lost_bytes), cut
 
 
 def test_merger_orders_by_sequence_and_waits_for_gaps() -> None:
