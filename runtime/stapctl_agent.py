@@ -260,9 +260,9 @@ class OutputDeflater(object):
         """``pieces`` (bytes-like) as one frame's payload: each goes to zlib as it is, so
         they are never joined (in an emulated guest a copy costs 10 ns a byte)."""
         z = self._z
-        out = [z.compress(piece) for piece in pieces]
-        out.append(z.flush(zlib.Z_SYNC_FLUSH))
-        out = b"".join(out)
+        parts = [z.compress(piece) for piece in pieces]
+        parts.append(z.flush(zlib.Z_SYNC_FLUSH))
+        out = b"".join(parts)
         self.consumed += sum(len(piece) for piece in pieces)
         self.produced += len(out)
         return out
@@ -433,12 +433,19 @@ class RecordParser(object):
         end = size + length - len(rest)  # where the record ends in data
         if not 0 < length <= MAX_RECORD or end <= 0 or len(data) < end + TRACE_HEADER.size:
             return None
-        if not magic:
-            next_seq, next_length = TRACE_HEADER.unpack_from(data, end)
-            if not (self.last_seq < seq <= self.last_seq + RESYNC_WINDOW and
-                    seq < next_seq <= seq + RESYNC_WINDOW and 0 < next_length <= MAX_RECORD):
-                return None
+        if not magic and not self._usual_4x(seq, length, data, end):
+            return None
         return seq, (rest + data[:end])[size:], end
+
+    def _usual_4x(self, seq, length, buf, after):
+        """Whether a 4.x header (seq, length) is the usual kind, which _header_at's search
+        would take at once: a plausible length, a near sequence, and another plausible
+        header right after the record, at ``after`` in ``buf``."""
+        if not (0 < length <= MAX_RECORD and self.last_seq < seq <= self.last_seq + RESYNC_WINDOW
+                and len(buf) >= after + TRACE_HEADER.size):
+            return False
+        next_seq, next_length = TRACE_HEADER.unpack_from(buf, after)
+        return seq < next_seq <= seq + RESYNC_WINDOW and 0 < next_length <= MAX_RECORD
 
     def finish(self):
         """At the end of the stream: the remaining records, then what a cut one carried."""
@@ -512,15 +519,9 @@ class RecordParser(object):
         offset 0 if its number is near (a record followed by corruption), the smallest
         number wins. After corruption, only near and unrefuted candidates count.
         """
-        # the usual case first, as the loop below would decide it: a near header at
-        # offset 0 followed at once by another (a call less per record in a flood)
         seq, length = TRACE_HEADER.unpack_from(buf, pos)
-        after = pos + TRACE_HEADER.size + length
-        if 0 < length <= MAX_RECORD and self.last_seq < seq <= self.last_seq + RESYNC_WINDOW \
-                and len(buf) >= after + TRACE_HEADER.size:
-            next_seq, next_length = TRACE_HEADER.unpack_from(buf, after)
-            if seq < next_seq <= seq + RESYNC_WINDOW and 0 < next_length <= MAX_RECORD:
-                return 0
+        if self._usual_4x(seq, length, buf, pos + TRACE_HEADER.size + length):
+            return 0  # as the search below would decide, without it (a record in a flood)
         best = None
         for offset in range(TRACE_HEADER.size + 1):
             if len(buf) < pos + offset + TRACE_HEADER.size:
@@ -1069,7 +1070,7 @@ class FrameWriter(object):
             if self.deflater.worthwhile:
                 return ftype, self.deflater.encode(pieces)
             ftype = FRAME_OUTPUT
-        return ftype, pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return ftype, b"".join(pieces)  # one bytes piece is returned as it is, uncopied
 
     def _write(self, ftype, payload):
         if self.broken:
