@@ -14,7 +14,6 @@ whatever the probes printed, so they are private to their owner (folders 0700, f
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -124,13 +123,13 @@ class RunRecorder:
             self._attempt("copy the manifest", self._copy_manifest)
             self._attempt("write events.jsonl", self._open_events)
         self._listed = False
-        # the history's database library takes a third of a second of CPU to import:
-        # the row is added in the background two seconds into the run (or at its end, if
-        # sooner), off the connects and a short run's lines (on 3 emulated guests sharing
-        # 2 cores, a second in was still mid-run), and waited for before it is finished;
-        # the library is imported as soon as every probe of the plan has ended, while a
-        # short run waits on its targets (the modules' exit and unload), not while another
-        # host's probe is still loading or printing
+        # a shared history's driver (psycopg) takes a third of a second of CPU to import,
+        # and its server a round trip: the row is added in the background two seconds
+        # into the run (or at its end, if sooner), off the connects and a short run's
+        # lines (on 3 emulated guests sharing 2 cores, a second in was still mid-run), and
+        # waited for before it is finished; the driver is imported as soon as every probe
+        # of the plan has ended, while a short run waits on its targets (the modules' exit
+        # and unload), not while another host's probe is still loading or printing
         self._list_now = threading.Event()
         self._probes_ended = threading.Event()
         self._unended: set[tuple[str, str]] | None = None  # (host, probe): None, no plan yet
@@ -306,7 +305,8 @@ class RunRecorder:
     def _list(self) -> None:
         listing_time = time.monotonic() + LISTING_DELAY
         self._probes_ended.wait(LISTING_DELAY)
-        importlib.import_module("stapctl.history")
+        from stapctl import history
+        history.import_driver(self.history)
         self._list_now.wait(max(0.0, listing_time - time.monotonic()))
         self._listed = self._attempt("add the run to the history", self._add_to_history)
 

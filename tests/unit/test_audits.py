@@ -178,9 +178,10 @@ def record(tmp_path: Path, where: str | Path, run_id: str, name: str, age: float
 
 
 def change_run(where: str | Path, run_id: str, **values: object) -> None:
-    with history.transaction(where) as connection:
-        connection.execute(history.runs.update().where(history.runs.c.id == run_id)
-                           .values(values))
+    settings = ", ".join(f"{name} = :{name}" for name in values)
+    with history.transaction(where) as database:
+        database.execute(f"UPDATE runs SET {settings} WHERE id = :run_id",
+                         {**values, "run_id": run_id})
 
 
 def test_prune_keeps_the_newest_and_the_unfinished(tmp_path: Path,
