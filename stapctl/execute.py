@@ -1,6 +1,6 @@
-"""Fan-out: connect to every host, then run each host's modules under the rollout policy;
-or, for a fleet larger than the hosts worked on at once, each host connected and run in one
-go (Fleet.stream).
+"""Fan-out: each host connected and run in one go under the rollout policy (Fleet.stream,
+apply's way); or every host connected first, then each host's modules run (Fleet.connect,
+then Fleet.run: the library's stages; then run_hosts: an engine's workers).
 
 Every host's fate is a HostOutcome; nothing a host does escapes as an exception, and no
 worker thread ever ends in a traceback. Work is done by a bounded thread pool

@@ -2,14 +2,15 @@
 
 The stages run in this order, and only here: connect (agent shipped, facts gathered) →
 plan (render per host, group into modules) → build (compile what is not cached) → run
-(under the rollout policy) → finish (aggregates, sinks, record). A fleet larger than the
-hosts worked on at once is streamed instead: each host connected, planned (its modules
-built once for all the hosts that share them) and run in one go (``stream``), so no host
-waits connected for the last one's connect. Each stage's work runs
-in a thread of its own while the calling thread hands each event to the run record, the
-aggregator and a Listener, so a display never races the workers, and an interrupt (a
-signal handler calling ``interrupt``) is acted on within a fraction of a second, whatever
-the stage::
+(under the rollout policy) → finish (aggregates, sinks, record). ``apply`` goes through
+them in that order for an engine's run; any other run is streamed: each host connected,
+planned (its modules built once for all the hosts that share them) and run in one go
+(``stream``), so no host waits for the slowest or an unreachable host's connect, and a
+fleet larger than the hosts worked on at once keeps no connection open until its turn.
+Each stage's work runs in a thread of its own while the calling thread hands each event
+to the run record, the aggregator and a Listener, so a display never races the workers,
+and an interrupt (a signal handler calling ``interrupt``) is acted on within a fraction
+of a second, whatever the stage::
 
     from stapctl.manifest import load_manifest
     from stapctl.session import Session, select_hosts
@@ -357,9 +358,9 @@ class Session:
 
     @property
     def streams(self) -> bool:
-        """Whether apply streams the hosts (``stream``): more of them than are worked on
-        at once, and no engine."""
-        return self.engine is None and len(self.hosts) > self.fleet.at_once
+        """Whether apply streams the hosts (``stream``): always, but for an engine's run,
+        whose workers each take a slice of one plan made first."""
+        return self.engine is None
 
     def stream(self, plan_for: Callable[[Host, HostFacts], Plan] | None = None) -> None:
         """Connect, plan and run each host in one go (Fleet.stream), by default with its

@@ -267,17 +267,20 @@ def test_spare_agents_start_at_the_connect_for_a_run_s_first_batch_or_a_stream(
     planning.finish()
     assert started == []
 
+    # the library's stages, every host connected first: only the first batch gets spares
     canary, listener = session(tmp_path, fleet, Strategy(serial=(1, Percent(100))))
-    assert canary.apply().exit_code == 0
+    canary.run(canary.build(canary.plan(canary.connect(spares=True))))
+    assert canary.finish().exit_code == 0
     assert sorted(host for host, _ in started) == ["h0", "h1", "h2"]  # one agent each
     connected = {e.host: e.time for e in listener.events if e.kind == "connected"}
     # the canary's agent started at the connect, as its spare; the others' at their turn
     assert [host for host, when in started if when < connected[host]] == ["h0"]
 
-    started.clear()
-    rounds, listener = session(tmp_path, fleet, Strategy(forks=2))  # 3 hosts: streamed
-    assert rounds.streams and rounds.apply().exit_code == 0
-    connected = {e.host: e.time for e in listener.events if e.kind == "connected"}
-    # each host connected and run in one go: every agent is its host's spare
-    assert len(started) == 3 and all(when <= connected[host] for host, when in started)
+    for strategy in (Strategy(serial=(1, Percent(100))), Strategy(forks=2)):
+        started.clear()
+        streamed, listener = session(tmp_path, fleet, strategy)
+        assert streamed.streams and streamed.apply().exit_code == 0
+        connected = {e.host: e.time for e in listener.events if e.kind == "connected"}
+        # each host connected and run in one go: every agent is its host's spare
+        assert len(started) == 3 and all(when <= connected[host] for host, when in started)
 

@@ -1,4 +1,4 @@
-"""A fleet larger than forks is streamed: each host connected, planned and run in one go
+"""A run without an engine is streamed: each host connected, planned and run in one go
 (Session.stream), against fake connections running the real agent on tests/agent's
 FakeKernel (test doubles; no SSH, stap or qemu)."""
 
@@ -123,18 +123,50 @@ def test_a_streamed_run_ends_as_the_same_run_connected_first_would(tmp_path: Pat
     scenarios = {f"h{i}": Scenario(**HELLO_EXIT) for i in range(4)}
     scenarios["h2"] = Scenario(load_errno=8)  # ENOEXEC: built for another kernel
     ends = []
-    for forks in (10, 2):
-        (tmp_path / str(forks)).mkdir()
-        fleet = CountingFleet(tmp_path / str(forks), dict(scenarios), unreachable=["h3"])
-        run_session, listener = session(tmp_path / str(forks), fleet, Strategy(forks=forks))
-        assert run_session.streams == (forks == 2)
-        run = run_session.apply()
+    for staged in (True, False):
+        folder = tmp_path / ("staged" if staged else "streamed")
+        folder.mkdir()
+        fleet = CountingFleet(folder, dict(scenarios), unreachable=["h3"])
+        run_session, listener = session(folder, fleet, Strategy(forks=2))
+        assert run_session.streams
+        if staged:  # the library's stages, one after the other
+            run_session.run(run_session.build(run_session.plan(run_session.connect(True))))
+            run = run_session.finish()
+        else:
+            run = run_session.apply()
         ends.append((run.exit_code, {host: (o.status, o.kind) for host, o in
                                      by_host(run.outcomes).items()},
                      sorted((e.host, e.text) for e in listener.events if e.kind == "output")))
     assert ends[0] == ends[1]
     assert ends[1][1]["h3"] == ("unreachable", FailureKind.UNREACHABLE)
     assert ends[1][1]["h2"][0] == "failed" and ends[1][1]["h0"][0] == "ok"
+
+
+class LateFleet(CountingFleet):
+    """A CountingFleet whose host h0 answers its connect only once every other host has
+    connected and closed its connection again (or after 10 s)."""
+
+    def connect(self, host: Host, options: ConnectOptions) -> FakeConnection:
+        if host.name == "h0":
+            others = set(self.scenarios) - {"h0"}
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not (
+                    others <= set(self.connects) and self.open == 0):
+                time.sleep(0.01)
+        return super().connect(host, options)
+
+
+def test_no_host_waits_for_another_s_connect(tmp_path: Path) -> None:
+    """The hosts that answer run and end while a slow one is still connecting; connected
+    first, they would have waited for it."""
+    fleet = LateFleet(tmp_path, {f"h{i}": Scenario(**HELLO_EXIT) for i in range(3)})
+    run_session, listener = session(tmp_path, fleet)
+    run = run_session.apply()
+
+    assert run.exit_code == 0, run.outcomes
+    kinds = [(e.host, e.kind) for e in listener.events]
+    assert max(kinds.index((h, "finished")) for h in ("h1", "h2")) < \
+        kinds.index(("h0", "connected")) < kinds.index(("h0", "finished"))
 
 
 def test_the_canary_still_ends_before_another_host_connects(tmp_path: Path) -> None:
