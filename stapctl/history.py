@@ -260,6 +260,15 @@ def _insert_run(database: Database, values: Mapping[str, Any]) -> None:
                      f"VALUES ({', '.join(':' + name for name in names)})", values)
 
 
+def update_run(database: Database, run_id: str, values: Mapping[str, Any]) -> None:
+    """Set columns of a run's row (``values``: column → value)."""
+    unknown = set(values) - set(RUN_COLUMNS)
+    assert not unknown, f"not columns of runs: {unknown}"
+    settings = ", ".join(f"{name} = :{name}" for name in values)
+    database.execute(f"UPDATE runs SET {settings} WHERE id = :run_id",
+                     {**values, "run_id": run_id})
+
+
 def add_run(where: str | Path | None, run_id: str, name: str, manifest: Path, folder: Path,
             started: float) -> None:
     with transaction(where) as database:
@@ -272,13 +281,9 @@ def finish_run(where: str | Path | None, run_id: str, listed: bool, values: dict
                retry: Sequence[str]) -> None:
     """Finish a run's row (``values``: its columns' final values), adding the row if it
     was not ``listed`` at the start; replace its retry hosts."""
-    unknown = set(values) - set(RUN_COLUMNS)
-    assert not unknown, f"not columns of runs: {unknown}"
     with transaction(where) as database:
         if listed:
-            settings = ", ".join(f"{name} = :{name}" for name in values)
-            database.execute(f"UPDATE runs SET {settings} WHERE id = :run_id",
-                             {**values, "run_id": run_id})
+            update_run(database, run_id, values)
         else:
             _insert_run(database, {**values, "id": run_id, "controller": controller_name()})
         database.execute("DELETE FROM retry_hosts WHERE run = :run", {"run": run_id})

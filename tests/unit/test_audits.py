@@ -178,10 +178,8 @@ def record(tmp_path: Path, where: str | Path, run_id: str, name: str, age: float
 
 
 def change_run(where: str | Path, run_id: str, **values: object) -> None:
-    settings = ", ".join(f"{name} = :{name}" for name in values)
     with history.transaction(where) as database:
-        database.execute(f"UPDATE runs SET {settings} WHERE id = :run_id",
-                         {**values, "run_id": run_id})
+        history.update_run(database, run_id, values)
 
 
 def test_prune_keeps_the_newest_and_the_unfinished(tmp_path: Path,
